@@ -1,0 +1,10 @@
+//! probe-bypass: one agent per node that lets kubelet health probes past a service mesh's sidecar.
+//!
+//! The folder layout is the architecture:
+//! - [`datapath`]: the eBPF cgroup programs, embedded in this binary, and their loader.
+//! - [`source`]: where the node's meshed pods come from (a directory of pod manifests).
+//! - [`reconcile`]: turns the wanted set of pods into per-pod listeners, retrying the ones that fail.
+//! - [`healthcheck`]: the HTTP-to-TCP healthcheck served inside each pod's network namespace.
+//! - [`admin`]: liveness, readiness and Prometheus metrics in the host network namespace.
+
+pub mod datapath;

@@ -1,0 +1,8 @@
+//! Support code shared by the privileged integration tests in `tests/`.
+//!
+//! Every resource a test creates (network namespaces, veths, cgroups, processes) is owned by a guard
+//! that removes it on drop, so a failing or panicking test cleans up too.
+#![allow(dead_code, reason = "each test binary uses its own part of the support code")]
+
+pub mod cgroup;
+pub mod privilege;
