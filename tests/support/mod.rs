@@ -4,5 +4,8 @@
 //! that removes it on drop, so a failing or panicking test cleans up too.
 #![allow(dead_code, reason = "each test binary uses its own part of the support code")]
 
+pub mod agent;
 pub mod cgroup;
+pub mod kubelet;
+pub mod pod;
 pub mod privilege;

@@ -1,0 +1,101 @@
+//! The HTTP-to-TCP healthcheck: what a rewritten tcpSocket probe reaches on port 15904.
+//!
+//! One listener per pod, inside the pod's network namespace, all served by this process. A request
+//! names the original probe's port in `Original-Tcp-Port`; the agent connects to that port from
+//! inside the pod, as the kubelet's own tcpSocket probe would, and answers 200 or 503.
+
+mod dial;
+mod handler;
+pub mod http;
+mod listener;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
+
+pub use listener::{Context, bind, serve};
+
+/// Which address of the pod a probe connects to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcpTarget {
+    /// The pod's IP, as the kubelet's tcpSocket probe does.
+    PodIp,
+    /// 127.0.0.1 (::1 for an IPv6 pod), as FSM's and OSM's healthcheck containers do.
+    Loopback,
+    /// The pod's IP, then loopback: passes if the app listens on either.
+    Either,
+}
+
+impl TcpTarget {
+    /// The addresses to try, in order.
+    pub fn addrs(self, pod_ip: IpAddr, port: u16) -> Vec<SocketAddr> {
+        let loopback = match pod_ip {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        };
+        let ips = match self {
+            Self::PodIp => vec![pod_ip],
+            Self::Loopback => vec![loopback],
+            Self::Either => vec![pod_ip, loopback],
+        };
+        ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect()
+    }
+}
+
+/// How the healthcheck behaves, from the command line.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Port of the listener in each pod.
+    pub port: u16,
+    /// Dial any port asked for, not only those the pod's probes name (the peers' behaviour).
+    pub allow_any_port: bool,
+    pub tcp_target: TcpTarget,
+    /// Bound on the whole connect, over every address tried.
+    pub dial_timeout: Duration,
+    /// Bound on reading a request head.
+    pub header_timeout: Duration,
+}
+
+/// How a healthcheck request ended, as counted in metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The probed port accepted a connection: 200.
+    Success,
+    /// The probed port refused: 503.
+    Refused,
+    /// The probed port did not answer within the dial timeout: 503.
+    Timeout,
+    /// The connect failed otherwise, or the pod's namespace could not be used: 503.
+    Error,
+    BadRequest,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+}
+
+impl Outcome {
+    pub const ALL: [Self; 8] = [
+        Self::Success,
+        Self::Refused,
+        Self::Timeout,
+        Self::Error,
+        Self::BadRequest,
+        Self::Forbidden,
+        Self::NotFound,
+        Self::MethodNotAllowed,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Refused => "refused",
+            Self::Timeout => "timeout",
+            Self::Error => "error",
+            Self::BadRequest => "bad_request",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+        }
+    }
+}

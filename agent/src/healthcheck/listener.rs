@@ -1,0 +1,183 @@
+//! A pod's healthcheck listener: bound inside the pod's namespace, served from tokio.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{
+    io::AsyncReadExt,
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use super::{
+    Outcome, Settings,
+    dial::{Dialed, Failure, dial},
+    handler::route,
+    http::{ReadError, Response, read_request, write_response},
+};
+use crate::{
+    metrics::Metrics,
+    netns::{Netns, NetnsError, NetnsWorker},
+    pod::Pod,
+    ports::ORIGINAL_TCP_PORT_HEADER,
+};
+
+/// How long a closed-for-writing connection waits for the prober to close first, so the TIME_WAIT
+/// entry lands on the prober's side rather than in the pod.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Backlog of each pod's listener: enough for every probe of a pod arriving at once.
+const BACKLOG: i32 = 128;
+
+/// What every pod's listener shares.
+pub struct Context {
+    pub settings: Settings,
+    pub metrics: Arc<Metrics>,
+    pub worker: NetnsWorker,
+    /// Every connection in flight, so shutdown can let them finish.
+    pub tracker: TaskTracker,
+}
+
+/// Opens the healthcheck listener inside `netns`, on the wildcard address of the pod IP's family
+/// (for IPv6, dual-stack). SO_REUSEPORT lets a new agent bind beside this one and take over.
+pub async fn bind(
+    worker: &NetnsWorker,
+    netns: &Arc<Netns>,
+    pod_ip: IpAddr,
+    port: u16,
+) -> Result<TcpListener, NetnsError> {
+    let addr = match pod_ip {
+        IpAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
+        IpAddr::V6(_) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
+    };
+    let listener = worker
+        .run(netns, move || {
+            let socket = Socket::new(
+                Domain::for_address(addr),
+                Type::STREAM.nonblocking().cloexec(),
+                Some(Protocol::TCP),
+            )?;
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            if addr.is_ipv6() {
+                socket.set_only_v6(false)?;
+            }
+            socket.bind(&addr.into())?;
+            socket.listen(BACKLOG)?;
+            Ok(std::net::TcpListener::from(socket))
+        })
+        .await?;
+    TcpListener::from_std(listener).map_err(|source| NetnsError::Op {
+        path: netns.path().to_owned(),
+        source,
+    })
+}
+
+/// Accepts connections until `stop` fires. Each connection is answered with the pod as it is when
+/// the request arrives, so a manifest change (new probe ports) applies without a new listener.
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<Context>,
+    pod: watch::Receiver<Arc<Pod>>,
+    netns: Arc<Netns>,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _peer)) => {
+                let pod = Arc::clone(&pod.borrow());
+                ctx.tracker
+                    .spawn(answer(stream, Arc::clone(&ctx), pod, Arc::clone(&netns)));
+            }
+            Err(error) => {
+                // Out of file descriptors or memory: back off instead of spinning.
+                log::warn!("{}: accept failed: {error}", pod.borrow().key);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn answer(mut stream: TcpStream, ctx: Arc<Context>, pod: Arc<Pod>, netns: Arc<Netns>) {
+    let settings = &ctx.settings;
+    let (outcome, response, head_only) =
+        match read_request(&mut stream, ORIGINAL_TCP_PORT_HEADER, settings.header_timeout).await {
+            Ok(request) => {
+                let head_only = request.method == "HEAD";
+                let (outcome, response) = match route(&request, &pod, settings.allow_any_port) {
+                    Ok(port) => probe(&ctx, &pod, &netns, port).await,
+                    Err(rejection) => (rejection.outcome, rejection.response),
+                };
+                (outcome, response, head_only)
+            }
+            Err(error @ (ReadError::TooLarge | ReadError::Malformed(_))) => {
+                (Outcome::BadRequest, Response::new(400, error.to_string()), false)
+            }
+            Err(error) => {
+                log::debug!("{}: no request: {error}", pod.key);
+                return;
+            }
+        };
+    ctx.metrics.probe(&pod.key, outcome);
+    log::debug!("{}: {} {}", pod.key, response.status, response.body);
+    if let Err(error) = write_response(&mut stream, &response, head_only).await {
+        log::debug!("{}: writing the response: {error}", pod.key);
+        return;
+    }
+    let mut sink = [0u8; 512];
+    let _ = tokio::time::timeout(LINGER, async {
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+/// Dials `port` of the pod and turns the result into the answer.
+async fn probe(ctx: &Context, pod: &Pod, netns: &Arc<Netns>, port: u16) -> (Outcome, Response) {
+    let settings = &ctx.settings;
+    let targets = settings.tcp_target.addrs(pod.ip, port);
+    let started = Instant::now();
+    let dialed = dial(&ctx.worker, netns, &targets, settings.dial_timeout).await;
+    let took = started.elapsed();
+    match dialed {
+        Ok(Dialed::Connected(addr)) => {
+            ctx.metrics.dial(true, took);
+            let body = format!("Successfully established connection to {addr}");
+            (Outcome::Success, Response::new(200, body))
+        }
+        Ok(Dialed::Failed(failures)) => {
+            ctx.metrics.dial(false, took);
+            (failure_outcome(&failures), Response::new(503, describe_failures(&failures)))
+        }
+        Err(error) => (
+            Outcome::Error,
+            Response::new(503, format!("Failed to dial from inside the pod: {error}")),
+        ),
+    }
+}
+
+fn failure_outcome(failures: &[(SocketAddr, Failure)]) -> Outcome {
+    if failures.iter().any(|(_, f)| matches!(f, Failure::TimedOut(_))) {
+        Outcome::Timeout
+    } else if failures.iter().all(|(_, f)| *f == Failure::Refused) {
+        Outcome::Refused
+    } else {
+        Outcome::Error
+    }
+}
+
+fn describe_failures(failures: &[(SocketAddr, Failure)]) -> String {
+    let parts: Vec<String> = failures
+        .iter()
+        .map(|(addr, failure)| format!("{addr} ({failure})"))
+        .collect();
+    format!("Failed to establish connection to {}", parts.join(" or "))
+}

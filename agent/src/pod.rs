@@ -1,0 +1,347 @@
+//! The agent's own view of a meshed pod: the few fields it serves from, whatever source they come from.
+//!
+//! Every pod source (a directory of manifests today, the Kubernetes API later) produces [`Pod`]s, so
+//! everything after the source is shared.
+
+use std::{collections::BTreeSet, fmt, net::IpAddr, path::PathBuf};
+
+use k8s_openapi::{
+    api::core::v1::{Container, Probe},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+use crate::ports::{NETNS_ANNOTATION, NETNS_RUN_DIR, ORIGINAL_TCP_PORT_HEADER};
+
+/// Identifies a pod on the node: namespace and name, as the API server does.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PodKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for PodKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Where a pod's network namespace is: a name under `/run/netns` or a path to an nsfs file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetnsRef {
+    Named(String),
+    Path(PathBuf),
+}
+
+impl NetnsRef {
+    /// Parses the value of the [`NETNS_ANNOTATION`] annotation.
+    pub fn parse(value: &str) -> Result<Self, PodError> {
+        let invalid = |reason: &str| PodError::InvalidNetns {
+            value: value.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if value.is_empty() {
+            return Err(invalid("it is empty"));
+        }
+        if value.starts_with('/') {
+            return Ok(Self::Path(PathBuf::from(value)));
+        }
+        if value.contains('/') || value == "." || value == ".." {
+            return Err(invalid(
+                "a name must not contain '/'; give an absolute path instead",
+            ));
+        }
+        Ok(Self::Named(value.to_owned()))
+    }
+
+    /// The file to open to enter the namespace.
+    pub fn path(&self) -> PathBuf {
+        match self {
+            Self::Named(name) => PathBuf::from(NETNS_RUN_DIR).join(name),
+            Self::Path(path) => path.clone(),
+        }
+    }
+}
+
+impl fmt::Display for NetnsRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.path().display())
+    }
+}
+
+/// A meshed pod the agent serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub key: PodKey,
+    /// `status.podIP`: the address the kubelet probes and the healthcheck dials.
+    pub ip: IpAddr,
+    pub netns: NetnsRef,
+    /// Ports the pod's probes name. The healthcheck dials only these unless told otherwise, so a
+    /// caller that reaches it cannot use it to scan the pod's other ports.
+    pub probe_ports: BTreeSet<u16>,
+}
+
+/// Why a manifest does not describe a pod the agent can serve.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PodError {
+    #[error("kind is {kind:?}, expected \"Pod\" (apiVersion v1)")]
+    NotAPod { kind: String },
+    #[error("metadata.name is missing")]
+    MissingName,
+    #[error("status.podIP is missing: the agent needs the address the kubelet probes")]
+    MissingPodIp,
+    #[error("status.podIP {value:?} is not an IP address")]
+    InvalidPodIp { value: String },
+    #[error("annotation {NETNS_ANNOTATION} is missing: it names the pod's network namespace")]
+    MissingNetns,
+    #[error("annotation {NETNS_ANNOTATION}={value:?} is invalid: {reason}")]
+    InvalidNetns { value: String, reason: String },
+    #[error("not a valid Pod: {0}")]
+    Schema(String),
+}
+
+/// A pod read from a manifest, with what was odd about it but did not stop it being served.
+#[derive(Debug)]
+pub struct Parsed {
+    pub pod: Pod,
+    pub warnings: Vec<String>,
+}
+
+impl Pod {
+    /// Reads a Pod manifest (YAML or JSON, as an already parsed document) whose netns is named by
+    /// the [`NETNS_ANNOTATION`] annotation.
+    pub fn from_manifest(doc: serde_json::Value) -> Result<Parsed, PodError> {
+        let kind = doc.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
+        let api_version = doc
+            .get("apiVersion")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
+        if kind != "Pod" || api_version != "v1" {
+            return Err(PodError::NotAPod {
+                kind: kind.to_owned(),
+            });
+        }
+        let pod: k8s_openapi::api::core::v1::Pod =
+            serde_json::from_value(doc).map_err(|e| PodError::Schema(e.to_string()))?;
+        let annotation = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(NETNS_ANNOTATION))
+            .ok_or(PodError::MissingNetns)?;
+        let netns = NetnsRef::parse(annotation)?;
+        Self::from_k8s(&pod, netns)
+    }
+
+    /// Builds the agent's view of a Kubernetes pod whose network namespace is already known.
+    pub fn from_k8s(
+        pod: &k8s_openapi::api::core::v1::Pod,
+        netns: NetnsRef,
+    ) -> Result<Parsed, PodError> {
+        let name = pod.metadata.name.clone().ok_or(PodError::MissingName)?;
+        let namespace = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned());
+        let ip_text = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref())
+            .filter(|ip| !ip.is_empty())
+            .ok_or(PodError::MissingPodIp)?;
+        let ip = ip_text.parse().map_err(|_| PodError::InvalidPodIp {
+            value: ip_text.to_owned(),
+        })?;
+        let mut warnings = Vec::new();
+        let mut probe_ports = BTreeSet::new();
+        if let Some(spec) = &pod.spec {
+            // Init containers count too: a sidecar (restartPolicy Always) init container has probes.
+            let containers = spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten());
+            for container in containers {
+                collect_probe_ports(container, &mut probe_ports, &mut warnings);
+            }
+        }
+        Ok(Parsed {
+            pod: Pod {
+                key: PodKey { namespace, name },
+                ip,
+                netns,
+                probe_ports,
+            },
+            warnings,
+        })
+    }
+}
+
+/// Adds the ports a container's probes name: tcpSocket ports, and the `Original-Tcp-Port` header of
+/// probes a mesh injector already rewrote.
+fn collect_probe_ports(container: &Container, ports: &mut BTreeSet<u16>, warnings: &mut Vec<String>) {
+    let probes = [
+        ("liveness", &container.liveness_probe),
+        ("readiness", &container.readiness_probe),
+        ("startup", &container.startup_probe),
+    ];
+    for (kind, probe) in probes {
+        let Some(probe) = probe else { continue };
+        for port in probe_ports(probe) {
+            match resolve_port(container, &port) {
+                Ok(port) => {
+                    ports.insert(port);
+                }
+                Err(reason) => warnings.push(format!(
+                    "container {:?} {kind} probe: {reason}; that port will not be served",
+                    container.name
+                )),
+            }
+        }
+    }
+}
+
+/// The ports a probe names, before named ports are resolved.
+fn probe_ports(probe: &Probe) -> Vec<IntOrString> {
+    let mut ports = Vec::new();
+    if let Some(tcp) = &probe.tcp_socket {
+        ports.push(tcp.port.clone());
+    }
+    if let Some(http) = &probe.http_get {
+        for header in http.http_headers.iter().flatten() {
+            if header.name.eq_ignore_ascii_case(ORIGINAL_TCP_PORT_HEADER) {
+                ports.push(IntOrString::String(header.value.clone()));
+            }
+        }
+    }
+    ports
+}
+
+/// Resolves a probe port as the kubelet does: a name is looked up in the container's ports,
+/// otherwise the string must be a number from 1 to 65535.
+fn resolve_port(container: &Container, port: &IntOrString) -> Result<u16, String> {
+    let number = match port {
+        IntOrString::Int(n) => i64::from(*n),
+        IntOrString::String(text) => {
+            let named = container
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(text.as_str()));
+            match named {
+                Some(p) => i64::from(p.container_port),
+                None => text.trim().parse::<i64>().map_err(|_| {
+                    format!("port {text:?} is neither a port number nor the name of a container port")
+                })?,
+            }
+        }
+    };
+    u16::try_from(number)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("port {number} is outside 1-65535"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(yaml: &str) -> serde_json::Value {
+        serde_norway::from_str(yaml).unwrap_or_else(|e| panic!("test manifest: {e}"))
+    }
+
+    const POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: bookstore
+  namespace: shop
+  annotations:
+    probe-bypass/netns: pod-a
+spec:
+  containers:
+  - name: app
+    image: bookstore
+    ports:
+    - name: http
+      containerPort: 14001
+    livenessProbe:
+      tcpSocket:
+        port: http
+    readinessProbe:
+      httpGet:
+        path: /fsm-healthcheck
+        port: 15904
+        httpHeaders:
+        - name: Original-Tcp-Port
+          value: "14002"
+    startupProbe:
+      exec:
+        command: ["true"]
+  initContainers:
+  - name: sidecar
+    image: proxy
+    restartPolicy: Always
+    livenessProbe:
+      tcpSocket:
+        port: 15000
+status:
+  podIP: 198.18.0.2
+"#;
+
+    #[test]
+    fn reads_pod_key_ip_netns_and_every_probe_port() {
+        let parsed = Pod::from_manifest(manifest(POD)).unwrap_or_else(|e| panic!("{e}"));
+        let pod = parsed.pod;
+        assert_eq!(pod.key.to_string(), "shop/bookstore");
+        assert_eq!(pod.ip.to_string(), "198.18.0.2");
+        assert_eq!(pod.netns.path(), PathBuf::from("/run/netns/pod-a"));
+        assert_eq!(pod.probe_ports, BTreeSet::from([14001, 14002, 15000]));
+        assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
+    }
+
+    #[test]
+    fn unresolvable_named_port_is_a_warning_not_an_error() {
+        let yaml = POD.replace("port: http", "port: metrics");
+        let parsed = Pod::from_manifest(manifest(&yaml)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(parsed.pod.probe_ports, BTreeSet::from([14002, 15000]));
+        assert_eq!(parsed.warnings.len(), 1);
+        assert!(parsed.warnings[0].contains("\"metrics\""), "{}", parsed.warnings[0]);
+    }
+
+    #[test]
+    fn out_of_range_probe_port_is_a_warning() {
+        let yaml = POD.replace("port: 15000", "port: 70000");
+        let parsed = Pod::from_manifest(manifest(&yaml)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!parsed.pod.probe_ports.contains(&4464));
+        assert!(parsed.warnings[0].contains("70000 is outside 1-65535"));
+    }
+
+    #[test]
+    fn pod_without_ip_or_netns_or_of_another_kind_is_rejected() {
+        let no_ip = POD.replace("  podIP: 198.18.0.2", "  phase: Pending");
+        assert_eq!(Pod::from_manifest(manifest(&no_ip)).err(), Some(PodError::MissingPodIp));
+        let bad_ip = POD.replace("198.18.0.2", "198.18.0.300");
+        assert!(matches!(
+            Pod::from_manifest(manifest(&bad_ip)).err(),
+            Some(PodError::InvalidPodIp { .. })
+        ));
+        let no_netns = POD.replace("probe-bypass/netns", "other");
+        assert_eq!(Pod::from_manifest(manifest(&no_netns)).err(), Some(PodError::MissingNetns));
+        let deployment = POD.replace("kind: Pod", "kind: Deployment");
+        assert_eq!(
+            Pod::from_manifest(manifest(&deployment)).err(),
+            Some(PodError::NotAPod { kind: "Deployment".into() })
+        );
+    }
+
+    #[test]
+    fn netns_annotation_takes_a_name_or_an_absolute_path() {
+        assert_eq!(
+            NetnsRef::parse("/proc/42/ns/net").map(|n| n.path()),
+            Ok(PathBuf::from("/proc/42/ns/net"))
+        );
+        assert!(NetnsRef::parse("a/b").is_err());
+        assert!(NetnsRef::parse("..").is_err());
+        assert!(NetnsRef::parse("").is_err());
+    }
+}

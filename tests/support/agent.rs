@@ -1,0 +1,161 @@
+//! The agent under test, run as its real binary, and a temporary pod manifests directory.
+
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
+
+/// A pod manifests directory, deleted on drop. Writes are atomic (write a dotfile, then rename), as a
+/// careful operator or the kubelet's own static-pod writer does.
+pub struct ManifestDir {
+    pub path: PathBuf,
+}
+
+impl ManifestDir {
+    pub fn new() -> Self {
+        let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("pb-test-pods-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).expect("create manifests dir");
+        Self { path }
+    }
+
+    pub fn write(&self, file: &str, text: &str) {
+        let tmp = self.path.join(format!(".{file}.tmp"));
+        fs::write(&tmp, text).expect("write manifest");
+        fs::rename(&tmp, self.path.join(file)).expect("rename manifest");
+    }
+
+    pub fn remove(&self, file: &str) {
+        fs::remove_file(self.path.join(file)).expect("remove manifest");
+    }
+}
+
+impl Drop for ManifestDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A running `probe-bypass run`, killed on drop. Its log goes to a file that is printed if the test
+/// fails, so a red test shows what the agent saw.
+pub struct Agent {
+    child: Child,
+    pub admin: SocketAddr,
+    log: PathBuf,
+}
+
+/// Picks a free loopback port for the admin endpoints.
+fn free_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local addr")
+}
+
+impl Agent {
+    /// Starts the agent on `dir` with extra `args` and waits until its admin endpoint answers.
+    pub fn start(dir: &Path, args: &[&str]) -> Self {
+        let admin = free_port();
+        let log = dir.with_extension(format!("agent-{}.log", admin.port()));
+        let log_file = fs::File::create(&log).expect("agent log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_probe-bypass"))
+            .arg("run")
+            .arg("--pod-manifests")
+            .arg(dir)
+            .arg("--admin-addr")
+            .arg(admin.to_string())
+            .args(args)
+            .env("RUST_LOG", "probe_bypass=debug")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start the agent");
+        let mut agent = Self { child, admin, log };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while agent.get("/health/alive").is_none() {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!("the agent exited at start ({status}):\n{}", agent.log_text());
+            }
+            assert!(Instant::now() < deadline, "the agent did not come up:\n{}", agent.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        agent
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET on the admin endpoint: status and body, or None if it does not answer.
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        let mut stream = TcpStream::connect_timeout(&self.admin, Duration::from_secs(1)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.admin).ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let status = response.get(9..12)?.parse().ok()?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+        Some((status, body))
+    }
+
+    /// Waits until `/health/ready` answers `status`, returning its body.
+    pub fn wait_ready(&self, status: u16, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some((got, body)) = self.get("/health/ready") {
+                if got == status {
+                    return body;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "/health/ready stayed {got} ({body}), expected {status}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit, returning its status and how long it took.
+    pub fn terminate(mut self) -> (ExitStatus, Duration) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        let started = Instant::now();
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let deadline = started + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return (status, started.elapsed());
+            }
+            assert!(Instant::now() < deadline, "the agent ignored SIGTERM:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Open file descriptors of the agent process.
+    pub fn open_fds(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("read the agent's fds")
+            .count()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- agent log ({}) ---\n{}", self.log.display(), self.log_text());
+        }
+        let _ = fs::remove_file(&self.log);
+    }
+}

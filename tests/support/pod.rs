@@ -1,0 +1,184 @@
+//! Test pods: a network namespace joined to the host by a veth, with apps listening inside.
+//!
+//! Addresses come from 198.18.0.0/15 (the benchmarking range), one /30 per pod: the host end is
+//! `.1`, the pod `.2`. Names and addresses carry the test process id, so parallel tests and
+//! leftovers of an earlier run do not collide. Everything is deleted when the guard drops.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    thread,
+};
+
+use probe_bypass::netns::{Netns, NetnsWorker};
+use socket2::{Domain, Protocol, Socket, Type};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Pods one test process may create; the address plan gives each process 64 /30 subnets.
+const PODS_PER_PROCESS: u32 = 64;
+
+/// Runs `ip` with `args`, panicking with its stderr on failure.
+pub fn ip(args: &[&str]) {
+    let output = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        output.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A pod: network namespace, veth pair and addresses.
+pub struct TestPod {
+    /// The namespace's name under /run/netns.
+    pub netns_name: String,
+    pub ip: Ipv4Addr,
+    host_veth: String,
+    netns: Arc<Netns>,
+    worker: NetnsWorker,
+}
+
+impl TestPod {
+    pub fn new() -> Self {
+        let pid = std::process::id();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < PODS_PER_PROCESS, "a test process may create {PODS_PER_PROCESS} pods");
+        let subnet = (pid % 512) * PODS_PER_PROCESS + n;
+        let base = u32::from(Ipv4Addr::new(198, 18, 0, 0)) + subnet * 4;
+        let host_ip = Ipv4Addr::from(base + 1);
+        let pod_ip = Ipv4Addr::from(base + 2);
+        let netns_name = format!("pb-test-{pid}-{n}");
+        let host_veth = format!("pbt{pid}x{n}");
+        ip(&["netns", "add", &netns_name]);
+        // From here on, dropping the guard deletes what was made, even if a later step panics.
+        let netns = Arc::new(
+            Netns::open(&std::path::Path::new("/run/netns").join(&netns_name)).expect("open netns"),
+        );
+        let pod = Self {
+            netns_name,
+            ip: pod_ip,
+            host_veth,
+            netns,
+            worker: NetnsWorker::spawn().expect("netns worker"),
+        };
+        let ns = pod.netns_name.as_str();
+        let veth = pod.host_veth.as_str();
+        ip(&["link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns]);
+        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", veth]);
+        ip(&["link", "set", veth, "up"]);
+        ip(&["-n", ns, "addr", "add", &format!("{pod_ip}/30"), "dev", "eth0"]);
+        ip(&["-n", ns, "link", "set", "eth0", "up"]);
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+        ip(&["-n", ns, "route", "add", "default", "via", &host_ip.to_string()]);
+        pod.assert_routed_through_own_veth();
+        pod
+    }
+
+    /// Traffic to test pods must only ever leave through the veth this test made.
+    fn assert_routed_through_own_veth(&self) {
+        let output = Command::new("ip")
+            .args(["route", "get", &self.ip.to_string()])
+            .output()
+            .expect("ip route get");
+        let route = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            route.contains(&format!("dev {} ", self.host_veth)),
+            "route to test pod {} does not go through {}: {route}",
+            self.ip,
+            self.host_veth
+        );
+    }
+
+    /// Address of the healthcheck as the kubelet reaches it.
+    pub fn healthcheck(&self) -> SocketAddr {
+        SocketAddr::new(self.ip.into(), 15904)
+    }
+
+    /// Starts an app listening on `addr` inside the pod (bound in the pod's namespace).
+    pub fn listen(&self, addr: SocketAddr) -> App {
+        let socket = self
+            .worker
+            .run_blocking(&self.netns, move || {
+                let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+                socket.set_reuse_address(true)?;
+                socket.bind(&addr.into())?;
+                socket.listen(1024)?;
+                Ok(socket)
+            })
+            .unwrap_or_else(|e| panic!("listen on {addr} in {}: {e}", self.netns_name));
+        App::accepting(socket)
+    }
+
+    /// Runs a command inside the pod's namespace (`ip netns exec`), panicking if it fails.
+    pub fn exec(&self, command: &[&str]) {
+        let mut args = vec!["netns", "exec", self.netns_name.as_str()];
+        args.extend_from_slice(command);
+        ip(&args);
+    }
+
+    /// The manifest the agent reads for this pod, declaring `ports` as tcpSocket probe ports.
+    pub fn manifest(&self, name: &str, ports: &[u16]) -> String {
+        let probes: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                format!(
+                    r#"{{"name":"c{i}","image":"app","livenessProbe":{{"tcpSocket":{{"port":{port}}}}}}}"#
+                )
+            })
+            .collect();
+        format!(
+            r#"{{"apiVersion":"v1","kind":"Pod",
+"metadata":{{"name":"{name}","namespace":"test","annotations":{{"probe-bypass/netns":"{}"}}}},
+"spec":{{"containers":[{}]}},
+"status":{{"podIP":"{}"}}}}"#,
+            self.netns_name,
+            probes.join(","),
+            self.ip
+        )
+    }
+}
+
+impl Drop for TestPod {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its end of the veth, and with it the host end.
+        let _ = Command::new("ip").args(["netns", "del", &self.netns_name]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_veth])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// A listening app that accepts and closes every connection, until dropped.
+pub struct App {
+    socket: Arc<Socket>,
+    acceptor: Option<thread::JoinHandle<()>>,
+}
+
+impl App {
+    fn accepting(socket: Socket) -> Self {
+        let socket = Arc::new(socket);
+        let listener = Arc::clone(&socket);
+        let acceptor = thread::spawn(move || while listener.accept().is_ok() {});
+        Self {
+            socket,
+            acceptor: Some(acceptor),
+        }
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        // Shutting a listening socket down wakes the blocked accept() with an error.
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+    }
+}
