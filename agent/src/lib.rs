@@ -7,4 +7,15 @@
 //! - [`healthcheck`]: the HTTP-to-TCP healthcheck served inside each pod's network namespace.
 //! - [`admin`]: liveness, readiness and Prometheus metrics in the host network namespace.
 
+pub mod admin;
+pub mod cli;
 pub mod datapath;
+pub mod healthcheck;
+pub mod metrics;
+pub mod netns;
+pub mod pod;
+pub mod ports;
+pub mod reconcile;
+pub mod run;
+pub mod signal;
+pub mod source;

@@ -178,7 +178,11 @@ impl Pod {
 
 /// Adds the ports a container's probes name: tcpSocket ports, and the `Original-Tcp-Port` header of
 /// probes a mesh injector already rewrote.
-fn collect_probe_ports(container: &Container, ports: &mut BTreeSet<u16>, warnings: &mut Vec<String>) {
+fn collect_probe_ports(
+    container: &Container,
+    ports: &mut BTreeSet<u16>,
+    warnings: &mut Vec<String>,
+) {
     let probes = [
         ("liveness", &container.liveness_probe),
         ("readiness", &container.readiness_probe),
@@ -230,7 +234,9 @@ fn resolve_port(container: &Container, port: &IntOrString) -> Result<u16, String
             match named {
                 Some(p) => i64::from(p.container_port),
                 None => text.trim().parse::<i64>().map_err(|_| {
-                    format!("port {text:?} is neither a port number nor the name of a container port")
+                    format!(
+                        "port {text:?} is neither a port number nor the name of a container port"
+                    )
                 })?,
             }
         }
@@ -305,7 +311,11 @@ status:
         let parsed = Pod::from_manifest(manifest(&yaml)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(parsed.pod.probe_ports, BTreeSet::from([14002, 15000]));
         assert_eq!(parsed.warnings.len(), 1);
-        assert!(parsed.warnings[0].contains("\"metrics\""), "{}", parsed.warnings[0]);
+        assert!(
+            parsed.warnings[0].contains("\"metrics\""),
+            "{}",
+            parsed.warnings[0]
+        );
     }
 
     #[test]
@@ -319,18 +329,26 @@ status:
     #[test]
     fn pod_without_ip_or_netns_or_of_another_kind_is_rejected() {
         let no_ip = POD.replace("  podIP: 198.18.0.2", "  phase: Pending");
-        assert_eq!(Pod::from_manifest(manifest(&no_ip)).err(), Some(PodError::MissingPodIp));
+        assert_eq!(
+            Pod::from_manifest(manifest(&no_ip)).err(),
+            Some(PodError::MissingPodIp)
+        );
         let bad_ip = POD.replace("198.18.0.2", "198.18.0.300");
         assert!(matches!(
             Pod::from_manifest(manifest(&bad_ip)).err(),
             Some(PodError::InvalidPodIp { .. })
         ));
         let no_netns = POD.replace("probe-bypass/netns", "other");
-        assert_eq!(Pod::from_manifest(manifest(&no_netns)).err(), Some(PodError::MissingNetns));
+        assert_eq!(
+            Pod::from_manifest(manifest(&no_netns)).err(),
+            Some(PodError::MissingNetns)
+        );
         let deployment = POD.replace("kind: Pod", "kind: Deployment");
         assert_eq!(
             Pod::from_manifest(manifest(&deployment)).err(),
-            Some(PodError::NotAPod { kind: "Deployment".into() })
+            Some(PodError::NotAPod {
+                kind: "Deployment".into()
+            })
         );
     }
 

@@ -59,8 +59,15 @@ fn free_port() -> SocketAddr {
 }
 
 impl Agent {
-    /// Starts the agent on `dir` with extra `args` and waits until its admin endpoint answers.
+    /// Starts the agent on `dir` with extra `args` and waits until its admin endpoint answers. It
+    /// logs at debug level, so the log of a failing test shows every request the agent answered.
     pub fn start(dir: &Path, args: &[&str]) -> Self {
+        Self::start_with_log_filter(dir, args, "probe_bypass=debug")
+    }
+
+    /// Like [`Self::start`], with `rust_log` as the agent's log filter (`RUST_LOG`). The benchmark
+    /// runs the agent at `info`: a debug line per probe would be part of what it measures.
+    pub fn start_with_log_filter(dir: &Path, args: &[&str], rust_log: &str) -> Self {
         let admin = free_port();
         let log = dir.with_extension(format!("agent-{}.log", admin.port()));
         let log_file = fs::File::create(&log).expect("agent log file");
@@ -71,7 +78,7 @@ impl Agent {
             .arg("--admin-addr")
             .arg(admin.to_string())
             .args(args)
-            .env("RUST_LOG", "probe_bypass=debug")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
@@ -80,9 +87,16 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(10);
         while agent.get("/health/alive").is_none() {
             if let Ok(Some(status)) = agent.child.try_wait() {
-                panic!("the agent exited at start ({status}):\n{}", agent.log_text());
+                panic!(
+                    "the agent exited at start ({status}):\n{}",
+                    agent.log_text()
+                );
             }
-            assert!(Instant::now() < deadline, "the agent did not come up:\n{}", agent.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not come up:\n{}",
+                agent.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         agent
@@ -100,7 +114,12 @@ impl Agent {
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
         let mut stream = TcpStream::connect_timeout(&self.admin, Duration::from_secs(1)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.admin).ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.admin
+        )
+        .ok()?;
         let mut response = String::new();
         stream.read_to_string(&mut response).ok()?;
         let status = response.get(9..12)?.parse().ok()?;
@@ -136,7 +155,11 @@ impl Agent {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return (status, started.elapsed());
             }
-            assert!(Instant::now() < deadline, "the agent ignored SIGTERM:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "the agent ignored SIGTERM:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -154,7 +177,11 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("--- agent log ({}) ---\n{}", self.log.display(), self.log_text());
+            eprintln!(
+                "--- agent log ({}) ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
         }
         let _ = fs::remove_file(&self.log);
     }

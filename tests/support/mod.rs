@@ -2,7 +2,14 @@
 //!
 //! Every resource a test creates (network namespaces, veths, cgroups, processes) is owned by a guard
 //! that removes it on drop, so a failing or panicking test cleans up too.
-#![allow(dead_code, reason = "each test binary uses its own part of the support code")]
+#![allow(
+    dead_code,
+    reason = "each test binary uses its own part of the support code"
+)]
+#![allow(
+    clippy::expect_used,
+    reason = "test setup that cannot proceed panics, naming what failed"
+)]
 
 pub mod agent;
 pub mod cgroup;

@@ -19,8 +19,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// Pods one test process may create; the address plan gives each process 64 /30 subnets.
-const PODS_PER_PROCESS: u32 = 64;
+/// Pods one test process may create: the address plan gives each process 1024 /30 subnets, and
+/// 32 processes (by pid) share the 32768 subnets of 198.18.0.0/15. Test binaries run one at a time.
+const PODS_PER_PROCESS: u32 = 1024;
 
 /// Runs `ip` with `args`, panicking with its stderr on failure.
 pub fn ip(args: &[&str]) {
@@ -47,8 +48,11 @@ impl TestPod {
     pub fn new() -> Self {
         let pid = std::process::id();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        assert!(n < PODS_PER_PROCESS, "a test process may create {PODS_PER_PROCESS} pods");
-        let subnet = (pid % 512) * PODS_PER_PROCESS + n;
+        assert!(
+            n < PODS_PER_PROCESS,
+            "a test process may create {PODS_PER_PROCESS} pods"
+        );
+        let subnet = (pid % 32) * PODS_PER_PROCESS + n;
         let base = u32::from(Ipv4Addr::new(198, 18, 0, 0)) + subnet * 4;
         let host_ip = Ipv4Addr::from(base + 1);
         let pod_ip = Ipv4Addr::from(base + 2);
@@ -68,13 +72,31 @@ impl TestPod {
         };
         let ns = pod.netns_name.as_str();
         let veth = pod.host_veth.as_str();
-        ip(&["link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns]);
+        ip(&[
+            "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ]);
         ip(&["addr", "add", &format!("{host_ip}/30"), "dev", veth]);
         ip(&["link", "set", veth, "up"]);
-        ip(&["-n", ns, "addr", "add", &format!("{pod_ip}/30"), "dev", "eth0"]);
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{pod_ip}/30"),
+            "dev",
+            "eth0",
+        ]);
         ip(&["-n", ns, "link", "set", "eth0", "up"]);
         ip(&["-n", ns, "link", "set", "lo", "up"]);
-        ip(&["-n", ns, "route", "add", "default", "via", &host_ip.to_string()]);
+        ip(&[
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &host_ip.to_string(),
+        ]);
         pod.assert_routed_through_own_veth();
         pod
     }
@@ -101,17 +123,25 @@ impl TestPod {
 
     /// Starts an app listening on `addr` inside the pod (bound in the pod's namespace).
     pub fn listen(&self, addr: SocketAddr) -> App {
+        self.listen_with_acceptors(addr, 1)
+    }
+
+    /// Like [`Self::listen`], with `acceptors` threads accepting on the one socket. A benchmark
+    /// connects faster than a single thread accepts, and a full accept queue drops the next SYN,
+    /// which costs that client a 1 s retransmit: a stall of the load generator, not of TCP.
+    pub fn listen_with_acceptors(&self, addr: SocketAddr, acceptors: usize) -> App {
         let socket = self
             .worker
             .run_blocking(&self.netns, move || {
-                let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+                let socket =
+                    Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
                 socket.set_reuse_address(true)?;
                 socket.bind(&addr.into())?;
                 socket.listen(1024)?;
                 Ok(socket)
             })
             .unwrap_or_else(|e| panic!("listen on {addr} in {}: {e}", self.netns_name));
-        App::accepting(socket)
+        App::accepting(socket, acceptors.max(1))
     }
 
     /// Runs a command inside the pod's namespace (`ip netns exec`), panicking if it fails.
@@ -147,7 +177,9 @@ impl TestPod {
 impl Drop for TestPod {
     fn drop(&mut self) {
         // Deleting the namespace deletes its end of the veth, and with it the host end.
-        let _ = Command::new("ip").args(["netns", "del", &self.netns_name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns_name])
+            .status();
         let _ = Command::new("ip")
             .args(["link", "del", &self.host_veth])
             .stderr(std::process::Stdio::null())
@@ -158,26 +190,27 @@ impl Drop for TestPod {
 /// A listening app that accepts and closes every connection, until dropped.
 pub struct App {
     socket: Arc<Socket>,
-    acceptor: Option<thread::JoinHandle<()>>,
+    acceptors: Vec<thread::JoinHandle<()>>,
 }
 
 impl App {
-    fn accepting(socket: Socket) -> Self {
+    fn accepting(socket: Socket, acceptors: usize) -> Self {
         let socket = Arc::new(socket);
-        let listener = Arc::clone(&socket);
-        let acceptor = thread::spawn(move || while listener.accept().is_ok() {});
-        Self {
-            socket,
-            acceptor: Some(acceptor),
-        }
+        let acceptors = (0..acceptors)
+            .map(|_| {
+                let listener = Arc::clone(&socket);
+                thread::spawn(move || while listener.accept().is_ok() {})
+            })
+            .collect();
+        Self { socket, acceptors }
     }
 }
 
 impl Drop for App {
     fn drop(&mut self) {
-        // Shutting a listening socket down wakes the blocked accept() with an error.
+        // Shutting a listening socket down wakes every blocked accept() with an error.
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
-        if let Some(acceptor) = self.acceptor.take() {
+        for acceptor in self.acceptors.drain(..) {
             let _ = acceptor.join();
         }
     }

@@ -1,1 +1,85 @@
-fn main() {}
+//! `cargo xtask`: the project's own commands for setting a machine up, building and checking.
+//!
+//! Each subcommand lives in its own module with a `run` function; this file only parses the
+//! command line and holds the helpers they share.
+
+mod bench;
+mod build_ebpf;
+mod demo;
+mod setup;
+mod test;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// Project tasks for probe-bypass.
+#[derive(Parser)]
+#[command(bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks to build and test the project (Debian; apt, rustup, cargo).
+    Setup,
+    /// Build the kernel programs on their own and list the programs and maps in the object.
+    BuildEbpf,
+    /// Run the agent on two demo pods and probe them as the kubelet does (needs root).
+    Demo,
+    /// Run every test, the privileged ones included (needs root for those).
+    Test,
+    /// Measure the agent against a baseline run in the same invocation.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+    /// The demo's app: accepts and closes connections on ADDR (run inside a pod's namespace).
+    #[command(hide = true)]
+    DemoApp {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> Result<()> {
+    let Cli { command } = Cli::parse();
+    match command {
+        Task::Setup => setup::ensure(),
+        Task::BuildEbpf => build_ebpf::run(),
+        Task::Demo => demo::run(),
+        Task::Test => test::run(),
+        Task::Bench { which } => bench::run(which),
+        Task::DemoApp { listen } => demo::app(listen),
+    }
+}
+
+/// The workspace's root directory, whatever directory the command was started from.
+pub fn workspace_root() -> PathBuf {
+    let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
+    xtask.parent().unwrap_or(xtask).to_path_buf()
+}
+
+/// Runs a command to the end and fails, naming it, unless it succeeds.
+pub fn run(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("failed to start {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs cargo (the one that runs this xtask) in the workspace root with `args`.
+pub fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(cargo).args(args).current_dir(workspace_root()))
+}

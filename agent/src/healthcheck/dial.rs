@@ -1,8 +1,7 @@
 //! The TCP connect a tcpSocket probe stands for, made from inside the pod's network namespace.
 
 use std::{
-    fmt,
-    io,
+    fmt, io,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -53,7 +52,13 @@ pub async fn dial(
 ) -> Result<Dialed, NetnsError> {
     let deadline = Instant::now() + timeout;
     let domains: Vec<Domain> = targets.iter().map(|a| Domain::for_address(*a)).collect();
-    let sockets = worker.run(netns, move || domains.into_iter().map(new_socket).collect::<io::Result<Vec<_>>>())
+    let sockets = worker
+        .run(netns, move || {
+            domains
+                .into_iter()
+                .map(new_socket)
+                .collect::<io::Result<Vec<_>>>()
+        })
         .await?;
     let mut failures = Vec::with_capacity(targets.len());
     for (&addr, socket) in targets.iter().zip(sockets) {
@@ -67,7 +72,11 @@ pub async fn dial(
 }
 
 fn new_socket(domain: Domain) -> io::Result<std::net::TcpStream> {
-    let socket = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        domain,
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
     socket.set_linger(Some(Duration::ZERO))?;
     Ok(socket.into())
 }

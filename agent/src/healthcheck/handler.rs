@@ -31,7 +31,11 @@ pub fn route(request: &Request, pod: &Pod, allow_any_port: bool) -> Result<u16, 
         return Err(reject(
             Outcome::NotFound,
             404,
-            format!("no healthcheck at {}; use {}", request.path, HEALTHCHECK_PATHS.join(" or ")),
+            format!(
+                "no healthcheck at {}; use {}",
+                request.path,
+                HEALTHCHECK_PATHS.join(" or ")
+            ),
         ));
     }
     if request.method != "GET" && request.method != "HEAD" {
@@ -79,7 +83,9 @@ fn parse_port(values: &[Vec<u8>]) -> Result<u16, String> {
     };
     let text = value.map(|v| String::from_utf8_lossy(v).trim().to_owned());
     let Some(text) = text.filter(|t| !t.is_empty()) else {
-        return Err(format!("Header {ORIGINAL_TCP_PORT_HEADER} not found in request"));
+        return Err(format!(
+            "Header {ORIGINAL_TCP_PORT_HEADER} not found in request"
+        ));
     };
     if !text.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!(
@@ -90,7 +96,9 @@ fn parse_port(values: &[Vec<u8>]) -> Result<u16, String> {
         .ok()
         .filter(|port| *port != 0)
         .ok_or_else(|| {
-            format!("Header {ORIGINAL_TCP_PORT_HEADER} value {text} is outside the port range 1-65535")
+            format!(
+                "Header {ORIGINAL_TCP_PORT_HEADER} value {text} is outside the port range 1-65535"
+            )
         })
 }
 
@@ -127,20 +135,43 @@ mod tests {
 
     #[test]
     fn declared_port_is_dialed_on_both_mesh_paths() {
-        assert_eq!(status(&request("GET", "/fsm-healthcheck", &["8080"]), false), Ok(8080));
-        assert_eq!(status(&request("HEAD", "/osm-healthcheck", &[" 8080 "]), false), Ok(8080));
+        assert_eq!(
+            status(&request("GET", "/fsm-healthcheck", &["8080"]), false),
+            Ok(8080)
+        );
+        assert_eq!(
+            status(&request("HEAD", "/osm-healthcheck", &[" 8080 "]), false),
+            Ok(8080)
+        );
     }
 
     #[test]
     fn missing_empty_invalid_or_repeated_port_is_400() {
-        for ports in [&[][..], &[""], &["abc"], &["0"], &["65536"], &["-1"], &["+80"], &["80,81"], &["80", "80"]] {
+        for ports in [
+            &[][..],
+            &[""],
+            &["abc"],
+            &["0"],
+            &["65536"],
+            &["-1"],
+            &["+80"],
+            &["80,81"],
+            &["80", "80"],
+        ] {
             let rejection = route(&request("GET", "/fsm-healthcheck", ports), &pod(), true)
                 .expect_err("rejected");
             assert_eq!(rejection.response.status, 400, "{ports:?}");
-            assert!(rejection.response.body.contains(ORIGINAL_TCP_PORT_HEADER), "{ports:?}");
+            assert!(
+                rejection.response.body.contains(ORIGINAL_TCP_PORT_HEADER),
+                "{ports:?}"
+            );
         }
-        let missing = route(&request("GET", "/fsm-healthcheck", &[]), &pod(), false).expect_err("400");
-        assert_eq!(missing.response.body, "Header Original-Tcp-Port not found in request");
+        let missing =
+            route(&request("GET", "/fsm-healthcheck", &[]), &pod(), false).expect_err("400");
+        assert_eq!(
+            missing.response.body,
+            "Header Original-Tcp-Port not found in request"
+        );
     }
 
     #[test]
@@ -149,13 +180,22 @@ mod tests {
             route(&request("GET", "/fsm-healthcheck", &["22"]), &pod(), false).expect_err("403");
         assert_eq!(rejection.response.status, 403);
         assert!(rejection.response.body.contains("probed ports: 8080"));
-        assert_eq!(status(&request("GET", "/fsm-healthcheck", &["22"]), true), Ok(22));
+        assert_eq!(
+            status(&request("GET", "/fsm-healthcheck", &["22"]), true),
+            Ok(22)
+        );
     }
 
     #[test]
     fn other_paths_are_404_and_other_methods_405() {
         assert_eq!(status(&request("GET", "/", &["8080"]), false), Err(404));
-        assert_eq!(status(&request("GET", "/fsm-healthcheck/x", &["8080"]), false), Err(404));
-        assert_eq!(status(&request("POST", "/fsm-healthcheck", &["8080"]), false), Err(405));
+        assert_eq!(
+            status(&request("GET", "/fsm-healthcheck/x", &["8080"]), false),
+            Err(404)
+        );
+        assert_eq!(
+            status(&request("POST", "/fsm-healthcheck", &["8080"]), false),
+            Err(405)
+        );
     }
 }

@@ -168,11 +168,17 @@ mod tests {
 
     #[tokio::test]
     async fn rejects_garbage_oversized_and_truncated_requests() {
-        assert!(matches!(parse(b"\x16\x03\x01 hello\r\n\r\n").await, Err(ReadError::Malformed(_))));
+        assert!(matches!(
+            parse(b"\x16\x03\x01 hello\r\n\r\n").await,
+            Err(ReadError::Malformed(_))
+        ));
         let mut huge = b"GET / HTTP/1.1\r\nX: ".to_vec();
         huge.extend(std::iter::repeat_n(b'a', MAX_REQUEST_HEAD));
         assert!(matches!(parse(&huge).await, Err(ReadError::TooLarge)));
-        assert!(matches!(parse(b"GET / HTTP/1.1\r\n").await, Err(ReadError::Closed)));
+        assert!(matches!(
+            parse(b"GET / HTTP/1.1\r\n").await,
+            Err(ReadError::Closed)
+        ));
     }
 
     #[tokio::test]
@@ -182,7 +188,10 @@ mod tests {
             .await
             .expect("write");
         let text = String::from_utf8(out).expect("utf8");
-        assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{text}");
+        assert!(
+            text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{text}"
+        );
         assert!(text.contains("Content-Length: 5\r\n"), "{text}");
         assert!(text.ends_with("\r\n\r\n"), "{text}");
     }

@@ -109,24 +109,31 @@ pub async fn serve(
 
 async fn answer(mut stream: TcpStream, ctx: Arc<Context>, pod: Arc<Pod>, netns: Arc<Netns>) {
     let settings = &ctx.settings;
-    let (outcome, response, head_only) =
-        match read_request(&mut stream, ORIGINAL_TCP_PORT_HEADER, settings.header_timeout).await {
-            Ok(request) => {
-                let head_only = request.method == "HEAD";
-                let (outcome, response) = match route(&request, &pod, settings.allow_any_port) {
-                    Ok(port) => probe(&ctx, &pod, &netns, port).await,
-                    Err(rejection) => (rejection.outcome, rejection.response),
-                };
-                (outcome, response, head_only)
-            }
-            Err(error @ (ReadError::TooLarge | ReadError::Malformed(_))) => {
-                (Outcome::BadRequest, Response::new(400, error.to_string()), false)
-            }
-            Err(error) => {
-                log::debug!("{}: no request: {error}", pod.key);
-                return;
-            }
-        };
+    let (outcome, response, head_only) = match read_request(
+        &mut stream,
+        ORIGINAL_TCP_PORT_HEADER,
+        settings.header_timeout,
+    )
+    .await
+    {
+        Ok(request) => {
+            let head_only = request.method == "HEAD";
+            let (outcome, response) = match route(&request, &pod, settings.allow_any_port) {
+                Ok(port) => probe(&ctx, &pod, &netns, port).await,
+                Err(rejection) => (rejection.outcome, rejection.response),
+            };
+            (outcome, response, head_only)
+        }
+        Err(error @ (ReadError::TooLarge | ReadError::Malformed(_))) => (
+            Outcome::BadRequest,
+            Response::new(400, error.to_string()),
+            false,
+        ),
+        Err(error) => {
+            log::debug!("{}: no request: {error}", pod.key);
+            return;
+        }
+    };
     ctx.metrics.probe(&pod.key, outcome);
     log::debug!("{}: {} {}", pod.key, response.status, response.body);
     if let Err(error) = write_response(&mut stream, &response, head_only).await {
@@ -155,7 +162,10 @@ async fn probe(ctx: &Context, pod: &Pod, netns: &Arc<Netns>, port: u16) -> (Outc
         }
         Ok(Dialed::Failed(failures)) => {
             ctx.metrics.dial(false, took);
-            (failure_outcome(&failures), Response::new(503, describe_failures(&failures)))
+            (
+                failure_outcome(&failures),
+                Response::new(503, describe_failures(&failures)),
+            )
         }
         Err(error) => (
             Outcome::Error,
@@ -165,7 +175,10 @@ async fn probe(ctx: &Context, pod: &Pod, netns: &Arc<Netns>, port: u16) -> (Outc
 }
 
 fn failure_outcome(failures: &[(SocketAddr, Failure)]) -> Outcome {
-    if failures.iter().any(|(_, f)| matches!(f, Failure::TimedOut(_))) {
+    if failures
+        .iter()
+        .any(|(_, f)| matches!(f, Failure::TimedOut(_)))
+    {
         Outcome::Timeout
     } else if failures.iter().all(|(_, f)| *f == Failure::Refused) {
         Outcome::Refused

@@ -1,0 +1,107 @@
+//! Test cgroups: a child of the cgroup v2 root for one test, with only that test's processes in it.
+//!
+//! A test attaches its eBPF programs here and never to the root, which would hook every process on
+//! the machine. The guard kills what it started and removes the directory on drop, panics included.
+
+use std::{
+    fs,
+    io::ErrorKind,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use probe_bypass::datapath::cgroup2_mount;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// How long a killed process may take to leave the cgroup before removal gives up.
+const REMOVAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A cgroup named after the test process and a counter, so parallel tests and leftovers of an
+/// earlier run do not collide.
+pub struct TestCgroup {
+    path: PathBuf,
+    children: Vec<Child>,
+}
+
+impl TestCgroup {
+    pub fn new() -> Self {
+        let root =
+            cgroup2_mount().unwrap_or_else(|error| panic!("find the cgroup v2 mount: {error}"));
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = root.join(format!("probe-bypass-test-{}-{n}", std::process::id()));
+        fs::create_dir(&path).unwrap_or_else(|error| panic!("create {}: {error}", path.display()));
+        Self {
+            path,
+            children: Vec::new(),
+        }
+    }
+
+    /// The cgroup's directory, to attach programs to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Starts `program` with `args` inside this cgroup. A shell moves itself in first (by writing
+    /// its pid to `cgroup.procs`) and then becomes the program, so the program is in the cgroup
+    /// from its first instruction on and none of its connections escapes the hook.
+    pub fn spawn(&mut self, program: &str, args: &[&str]) -> &mut Child {
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(r#"echo $$ > "$0" && exec "$@""#)
+            .arg(self.path.join("cgroup.procs"))
+            .arg(program)
+            .args(args)
+            .spawn()
+            .unwrap_or_else(|error| panic!("start {program} in {}: {error}", self.path.display()));
+        self.children.push(child);
+        let last = self.children.len() - 1;
+        &mut self.children[last]
+    }
+
+    /// Runs `program` with `args` inside this cgroup (see [`Self::spawn`]) to the end.
+    pub fn run(&mut self, program: &str, args: &[&str]) -> ExitStatus {
+        self.spawn(program, args)
+            .wait()
+            .unwrap_or_else(|error| panic!("wait for {program}: {error}"))
+    }
+
+    /// Kills every process left in the cgroup, including any a child started, with `cgroup.kill`
+    /// (Linux 5.14+). On older kernels only the processes [`Self::spawn`] started are killed.
+    fn kill_remaining(&self) {
+        let kill = self.path.join("cgroup.kill");
+        if kill.exists() {
+            let _ = fs::write(&kill, "1");
+        }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.kill_remaining();
+        // A killed process stays a member until it has fully exited, and until then the
+        // directory cannot be removed (EBUSY).
+        let deadline = Instant::now() + REMOVAL_TIMEOUT;
+        loop {
+            match fs::remove_dir(&self.path) {
+                Ok(()) => return,
+                Err(error) if error.kind() == ErrorKind::NotFound => return,
+                Err(error) if Instant::now() >= deadline => {
+                    eprintln!(
+                        "leaving test cgroup {} behind: {error}",
+                        self.path.display()
+                    );
+                    return;
+                }
+                Err(_) => thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+}

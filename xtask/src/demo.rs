@@ -1,0 +1,288 @@
+//! `cargo xtask demo`: the product's main job on one machine, no cluster needed.
+//!
+//! Builds two pods (network namespaces joined to the host by veths), runs a small app in one, runs
+//! the agent on a directory of their manifests, probes them from the host the way the kubelet does
+//! (with curl), prints what came back, and tears everything down, on Ctrl-C too.
+
+use std::{
+    fs,
+    io::Read as _,
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{cargo, setup};
+
+/// The demo's pods: netns name, host veth, host address, pod address.
+/// 198.18.0.0/15 is reserved for benchmarks, so it is never a real network here.
+const PODS: [(&str, &str, &str, &str); 2] = [
+    ("pb-demo-app", "pbdemo-app", "198.18.254.1", "198.18.254.2"),
+    (
+        "pb-demo-down",
+        "pbdemo-down",
+        "198.18.254.5",
+        "198.18.254.6",
+    ),
+];
+const APP_PORT: u16 = 8080;
+const ADMIN: &str = "127.0.0.1:19091";
+
+/// Everything the demo made, undone in reverse order by [`Cleanup::run`].
+#[derive(Default)]
+struct Cleanup {
+    children: Vec<Child>,
+    netns: Vec<String>,
+    dirs: Vec<PathBuf>,
+}
+
+impl Cleanup {
+    fn run(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.children.clear();
+        for netns in self.netns.drain(..) {
+            // Deleting the namespace deletes its veth end, and with it the host end.
+            let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+        }
+        for dir in self.dirs.drain(..) {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+}
+
+pub fn run() -> Result<()> {
+    setup::ensure()?;
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the demo creates network namespaces: run it as root");
+    }
+    println!("building the agent (release, with its eBPF object)…");
+    cargo(&["build", "--release", "--package", "probe-bypass"])?;
+    let agent_bin = crate::workspace_root().join("target/release/probe-bypass");
+
+    let cleanup = Arc::new(Mutex::new(Cleanup::default()));
+    let on_interrupt = Arc::clone(&cleanup);
+    ctrlc::set_handler(move || {
+        eprintln!("\ninterrupted: tearing the demo down");
+        if let Ok(mut cleanup) = on_interrupt.lock() {
+            cleanup.run();
+        }
+        std::process::exit(130);
+    })
+    .context("installing the Ctrl-C handler")?;
+
+    let result = demo(&agent_bin, &cleanup);
+    if let Ok(mut cleanup) = cleanup.lock() {
+        cleanup.run();
+    }
+    println!("\ntorn down: namespaces, veths, app, agent and manifests removed");
+    result
+}
+
+fn demo(agent_bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> Result<()> {
+    for (netns, veth, host_ip, pod_ip) in PODS {
+        if Path::new("/run/netns").join(netns).exists() {
+            bail!(
+                "network namespace {netns} exists already (an earlier demo?); remove it with `ip netns del {netns}`"
+            );
+        }
+        ip(&["netns", "add", netns])?;
+        record(cleanup, |c| c.netns.push(netns.to_owned()));
+        ip(&[
+            "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns,
+        ])?;
+        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", veth])?;
+        ip(&["link", "set", veth, "up"])?;
+        ip(&[
+            "-n",
+            netns,
+            "addr",
+            "add",
+            &format!("{pod_ip}/30"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", netns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", netns, "link", "set", "lo", "up"])?;
+        println!("pod {netns}: ip {pod_ip}, host side {veth} {host_ip}");
+    }
+
+    let (app_netns, _, _, app_ip) = PODS[0];
+    let app = Command::new("ip")
+        .args(["netns", "exec", app_netns])
+        .arg(std::env::current_exe().context("locating xtask")?)
+        .args(["demo-app", "--listen", &format!("{app_ip}:{APP_PORT}")])
+        .spawn()
+        .context("starting the demo app")?;
+    record(cleanup, |c| c.children.push(app));
+    println!(
+        "app listening on {app_ip}:{APP_PORT} in {app_netns}; nothing listens in {}",
+        PODS[1].0
+    );
+
+    let dir = std::env::temp_dir().join(format!("pb-demo-pods-{}", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    record(cleanup, |c| c.dirs.push(dir.clone()));
+    for (netns, _, _, pod_ip) in PODS {
+        fs::write(dir.join(format!("{netns}.yaml")), manifest(netns, pod_ip))?;
+    }
+    println!("manifests in {}", dir.display());
+
+    let agent = Command::new(agent_bin)
+        .args(["run", "--pod-manifests"])
+        .arg(&dir)
+        .args(["--admin-addr", ADMIN])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the agent")?;
+    record(cleanup, |c| c.children.push(agent));
+    wait_ready()?;
+
+    let app_ip = PODS[0].3;
+    let down_ip = PODS[1].3;
+    let cases = [
+        ("open port", app_ip, "/fsm-healthcheck", Some("8080")),
+        ("closed port", down_ip, "/fsm-healthcheck", Some("8080")),
+        ("OSM path", app_ip, "/osm-healthcheck", Some("8080")),
+        ("undeclared port", app_ip, "/fsm-healthcheck", Some("22")),
+        ("port not a number", app_ip, "/fsm-healthcheck", Some("abc")),
+        (
+            "port out of range",
+            app_ip,
+            "/fsm-healthcheck",
+            Some("70000"),
+        ),
+        ("header missing", app_ip, "/fsm-healthcheck", None),
+        ("other path", app_ip, "/healthz", Some("8080")),
+    ];
+    println!("\nkubelet-like probes (curl, User-Agent kube-probe/1.31) from the host:\n");
+    println!("| case | request | status | body |\n|---|---|---|---|");
+    for (case, ip, path, port) in cases {
+        let (status, body) = curl_probe(ip, path, port)?;
+        let header = port.map_or_else(
+            || "no header".to_owned(),
+            |p| format!("Original-Tcp-Port: {p}"),
+        );
+        println!("| {case} | GET {ip}:15904{path}, {header} | {status} | {body} |");
+    }
+    println!("\nthe agent's metrics (http://{ADMIN}/metrics), probe counters:");
+    for line in http_get("/metrics")?.lines() {
+        if line.starts_with("probe_bypass_healthcheck_probes_total")
+            || line.starts_with("probe_bypass_pods")
+        {
+            println!("  {line}");
+        }
+    }
+    Ok(())
+}
+
+/// Notes something to undo; the Ctrl-C handler shares the list.
+fn record(cleanup: &Mutex<Cleanup>, note: impl FnOnce(&mut Cleanup)) {
+    if let Ok(mut cleanup) = cleanup.lock() {
+        note(&mut cleanup);
+    }
+}
+
+fn manifest(name: &str, pod_ip: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: demo
+  annotations:
+    probe-bypass/netns: {name}
+spec:
+  containers:
+  - name: app
+    image: demo
+    livenessProbe:
+      tcpSocket:
+        port: {APP_PORT}
+status:
+  podIP: {pod_ip}
+"
+    )
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let status = Command::new("ip")
+        .args(args)
+        .status()
+        .context("running ip")?;
+    if !status.success() {
+        bail!("ip {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn wait_ready() -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if http_get("/health/ready").is_ok_and(|body| body.starts_with("ready")) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the agent did not become ready within 10 s");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Probes like the kubelet: GET, its User-Agent and Accept headers, the probe's header.
+fn curl_probe(ip: &str, path: &str, port: Option<&str>) -> Result<(String, String)> {
+    let mut command = Command::new("curl");
+    command.args([
+        "-sS",
+        "--max-time",
+        "5",
+        "-H",
+        "User-Agent: kube-probe/1.31",
+        "-H",
+        "Accept: */*",
+    ]);
+    if let Some(port) = port {
+        command.args(["-H", &format!("Original-Tcp-Port: {port}")]);
+    }
+    command.args(["-w", "\n%{http_code}", &format!("http://{ip}:15904{path}")]);
+    let output = command.output().context("running curl")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let (body, status) = text
+        .trim_end()
+        .rsplit_once('\n')
+        .unwrap_or(("", text.trim()));
+    Ok((status.to_owned(), body.trim().to_owned()))
+}
+
+fn http_get(path: &str) -> Result<String> {
+    let addr: SocketAddr = ADMIN.parse()?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    std::io::Write::write_all(
+        &mut stream,
+        format!("GET {path} HTTP/1.1\r\nHost: {ADMIN}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default())
+}
+
+/// `xtask demo-app --listen ADDR`: the demo's app, run inside a pod's namespace. Accepts and closes
+/// connections until killed.
+pub fn app(listen: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    for stream in listener.incoming() {
+        drop(stream);
+    }
+    Ok(())
+}

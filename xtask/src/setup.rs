@@ -1,0 +1,253 @@
+//! `cargo xtask setup`: installs what a fresh Debian 12 machine lacks to build and test the project,
+//! each piece only when it is missing, and says for each what it did.
+//!
+//! Other commands call [`ensure`] (or [`ebpf_toolchain`]) first, so that a newcomer's first command
+//! works on a machine with nothing installed by hand.
+
+use std::{fs, process::Command};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::run;
+
+/// The LLVM major version of the nightly toolchain, which bpf-linker must be built against:
+/// it reads the bitcode rustc writes, and an older LLVM cannot read a newer one's.
+const LLVM_MAJOR: &str = "22";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// The linker of the eBPF build. Newer releases need a newer rustc than this project builds with.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Its LLVM feature; the default one (llvm-23) does not match the nightly's LLVM.
+const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
+
+/// The toolchain aya-build compiles the kernel programs with (`Toolchain::default()`).
+pub const NIGHTLY: &str = "nightly";
+
+/// The Debian package of that LLVM, and why the project needs it.
+const LLVM_PACKAGE: (&str, &str) = ("llvm-22-dev", "the LLVM bpf-linker is built against");
+
+/// The other Debian packages the project uses, and why.
+const TOOL_PACKAGES: [(&str, &str); 6] = [
+    (
+        "bpftool",
+        "inspects loaded eBPF programs; the datapath tests use it",
+    ),
+    ("iptables", "the mesh's own rules, for parity tests"),
+    ("haproxy", "the sidecar proxy stand-in"),
+    ("iproute2", "network namespaces and veths for test pods"),
+    ("curl", "kubelet-like probes in the demo"),
+    (
+        "skopeo",
+        "copies and inspects container images without a daemon",
+    ),
+];
+
+/// Everything the project needs: apt packages, the nightly toolchain with rust-src, bpf-linker.
+pub fn ensure() -> Result<()> {
+    let packages: Vec<_> = std::iter::once(LLVM_PACKAGE).chain(TOOL_PACKAGES).collect();
+    apt_packages(&packages)?;
+    nightly_with_rust_src()?;
+    bpf_linker()
+}
+
+/// Only what building the kernel programs needs.
+pub fn ebpf_toolchain() -> Result<()> {
+    apt_packages(&[LLVM_PACKAGE])?;
+    nightly_with_rust_src()?;
+    bpf_linker()
+}
+
+fn apt_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let mut missing = Vec::new();
+    for &(package, why) in packages {
+        if is_installed(package)? {
+            println!("setup: {package} ({why}): already present");
+        } else {
+            missing.push(package);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    if !is_root()? {
+        bail!(
+            "missing Debian packages: {list}. Run `cargo xtask setup` as root, or `apt-get install {list}`"
+        );
+    }
+    println!("setup: installing {list}");
+    run(apt_get().arg("update"))?;
+    run(apt_get()
+        .args(["install", "--yes", "--no-install-recommends"])
+        .args(&missing))?;
+    for package in missing {
+        println!("setup: {package}: installed");
+    }
+    Ok(())
+}
+
+fn apt_get() -> Command {
+    let mut command = Command::new("apt-get");
+    // No prompts: setup must run unattended, in CI too.
+    command.env("DEBIAN_FRONTEND", "noninteractive");
+    command
+}
+
+fn is_installed(package: &str) -> Result<bool> {
+    let output = Command::new("dpkg-query")
+        .args(["--show", "--showformat=${Status}", package])
+        .output()
+        .context(
+            "failed to run dpkg-query: setup installs with apt and needs a Debian-based system",
+        )?;
+    // dpkg-query fails for a package it has never heard of; that is "missing" too, as is any
+    // state but this one (removed with its config left, half-installed, ...).
+    Ok(output.status.success() && output.stdout == b"install ok installed")
+}
+
+fn is_root() -> Result<bool> {
+    // /proc/self/status has "Uid: real effective saved filesystem"; the effective one decides.
+    let status =
+        fs::read_to_string("/proc/self/status").context("failed to read /proc/self/status")?;
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1));
+    Ok(effective == Some("0"))
+}
+
+fn nightly_with_rust_src() -> Result<()> {
+    let version = Command::new("rustup")
+        .args(["run", NIGHTLY, "rustc", "--verbose", "--version"])
+        .output()
+        .context(
+            "failed to run rustup, which the eBPF build needs: install it from https://rustup.rs",
+        )?;
+    if !version.status.success() {
+        println!("setup: installing the {NIGHTLY} toolchain with rust-src");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            NIGHTLY,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+        println!("setup: {NIGHTLY} with rust-src: installed");
+    } else {
+        let installed = command_stdout(Command::new("rustup").args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            NIGHTLY,
+        ]))?;
+        if installed
+            .lines()
+            .any(|component| component.trim() == "rust-src")
+        {
+            println!("setup: {NIGHTLY} with rust-src: already present");
+        } else {
+            println!("setup: adding rust-src to {NIGHTLY}");
+            run(Command::new("rustup").args([
+                "component",
+                "add",
+                "rust-src",
+                "--toolchain",
+                NIGHTLY,
+            ]))?;
+            println!("setup: rust-src: installed");
+        }
+    }
+    check_nightly_llvm()
+}
+
+/// Fails clearly when the nightly has moved to an LLVM that bpf-linker was not built for; the
+/// eBPF build would otherwise fail with an obscure bitcode error.
+fn check_nightly_llvm() -> Result<()> {
+    let version = command_stdout(Command::new("rustup").args([
+        "run",
+        NIGHTLY,
+        "rustc",
+        "--verbose",
+        "--version",
+    ]))?;
+    let llvm = version
+        .lines()
+        .find_map(|line| line.strip_prefix("LLVM version: "))
+        .unwrap_or("unknown");
+    if llvm.split('.').next() != Some(LLVM_MAJOR) {
+        bail!(
+            "the {NIGHTLY} toolchain uses LLVM {llvm}, but bpf-linker is built against LLVM {LLVM_MAJOR}; \
+             install a nightly whose LLVM is {LLVM_MAJOR} (`rustc +{NIGHTLY} -vV` shows it)"
+        );
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> Result<()> {
+    let wanted = format!("bpf-linker {BPF_LINKER_VERSION}");
+    let present = installed_bpf_linker();
+    if present.as_deref() == Some(wanted.as_str()) {
+        println!("setup: {wanted}: already present");
+        return Ok(());
+    }
+    match present {
+        Some(other) => println!(
+            "setup: found {other}; building {wanted} against LLVM {LLVM_MAJOR} (a few minutes)"
+        ),
+        None => println!("setup: building {wanted} against LLVM {LLVM_MAJOR} (a few minutes)"),
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(cargo)
+        // Without it the link fails with "unable to find library -lLLVM".
+        .env("LLVM_PREFIX", LLVM_PREFIX)
+        .args([
+            "install",
+            "bpf-linker",
+            "--force",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            BPF_LINKER_LLVM_FEATURE,
+        ]))?;
+    match installed_bpf_linker() {
+        Some(version) if version == wanted => {
+            println!("setup: {wanted}: installed");
+            Ok(())
+        }
+        Some(other) => bail!(
+            "installed {wanted}, but `bpf-linker` on PATH is {other}: put ~/.cargo/bin first on PATH"
+        ),
+        None => {
+            bail!("installed {wanted}, but `bpf-linker` is not on PATH: add ~/.cargo/bin to PATH")
+        }
+    }
+}
+
+/// The first line of `bpf-linker --version`, if it runs.
+fn installed_bpf_linker() -> Option<String> {
+    let output = Command::new("bpf-linker").arg("--version").output().ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout.lines().next().map(|line| line.trim().to_owned())
+}
+
+fn command_stdout(command: &mut Command) -> Result<String> {
+    let output = command
+        .output()
+        .with_context(|| format!("failed to start {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    String::from_utf8(output.stdout).with_context(|| format!("{command:?} printed invalid UTF-8"))
+}

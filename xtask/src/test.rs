@@ -1,0 +1,22 @@
+//! `cargo xtask test`: every test of the workspace, privileged ones included, after setting the
+//! machine up. This is what CI runs (`.ci/run`).
+
+use anyhow::Result;
+
+use crate::{cargo, setup};
+
+pub fn run() -> Result<()> {
+    setup::ensure()?;
+    if !nix::unistd::geteuid().is_root() {
+        println!(
+            "note: not running as root: the privileged tests (network namespaces, eBPF) will be \
+             skipped, and fail if CI is set"
+        );
+    }
+    // Lints first: they fail fast and cost little once the build is cached.
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    // The eBPF crate builds only for the BPF target (through the agent's build script), so the
+    // workspace's default members are tested rather than --workspace.
+    cargo(&["test", "--no-fail-fast"])
+}
