@@ -27,7 +27,10 @@ fn loopback(port: u16) -> SocketAddr {
 
 fn assert_reply(reply: &Reply, status: u16, body_part: &str) {
     assert_eq!(reply.status, status, "{reply:?}");
-    assert!(reply.body.contains(body_part), "expected {body_part:?} in {reply:?}");
+    assert!(
+        reply.body.contains(body_part),
+        "expected {body_part:?} in {reply:?}"
+    );
 }
 
 /// One pod with an app on its pod IP, probing port 8080 (open) and 8081 (closed); served by an agent.
@@ -61,7 +64,10 @@ fn open_port_answers_200_and_closed_port_503() {
     assert_reply(
         &kubelet::probe(addr, "8080"),
         200,
-        &format!("Successfully established connection to {}:8080", node.pod.ip),
+        &format!(
+            "Successfully established connection to {}:8080",
+            node.pod.ip
+        ),
     );
     assert_reply(
         &kubelet::probe(addr, "8081"),
@@ -75,7 +81,10 @@ fn osm_path_and_head_are_answered_too() {
     require_privileges!();
     let node = node(&[]);
     let addr = node.pod.healthcheck();
-    let osm = kubelet::send(addr, &kubelet::request(addr, "/osm-healthcheck", Some("8080")));
+    let osm = kubelet::send(
+        addr,
+        &kubelet::request(addr, "/osm-healthcheck", Some("8080")),
+    );
     assert_eq!(osm.status, 200, "{osm:?}");
     let mut head = kubelet::request(addr, "/fsm-healthcheck", Some("8081"));
     head.splice(0..3, *b"HEAD");
@@ -90,18 +99,34 @@ fn bad_port_headers_are_400_with_the_reason() {
     let node = node(&[]);
     let addr = node.pod.healthcheck();
     let missing = kubelet::send(addr, &kubelet::request(addr, "/fsm-healthcheck", None));
-    assert_reply(&missing, 400, "Header Original-Tcp-Port not found in request");
-    assert_reply(&kubelet::probe(addr, ""), 400, "Header Original-Tcp-Port not found");
+    assert_reply(
+        &missing,
+        400,
+        "Header Original-Tcp-Port not found in request",
+    );
+    assert_reply(
+        &kubelet::probe(addr, ""),
+        400,
+        "Header Original-Tcp-Port not found",
+    );
     for value in ["abc", "-1", "8080x"] {
         assert_reply(&kubelet::probe(addr, value), 400, "is not a port number");
     }
     for value in ["0", "65536", "99999999999"] {
-        assert_reply(&kubelet::probe(addr, value), 400, "outside the port range 1-65535");
+        assert_reply(
+            &kubelet::probe(addr, value),
+            400,
+            "outside the port range 1-65535",
+        );
     }
     let twice = format!(
         "GET /fsm-healthcheck HTTP/1.1\r\nHost: {addr}\r\nOriginal-Tcp-Port: 8080\r\nOriginal-Tcp-Port: 8080\r\n\r\n"
     );
-    assert_reply(&kubelet::send(addr, twice.as_bytes()), 400, "appears 2 times");
+    assert_reply(
+        &kubelet::send(addr, twice.as_bytes()),
+        400,
+        "appears 2 times",
+    );
 }
 
 #[test]
@@ -116,7 +141,11 @@ fn undeclared_port_is_403_unless_any_port_is_allowed() {
         let agent = Agent::start(&dir.path, &[]);
         agent.wait_ready(200, Duration::from_secs(10));
         let reply = kubelet::probe(pod.healthcheck(), "2222");
-        assert_reply(&reply, 403, "port 2222 is not named by any probe of pod test/app");
+        assert_reply(
+            &reply,
+            403,
+            "port 2222 is not named by any probe of pod test/app",
+        );
         assert!(reply.body.contains("probed ports: 8080"), "{reply:?}");
     }
     let agent = Agent::start(&dir.path, &["--allow-any-port"]);
@@ -142,9 +171,16 @@ fn other_paths_methods_and_malformed_requests_are_refused() {
     let padding = format!("X-Padding: {}\r\n\r\n", "a".repeat(16 * 1024));
     oversized.truncate(oversized.len() - 2);
     oversized.extend_from_slice(padding.as_bytes());
-    assert_reply(&kubelet::send(addr, &oversized), 400, "larger than 8192 bytes");
+    assert_reply(
+        &kubelet::send(addr, &oversized),
+        400,
+        "larger than 8192 bytes",
+    );
     let keep_alive = kubelet::probe(addr, "8080");
-    assert!(keep_alive.headers.contains("Connection: close"), "{keep_alive:?}");
+    assert!(
+        keep_alive.headers.contains("Connection: close"),
+        "{keep_alive:?}"
+    );
 }
 
 #[test]
@@ -155,18 +191,34 @@ fn slow_request_is_cut_off_at_the_header_timeout() {
     let partial = b"GET /fsm-healthcheck HTTP/1.1\r\nOriginal-Tcp-Port: 8080\r\n";
     let started = Instant::now();
     let reply = kubelet::send(addr, partial);
-    assert_eq!(reply.status, 0, "no response to an unfinished request: {reply:?}");
-    assert!(started.elapsed() >= Duration::from_millis(300), "closed before the timeout");
-    assert_eq!(kubelet::probe(addr, "8080").status, 200, "the listener still serves");
+    assert_eq!(
+        reply.status, 0,
+        "no response to an unfinished request: {reply:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "closed before the timeout"
+    );
+    assert_eq!(
+        kubelet::probe(addr, "8080").status,
+        200,
+        "the listener still serves"
+    );
 }
 
 #[test]
 fn unanswered_connect_is_503_after_the_dial_timeout() {
     require_privileges!();
     let node = node(&["--dial-timeout", "300ms"]);
-    node.pod.exec(&["iptables", "-A", "INPUT", "-p", "tcp", "--dport", "8081", "-j", "DROP"]);
+    node.pod.exec(&[
+        "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "8081", "-j", "DROP",
+    ]);
     let reply = kubelet::probe(node.pod.healthcheck(), "8081");
-    assert_reply(&reply, 503, &format!("{}:8081 (no answer within 300ms)", node.pod.ip));
+    assert_reply(
+        &reply,
+        503,
+        &format!("{}:8081 (no answer within 300ms)", node.pod.ip),
+    );
 }
 
 /// Probes an app bound to `app_addr` under each `--tcp-target`, expecting (target, status, body part).
@@ -181,7 +233,10 @@ fn assert_tcp_targets(app_addr: impl Fn(&TestPod) -> SocketAddr, expected: [(&st
         let reply = kubelet::probe(pod.healthcheck(), "8080");
         assert_eq!(reply.status, status, "--tcp-target {target}: {reply:?}");
         let body_part = body_part.replace("POD", &pod.ip.to_string());
-        assert!(reply.body.contains(&body_part), "--tcp-target {target}: {reply:?}");
+        assert!(
+            reply.body.contains(&body_part),
+            "--tcp-target {target}: {reply:?}"
+        );
     }
 }
 
@@ -251,7 +306,11 @@ fn pod_added_while_running_is_answered_within_a_second() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(kubelet::probe(addr, "8080").status, 200);
-    assert!(agent.log_text().contains("pod test/late added"), "{}", agent.log_text());
+    assert!(
+        agent.log_text().contains("pod test/late added"),
+        "{}",
+        agent.log_text()
+    );
 }
 
 #[test]
@@ -266,17 +325,33 @@ fn removed_pod_listener_is_closed_and_leaves_no_descriptor() {
     dir.write("gone.json", &pod.manifest("gone", &[APP_PORT]));
     agent.wait_ready(200, Duration::from_secs(10));
     let deadline = Instant::now() + Duration::from_secs(5);
-    while agent.get("/health/ready").is_none_or(|(_, body)| !body.contains("1 pods served")) {
-        assert!(Instant::now() < deadline, "pod never served:\n{}", agent.log_text());
+    while agent
+        .get("/health/ready")
+        .is_none_or(|(_, body)| !body.contains("1 pods served"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "pod never served:\n{}",
+            agent.log_text()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(kubelet::probe(pod.healthcheck(), "8080").status, 200);
-    assert!(agent.open_fds() > baseline, "the listener holds descriptors while served");
+    assert!(
+        agent.open_fds() > baseline,
+        "the listener holds descriptors while served"
+    );
 
     dir.remove("gone.json");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while std::net::TcpStream::connect_timeout(&pod.healthcheck(), Duration::from_millis(200)).is_ok() {
-        assert!(Instant::now() < deadline, "listener still open:\n{}", agent.log_text());
+    while std::net::TcpStream::connect_timeout(&pod.healthcheck(), Duration::from_millis(200))
+        .is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "listener still open:\n{}",
+            agent.log_text()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // Connections answered above close within the linger period; then nothing of the pod is held.
@@ -291,7 +366,10 @@ fn removed_pod_listener_is_closed_and_leaves_no_descriptor() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let metrics = agent.get("/metrics").expect("metrics").1;
-    assert!(!metrics.contains("pod=\"gone\""), "metrics of the removed pod remain:\n{metrics}");
+    assert!(
+        !metrics.contains("pod=\"gone\""),
+        "metrics of the removed pod remain:\n{metrics}"
+    );
 }
 
 #[test]
@@ -307,7 +385,10 @@ fn pod_with_missing_netns_is_reported_and_retried_without_hurting_others() {
         .replace(&good.netns_name, &missing)
         .replace(&good.ip.to_string(), "198.19.255.254");
     dir.write("orphan.json", &orphan);
-    dir.write("broken.json", "{\"apiVersion\": \"v1\", \"kind\": \"Pod\", ");
+    dir.write(
+        "broken.json",
+        "{\"apiVersion\": \"v1\", \"kind\": \"Pod\", ",
+    );
     let agent = Agent::start(&dir.path, &[]);
     let body = agent.wait_ready(503, Duration::from_secs(10));
     assert!(body.contains("test/orphan"), "{body}");
@@ -353,7 +434,12 @@ fn metrics_count_probes_by_pod_and_result() {
 fn agent_restarted_on_the_same_directory_serves_again() {
     require_privileges!();
     let node = node(&[]);
-    let Node { pod, _app, dir, agent } = node;
+    let Node {
+        pod,
+        _app,
+        dir,
+        agent,
+    } = node;
     assert_eq!(kubelet::probe(pod.healthcheck(), "8080").status, 200);
     let (status, _) = agent.terminate();
     assert!(status.success(), "exit status {status}");
@@ -366,11 +452,18 @@ fn agent_restarted_on_the_same_directory_serves_again() {
 fn sigterm_lets_a_probe_in_flight_finish_and_exits_within_5s() {
     require_privileges!();
     let node = node(&["--dial-timeout", "2s"]);
-    node.pod.exec(&["iptables", "-A", "INPUT", "-p", "tcp", "--dport", "8081", "-j", "DROP"]);
+    node.pod.exec(&[
+        "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "8081", "-j", "DROP",
+    ]);
     let addr = node.pod.healthcheck();
     let in_flight = std::thread::spawn(move || kubelet::probe(addr, "8081"));
     std::thread::sleep(Duration::from_millis(300));
-    let Node { pod, _app, dir, agent } = node;
+    let Node {
+        pod,
+        _app,
+        dir,
+        agent,
+    } = node;
     let (status, took) = agent.terminate();
     assert!(status.success(), "exit status {status}");
     assert!(took < Duration::from_secs(5), "exit took {took:?}");
@@ -383,7 +476,13 @@ fn sigterm_lets_a_probe_in_flight_finish_and_exits_within_5s() {
 fn startup_errors_are_clear_and_exit_nonzero() {
     // Needs no privileges: these fail before the agent touches a namespace.
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_probe-bypass"))
-        .args(["run", "--pod-manifests", "/nonexistent/pods", "--admin-addr", "127.0.0.1:0"])
+        .args([
+            "run",
+            "--pod-manifests",
+            "/nonexistent/pods",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
         .output()
         .expect("run the agent");
     assert!(!output.status.success());
@@ -416,5 +515,8 @@ fn admin_address_in_use_is_a_clear_error() {
         .expect("run the agent");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains(&format!("cannot listen on the admin address {addr}")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on the admin address {addr}")),
+        "{stderr}"
+    );
 }

@@ -72,7 +72,9 @@ fn respond(admin: &Admin, request: &Request<Incoming>) -> Response<Full<Bytes>> 
                 let mut response = text(StatusCode::OK, body);
                 response.headers_mut().insert(
                     CONTENT_TYPE,
-                    HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
                 );
                 response
             }
@@ -87,10 +89,16 @@ fn respond(admin: &Admin, request: &Request<Incoming>) -> Response<Full<Bytes>> 
 
 fn ready(status: &NodeStatus) -> Response<Full<Bytes>> {
     if !status.synced {
-        return text(StatusCode::SERVICE_UNAVAILABLE, "not ready: pod source not read yet\n".to_owned());
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: pod source not read yet\n".to_owned(),
+        );
     }
     if status.ready() {
-        return text(StatusCode::OK, format!("ready: {} pods served\n", status.served));
+        return text(
+            StatusCode::OK,
+            format!("ready: {} pods served\n", status.served),
+        );
     }
     let mut body = format!(
         "not ready: {} of {} pods have no healthcheck listener\n",

@@ -39,7 +39,9 @@ impl TcpTarget {
             Self::Loopback => vec![loopback],
             Self::Either => vec![pod_ip, loopback],
         };
-        ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect()
+        ips.into_iter()
+            .map(|ip| SocketAddr::new(ip, port))
+            .collect()
     }
 }
 

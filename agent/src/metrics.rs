@@ -59,7 +59,8 @@ impl Default for Metrics {
             "Healthcheck requests answered, by pod and result",
             probes.clone(),
         );
-        let dial_seconds: HistogramFamily<DialLabels> = Family::new_with_constructor(dial_histogram);
+        let dial_seconds: HistogramFamily<DialLabels> =
+            Family::new_with_constructor(dial_histogram);
         registry.register(
             "healthcheck_dial_seconds",
             "Time to connect to the probed port from inside the pod, by result",
@@ -123,8 +124,10 @@ impl Metrics {
     }
 
     pub fn set_pods(&self, known: usize, served: usize) {
-        self.pods_known.set(i64::try_from(known).unwrap_or(i64::MAX));
-        self.pods_served.set(i64::try_from(served).unwrap_or(i64::MAX));
+        self.pods_known
+            .set(i64::try_from(known).unwrap_or(i64::MAX));
+        self.pods_served
+            .set(i64::try_from(served).unwrap_or(i64::MAX));
     }
 
     /// Drops the series of a pod that is gone, so a node's churn does not grow the output forever.

@@ -138,7 +138,9 @@ impl NetnsWorker {
         T: Send + 'static,
         F: FnOnce() -> io::Result<T> + Send + 'static,
     {
-        self.submit(netns, op)?.await.map_err(|_| NetnsError::WorkerGone)?
+        self.submit(netns, op)?
+            .await
+            .map_err(|_| NetnsError::WorkerGone)?
     }
 
     /// Like [`run`](Self::run), for callers outside an async context.

@@ -48,8 +48,15 @@ impl NodeStatus {
 }
 
 enum State {
-    Listening { netns: NetnsId, stop: CancellationToken },
-    Failing { error: String, attempts: u32, retry_at: Instant },
+    Listening {
+        netns: NetnsId,
+        stop: CancellationToken,
+    },
+    Failing {
+        error: String,
+        attempts: u32,
+        retry_at: Instant,
+    },
 }
 
 struct Entry {
@@ -124,7 +131,8 @@ impl Reconciler {
                 log::info!("pod {key} added: ip {}, netns {}", pod.ip, pod.netns);
                 let (sender, _) = watch::channel(Arc::clone(pod));
                 let state = self.start(pod, &sender, 0, None).await;
-                self.entries.insert(key.clone(), Entry { pod: sender, state });
+                self.entries
+                    .insert(key.clone(), Entry { pod: sender, state });
                 continue;
             };
             let current = Arc::clone(&entry.pod.borrow());
@@ -166,7 +174,10 @@ impl Reconciler {
                 let backoff = backoff(attempts);
                 let error = error.to_string();
                 if previous_error == Some(error.as_str()) {
-                    log::debug!("pod {}: still cannot serve: {error}; retrying in {backoff:?}", pod.key);
+                    log::debug!(
+                        "pod {}: still cannot serve: {error}; retrying in {backoff:?}",
+                        pod.key
+                    );
                 } else {
                     log::error!("pod {}: cannot serve: {error}; retrying", pod.key);
                 }
@@ -198,7 +209,9 @@ impl Reconciler {
     /// Replaces the listener of `key`: the new one is bound before the old one closes (SO_REUSEPORT),
     /// so a pod that moved keeps answering throughout.
     async fn restart(&mut self, key: &PodKey, attempts: u32) {
-        let Some(entry) = self.entries.get(key) else { return };
+        let Some(entry) = self.entries.get(key) else {
+            return;
+        };
         let pod = Arc::clone(&entry.pod.borrow());
         let previous_error = match &entry.state {
             State::Failing { error, .. } => Some(error.as_str()),
@@ -229,9 +242,9 @@ impl Reconciler {
             .entries
             .iter()
             .filter_map(|(key, entry)| match entry.state {
-                State::Failing { retry_at, attempts, .. } if retry_at <= now => {
-                    Some((key.clone(), attempts))
-                }
+                State::Failing {
+                    retry_at, attempts, ..
+                } if retry_at <= now => Some((key.clone(), attempts)),
                 _ => None,
             })
             .collect();

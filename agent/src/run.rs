@@ -33,14 +33,18 @@ pub enum RunError {
 
 /// Runs until SIGTERM or SIGINT.
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
-    log::info!("probe-bypass {} starting with {args:?}", env!("CARGO_PKG_VERSION"));
+    log::info!(
+        "probe-bypass {} starting with {args:?}",
+        env!("CARGO_PKG_VERSION")
+    );
     let worker = NetnsWorker::spawn()?;
-    let admin_listener = TcpListener::bind(args.admin_addr)
-        .await
-        .map_err(|source| RunError::AdminBind {
-            addr: args.admin_addr,
-            source,
-        })?;
+    let admin_listener =
+        TcpListener::bind(args.admin_addr)
+            .await
+            .map_err(|source| RunError::AdminBind {
+                addr: args.admin_addr,
+                source,
+            })?;
     let pods = manifests::watch(&args.pod_manifests)?;
     let shutdown = signal::shutdown_requested();
     let metrics = Arc::new(Metrics::default());
@@ -58,8 +62,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     });
     let stop = CancellationToken::new();
     let (status_tx, status) = watch::channel(NodeStatus::default());
-    let reconciler = tokio::spawn(Reconciler::new(Arc::clone(&ctx), status_tx).run(pods, stop.clone()));
-    tokio::spawn(admin::serve(admin_listener, Arc::new(Admin { metrics, status }), stop.clone()));
+    let reconciler =
+        tokio::spawn(Reconciler::new(Arc::clone(&ctx), status_tx).run(pods, stop.clone()));
+    tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::new(Admin { metrics, status }),
+        stop.clone(),
+    ));
     log::info!("admin endpoints on http://{}", args.admin_addr);
 
     let signal = shutdown.await.map_err(RunError::Signal)?;
@@ -69,7 +78,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         log::error!("the reconciler ended abnormally: {error}");
     }
     ctx.tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, ctx.tracker.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, ctx.tracker.wait())
+        .await
+        .is_err()
+    {
         log::warn!(
             "{} probe connections still open after {SHUTDOWN_GRACE:?}; closing them",
             ctx.tracker.len()

@@ -35,7 +35,10 @@ pub enum SourceError {
     #[error("pod manifests directory {path}: {source}")]
     Dir { path: PathBuf, source: io::Error },
     #[error("cannot watch pod manifests directory {path}: {source}")]
-    Watch { path: PathBuf, source: notify::Error },
+    Watch {
+        path: PathBuf,
+        source: notify::Error,
+    },
 }
 
 /// Reads `dir` once, then watches it on a thread of its own. The returned receiver always holds
@@ -76,7 +79,11 @@ pub fn watch(dir: &Path) -> Result<watch::Receiver<Arc<PodSet>>, SourceError> {
     Ok(pods)
 }
 
-fn follow(mut manifests: ManifestDir, events: &mpsc::Receiver<()>, publish: &watch::Sender<Arc<PodSet>>) {
+fn follow(
+    mut manifests: ManifestDir,
+    events: &mpsc::Receiver<()>,
+    publish: &watch::Sender<Arc<PodSet>>,
+) {
     let mut dir_error: Option<String> = None;
     while !publish.is_closed() {
         match events.recv_timeout(RESYNC) {
@@ -90,7 +97,10 @@ fn follow(mut manifests: ManifestDir, events: &mpsc::Receiver<()>, publish: &wat
         match manifests.scan() {
             Ok(pods) => {
                 if dir_error.take().is_some() {
-                    log::info!("pod manifests directory {} is readable again", manifests.dir.display());
+                    log::info!(
+                        "pod manifests directory {} is readable again",
+                        manifests.dir.display()
+                    );
                 }
                 publish.send_if_modified(|current| {
                     let changed = **current != pods;
@@ -217,7 +227,9 @@ fn is_manifest(path: &Path) -> bool {
 fn read_manifest(path: &Path) -> Result<crate::pod::Parsed, String> {
     let size = fs::metadata(path).map_err(|e| e.to_string())?.len();
     if size > MAX_MANIFEST_BYTES {
-        return Err(format!("{size} bytes is larger than a pod manifest can be ({MAX_MANIFEST_BYTES})"));
+        return Err(format!(
+            "{size} bytes is larger than a pod manifest can be ({MAX_MANIFEST_BYTES})"
+        ));
     }
     let text = fs::read_to_string(path).map_err(|e| e.to_string())?;
     if text.trim().is_empty() {
@@ -257,8 +269,13 @@ mod tests {
     fn reads_yaml_and_json_and_skips_other_files() {
         let dir = temp_dir("kinds");
         write(&dir, "a.json", &POD.replace("NAME", "a"));
-        let yaml: serde_json::Value = serde_json::from_str(&POD.replace("NAME", "b")).expect("json");
-        write(&dir, "b.yaml", &serde_norway::to_string(&yaml).expect("yaml"));
+        let yaml: serde_json::Value =
+            serde_json::from_str(&POD.replace("NAME", "b")).expect("json");
+        write(
+            &dir,
+            "b.yaml",
+            &serde_norway::to_string(&yaml).expect("yaml"),
+        );
         write(&dir, ".c.json.swp", &POD.replace("NAME", "c"));
         write(&dir, "d.txt", &POD.replace("NAME", "d"));
         let pods = ManifestDir::new(&dir).scan().expect("scan");
@@ -284,16 +301,27 @@ mod tests {
     fn two_files_for_one_pod_keep_the_first() {
         let dir = temp_dir("dup");
         write(&dir, "1.json", &POD.replace("NAME", "a"));
-        write(&dir, "2.json", &POD.replace("NAME", "a").replace("198.18.0.2", "198.18.0.6"));
+        write(
+            &dir,
+            "2.json",
+            &POD.replace("NAME", "a").replace("198.18.0.2", "198.18.0.6"),
+        );
         let pods = ManifestDir::new(&dir).scan().expect("scan");
         assert_eq!(pods.len(), 1);
-        assert_eq!(pods.values().next().map(|p| p.ip.to_string()), Some("198.18.0.2".into()));
+        assert_eq!(
+            pods.values().next().map(|p| p.ip.to_string()),
+            Some("198.18.0.2".into())
+        );
         fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]
     fn missing_directory_is_a_clear_error() {
         let error = watch(Path::new("/nonexistent/probe-bypass")).expect_err("no dir");
-        assert!(error.to_string().starts_with("pod manifests directory /nonexistent/probe-bypass:"));
+        assert!(
+            error
+                .to_string()
+                .starts_with("pod manifests directory /nonexistent/probe-bypass:")
+        );
     }
 }
