@@ -38,6 +38,7 @@ const ADMIN: &str = "127.0.0.1:19091";
 struct Cleanup {
     children: Vec<Child>,
     netns: Vec<String>,
+    veths: Vec<String>,
     dirs: Vec<PathBuf>,
 }
 
@@ -49,8 +50,15 @@ impl Cleanup {
         }
         self.children.clear();
         for netns in self.netns.drain(..) {
-            // Deleting the namespace deletes its veth end, and with it the host end.
             let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+        }
+        // The kernel tears a deleted namespace down in the background, taking the veth pair with
+        // it; deleting the host end now makes the teardown complete when the demo says so.
+        for veth in self.veths.drain(..) {
+            let _ = Command::new("ip")
+                .args(["link", "del", &veth])
+                .stderr(Stdio::null())
+                .status();
         }
         for dir in self.dirs.drain(..) {
             let _ = fs::remove_dir_all(dir);
