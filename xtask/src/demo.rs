@@ -49,16 +49,16 @@ impl Cleanup {
             let _ = child.wait();
         }
         self.children.clear();
-        for netns in self.netns.drain(..) {
-            let _ = Command::new("ip").args(["netns", "del", &netns]).status();
-        }
-        // The kernel tears a deleted namespace down in the background, taking the veth pair with
-        // it; deleting the host end now makes the teardown complete when the demo says so.
+        // Deleting one end of a veth pair deletes both at once, whereas a deleted namespace takes
+        // its pair down in the background: veths first, so the teardown is over when reported.
         for veth in self.veths.drain(..) {
             let _ = Command::new("ip")
                 .args(["link", "del", &veth])
                 .stderr(Stdio::null())
                 .status();
+        }
+        for netns in self.netns.drain(..) {
+            let _ = Command::new("ip").args(["netns", "del", &netns]).status();
         }
         for dir in self.dirs.drain(..) {
             let _ = fs::remove_dir_all(dir);
@@ -106,6 +106,7 @@ fn demo(agent_bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> Result<()> {
         ip(&[
             "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns,
         ])?;
+        record(cleanup, |c| c.veths.push(veth.to_owned()));
         ip(&["addr", "add", &format!("{host_ip}/30"), "dev", veth])?;
         ip(&["link", "set", veth, "up"])?;
         ip(&[
