@@ -1,0 +1,529 @@
+//! What a probe through the agent costs, next to the TCP connect it stands for.
+//!
+//! For 1, 110 (the kubelet's default pod limit) and 500 pods on one node, the benchmark builds real
+//! test pods (network namespace + veth, an app listening on the pod IP's port 8080), starts one
+//! release-built agent for all of them, and then, in the same run and against the same apps:
+//!
+//! - **direct**: a TCP connect to `pod_ip:8080`, closed at once. This is what the kubelet's
+//!   tcpSocket probe does when no mesh is in the way, so it is the baseline.
+//! - **agent**: the kubelet-like `GET /fsm-healthcheck` with `Original-Tcp-Port: 8080` to
+//!   `pod_ip:15904`, reading the whole response and requiring a 200. The agent makes the same
+//!   connect from inside the pod.
+//!
+//! Both get the same number of requests from the same number of client threads, spread round-robin
+//! over the pods, after a warm-up that touches every pod. The agent's resident memory is read from
+//! /proc when it is idle (all listeners up, no load) and after the load. The result is a markdown
+//! table on stdout; progress goes to stderr.
+//!
+//! Needs root (network namespaces); without it the benchmark says why and exits successfully,
+//! unless `CI` is set. Traffic only goes to the 198.18.0.0/15 addresses of the veths it created,
+//! and every pod, process and file it made is removed on exit, panics included (the test support
+//! guards own them).
+//!
+//! `PB_BENCH_REQUESTS` overrides the request count per measurement (default 10 000), for a quick run.
+
+#![allow(
+    clippy::expect_used,
+    reason = "a benchmark stops at the first failure, with a message"
+)]
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use std::{
+    fs,
+    io::{self, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    panic,
+    sync::atomic::{AtomicUsize, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use support::{
+    agent::{Agent, ManifestDir},
+    kubelet,
+    pod::{App, TestPod},
+};
+
+/// The pod counts measured: one pod, the kubelet's default `maxPods`, and a dense node.
+const SIZES: [usize; 3] = [1, 110, 500];
+
+/// The port every test app listens on and every probe names.
+const APP_PORT: u16 = 8080;
+
+/// Requests per measurement, unless `PB_BENCH_REQUESTS` says otherwise.
+const REQUESTS: usize = 10_000;
+
+/// Concurrent clients: more than the 2 cores of a small node, so the agent always has work queued,
+/// as it does when many pods' probes fall due at once. They run at idle priority (see
+/// [`yield_to_the_measured`]).
+const CLIENTS: usize = 8;
+
+/// Warm-up requests before each measurement; at least two per pod (see [`warm_up_and_measure`]).
+const WARM_UP: usize = 1_000;
+
+/// Bounds on one warm-up and one measurement, so a pathologically slow build still finishes. A
+/// measurement that hits its bound reports fewer requests than asked for, and says so.
+const WARM_UP_LIMIT: Duration = Duration::from_secs(20);
+const MEASURE_LIMIT: Duration = Duration::from_secs(60);
+
+/// Bounds on a single connect and on reading a single response: far above any healthy figure, so
+/// they only turn a hang into an error.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Threads that create and delete the pods. Each pod takes about ten `ip` runs, mostly waiting on
+/// the kernel rather than using a CPU, so a few in parallel make setup of 500 pods seconds instead
+/// of a minute, even on 2 cores.
+const SETUP_THREADS: usize = 8;
+
+/// How long the agent may take to have a listener in every pod.
+const READY_WITHIN: Duration = Duration::from_secs(60);
+
+fn main() {
+    // `can_run` names what it skips after the current thread, so ask from a thread named after
+    // the benchmark. A panic (no privileges and CI set) is passed on as the benchmark's own.
+    let allowed = thread::Builder::new()
+        .name("bench healthcheck".to_owned())
+        .spawn(support::privilege::can_run)
+        .expect("start the privilege check")
+        .join()
+        .unwrap_or_else(|payload| panic::resume_unwind(payload));
+    if !allowed {
+        return;
+    }
+    let requests = requests();
+    let rows: Vec<Row> = SIZES.iter().map(|&pods| measure(pods, requests)).collect();
+    print_report(requests, &rows);
+}
+
+fn requests() -> usize {
+    match std::env::var("PB_BENCH_REQUESTS") {
+        Ok(text) => text
+            .parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| panic!("PB_BENCH_REQUESTS={text:?} is not a positive number")),
+        Err(_) => REQUESTS,
+    }
+}
+
+/// One line of the report.
+struct Row {
+    pods: usize,
+    direct: Load,
+    agent: Load,
+    idle: Memory,
+    loaded: Memory,
+}
+
+/// Sets up `pods` pods and one agent, measures both paths, and tears everything down again.
+fn measure(pods: usize, requests: usize) -> Row {
+    eprintln!("== {pods} pod(s)");
+    let started = Instant::now();
+    let node = Node::new(pods);
+    eprintln!(
+        "   {pods} pod(s) and the agent ready in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let idle = Memory::of(node.agent.pid());
+
+    let direct_targets: Vec<SocketAddr> = node
+        .pods
+        .iter()
+        .map(|pod| SocketAddr::new(pod.ip.into(), APP_PORT))
+        .collect();
+    let agent_targets: Vec<Probe> = node.pods.iter().map(Probe::new).collect();
+    let direct = warm_up_and_measure("direct", &direct_targets, requests, connect_only);
+    let agent = warm_up_and_measure("agent", &agent_targets, requests, Probe::send);
+    let loaded = Memory::of(node.agent.pid());
+
+    let started = Instant::now();
+    node.remove();
+    eprintln!("   torn down in {:.1} s", started.elapsed().as_secs_f64());
+    Row {
+        pods,
+        direct,
+        agent,
+        idle,
+        loaded,
+    }
+}
+
+/// Everything one size needs. Fields drop in declaration order if a panic unwinds through here:
+/// the agent first (it holds the pods' namespaces open), then the manifests, the apps, the pods.
+struct Node {
+    agent: Agent,
+    _dir: ManifestDir,
+    _apps: Vec<App>,
+    pods: Vec<TestPod>,
+}
+
+impl Node {
+    fn new(count: usize) -> Self {
+        let pods = create_pods(count);
+        let acceptors = app_acceptors(count);
+        let apps: Vec<App> = pods
+            .iter()
+            .map(|pod| {
+                pod.listen_with_acceptors(SocketAddr::new(pod.ip.into(), APP_PORT), acceptors)
+            })
+            .collect();
+        let dir = ManifestDir::new();
+        for (i, pod) in pods.iter().enumerate() {
+            let name = format!("app-{i}");
+            dir.write(&format!("{name}.json"), &pod.manifest(&name, &[APP_PORT]));
+        }
+        // At info level the agent logs pods coming and going, nothing per probe.
+        let agent = Agent::start_with_log_filter(&dir.path, &[], "info");
+        agent.wait_ready(200, READY_WITHIN);
+        Self {
+            agent,
+            _dir: dir,
+            _apps: apps,
+            pods,
+        }
+    }
+
+    /// Tears down like a drop would, but deletes the pods in parallel.
+    fn remove(self) {
+        let Self {
+            agent,
+            _dir: dir,
+            _apps: apps,
+            pods,
+        } = self;
+        drop(agent);
+        drop(dir);
+        drop(apps);
+        delete_pods(pods);
+    }
+}
+
+/// Creates `count` pods on [`SETUP_THREADS`] threads. If any creation fails, the pods already
+/// made are deleted (by their guards) before the panic goes on.
+fn create_pods(count: usize) -> Vec<TestPod> {
+    let threads = SETUP_THREADS.min(count);
+    thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let share = count / threads + usize::from(t < count % threads);
+                scope.spawn(move || (0..share).map(|_| TestPod::new()).collect::<Vec<_>>())
+            })
+            .collect();
+        let mut pods = Vec::with_capacity(count);
+        let mut failure = None;
+        for worker in workers {
+            match worker.join() {
+                Ok(mut made) => pods.append(&mut made),
+                Err(payload) => failure = Some(payload),
+            }
+        }
+        if let Some(payload) = failure {
+            delete_pods(pods);
+            panic::resume_unwind(payload);
+        }
+        pods
+    })
+}
+
+/// Drops the pods' guards on [`SETUP_THREADS`] threads.
+fn delete_pods(mut pods: Vec<TestPod>) {
+    let share = pods.len().div_ceil(SETUP_THREADS).max(1);
+    thread::scope(|scope| {
+        while !pods.is_empty() {
+            let batch: Vec<TestPod> = pods.drain(..share.min(pods.len())).collect();
+            scope.spawn(move || drop(batch));
+        }
+    });
+}
+
+/// A client socket with SO_LINGER 0: closing it resets the connection instead of leaving it in
+/// TIME_WAIT on the host. Tens of thousands of short connections to one pod would otherwise use up
+/// the ephemeral ports towards it within a run. (The kubelet's probe dialer sets SO_LINGER too,
+/// with 1 s, to keep TIME_WAIT down.) Both paths use it, so the comparison stays fair.
+fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_linger(Some(Duration::ZERO))?;
+    socket.connect_timeout(&addr.into(), CONNECT_TIMEOUT)?;
+    Ok(socket.into())
+}
+
+/// The baseline: a tcpSocket probe without a mesh, a connect and an immediate close.
+fn connect_only(addr: &SocketAddr) -> Result<(), String> {
+    connect(*addr)
+        .map(drop)
+        .map_err(|error| format!("connect to {addr}: {error}"))
+}
+
+/// A probe through the agent: where it goes and the exact bytes the kubelet would send.
+struct Probe {
+    addr: SocketAddr,
+    request: Vec<u8>,
+}
+
+impl Probe {
+    fn new(pod: &TestPod) -> Self {
+        let addr = pod.healthcheck();
+        let port = APP_PORT.to_string();
+        Self {
+            addr,
+            request: kubelet::request(addr, "/fsm-healthcheck", Some(&port)),
+        }
+    }
+
+    /// Sends the request and reads the whole response (the agent closes after it), as the kubelet
+    /// does before it judges the status. Anything but a 200 is a failure.
+    fn send(&self) -> Result<(), String> {
+        let exchange = || -> io::Result<Vec<u8>> {
+            let mut stream = connect(self.addr)?;
+            stream.set_read_timeout(Some(READ_TIMEOUT))?;
+            stream.write_all(&self.request)?;
+            let mut response = Vec::with_capacity(256);
+            stream.read_to_end(&mut response)?;
+            Ok(response)
+        };
+        let response = exchange().map_err(|error| format!("probe {}: {error}", self.addr))?;
+        if response.starts_with(b"HTTP/1.1 200 ") {
+            Ok(())
+        } else {
+            Err(format!(
+                "probe {}: expected 200, got {:?}",
+                self.addr,
+                String::from_utf8_lossy(&response)
+            ))
+        }
+    }
+}
+
+/// The result of one measurement.
+struct Load {
+    /// Requests that succeeded.
+    done: usize,
+    elapsed: Duration,
+    /// Latency of each successful request, sorted.
+    latencies: Vec<Duration>,
+}
+
+impl Load {
+    fn per_second(&self) -> f64 {
+        self.done as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// Nearest-rank percentile `p` (0 < p ≤ 100) of the latencies.
+    fn percentile(&self, p: usize) -> Duration {
+        let rank = (self.latencies.len() * p).div_ceil(100).max(1);
+        self.latencies[rank - 1]
+    }
+}
+
+/// Warms the path up, then measures it. The warm-up sends at least two requests to every pod, so
+/// first-contact costs (neighbour resolution on a fresh veth, the app's first accept, cold caches)
+/// stay out of the figures.
+fn warm_up_and_measure<T: Sync>(
+    name: &str,
+    targets: &[T],
+    requests: usize,
+    one: impl Fn(&T) -> Result<(), String> + Sync,
+) -> Load {
+    let warm_up = WARM_UP.max(2 * targets.len());
+    run(targets, warm_up, WARM_UP_LIMIT, &one);
+    let load = run(targets, requests, MEASURE_LIMIT, &one);
+    if load.done < requests {
+        eprintln!(
+            "   {name}: stopped at the {MEASURE_LIMIT:?} bound after {} of {requests} requests",
+            load.done
+        );
+    }
+    eprintln!(
+        "   {name}: {:.0}/s, p50 {}, p99 {}, max {}",
+        load.per_second(),
+        micros(load.percentile(50)),
+        micros(load.percentile(99)),
+        micros(load.percentile(100))
+    );
+    load
+}
+
+/// Sends `count` requests from [`CLIENTS`] threads, request `i` to `targets[i % len]`, and stops
+/// early at `limit`. Every request must succeed: figures from a path that fails under load would
+/// mislead, so a failure ends the benchmark with the first error and the failure count.
+fn run<T: Sync>(
+    targets: &[T],
+    count: usize,
+    limit: Duration,
+    one: &(impl Fn(&T) -> Result<(), String> + Sync),
+) -> Load {
+    let next = AtomicUsize::new(0);
+    let started = Instant::now();
+    let deadline = started + limit;
+    let clients: Vec<(Vec<Duration>, Vec<String>)> = thread::scope(|scope| {
+        let workers: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                scope.spawn(|| {
+                    yield_to_the_measured().expect("put a client thread in SCHED_IDLE");
+                    let mut latencies = Vec::with_capacity(count / CLIENTS + 1);
+                    let mut failures = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= count || Instant::now() >= deadline {
+                            break;
+                        }
+                        let sent = Instant::now();
+                        match one(&targets[i % targets.len()]) {
+                            Ok(()) => latencies.push(sent.elapsed()),
+                            Err(error) => failures.push(error),
+                        }
+                    }
+                    (latencies, failures)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| worker.join().expect("a client thread panicked"))
+            .collect()
+    });
+    let elapsed = started.elapsed();
+    let (mut latencies, failures): (Vec<Duration>, Vec<String>) = clients.into_iter().fold(
+        (Vec::with_capacity(count), Vec::new()),
+        |(mut all, mut failed), (latencies, failures)| {
+            all.extend(latencies);
+            failed.extend(failures);
+            (all, failed)
+        },
+    );
+    if let Some(first) = failures.first() {
+        panic!(
+            "{} of {count} requests failed; the first: {first}",
+            failures.len()
+        );
+    }
+    assert!(
+        !latencies.is_empty(),
+        "no request completed within {limit:?}"
+    );
+    latencies.sort_unstable();
+    Load {
+        done: latencies.len(),
+        elapsed,
+        latencies,
+    }
+}
+
+/// Accept threads per app: as many as there are clients when all of them may hit one app, one
+/// when the pods share the load.
+///
+/// A direct connect completes in the kernel, without the app: eight clients connect far faster
+/// than one thread accepts, so at 1 pod the app's accept queue fills, the next SYN is dropped and
+/// that client waits out the 1 s SYN retransmit, which then dominates the figure. That would be a
+/// stall of the test app, not a cost of TCP. Together with the clients' idle priority (see
+/// [`yield_to_the_measured`]) this keeps the queue short; each alone did not.
+fn app_acceptors(pods: usize) -> usize {
+    CLIENTS.div_ceil(pods.max(1))
+}
+
+/// Puts the calling client thread in the SCHED_IDLE class, so it runs only when the apps and the
+/// agent, which share the 2 cores with it, have nothing to do: the load generator must not hold
+/// up what it measures. At normal priority the clients starve the apps' accept threads (see
+/// [`app_acceptors`]); in trials nice 10 was not enough, while an idle-class thread gives way as
+/// soon as a normal one wakes up. The agent path runs under the same rule, so the comparison
+/// stays fair.
+fn yield_to_the_measured() -> io::Result<()> {
+    let param = nix::libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param that outlives the call; pid 0 is the calling thread.
+    let result = unsafe { nix::libc::sched_setscheduler(0, nix::libc::SCHED_IDLE, &param) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The agent's memory, from /proc/<pid>/status.
+#[derive(Clone, Copy)]
+struct Memory {
+    /// Resident set size now (VmRSS), in KiB.
+    rss_kib: u64,
+    /// Highest resident set size so far (VmHWM), in KiB.
+    peak_kib: u64,
+}
+
+impl Memory {
+    fn of(pid: u32) -> Self {
+        let path = format!("/proc/{pid}/status");
+        let status = fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.trim().strip_suffix("kB"))
+                .and_then(|kib| kib.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {path}:\n{status}"))
+        };
+        Self {
+            rss_kib: field("VmRSS:"),
+            peak_kib: field("VmHWM:"),
+        }
+    }
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+fn micros(duration: Duration) -> String {
+    format!("{} µs", duration.as_micros())
+}
+
+fn print_report(requests: usize, rows: &[Row]) {
+    let skip = if std::env::var_os("AYA_BUILD_SKIP").is_some() {
+        "AYA_BUILD_SKIP=1 "
+    } else {
+        ""
+    };
+    println!("command: `{skip}cargo bench -p probe-bypass --bench healthcheck`");
+    println!("machine: {}", machine());
+    println!(
+        "load: {requests} requests per path and size after a warm-up, {CLIENTS} client threads, \
+         round-robin over the pods, at idle priority; agent built for release, RUST_LOG=info"
+    );
+    println!();
+    println!(
+        "| pods | direct connects/s | direct p50 | direct p99 | agent probes/s | agent p50 | agent p99 \
+         | agent/direct | agent RSS idle (MiB) | agent RSS after load (MiB) | agent peak RSS (MiB) |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for row in rows {
+        println!(
+            "| {} | {:.0} | {} | {} | {:.0} | {} | {} | {:.2} | {} | {} | {} |",
+            row.pods,
+            row.direct.per_second(),
+            micros(row.direct.percentile(50)),
+            micros(row.direct.percentile(99)),
+            row.agent.per_second(),
+            micros(row.agent.percentile(50)),
+            micros(row.agent.percentile(99)),
+            row.agent.per_second() / row.direct.per_second(),
+            mib(row.idle.rss_kib),
+            mib(row.loaded.rss_kib),
+            mib(row.loaded.peak_kib),
+        );
+    }
+}
+
+/// CPUs, CPU model and kernel, for reading the figures in context.
+fn machine() -> String {
+    let cpus = thread::available_parallelism().map_or(0, usize::from);
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let model = fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("model name"))
+        .and_then(|rest| rest.split_once(':'))
+        .map(|(_, model)| model.trim().to_owned())
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    format!("{cpus} CPUs (nproc), {model}, Linux {}", kernel.trim())
+}
