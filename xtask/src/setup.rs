@@ -206,6 +206,9 @@ fn bpf_linker() -> Result<()> {
         .args([
             "install",
             "bpf-linker",
+            // The versions it was released with, not the newest on the day: those may need a
+            // newer rustc than this machine's.
+            "--locked",
             "--force",
             "--version",
             BPF_LINKER_VERSION,
