@@ -520,3 +520,50 @@ fn admin_address_in_use_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn changed_manifest_applies_its_new_probe_ports_while_running() {
+    require_privileges!();
+    let node = node(&[]);
+    let _admin = node.pod.listen(on(&node.pod, 2222));
+    let addr = node.pod.healthcheck();
+    assert_eq!(kubelet::probe(addr, "2222").status, 403);
+    node.dir.write(
+        "app.json",
+        &node.pod.manifest("app", &[APP_PORT, CLOSED_PORT, 2222]),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while kubelet::probe(addr, "2222").status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "new probe port not applied:\n{}",
+            node.agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        node.agent.log_text().contains("pod test/app changed"),
+        "{}",
+        node.agent.log_text()
+    );
+}
+
+#[test]
+fn second_agent_binds_beside_the_first_and_takes_over_when_it_dies() {
+    require_privileges!();
+    let node = node(&[]);
+    let Node {
+        pod,
+        _app,
+        dir,
+        agent: first,
+    } = node;
+    // Without SO_REUSEPORT the second agent's bind would fail and it would never be ready.
+    let second = Agent::start(&dir.path, &[]);
+    second.wait_ready(200, Duration::from_secs(10));
+    drop(first); // SIGKILL: no graceful handover
+    for _ in 0..20 {
+        let reply = kubelet::probe(pod.healthcheck(), "8080");
+        assert_eq!(reply.status, 200, "{reply:?}\n{}", second.log_text());
+    }
+}
