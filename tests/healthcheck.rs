@@ -567,3 +567,16 @@ fn second_agent_binds_beside_the_first_and_takes_over_when_it_dies() {
         assert_eq!(reply.status, 200, "{reply:?}\n{}", second.log_text());
     }
 }
+
+#[test]
+fn probes_leave_no_time_wait_behind_in_the_pod() {
+    require_privileges!();
+    let node = node(&[]);
+    for _ in 0..5 {
+        assert_eq!(kubelet::probe(node.pod.healthcheck(), "8080").status, 200);
+        assert_eq!(kubelet::probe(node.pod.healthcheck(), "8081").status, 503);
+    }
+    // Neither the connect made for each probe nor the healthcheck connection itself may leave a
+    // TIME_WAIT entry in the pod: at hundreds of probes a second they would pile up there.
+    assert_eq!(node.pod.time_wait_sockets(), "");
+}

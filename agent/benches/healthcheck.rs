@@ -32,7 +32,7 @@ mod support;
 
 use std::{
     fs,
-    io::{self, Read as _, Write as _},
+    io::{self, Write as _},
     net::{SocketAddr, TcpStream},
     panic,
     sync::atomic::{AtomicUsize, Ordering},
@@ -274,26 +274,18 @@ impl Probe {
         }
     }
 
-    /// Sends the request and reads the whole response (the agent closes after it), as the kubelet
-    /// does before it judges the status. Anything but a 200 is a failure.
+    /// Sends the request and reads the response as the kubelet does (head, then Content-Length
+    /// bytes, then it closes). Anything but a 200 is a failure.
     fn send(&self) -> Result<(), String> {
-        let exchange = || -> io::Result<Vec<u8>> {
-            let mut stream = connect(self.addr)?;
-            stream.set_read_timeout(Some(READ_TIMEOUT))?;
-            stream.write_all(&self.request)?;
-            let mut response = Vec::with_capacity(256);
-            stream.read_to_end(&mut response)?;
-            Ok(response)
-        };
-        let response = exchange().map_err(|error| format!("probe {}: {error}", self.addr))?;
-        if response.starts_with(b"HTTP/1.1 200 ") {
+        let fail = |error: io::Error| format!("probe {}: {error}", self.addr);
+        let mut stream = connect(self.addr).map_err(fail)?;
+        stream.set_read_timeout(Some(READ_TIMEOUT)).map_err(fail)?;
+        stream.write_all(&self.request).map_err(fail)?;
+        let reply = kubelet::read_reply(&mut stream, false);
+        if reply.status == 200 {
             Ok(())
         } else {
-            Err(format!(
-                "probe {}: expected 200, got {:?}",
-                self.addr,
-                String::from_utf8_lossy(&response)
-            ))
+            Err(format!("probe {}: expected 200, got {reply:?}", self.addr))
         }
     }
 }

@@ -3,7 +3,7 @@
 //! `Connection: close` (the prober disables keep-alive).
 
 use std::{
-    io::{Read as _, Write as _},
+    io::{Read, Write as _},
     net::{SocketAddr, TcpStream},
     time::Duration,
 };
@@ -33,7 +33,9 @@ pub fn probe(addr: SocketAddr, port: &str) -> Reply {
     send(addr, &request(addr, "/fsm-healthcheck", Some(port)))
 }
 
-/// Sends raw bytes and reads the whole answer (the server closes after one response).
+/// Sends raw bytes and reads the answer as the kubelet's Go client does: the head, then
+/// `Content-Length` bytes of body (none for HEAD), then it closes the connection itself. Without a
+/// `Content-Length` it reads until the server closes.
 pub fn send(addr: SocketAddr, raw: &[u8]) -> Reply {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
@@ -41,9 +43,46 @@ pub fn send(addr: SocketAddr, raw: &[u8]) -> Reply {
         .set_read_timeout(Some(Duration::from_secs(15)))
         .expect("read timeout");
     stream.write_all(raw).expect("send request");
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
-    parse(&String::from_utf8_lossy(&response))
+    read_reply(&mut stream, raw.starts_with(b"HEAD "))
+}
+
+/// Reads one response from `stream` (see [`send`]); status 0 when none came.
+pub fn read_reply(stream: &mut impl Read, head_only: bool) -> Reply {
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        if let Some(end) = find(&received, b"\r\n\r\n") {
+            break end + 4;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return parse(&String::from_utf8_lossy(&received)),
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&received[..head_end]).into_owned();
+    let length = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())
+            .flatten()
+    });
+    let wanted = match (head_only, length) {
+        (true, _) => Some(0),
+        (false, length) => length,
+    };
+    while wanted.is_none_or(|wanted| received.len() < head_end + wanted) {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+        }
+    }
+    parse(&String::from_utf8_lossy(&received))
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
 }
 
 fn parse(response: &str) -> Reply {

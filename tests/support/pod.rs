@@ -151,6 +151,28 @@ impl TestPod {
         ip(&args);
     }
 
+    /// TCP sockets in TIME_WAIT inside the pod's namespace, as `ss` lists them.
+    pub fn time_wait_sockets(&self) -> String {
+        let output = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.netns_name,
+                "ss",
+                "-Htan",
+                "state",
+                "time-wait",
+            ])
+            .output()
+            .expect("run ss in the pod");
+        assert!(
+            output.status.success(),
+            "ss: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     /// The manifest the agent reads for this pod, declaring `ports` as tcpSocket probe ports.
     pub fn manifest(&self, name: &str, ports: &[u16]) -> String {
         let probes: Vec<String> = ports

@@ -117,8 +117,9 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Writes `response` and closes the write side. `head_only` answers a HEAD request: same headers,
-/// no body. Every response closes the connection: the kubelet never reuses probe connections.
+/// Writes `response`. `head_only` answers a HEAD request: same headers, no body. The response says
+/// `Connection: close` and carries its length, so the prober can close as soon as it has read it;
+/// the kubelet never reuses probe connections.
 pub async fn write_response<W: AsyncWrite + Unpin>(
     stream: &mut W,
     response: &Response,
@@ -139,7 +140,7 @@ pub async fn write_response<W: AsyncWrite + Unpin>(
         out.push('\n');
     }
     stream.write_all(out.as_bytes()).await?;
-    stream.shutdown().await
+    stream.flush().await
 }
 
 #[cfg(test)]

@@ -27,8 +27,10 @@ use crate::{
     ports::ORIGINAL_TCP_PORT_HEADER,
 };
 
-/// How long a closed-for-writing connection waits for the prober to close first, so the TIME_WAIT
-/// entry lands on the prober's side rather than in the pod.
+/// How long an answered connection waits for the prober to close it. The side that closes first
+/// keeps the TIME_WAIT entry; the kubelet closes as soon as it has read the response, so waiting
+/// for it keeps those entries out of the pod. A prober that waits for the server to close instead
+/// gets the close after this long.
 const LINGER: Duration = Duration::from_secs(1);
 
 /// Backlog of each pod's listener: enough for every probe of a pod arriving at once.
