@@ -27,6 +27,22 @@ pub struct NetnsId {
     pub ino: u64,
 }
 
+impl NetnsId {
+    /// The identity of the namespace whose nsfs file `path` is, without opening it.
+    pub fn of(path: &Path) -> io::Result<Self> {
+        std::fs::metadata(path).map(|meta| Self::from(&meta))
+    }
+}
+
+impl From<&std::fs::Metadata> for NetnsId {
+    fn from(meta: &std::fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+}
+
 impl fmt::Display for NetnsId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "net:[{}]", self.ino)
@@ -73,10 +89,7 @@ impl Netns {
         let meta = file.metadata().map_err(open_error)?;
         Ok(Self {
             file,
-            id: NetnsId {
-                dev: meta.dev(),
-                ino: meta.ino(),
-            },
+            id: NetnsId::from(&meta),
             path: path.to_owned(),
         })
     }

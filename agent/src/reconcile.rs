@@ -5,8 +5,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fs,
-    os::unix::fs::MetadataExt,
     sync::Arc,
     time::Duration,
 };
@@ -262,11 +260,7 @@ impl Reconciler {
             .filter(|(_, entry)| match &entry.state {
                 State::Listening { netns, .. } => {
                     let path = entry.pod.borrow().netns.path();
-                    let current = fs::metadata(&path).map(|m| NetnsId {
-                        dev: m.dev(),
-                        ino: m.ino(),
-                    });
-                    current.ok() != Some(*netns)
+                    NetnsId::of(&path).ok() != Some(*netns)
                 }
                 State::Failing { .. } => false,
             })
