@@ -23,8 +23,8 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 /// 32 processes (by pid) share the 32768 subnets of 198.18.0.0/15. Test binaries run one at a time.
 const PODS_PER_PROCESS: u32 = 1024;
 
-/// Runs `ip` with `args`, panicking with its stderr on failure.
-pub fn ip(args: &[&str]) {
+/// Runs `ip` with `args` and returns what it printed, panicking with its stderr on failure.
+pub fn ip(args: &[&str]) -> String {
     let output = Command::new("ip").args(args).output().expect("run ip");
     assert!(
         output.status.success(),
@@ -32,6 +32,7 @@ pub fn ip(args: &[&str]) {
         args.join(" "),
         String::from_utf8_lossy(&output.stderr)
     );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// A pod: network namespace, veth pair and addresses.
@@ -103,11 +104,7 @@ impl TestPod {
 
     /// Traffic to test pods must only ever leave through the veth this test made.
     fn assert_routed_through_own_veth(&self) {
-        let output = Command::new("ip")
-            .args(["route", "get", &self.ip.to_string()])
-            .output()
-            .expect("ip route get");
-        let route = String::from_utf8_lossy(&output.stdout);
+        let route = ip(&["route", "get", &self.ip.to_string()]);
         assert!(
             route.contains(&format!("dev {} ", self.host_veth)),
             "route to test pod {} does not go through {}: {route}",
@@ -144,33 +141,17 @@ impl TestPod {
         App::accepting(socket, acceptors.max(1))
     }
 
-    /// Runs a command inside the pod's namespace (`ip netns exec`), panicking if it fails.
-    pub fn exec(&self, command: &[&str]) {
+    /// Runs a command inside the pod's namespace (`ip netns exec`) and returns what it printed,
+    /// panicking if it fails.
+    pub fn exec(&self, command: &[&str]) -> String {
         let mut args = vec!["netns", "exec", self.netns_name.as_str()];
         args.extend_from_slice(command);
-        ip(&args);
+        ip(&args)
     }
 
     /// TCP sockets in TIME_WAIT inside the pod's namespace, as `ss` lists them.
     pub fn time_wait_sockets(&self) -> String {
-        let output = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.netns_name,
-                "ss",
-                "-Htan",
-                "state",
-                "time-wait",
-            ])
-            .output()
-            .expect("run ss in the pod");
-        assert!(
-            output.status.success(),
-            "ss: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        self.exec(&["ss", "-Htan", "state", "time-wait"])
     }
 
     /// The manifest the agent reads for this pod, declaring `ports` as tcpSocket probe ports.
