@@ -1,9 +1,12 @@
-//! The eBPF datapath in a real kernel: the embedded programs loaded, attached to a test cgroup,
-//! and run by real connections from processes inside and outside that cgroup.
+//! The eBPF datapath in a real kernel: the embedded programs installed under a test cgroup (never
+//! the root), pods in real network namespaces, and real connections from processes in the cgroup.
 //!
-//! Every test attaches under its own child cgroup (never the root), with 127.0.0.1 registered as
-//! the meshed pod and a listener of its own on it. Guards detach, kill and remove on drop.
-// clippy.toml's allow-expect-in-tests covers `#[test]` functions only, not the helpers they share.
+//! What answers is a small Perl listener (perl-base is part of every Debian system) started in the
+//! cgroup inside a pod's namespace: for each connection it prints the port it accepted on and
+//! what `getsockopt(SO_ORIGINAL_DST)` says, so one line shows both where a connection landed and
+//! what the proxy would be told. The full mesh, with HAProxy as the sidecar, is `tests/parity.rs`.
+//!
+//! Guards detach (uninstall), kill and remove on drop, panics included.
 #![expect(
     clippy::expect_used,
     reason = "a test fails by panicking, with a message naming the step that broke"
@@ -12,116 +15,226 @@
 mod support;
 
 use std::{
-    io::ErrorKind,
-    net::{IpAddr, Ipv4Addr, TcpListener, TcpStream},
-    process::Command,
+    io::{BufRead as _, BufReader},
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    thread,
+    time::Duration,
 };
 
-use probe_bypass::datapath::{Counters, Datapath};
-use support::cgroup::TestCgroup;
+use probe_bypass::{
+    datapath::{self, Counters, Datapath, PodRules, Settings},
+    exclusions::Exclusions,
+    netns::{Netns, NetnsWorker, netns_cookie},
+    preflight,
+};
+use support::{cgroup::TestCgroup, pod::TestPod};
 
-/// The ports the mesh rewrites probes to; the tests' listeners use ephemeral ports, outside them.
-const MESH_PROBE_PORTS: [u16; 4] = [15901, 15902, 15903, 15904];
+static NEXT_PINS: AtomicU32 = AtomicU32::new(0);
 
-const POD: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// Prints `<port it accepted on> <SO_ORIGINAL_DST or none>` for each connection on the ports given
+/// as arguments, and `ready` once it listens.
+const ORIGDST_SERVER: &str = r#"
+use Socket; use IO::Select;
+$| = 1; my $sel = IO::Select->new; my %port;
+for my $p (@ARGV) {
+  socket(my $s, PF_INET, SOCK_STREAM, 0) or die "socket: $!";
+  setsockopt($s, SOL_SOCKET, SO_REUSEADDR, 1);
+  bind($s, pack_sockaddr_in($p, INADDR_ANY)) or die "bind $p: $!";
+  listen($s, 64) or die "listen: $!";
+  $sel->add($s); $port{fileno $s} = $p;
+}
+print "ready\n";
+while (1) { for my $s ($sel->can_read) {
+  accept(my $c, $s) or next;
+  my $o = getsockopt($c, 0, 80); my $d = "none";
+  if (defined $o) { my ($p, $a) = unpack_sockaddr_in($o); $d = inet_ntoa($a) . ":$p"; }
+  print "$port{fileno $s} $d\n"; close $c;
+} }
+"#;
 
-/// A datapath attached to a test cgroup, with [`POD`] meshed and a listener on it.
+/// The ports a pod's listener answers on: an app port, the proxy's two, and the healthcheck.
+const PORTS: [&str; 4] = ["8080", "15001", "15003", "15904"];
+
+/// A pod with the Perl listener in it, running inside the test cgroup.
+struct Listening {
+    pod: TestPod,
+    server: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Listening {
+    fn new(cgroup: &TestCgroup) -> Self {
+        let pod = routed_pod();
+        let mut args = vec![
+            "netns",
+            "exec",
+            &pod.netns_name,
+            "perl",
+            "-e",
+            ORIGDST_SERVER,
+        ];
+        args.extend(PORTS);
+        let mut server = cgroup
+            .command("ip", &args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the listener");
+        let stdout = server.stdout.take().expect("listener stdout");
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = lines
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the listener starts");
+        assert_eq!(first, "ready");
+        Self { pod, server, lines }
+    }
+
+    /// The next connection the listener accepted, as `<port> <original destination>`.
+    fn next(&self) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(3))
+            .expect("a connection reached the pod")
+    }
+
+    fn ip(&self) -> IpAddr {
+        IpAddr::V4(self.pod.ip)
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// A test pod that can reach the other test pods through the host.
+fn routed_pod() -> TestPod {
+    let pod = TestPod::new();
+    pod.route_to_other_pods();
+    pod
+}
+
+/// The datapath installed under a test cgroup with its own pin directory; uninstalled on drop.
 struct Node {
-    // First, so that it detaches before the cgroup goes.
-    datapath: Datapath,
+    datapath: Option<Datapath>,
+    pins: PathBuf,
+    // Last: the cgroup goes once nothing is attached to it.
     cgroup: TestCgroup,
-    listener: TcpListener,
 }
 
 impl Node {
-    /// `None` when the test cannot run here, after saying why (see [`load_datapath`]).
-    fn new() -> Option<Self> {
+    fn new() -> Self {
         let cgroup = TestCgroup::new();
-        let mut datapath = load_datapath()?;
-        datapath
-            .attach(cgroup.path())
-            .expect("attach to the test cgroup");
-        datapath.insert_pod(POD).expect("register the pod");
-        let listener = TcpListener::bind((POD, 0)).expect("listen on the pod address");
-        // Never blocks: a test whose connection did not arrive fails instead of hanging.
-        listener
-            .set_nonblocking(true)
-            .expect("make the listener non-blocking");
-        Some(Self {
-            datapath,
+        let n = NEXT_PINS.fetch_add(1, Ordering::Relaxed);
+        let pins = PathBuf::from(format!(
+            "/sys/fs/bpf/probe-bypass-test-{}-{n}",
+            std::process::id()
+        ));
+        let mut node = Self {
+            datapath: None,
+            pins,
             cgroup,
-            listener,
-        })
+        };
+        node.install(settings());
+        node
     }
 
-    fn port(&self) -> u16 {
-        self.listener.local_addr().expect("listener address").port()
-    }
-
-    /// Connects to the listener from a process inside the cgroup and checks that the connection
-    /// arrived, unchanged.
-    fn connect_from_inside(&mut self) {
-        let script = format!("exec 3<>/dev/tcp/{POD}/{}", self.port());
-        let status = self.cgroup.run("bash", &["-c", &script]);
-        assert!(
-            status.success(),
-            "the connection from inside the cgroup failed: {status}"
+    /// Installs (or, the second time, re-installs over the pins, as a restarted agent does).
+    fn install(&mut self, settings: Settings) {
+        // Mounts bpffs at /sys/fs/bpf if it is missing, as the agent does.
+        preflight::check(Some(self.cgroup.path()), &self.pins).expect("host checks");
+        self.datapath = Some(
+            Datapath::install(self.cgroup.path(), &self.pins, settings)
+                .unwrap_or_else(|error| panic!("install: {:?}", anyhow::Error::new(error))),
         );
-        self.accept();
     }
 
-    /// Connects to the listener from a process outside the cgroup (a child, then the test itself).
-    fn connect_from_outside(&mut self) {
-        let script = format!("exec 3<>/dev/tcp/{POD}/{}", self.port());
-        let status = Command::new("bash")
-            .args(["-c", &script])
-            .status()
-            .expect("run bash");
-        assert!(
-            status.success(),
-            "the connection from outside the cgroup failed: {status}"
+    fn datapath(&mut self) -> &mut Datapath {
+        self.datapath.as_mut().expect("installed")
+    }
+
+    fn mesh(&mut self, pod: &TestPod, exclusions: Exclusions) {
+        let worker = NetnsWorker::spawn().expect("netns worker");
+        let netns = Arc::new(
+            Netns::open(&PathBuf::from("/run/netns").join(&pod.netns_name)).expect("open netns"),
         );
-        self.accept();
-        TcpStream::connect((POD, self.port())).expect("connect from the test process");
-        self.accept();
+        let cookie = worker
+            .run_blocking(&netns, netns_cookie)
+            .expect("netns cookie");
+        self.datapath()
+            .upsert_pod(&PodRules {
+                addrs: vec![IpAddr::V4(pod.ip)],
+                netns_cookie: cookie,
+                exclusions,
+            })
+            .expect("mesh the pod");
     }
 
-    fn accept(&self) {
-        match self.listener.accept() {
-            Ok((_, peer)) => assert_eq!(peer.ip(), POD),
-            Err(error) if error.kind() == ErrorKind::WouldBlock => {
-                panic!("the connection did not reach the listener")
-            }
-            Err(error) => panic!("accept: {error}"),
+    /// Connects from a process in the cgroup, in `netns` (or the host's), as `uid` (or root), and
+    /// closes at once. Returns whether the connection was made.
+    fn connect(&self, netns: Option<&TestPod>, uid: Option<u32>, to: IpAddr, port: u16) -> bool {
+        let script = format!("exec 3<>/dev/tcp/{to}/{port}");
+        let mut args: Vec<String> = Vec::new();
+        if let Some(pod) = netns {
+            args.extend(["ip", "netns", "exec", &pod.netns_name].map(str::to_owned));
         }
+        if let Some(uid) = uid {
+            args.extend(
+                [
+                    "setpriv",
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={uid}"),
+                    "--clear-groups",
+                ]
+                .map(str::to_owned),
+            );
+        }
+        args.extend(["timeout", "3", "bash", "-c", &script].map(str::to_owned));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.cgroup.output(args[0], &args[1..]).status.success()
     }
 
-    fn counters(&self) -> Counters {
-        self.datapath.counters().expect("read the counters")
+    fn counters(&mut self) -> Counters {
+        self.datapath().counters().expect("read the counters")
+    }
+
+    fn attached(&self) -> Vec<String> {
+        attached_programs(&self.cgroup)
     }
 }
 
-/// Loads the embedded programs. A kernel that refuses for lack of privilege is treated like a
-/// missing privilege (skip here, fail in CI); anything else, a verifier rejection above all, fails.
-fn load_datapath() -> Option<Datapath> {
-    match Datapath::load() {
-        Ok(datapath) => Some(datapath),
-        Err(error) if error.is_permission_denied() => {
-            let reason = format!("{:#}", anyhow::Error::new(error));
-            let thread = std::thread::current();
-            let test = thread.name().unwrap_or("test");
-            if std::env::var_os("CI").is_some() {
-                panic!(
-                    "{test}: cannot load eBPF ({reason}) and CI is set: privileged tests must run in CI"
-                );
-            }
-            eprintln!("SKIPPED {test}: cannot load eBPF: {reason}");
-            None
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.datapath = None;
+        if let Err(error) = datapath::uninstall(&self.pins) {
+            eprintln!("uninstall {}: {error}", self.pins.display());
         }
-        Err(error) => panic!(
-            "loading the datapath failed: {:?}",
-            anyhow::Error::new(error)
-        ),
+    }
+}
+
+fn settings() -> Settings {
+    Settings {
+        proxy_uid: 1500,
+        inbound_port: 15003,
+        outbound_port: 15001,
+        probe_ports: [15010, 15901, 15902, 15903, 15904].into(),
+        probe_bypass_from_any: false,
+        sk_msg: true,
+        node: Exclusions::default(),
     }
 }
 
@@ -143,129 +256,222 @@ fn attached_programs(cgroup: &TestCgroup) -> Vec<String> {
     }
     let programs: Vec<serde_json::Value> =
         serde_json::from_slice(&output.stdout).expect("parse bpftool's output");
-    programs
+    let mut programs: Vec<String> = programs
         .iter()
         .map(|program| format!("{} {}", program["attach_type"], program["name"]))
-        .collect()
+        .collect();
+    programs.sort();
+    programs
+}
+
+const ATTACHED: [&str; 4] = [
+    "\"cgroup_getsockopt\" \"pb_getsockopt\"",
+    "\"cgroup_inet4_connect\" \"pb_connect4\"",
+    "\"cgroup_inet6_connect\" \"pb_connect6\"",
+    "\"cgroup_sock_ops\" \"pb_sockops\"",
+];
+
+#[test]
+fn install_attaches_each_program_once_and_uninstall_removes_everything() {
+    require_privileges!();
+    let mut node = Node::new();
+    assert_eq!(node.attached(), ATTACHED);
+    assert!(node.pins.join("links/pb_connect4").exists());
+
+    // A second install over the same pins (a restarted agent) swaps the programs in place.
+    node.install(settings());
+    assert_eq!(node.attached(), ATTACHED, "no second set of programs");
+
+    node.datapath = None;
+    let report = datapath::uninstall(&node.pins).expect("uninstall");
+    assert!(report.left.is_empty(), "left behind: {:?}", report.left);
+    assert!(!node.pins.exists());
+    assert_eq!(node.attached(), Vec::<String>::new());
 }
 
 #[test]
-fn connect4_counts_connections_from_processes_in_its_cgroup() {
+fn uninstall_leaves_what_is_not_the_agents() {
     require_privileges!();
-    let Some(mut node) = Node::new() else { return };
-    node.datapath
-        .set_probe_ports(&[node.port()])
-        .expect("set the probe ports");
+    let node = Node::new();
+    let foreign = node.pins.join("someone-elses");
+    std::fs::create_dir(&foreign).expect("mkdir on bpffs");
+    let report = datapath::uninstall(&node.pins).expect("uninstall");
+    assert_eq!(report.left, vec![foreign.clone()]);
+    assert_eq!(node.attached(), Vec::<String>::new(), "ours are detached");
+    std::fs::remove_dir(&foreign).expect("clean up");
+}
 
-    node.connect_from_inside();
+#[test]
+fn connections_to_a_meshed_pod_meet_its_proxy_except_the_kubelets_probes() {
+    require_privileges!();
+    let mut node = Node::new();
+    let target = Listening::new(&node.cgroup);
+    let other = routed_pod();
+    node.mesh(&target.pod, Exclusions::default());
+    let ip = target.ip();
+
+    // From the host: the app port goes to the inbound port, which learns the original port.
+    assert!(node.connect(None, None, ip, 8080));
+    assert_eq!(target.next(), format!("15003 {ip}:8080"));
+    // From the host: the healthcheck is reached directly, the kubelet's bypass.
+    assert!(node.connect(None, None, ip, 15904));
+    assert_eq!(target.next(), "15904 none");
+    // From another pod: the healthcheck is just another port, behind the proxy.
+    assert!(node.connect(Some(&other), None, ip, 15904));
+    assert_eq!(target.next(), format!("15003 {ip}:15904"));
 
     let counters = node.counters();
-    assert_eq!(
-        counters,
-        Counters {
-            connect4: 1,
-            to_meshed_pod: 1,
-            to_probe_port: 1
-        }
-    );
+    assert_eq!(counters.redirected_inbound, 2);
+    assert_eq!(counters.probe_bypassed, 1);
+    assert_eq!(counters.bypass_refused, 1);
+    assert_eq!(counters.orig_dst_lookups, 3);
+    assert_eq!(counters.orig_dst_misses, 1, "the bypassed connection");
 }
 
 #[test]
-fn connect4_ignores_processes_outside_its_cgroup() {
+fn probe_bypass_from_any_lets_every_caller_reach_the_probe_ports() {
     require_privileges!();
-    let Some(mut node) = Node::new() else { return };
-    node.datapath
-        .set_probe_ports(&[node.port()])
-        .expect("set the probe ports");
+    let mut node = Node::new();
+    node.install(Settings {
+        probe_bypass_from_any: true,
+        ..settings()
+    });
+    let target = Listening::new(&node.cgroup);
+    let other = routed_pod();
+    node.mesh(&target.pod, Exclusions::default());
 
-    node.connect_from_outside();
-
-    assert_eq!(node.counters(), Counters::default());
+    assert!(node.connect(Some(&other), None, target.ip(), 15904));
+    assert_eq!(target.next(), "15904 none");
 }
 
 #[test]
-fn connect4_counts_a_port_outside_the_probe_ports_as_meshed_only() {
+fn a_meshed_pods_own_connections_meet_its_outbound_port_but_not_the_proxys() {
     require_privileges!();
-    let Some(mut node) = Node::new() else { return };
-    let port = node.port();
-    assert!(
-        !MESH_PROBE_PORTS.contains(&port),
-        "the listener took probe port {port}"
-    );
-    node.datapath
-        .set_probe_ports(&[port, 15904])
-        .expect("set the probe ports");
-    // Replacing the set drops the listener's port from it.
-    node.datapath
-        .set_probe_ports(&MESH_PROBE_PORTS)
-        .expect("replace the probe ports");
+    let mut node = Node::new();
+    let source = Listening::new(&node.cgroup);
+    let elsewhere = Listening::new(&node.cgroup);
+    node.mesh(&source.pod, Exclusions::default());
+    let (to, own) = (elsewhere.ip(), source.ip());
 
-    node.connect_from_inside();
-
-    assert_eq!(
-        node.counters(),
-        Counters {
-            connect4: 1,
-            to_meshed_pod: 1,
-            to_probe_port: 0
-        }
-    );
+    // The app's call lands on the proxy's outbound port, which learns where it was going.
+    assert!(node.connect(Some(&source.pod), None, to, 8080));
+    assert_eq!(source.next(), format!("15001 {to}:8080"));
+    // The proxy's own call (UID 1500) goes where it asked.
+    assert!(node.connect(Some(&source.pod), Some(1500), to, 8080));
+    assert_eq!(elsewhere.next(), "8080 none");
+    // Loopback and the pod's own address stay inside the pod, as under iptables.
+    assert!(node.connect(
+        Some(&source.pod),
+        None,
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        8080
+    ));
+    assert_eq!(source.next(), "8080 none");
+    assert!(node.connect(Some(&source.pod), None, own, 8080));
+    assert_eq!(source.next(), "8080 none");
+    // The proxy calling its own pod's address meets the inbound redirect, as under iptables.
+    assert!(node.connect(Some(&source.pod), Some(1500), own, 8080));
+    assert_eq!(source.next(), format!("15003 {own}:8080"));
 }
 
 #[test]
-fn connect4_stops_counting_a_pod_once_it_is_removed() {
+fn exclusions_keep_connections_away_from_the_proxy() {
     require_privileges!();
-    let Some(mut node) = Node::new() else { return };
-    node.datapath
-        .set_probe_ports(&[node.port()])
-        .expect("set the probe ports");
-    node.connect_from_inside();
-
-    node.datapath.remove_pod(POD).expect("remove the pod");
-    node.datapath
-        .remove_pod(POD)
-        .expect("removing it again is no error");
-    node.connect_from_inside();
-
-    assert_eq!(
-        node.counters(),
-        Counters {
-            connect4: 2,
-            to_meshed_pod: 1,
-            to_probe_port: 1
-        }
+    let mut node = Node::new();
+    let source = Listening::new(&node.cgroup);
+    let target = Listening::new(&node.cgroup);
+    let elsewhere = Listening::new(&node.cgroup);
+    node.mesh(
+        &source.pod,
+        Exclusions {
+            outbound_ports: [8080].into(),
+            outbound_ip_ranges: [format!("{}/32", target.ip()).parse().expect("cidr")].into(),
+            ..Exclusions::default()
+        },
     );
+    node.mesh(
+        &target.pod,
+        Exclusions {
+            inbound_ports: [15001].into(),
+            ..Exclusions::default()
+        },
+    );
+
+    // Excluded outbound port: straight to the destination.
+    assert!(node.connect(Some(&source.pod), None, elsewhere.ip(), 8080));
+    assert_eq!(elsewhere.next(), "8080 none");
+    // Excluded outbound range: the source's proxy is skipped, the target's inbound rules apply.
+    assert!(node.connect(Some(&source.pod), None, target.ip(), 15904));
+    assert_eq!(target.next(), format!("15003 {}:15904", target.ip()));
+    // Excluded inbound port, from the host.
+    assert!(node.connect(None, None, target.ip(), 15001));
+    assert_eq!(target.next(), "15001 none");
+    // Not excluded: through the proxy.
+    assert!(node.connect(Some(&source.pod), None, elsewhere.ip(), 15904));
+    assert_eq!(source.next(), format!("15001 {}:15904", elsewhere.ip()));
 }
 
 #[test]
-fn a_detached_datapath_no_longer_counts_connections() {
+fn a_removed_pod_leaves_no_entry_and_meets_no_redirect() {
     require_privileges!();
-    let Some(mut node) = Node::new() else { return };
-    node.connect_from_inside();
-    let before = node.counters();
-    assert_eq!(before.to_meshed_pod, 1, "{before:?}");
+    let mut node = Node::new();
+    let target = Listening::new(&node.cgroup);
+    node.mesh(
+        &target.pod,
+        Exclusions {
+            inbound_ports: [9999].into(),
+            ..Exclusions::default()
+        },
+    );
+    assert_eq!(node.datapath().pods(), [target.ip()].into());
+    node.datapath().remove_pod(target.ip()).expect("remove");
+    assert!(node.datapath().pods().is_empty());
 
-    node.datapath.detach().expect("detach");
-    node.connect_from_inside();
+    assert!(node.connect(None, None, target.ip(), 8080));
+    assert_eq!(target.next(), "8080 none");
 
-    assert_eq!(node.counters(), before);
+    // A fresh install over the same pins finds nothing left of the pod.
+    node.install(settings());
+    assert!(node.datapath().pods().is_empty());
 }
 
 #[test]
-fn dropping_the_datapath_detaches_it_from_the_cgroup() {
+fn pods_survive_a_reinstall_and_keep_their_redirects_meanwhile() {
     require_privileges!();
-    let Some(node) = Node::new() else { return };
-    let Node {
-        datapath,
-        cgroup,
-        listener: _listener,
-    } = node;
-    assert_eq!(
-        attached_programs(&cgroup),
-        [r#""cgroup_inet4_connect" "connect4""#],
-    );
+    let mut node = Node::new();
+    let target = Listening::new(&node.cgroup);
+    node.mesh(&target.pod, Exclusions::default());
+    let ip = target.ip();
 
-    drop(datapath);
+    // The agent goes away: the handles are dropped, the pinned programs and maps stay.
+    node.datapath = None;
+    assert_eq!(node.attached(), ATTACHED);
+    assert!(node.connect(None, None, ip, 8080));
+    assert_eq!(target.next(), format!("15003 {ip}:8080"));
 
-    assert_eq!(attached_programs(&cgroup), Vec::<String>::new());
+    // The next agent finds the pod in the pinned maps.
+    node.install(settings());
+    assert_eq!(node.datapath().pods(), [ip].into());
+    assert!(node.connect(None, None, ip, 8080));
+    assert_eq!(target.next(), format!("15003 {ip}:8080"));
+}
+
+#[test]
+fn processes_outside_the_cgroup_are_not_touched() {
+    require_privileges!();
+    let mut node = Node::new();
+    let target = Listening::new(&node.cgroup);
+    node.mesh(&target.pod, Exclusions::default());
+    let status = Command::new("timeout")
+        .args([
+            "3",
+            "bash",
+            "-c",
+            &format!("exec 3<>/dev/tcp/{}/8080", target.ip()),
+        ])
+        .status()
+        .expect("run bash");
+    assert!(status.success());
+    assert_eq!(target.next(), "8080 none");
+    assert_eq!(node.counters().connects, 0);
 }

@@ -1,12 +1,18 @@
 //! The command line.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
 
 use crate::{
+    datapath::DEFAULT_PIN_DIR,
+    exclusions::{parse_cidr_list, parse_port_list},
     healthcheck::TcpTarget,
-    ports::{DEFAULT_ADMIN_ADDR, HEALTHCHECK_PORT},
+    ports::{
+        DEFAULT_ADMIN_ADDR, DEFAULT_PROBE_PORTS, HEALTHCHECK_PORT, PROXY_INBOUND_PORT,
+        PROXY_OUTBOUND_PORT, PROXY_UID,
+    },
 };
 
 /// Lets kubelet health probes past a service mesh's sidecar, for every meshed pod on the node.
@@ -19,8 +25,38 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve the healthcheck for every meshed pod on this node.
-    Run(RunArgs),
+    /// Install the eBPF datapath and serve the healthcheck for every meshed pod on this node.
+    Run(Box<RunArgs>),
+    /// Detach and unpin the eBPF datapath. Only the agent's own pins are removed; programs other
+    /// tools attached to the same cgroup are not touched. Pods' traffic then flows without a proxy
+    /// in the way (as before the mesh), so stop the mesh's sidecars' users first.
+    Uninstall(UninstallArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct UninstallArgs {
+    /// Where the agent pinned its links and maps (bpffs).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_PIN_DIR, env = "PROBE_BYPASS_PIN_PATH")]
+    pub pin_path: PathBuf,
+}
+
+/// Which datapath the agent runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DatapathMode {
+    /// The eBPF programs replace the mesh's per-pod iptables rules.
+    Ebpf,
+    /// No eBPF: the mesh keeps its own iptables rules and the agent only serves the healthcheck,
+    /// which still removes the healthcheck container from every pod.
+    None,
+}
+
+/// Which callers reach the probe ports of a meshed pod without its proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProbeBypassFrom {
+    /// Only the host network namespace, where the kubelet runs.
+    Host,
+    /// Every caller, as the mesh's iptables rules do.
+    Any,
 }
 
 #[derive(Clone, Debug, Args)]
@@ -57,6 +93,72 @@ pub struct RunArgs {
     /// Bound on reading a request's head; a slower client is disconnected.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = positive_duration)]
     pub header_read_timeout: Duration,
+
+    #[command(flatten)]
+    pub datapath: DatapathArgs,
+}
+
+/// The eBPF datapath's settings. Exclusion lists are comma-separated, like the mesh's annotations,
+/// and apply to every meshed pod on top of its own annotations.
+#[derive(Clone, Debug, Args)]
+pub struct DatapathArgs {
+    /// `ebpf` replaces the mesh's iptables rules; `none` serves the healthcheck only.
+    #[arg(long = "datapath", value_enum, default_value_t = DatapathMode::Ebpf, env = "PROBE_BYPASS_DATAPATH")]
+    pub mode: DatapathMode,
+
+    /// cgroup v2 directory to attach the programs to. Default: the root of the cgroup v2 hierarchy,
+    /// found in /proc/mounts, which covers every pod on the node.
+    #[arg(long, value_name = "PATH", env = "PROBE_BYPASS_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+
+    /// Where to pin the links and maps, on bpffs (mounted at /sys/fs/bpf if it is not).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_PIN_DIR, env = "PROBE_BYPASS_PIN_PATH")]
+    pub pin_path: PathBuf,
+
+    /// UID of the sidecar proxy: its own connections are not sent back to it.
+    #[arg(long, value_name = "UID", default_value_t = PROXY_UID)]
+    pub proxy_uid: u32,
+
+    /// The proxy's inbound port: where connections to a meshed pod are sent.
+    #[arg(long, value_name = "PORT", default_value_t = PROXY_INBOUND_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub proxy_inbound_port: u16,
+
+    /// The proxy's outbound port: where a meshed pod's own connections are sent.
+    #[arg(long, value_name = "PORT", default_value_t = PROXY_OUTBOUND_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub proxy_outbound_port: u16,
+
+    /// Ports of a meshed pod that the kubelet reaches without the proxy: the probe ports, the
+    /// healthcheck and the proxy's metrics port.
+    #[arg(long, value_name = "PORTS", default_value = DEFAULT_PROBE_PORTS, value_parser = parse_port_list)]
+    pub probe_ports: BTreeSet<u16>,
+
+    /// `host`: only the host network namespace (the kubelet) gets past the proxy on the probe
+    /// ports. `any`: every caller does, as under the mesh's iptables rules.
+    #[arg(long, value_enum, default_value_t = ProbeBypassFrom::Host)]
+    pub probe_bypass_from: ProbeBypassFrom,
+
+    /// Short-circuit connections between sockets on this node with sk_msg (`--sk-msg=false` to
+    /// turn it off).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = ArgAction::Set)]
+    pub sk_msg: bool,
+
+    /// Inbound ports that skip the proxy on every meshed pod.
+    #[arg(long, value_name = "PORTS", default_value = "", value_parser = parse_port_list)]
+    pub inbound_port_exclusion_list: BTreeSet<u16>,
+
+    /// Outbound ports that skip the proxy on every meshed pod.
+    #[arg(long, value_name = "PORTS", default_value = "", value_parser = parse_port_list)]
+    pub outbound_port_exclusion_list: BTreeSet<u16>,
+
+    /// Outbound destinations (CIDRs) that skip the proxy on every meshed pod.
+    #[arg(long, value_name = "CIDRS", default_value = "", value_parser = parse_cidr_list)]
+    pub outbound_ip_range_exclusion_list: BTreeSet<IpNet>,
+
+    /// When set, the only outbound destinations (CIDRs) that go through the proxy, on every pod.
+    #[arg(long, value_name = "CIDRS", default_value = "", value_parser = parse_cidr_list)]
+    pub outbound_ip_range_inclusion_list: BTreeSet<IpNet>,
 }
 
 fn positive_duration(text: &str) -> Result<Duration, String> {
@@ -77,7 +179,8 @@ mod tests {
         let mut argv = vec!["probe-bypass", "run", "--pod-manifests", "/pods"];
         argv.extend_from_slice(args);
         Cli::try_parse_from(argv).map(|cli| match cli.command {
-            Command::Run(args) => args,
+            Command::Run(args) => *args,
+            Command::Uninstall(_) => panic!("parsed as uninstall"),
         })
     }
 
@@ -89,6 +192,53 @@ mod tests {
         assert_eq!(args.tcp_target, TcpTarget::PodIp);
         assert_eq!(args.dial_timeout, Duration::from_secs(1));
         assert!(!args.allow_any_port);
+        let datapath = args.datapath;
+        assert_eq!(datapath.mode, DatapathMode::Ebpf);
+        assert_eq!(datapath.proxy_uid, 1500);
+        assert_eq!(
+            (datapath.proxy_inbound_port, datapath.proxy_outbound_port),
+            (15003, 15001)
+        );
+        assert_eq!(
+            datapath.probe_ports,
+            [15010, 15901, 15902, 15903, 15904].into()
+        );
+        assert_eq!(datapath.probe_bypass_from, ProbeBypassFrom::Host);
+        assert!(datapath.sk_msg);
+        assert!(datapath.inbound_port_exclusion_list.is_empty());
+        assert!(datapath.outbound_ip_range_inclusion_list.is_empty());
+        assert_eq!(datapath.pin_path, PathBuf::from("/sys/fs/bpf/probe-bypass"));
+    }
+
+    #[test]
+    fn datapath_flags_parse_like_the_mesh_annotations() {
+        let args = parse(&[
+            "--datapath",
+            "none",
+            "--sk-msg=false",
+            "--probe-bypass-from",
+            "any",
+            "--outbound-port-exclusion-list",
+            "5432, 6379",
+            "--outbound-ip-range-exclusion-list",
+            "10.96.0.1/12",
+        ])
+        .expect("valid");
+        assert_eq!(args.datapath.mode, DatapathMode::None);
+        assert!(!args.datapath.sk_msg);
+        assert_eq!(args.datapath.probe_bypass_from, ProbeBypassFrom::Any);
+        assert_eq!(
+            args.datapath.outbound_port_exclusion_list,
+            [5432, 6379].into()
+        );
+        assert_eq!(
+            args.datapath.outbound_ip_range_exclusion_list,
+            ["10.96.0.0/12".parse().expect("cidr")].into()
+        );
+        assert!(parse(&["--outbound-port-exclusion-list", "0"]).is_err());
+        assert!(parse(&["--outbound-ip-range-exclusion-list", "10.0.0.0"]).is_err());
+        assert!(parse(&["--proxy-inbound-port", "0"]).is_err());
+        assert!(parse(&["--datapath", "iptables"]).is_err());
     }
 
     #[test]

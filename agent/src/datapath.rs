@@ -1,157 +1,498 @@
-//! The eBPF datapath: the kernel programs embedded in this binary, and their loader.
+//! The eBPF datapath: the kernel programs embedded in this binary, and their installer.
 //!
 //! The programs (`ebpf/programs`) are built by `build.rs` and carried inside the agent, so the
 //! agent and its programs always agree on the layout of the maps (`probe-bypass-common`).
-//! [`Datapath`] loads them, attaches them to a cgroup v2 directory, fills their maps and reads
-//! their counters. What it attaches stays attached for as long as the `Datapath` lives.
+//!
+//! [`Datapath::install`] attaches them to a cgroup v2 directory through bpf_links and pins links and
+//! maps on bpffs, so that they keep working when the agent exits, crashes or restarts:
+//!
+//! ```text
+//! <pins>/links/pb_connect4, pb_connect6, pb_sockops, pb_getsockopt   the cgroup attachments
+//! <pins>/maps-v<LAYOUT_VERSION>/CONFIG, PODS_BY_ADDR, ...             the state, sk_msg included
+//! ```
+//!
+//! A restarted agent loads its programs against the pinned maps (so nothing is lost) and swaps them
+//! into the pinned links with `BPF_LINK_UPDATE`, which never leaves the cgroup without a program.
+//! Maps of an older layout are replaced the same way: the new programs come with new maps, and
+//! the old maps are removed once no link uses them. [`uninstall`] removes exactly these pins,
+//! which detaches everything; other tools' programs on the same cgroup are never touched.
 
 mod cgroup;
 mod error;
+mod sys;
 
-use std::{collections::BTreeSet, fmt, fs::File, io, net::IpAddr, path::Path};
+use sys::AttachType;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt, fs,
+    io::{self, ErrorKind},
+    net::IpAddr,
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+};
 
 use aya::{
-    Ebpf,
-    maps::{HashMap, MapData, MapError, PerCpuArray},
-    programs::{
-        CgroupAttachMode, CgroupSockAddr, Link as _, ProgramError,
-        cgroup_sock_addr::CgroupSockAddrLink,
+    Ebpf, EbpfLoader,
+    maps::{
+        Array, HashMap, MapData, MapError, PerCpuArray, SockHash,
+        lpm_trie::{Key as LpmKey, LpmTrie},
     },
+    programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkMsg, SockOps},
 };
-use probe_bypass_common::{Counter, PROBE_PORT_PRESENT, PodAddr, PodInfo};
+use ipnet::IpNet;
+use probe_bypass_common::{
+    Addr, CidrRule, Config, ConnKey, Counter, LAYOUT_VERSION, PodEntry, PortRule, RULE_PRESENT,
+    cidr_rule, port_rule,
+};
 
 pub use cgroup::cgroup2_mount;
 pub use error::DatapathError;
+
+use crate::exclusions::Exclusions;
 
 /// The kernel object built from `ebpf/programs`; empty when the build skipped it (`AYA_BUILD_SKIP`).
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-bypass-ebpf"));
 
-/// Names of the programs and maps in the object (the names of their `#[map]` statics and functions).
-const CONNECT4: &str = "connect4";
-const MESHED_PODS: &str = "MESHED_PODS";
-const PROBE_PORTS: &str = "PROBE_PORTS";
-const COUNTERS: &str = "COUNTERS";
+/// Where the agent pins its links and maps unless told otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/probe-bypass";
 
-/// The loaded kernel programs and their maps.
-///
-/// Dropping it detaches every program it attached and frees the programs and maps.
-pub struct Datapath {
-    // Declared first so that they are dropped, and the programs detached, before anything else goes.
-    links: Vec<CgroupSockAddrLink>,
-    meshed_pods: HashMap<MapData, PodAddr, PodInfo>,
-    probe_ports: HashMap<MapData, u16, u8>,
-    counters: PerCpuArray<MapData, u64>,
-    /// Owns the loaded programs.
-    ebpf: Ebpf,
+/// The cgroup programs, each pinned as a link under `links/` by its name.
+const CGROUP_PROGRAMS: [&str; 4] = ["pb_connect4", "pb_connect6", "pb_sockops", "pb_getsockopt"];
+const SK_MSG: &str = "pb_sk_msg";
+
+/// Every map of the object, each pinned under `maps-v<LAYOUT_VERSION>/` by its name.
+const MAPS: [&str; 9] = [
+    "CONFIG",
+    "PODS_BY_ADDR",
+    "PODS_BY_NETNS",
+    "PORT_RULES",
+    "CIDR_RULES",
+    "PENDING",
+    "ORIG_DST",
+    "SOCKETS",
+    "COUNTERS",
+];
+
+/// Node-wide settings of the datapath.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// The sidecar proxy's UID (1500 in FSM and OSM).
+    pub proxy_uid: u32,
+    /// The proxy's inbound port (15003).
+    pub inbound_port: u16,
+    /// The proxy's outbound port (15001).
+    pub outbound_port: u16,
+    /// Ports that the host network namespace (the kubelet) reaches directly.
+    pub probe_ports: BTreeSet<u16>,
+    /// Let every caller reach the probe ports directly, as the mesh's iptables rules do.
+    pub probe_bypass_from_any: bool,
+    /// Short-circuit same-node connections with sk_msg.
+    pub sk_msg: bool,
+    /// Exclusions for every meshed pod, on top of each pod's own.
+    pub node: Exclusions,
 }
 
-/// The datapath's counters, summed over all CPUs since it was loaded.
+/// What the datapath knows about one meshed pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRules {
+    /// The pod's addresses, its primary (`status.podIP`) first: the pod's identity in the maps.
+    pub addrs: Vec<IpAddr>,
+    /// The cookie of the pod's network namespace (see [`crate::netns::netns_cookie`]).
+    pub netns_cookie: u64,
+    /// The pod's own exclusions (its annotations); the node's apply as well.
+    pub exclusions: Exclusions,
+}
+
+/// Rules of one scope (a pod, or the node), as installed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Rules {
+    ports: BTreeSet<PortRule>,
+    cidrs: BTreeSet<(u32, CidrRule)>,
+}
+
+impl Rules {
+    fn of(scope: Addr, exclusions: &Exclusions, probe_ports: &BTreeSet<u16>) -> Self {
+        let port = |kind| move |&port: &u16| PortRule { scope, port, kind };
+        let mut ports: BTreeSet<PortRule> = exclusions
+            .inbound_ports
+            .iter()
+            .map(port(port_rule::INBOUND_EXCLUDED))
+            .collect();
+        ports.extend(
+            exclusions
+                .outbound_ports
+                .iter()
+                .map(port(port_rule::OUTBOUND_EXCLUDED)),
+        );
+        ports.extend(probe_ports.iter().map(port(port_rule::PROBE)));
+        let cidr = |kind| move |net: &IpNet| cidr_key(scope, kind, net);
+        let mut cidrs: BTreeSet<(u32, CidrRule)> = exclusions
+            .outbound_ip_ranges
+            .iter()
+            .map(cidr(cidr_rule::EXCLUDED))
+            .collect();
+        cidrs.extend(
+            exclusions
+                .outbound_ip_range_inclusions
+                .iter()
+                .map(cidr(cidr_rule::INCLUDED)),
+        );
+        Self { ports, cidrs }
+    }
+}
+
+/// The longest-prefix-match key of a range rule: scope and kind in full, then the range.
+fn cidr_key(scope: Addr, kind: u32, net: &IpNet) -> (u32, CidrRule) {
+    let (addr, bits) = match net.trunc() {
+        IpNet::V4(v4) => (
+            Addr::from(IpAddr::V4(v4.network())),
+            96 + u32::from(v4.prefix_len()),
+        ),
+        IpNet::V6(v6) => (
+            Addr::from(IpAddr::V6(v6.network())),
+            u32::from(v6.prefix_len()),
+        ),
+    };
+    (CidrRule::FIXED_BITS + bits, CidrRule { scope, kind, addr })
+}
+
+/// A pod as it is in the maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Installed {
+    addrs: BTreeSet<Addr>,
+    netns_cookie: u64,
+    rules: Rules,
+}
+
+/// The installed datapath: handles on its pinned maps, and what it has put in them.
+pub struct Datapath {
+    config: Array<MapData, Config>,
+    pods_by_addr: HashMap<MapData, Addr, PodEntry>,
+    pods_by_netns: HashMap<MapData, u64, PodEntry>,
+    port_rules: HashMap<MapData, PortRule, u8>,
+    cidr_rules: LpmTrie<MapData, CidrRule, u8>,
+    counters: PerCpuArray<MapData, u64>,
+    settings: Settings,
+    node_rules: Rules,
+    /// Pods by their primary address.
+    pods: BTreeMap<Addr, Installed>,
+    pins: PathBuf,
+}
+
+/// The datapath's counters, summed over all CPUs since the maps were created (they survive
+/// restarts of the agent).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// `connect()` calls on IPv4 sockets in the attached cgroups.
-    pub connect4: u64,
-    /// Those whose destination is a meshed pod.
-    pub to_meshed_pod: u64,
-    /// Those to a meshed pod whose destination port is a probe port.
-    pub to_probe_port: u64,
+    pub connects: u64,
+    pub redirected_outbound: u64,
+    pub redirected_inbound: u64,
+    pub probe_bypassed: u64,
+    pub bypass_refused: u64,
+    pub orig_dst_lookups: u64,
+    pub orig_dst_misses: u64,
+    pub sk_msg_redirected: u64,
+}
+
+impl Counters {
+    fn field(&mut self, counter: Counter) -> &mut u64 {
+        match counter {
+            Counter::Connects => &mut self.connects,
+            Counter::RedirectedOutbound => &mut self.redirected_outbound,
+            Counter::RedirectedInbound => &mut self.redirected_inbound,
+            Counter::ProbeBypassed => &mut self.probe_bypassed,
+            Counter::BypassRefused => &mut self.bypass_refused,
+            Counter::OrigDstLookups => &mut self.orig_dst_lookups,
+            Counter::OrigDstMisses => &mut self.orig_dst_misses,
+            Counter::SkMsgRedirected => &mut self.sk_msg_redirected,
+        }
+    }
+
+    /// Each counter with its metric name suffix and help text.
+    pub fn describe(&self) -> [(&'static str, &'static str, u64); 8] {
+        [
+            (
+                "connects",
+                "TCP connects the datapath decided on",
+                self.connects,
+            ),
+            (
+                "redirected_outbound",
+                "Meshed pods' connections sent to their proxy's outbound port",
+                self.redirected_outbound,
+            ),
+            (
+                "redirected_inbound",
+                "Connections to meshed pods sent to their proxy's inbound port",
+                self.redirected_inbound,
+            ),
+            (
+                "probe_bypassed",
+                "Connections from the host network namespace to a probe port, let past the proxy",
+                self.probe_bypassed,
+            ),
+            (
+                "bypass_refused",
+                "Connections to a probe port from elsewhere, sent to the proxy",
+                self.bypass_refused,
+            ),
+            (
+                "orig_dst_lookups",
+                "SO_ORIGINAL_DST lookups by proxies",
+                self.orig_dst_lookups,
+            ),
+            (
+                "orig_dst_misses",
+                "SO_ORIGINAL_DST lookups for connections the datapath did not redirect",
+                self.orig_dst_misses,
+            ),
+            (
+                "sk_msg_redirected",
+                "Messages handed straight to a same-node peer socket",
+                self.sk_msg_redirected,
+            ),
+        ]
+    }
 }
 
 impl Datapath {
-    /// Loads the embedded programs into the kernel, with empty maps, attached nowhere yet.
+    /// Loads the embedded programs against the maps pinned under `pins` (creating them the first
+    /// time), writes `settings`, and attaches the programs to `cgroup`, replacing the programs of
+    /// links already pinned there. Pods already in the pinned maps stay until [`Self::remove_pod`]:
+    /// a restarted agent reconciles them against its pod source instead of starting empty.
     ///
-    /// Needs `CAP_BPF` and `CAP_NET_ADMIN` (Linux 5.8+) or `CAP_SYS_ADMIN`; see
-    /// [`DatapathError::is_permission_denied`]. Before Linux 5.11 the maps are also charged to
-    /// `RLIMIT_MEMLOCK`, which the caller must then raise.
-    pub fn load() -> Result<Self, DatapathError> {
+    /// `pins` must be on bpffs (see `preflight`).
+    pub fn install(cgroup: &Path, pins: &Path, settings: Settings) -> Result<Self, DatapathError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::ObjectMissing);
         }
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(DatapathError::Object)?;
-
-        // Loading runs the verifier now, so a program the kernel refuses fails here rather than
-        // at the first attach.
-        connect4(&mut ebpf)?
-            .load()
-            .map_err(|error| load_error(CONNECT4, error))?;
-
-        Ok(Self {
-            links: Vec::new(),
-            meshed_pods: take_map(&mut ebpf, MESHED_PODS)?,
-            probe_ports: take_map(&mut ebpf, PROBE_PORTS)?,
-            counters: take_map(&mut ebpf, COUNTERS)?,
-            ebpf,
-        })
-    }
-
-    /// Attaches the programs to a cgroup v2 directory: they then see the sockets of every process
-    /// in it and in its descendants. Programs that other tools attached there are left alone.
-    pub fn attach(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
-        let directory = File::open(cgroup).map_err(|source| DatapathError::OpenCgroup {
+        let maps_dir = pins.join(format!("maps-v{LAYOUT_VERSION}"));
+        let links_dir = pins.join("links");
+        for dir in [pins, &links_dir, &maps_dir] {
+            create_dir(dir)?;
+        }
+        let cgroup_dir = fs::File::open(cgroup).map_err(|source| DatapathError::OpenCgroup {
             path: cgroup.to_path_buf(),
             source,
         })?;
-        let program = connect4(&mut self.ebpf)?;
-        // Single, not AllowMultiple: from 5.7 aya attaches through a bpf_link, which is
-        // multi-attach already, and the kernel refuses the extra flag with EINVAL (aya #1078).
-        let link_id = program
-            .attach(&directory, CgroupAttachMode::Single)
-            .map_err(|source| DatapathError::Attach {
-                program: CONNECT4,
-                cgroup: cgroup.to_path_buf(),
+        let cgroup_id = cgroup_dir
+            .metadata()
+            .map_err(|source| DatapathError::OpenCgroup {
+                path: cgroup.to_path_buf(),
                 source,
-            })?;
-        // Owning the link ties the attachment to this value rather than to the program.
-        let link = program
-            .take_link(link_id)
-            .map_err(|source| program_error(CONNECT4, "take its link", source))?;
-        self.links.push(link);
-        Ok(())
-    }
+            })?
+            .ino();
 
-    /// Detaches the programs from every cgroup they were attached to. The maps stay, so the
-    /// counters can still be read.
-    pub fn detach(&mut self) -> Result<(), DatapathError> {
-        for link in self.links.drain(..) {
-            link.detach()
-                .map_err(|source| program_error(CONNECT4, "detach", source))?;
+        let map_pins: Vec<(&str, PathBuf)> = MAPS
+            .iter()
+            .map(|name| (*name, maps_dir.join(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_pins {
+            loader.map_pin_path(name, path.as_path());
         }
-        Ok(())
-    }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Object)?;
 
-    /// Marks an address as a meshed pod's. An IPv4 address and its IPv4-mapped IPv6 form are the
-    /// same pod.
-    pub fn insert_pod(&mut self, addr: IpAddr) -> Result<(), DatapathError> {
-        self.meshed_pods
-            .insert(PodAddr::from(addr), PodInfo::MESHED, 0)
-            .map_err(|source| map_error(MESHED_PODS, format!("insert {addr}"), source))
-    }
+        let mut datapath = Self {
+            config: take_map(&mut ebpf, "CONFIG")?,
+            pods_by_addr: take_map(&mut ebpf, "PODS_BY_ADDR")?,
+            pods_by_netns: take_map(&mut ebpf, "PODS_BY_NETNS")?,
+            port_rules: take_map(&mut ebpf, "PORT_RULES")?,
+            cidr_rules: take_map(&mut ebpf, "CIDR_RULES")?,
+            counters: take_map(&mut ebpf, "COUNTERS")?,
+            node_rules: Rules::default(),
+            pods: BTreeMap::new(),
+            pins: pins.to_path_buf(),
+            settings: settings.clone(),
+        };
+        datapath.adopt()?;
+        // Settings and node rules go in before any program can run with them.
+        datapath.apply_settings(settings)?;
 
-    /// Forgets a meshed pod's address. Forgetting an address that is not there is not an error.
-    pub fn remove_pod(&mut self, addr: IpAddr) -> Result<(), DatapathError> {
-        absent_is_fine(self.meshed_pods.remove(&PodAddr::from(addr)))
-            .map_err(|source| map_error(MESHED_PODS, format!("remove {addr}"), source))
-    }
+        // sk_msg is attached to the sockhash, which holds it for as long as the map lives.
+        let sockets: SockHash<MapData, ConnKey> = take_map(&mut ebpf, "SOCKETS")?;
+        let sk_msg: &mut SkMsg = program(&mut ebpf, SK_MSG)?;
+        sk_msg.load().map_err(|error| load_error(SK_MSG, error))?;
+        let link = sk_msg
+            .attach(sockets.fd())
+            .map_err(|source| program_error(SK_MSG, "attach to SOCKETS", source))?;
+        let link = sk_msg
+            .take_link(link)
+            .map_err(|source| program_error(SK_MSG, "take its link", source))?;
+        // Dropping the handle would detach the program; the pinned map keeps the attachment.
+        std::mem::forget(link);
 
-    /// Makes `ports` the set of probe ports, replacing the previous set. Ports in both sets stay
-    /// in the map throughout, so a connection to one of them is never misjudged meanwhile.
-    pub fn set_probe_ports(&mut self, ports: &[u16]) -> Result<(), DatapathError> {
-        let wanted: BTreeSet<u16> = ports.iter().copied().collect();
-        for &port in &wanted {
-            self.probe_ports
-                .insert(port, PROBE_PORT_PRESENT, 0)
-                .map_err(|source| map_error(PROBE_PORTS, format!("insert port {port}"), source))?;
+        for name in CGROUP_PROGRAMS {
+            attach_or_update(&mut ebpf, name, &cgroup_dir, cgroup, cgroup_id, &links_dir)?;
         }
+        remove_other_layouts(pins, &maps_dir);
+        Ok(datapath)
+    }
 
-        // Collected first: deleting while walking the keys would make the walk restart.
-        let present = self
-            .probe_ports
+    /// Reads back what an earlier agent left in the pinned maps, so that updates are diffs.
+    fn adopt(&mut self) -> Result<(), DatapathError> {
+        for entry in self.pods_by_addr.iter() {
+            let (addr, pod) = entry.map_err(|source| map_error("PODS_BY_ADDR", "read", source))?;
+            let installed = self.pods.entry(pod.id).or_default();
+            installed.addrs.insert(addr);
+            installed.netns_cookie = pod.netns_cookie;
+        }
+        let ports = self
+            .port_rules
             .keys()
-            .collect::<Result<Vec<u16>, MapError>>()
-            .map_err(|source| map_error(PROBE_PORTS, "list ports".to_owned(), source))?;
-        for port in present.into_iter().filter(|port| !wanted.contains(port)) {
-            absent_is_fine(self.probe_ports.remove(&port))
-                .map_err(|source| map_error(PROBE_PORTS, format!("remove port {port}"), source))?;
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| map_error("PORT_RULES", "read", source))?;
+        for rule in ports {
+            self.rules_of(rule.scope).ports.insert(rule);
+        }
+        let cidrs = self
+            .cidr_rules
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| map_error("CIDR_RULES", "read", source))?;
+        for key in cidrs {
+            let rule = key.data();
+            self.rules_of(rule.scope)
+                .cidrs
+                .insert((key.prefix_len(), rule));
+        }
+        Ok(())
+    }
+
+    fn rules_of(&mut self, scope: Addr) -> &mut Rules {
+        if scope == Addr::UNSPECIFIED {
+            &mut self.node_rules
+        } else {
+            &mut self.pods.entry(scope).or_default().rules
+        }
+    }
+
+    /// Writes the node-wide settings and rules; pods' inclusion flags follow the node's list.
+    fn apply_settings(&mut self, settings: Settings) -> Result<(), DatapathError> {
+        let mut flags = 0;
+        if settings.probe_bypass_from_any {
+            flags |= Config::PROBE_BYPASS_FROM_ANY;
+        }
+        if settings.sk_msg {
+            flags |= Config::SK_MSG;
+        }
+        let config = Config {
+            proxy_uid: settings.proxy_uid,
+            inbound_port: settings.inbound_port,
+            outbound_port: settings.outbound_port,
+            flags,
+            _reserved: 0,
+        };
+        self.config
+            .set(0, config, 0)
+            .map_err(|source| map_error("CONFIG", "write", source))?;
+        let wanted = Rules::of(Addr::UNSPECIFIED, &settings.node, &settings.probe_ports);
+        let current = std::mem::take(&mut self.node_rules);
+        self.sync_rules(&current, &wanted)?;
+        self.node_rules = wanted;
+        self.settings = settings;
+        Ok(())
+    }
+
+    /// Puts a pod in the maps, or brings its entries up to date. Its rules go in before its
+    /// entries, so that its first connection already meets its exclusions.
+    pub fn upsert_pod(&mut self, pod: &PodRules) -> Result<(), DatapathError> {
+        let Some(&primary) = pod.addrs.first() else {
+            return Ok(());
+        };
+        let id = Addr::from(primary);
+        let wanted_rules = Rules::of(id, &pod.exclusions, &BTreeSet::new());
+        let current = self.pods.get(&id).cloned().unwrap_or_default();
+        self.sync_rules(&current.rules, &wanted_rules)?;
+
+        let has_inclusions = !pod.exclusions.outbound_ip_range_inclusions.is_empty()
+            || !self.settings.node.outbound_ip_range_inclusions.is_empty();
+        let entry = PodEntry {
+            id,
+            netns_cookie: pod.netns_cookie,
+            flags: if has_inclusions {
+                PodEntry::HAS_INCLUSIONS
+            } else {
+                0
+            },
+            _reserved: 0,
+        };
+        let addrs: BTreeSet<Addr> = pod.addrs.iter().map(|&ip| Addr::from(ip)).collect();
+        for addr in &addrs {
+            self.pods_by_addr
+                .insert(addr, entry, 0)
+                .map_err(|source| map_error("PODS_BY_ADDR", "insert", source))?;
+        }
+        self.pods_by_netns
+            .insert(pod.netns_cookie, entry, 0)
+            .map_err(|source| map_error("PODS_BY_NETNS", "insert", source))?;
+        for stale in current.addrs.difference(&addrs) {
+            absent_is_fine(self.pods_by_addr.remove(stale))
+                .map_err(|source| map_error("PODS_BY_ADDR", "remove", source))?;
+        }
+        if current.netns_cookie != 0 && current.netns_cookie != pod.netns_cookie {
+            self.remove_netns_entry(current.netns_cookie, id)?;
+        }
+        self.pods.insert(
+            id,
+            Installed {
+                addrs,
+                netns_cookie: pod.netns_cookie,
+                rules: wanted_rules,
+            },
+        );
+        Ok(())
+    }
+
+    /// Takes a pod out of the maps: its entries first, so no connection meets half a pod, then
+    /// its rules. Removing a pod that is not there is not an error.
+    pub fn remove_pod(&mut self, primary: IpAddr) -> Result<(), DatapathError> {
+        let id = Addr::from(primary);
+        let Some(current) = self.pods.remove(&id) else {
+            return Ok(());
+        };
+        for addr in &current.addrs {
+            absent_is_fine(self.pods_by_addr.remove(addr))
+                .map_err(|source| map_error("PODS_BY_ADDR", "remove", source))?;
+        }
+        self.remove_netns_entry(current.netns_cookie, id)?;
+        self.sync_rules(&current.rules, &Rules::default())
+    }
+
+    /// Removes a namespace's entry if it still belongs to pod `id` (a new pod may have its cookie).
+    fn remove_netns_entry(&mut self, cookie: u64, id: Addr) -> Result<(), DatapathError> {
+        match self.pods_by_netns.get(&cookie, 0) {
+            Ok(entry) if entry.id == id => absent_is_fine(self.pods_by_netns.remove(&cookie))
+                .map_err(|source| map_error("PODS_BY_NETNS", "remove", source)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The primary addresses of the pods in the maps, those an earlier agent left included.
+    pub fn pods(&self) -> BTreeSet<IpAddr> {
+        self.pods.keys().map(|&addr| IpAddr::from(addr)).collect()
+    }
+
+    /// Adds the rules in `wanted` and then removes those only in `current`.
+    fn sync_rules(&mut self, current: &Rules, wanted: &Rules) -> Result<(), DatapathError> {
+        for rule in &wanted.ports {
+            self.port_rules
+                .insert(rule, RULE_PRESENT, 0)
+                .map_err(|source| map_error("PORT_RULES", "insert", source))?;
+        }
+        for (bits, rule) in &wanted.cidrs {
+            self.cidr_rules
+                .insert(&LpmKey::new(*bits, *rule), RULE_PRESENT, 0)
+                .map_err(|source| map_error("CIDR_RULES", "insert", source))?;
+        }
+        for rule in current.ports.difference(&wanted.ports) {
+            absent_is_fine(self.port_rules.remove(rule))
+                .map_err(|source| map_error("PORT_RULES", "remove", source))?;
+        }
+        for (bits, rule) in current.cidrs.difference(&wanted.cidrs) {
+            absent_is_fine(self.cidr_rules.remove(&LpmKey::new(*bits, *rule)))
+                .map_err(|source| map_error("CIDR_RULES", "remove", source))?;
         }
         Ok(())
     }
@@ -160,50 +501,220 @@ impl Datapath {
     pub fn counters(&self) -> Result<Counters, DatapathError> {
         let mut counters = Counters::default();
         for counter in Counter::ALL {
-            let per_cpu = self.counters.get(&counter.index(), 0).map_err(|source| {
-                map_error(COUNTERS, format!("read counter {counter:?}"), source)
-            })?;
+            let per_cpu = self
+                .counters
+                .get(&counter.index(), 0)
+                .map_err(|source| map_error("COUNTERS", "read", source))?;
             // Wrapping: a 64-bit count will not overflow, and if it did a metric should not panic.
-            let total = per_cpu
+            *counters.field(counter) = per_cpu
                 .iter()
                 .fold(0, |sum: u64, value| sum.wrapping_add(*value));
-            let field = match counter {
-                Counter::Connect4 => &mut counters.connect4,
-                Counter::ToMeshedPod => &mut counters.to_meshed_pod,
-                Counter::ToProbePort => &mut counters.to_probe_port,
-            };
-            *field = total;
         }
         Ok(counters)
     }
+
+    /// Where the links and maps are pinned.
+    pub fn pins(&self) -> &Path {
+        &self.pins
+    }
 }
 
-// By hand because aya's per-CPU array has no Debug; the handles say little anyway beyond the links.
+// By hand because aya's map handles have no Debug.
 impl fmt::Debug for Datapath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Self {
-            links,
-            meshed_pods: _,
-            probe_ports: _,
-            counters: _,
-            ebpf,
-        } = self;
         f.debug_struct("Datapath")
-            .field("links", links)
-            .field("ebpf", ebpf)
+            .field("pins", &self.pins)
+            .field("pods", &self.pods.len())
+            .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
 }
 
-/// The connect4 program of a loaded object.
-fn connect4(ebpf: &mut Ebpf) -> Result<&mut CgroupSockAddr, DatapathError> {
-    ebpf.program_mut(CONNECT4)
+/// Loads cgroup program `name` and puts it in its pinned link: swapped in if the link exists,
+/// attached and pinned if not.
+fn attach_or_update(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup_dir: &fs::File,
+    cgroup: &Path,
+    cgroup_id: u64,
+    links_dir: &Path,
+) -> Result<(), DatapathError> {
+    let pin = links_dir.join(name);
+    let existing = match sys::obj_get(&pin) {
+        Ok(fd) => Some(fd),
+        Err(error) if error.kind() == ErrorKind::NotFound => None,
+        Err(source) => return Err(DatapathError::Pin { path: pin, source }),
+    };
+    if let Some(link) = &existing {
+        let attached_to = sys::link_cgroup_id(link).map_err(|source| DatapathError::Pin {
+            path: pin.clone(),
+            source,
+        })?;
+        if attached_to != cgroup_id {
+            return Err(DatapathError::OtherCgroup {
+                link: pin,
+                cgroup: cgroup.to_path_buf(),
+            });
+        }
+    }
+
+    let program = ebpf.program_mut(name).ok_or(DatapathError::NotInObject {
+        kind: "program",
+        name,
+    })?;
+    macro_rules! load {
+        ($kind:ty, $attach_type:expr) => {{
+            let program: &mut $kind = program
+                .try_into()
+                .map_err(|source| program_error(name, "use it as its kind", source))?;
+            program.load().map_err(|error| load_error(name, error))?;
+            let fd = program
+                .fd()
+                .map_err(|source| program_error(name, "get its fd", source))?;
+            (fd.as_fd().try_clone_to_owned(), $attach_type)
+        }};
+    }
+    let (fd, attach_type) = match name {
+        "pb_connect4" => load!(CgroupSockAddr, AttachType::Connect4),
+        "pb_connect6" => load!(CgroupSockAddr, AttachType::Connect6),
+        "pb_sockops" => load!(SockOps, AttachType::SockOps),
+        _ => load!(CgroupSockopt, AttachType::GetSockopt),
+    };
+    let fd = fd.map_err(|source| DatapathError::Pin {
+        path: pin.clone(),
+        source,
+    })?;
+    if let Some(link) = &existing {
+        return sys::link_update(link, &fd)
+            .map_err(|source| DatapathError::Pin { path: pin, source });
+    }
+    let link =
+        sys::link_create(&fd, cgroup_dir, attach_type).map_err(|source| DatapathError::Attach {
+            program: name,
+            cgroup: cgroup.to_path_buf(),
+            source,
+        })?;
+    sys::obj_pin(&link, &pin).map_err(|source| DatapathError::Pin { path: pin, source })
+}
+
+/// Removes the pinned maps of other layouts, which no program uses any more.
+fn remove_other_layouts(pins: &Path, current: &Path) {
+    let Ok(entries) = fs::read_dir(pins) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        if path != current && name.to_string_lossy().starts_with("maps-v") {
+            log::info!("removing maps of an older layout: {}", path.display());
+            remove_known(&path, &MAPS, &mut Vec::new());
+        }
+    }
+}
+
+/// What [`uninstall`] removed and what it left.
+#[derive(Debug, Default)]
+pub struct Uninstalled {
+    pub removed: Vec<PathBuf>,
+    /// Entries under the pin directory that are not the agent's, left in place.
+    pub left: Vec<PathBuf>,
+}
+
+/// Detaches the datapath by removing its pins under `pins`: the links (which detaches the cgroup
+/// programs) and the maps (which frees them and detaches sk_msg). Nothing else is touched, and
+/// anything unexpected under `pins` is left and reported. A missing `pins` is not an error.
+pub fn uninstall(pins: &Path) -> Result<Uninstalled, DatapathError> {
+    let mut report = Uninstalled::default();
+    if !pins.exists() {
+        return Ok(report);
+    }
+    let entries = fs::read_dir(pins).map_err(|source| DatapathError::Pin {
+        path: pins.to_path_buf(),
+        source,
+    })?;
+    let mut names = entries
+        .map(|entry| entry.map(|entry| entry.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<Vec<String>, io::Error>>()
+        .map_err(|source| DatapathError::Pin {
+            path: pins.to_path_buf(),
+            source,
+        })?;
+    // Links first, so the programs stop running before their maps go.
+    names.sort_by_key(|name| name != "links");
+    for name in names {
+        let path = pins.join(&name);
+        if name == "links" {
+            report
+                .left
+                .extend(remove_known(&path, &CGROUP_PROGRAMS, &mut report.removed));
+        } else if name.starts_with("maps-v") {
+            report
+                .left
+                .extend(remove_known(&path, &MAPS, &mut report.removed));
+        } else {
+            report.left.push(path);
+        }
+    }
+    if report.left.is_empty() {
+        fs::remove_dir(pins).map_err(|source| DatapathError::Pin {
+            path: pins.to_path_buf(),
+            source,
+        })?;
+        report.removed.push(pins.to_path_buf());
+    }
+    Ok(report)
+}
+
+/// Removes the entries of `dir` named in `known`, then `dir` if it is empty. Returns what it left.
+fn remove_known(dir: &Path, known: &[&str], removed: &mut Vec<PathBuf>) -> Vec<PathBuf> {
+    let mut left = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return vec![dir.to_path_buf()];
+    };
+    let mut paths: Vec<PathBuf> = entries.flatten().map(|entry| entry.path()).collect();
+    paths.sort();
+    for path in paths {
+        let ours = path
+            .file_name()
+            .is_some_and(|name| known.iter().any(|known| name == *known));
+        if ours && fs::remove_file(&path).is_ok() {
+            removed.push(path);
+        } else {
+            left.push(path);
+        }
+    }
+    if left.is_empty() && fs::remove_dir(dir).is_ok() {
+        removed.push(dir.to_path_buf());
+    } else if left.is_empty() {
+        left.push(dir.to_path_buf());
+    }
+    left
+}
+
+fn create_dir(dir: &Path) -> Result<(), DatapathError> {
+    match fs::create_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(DatapathError::Pin {
+            path: dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// A program of a loaded object, typed.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
         .ok_or(DatapathError::NotInObject {
             kind: "program",
-            name: CONNECT4,
+            name,
         })?
         .try_into()
-        .map_err(|source| program_error(CONNECT4, "use it as a cgroup sock_addr program", source))
+        .map_err(|source| program_error(name, "use it as its kind", source))
 }
 
 /// Takes a map out of a loaded object, typed.
@@ -214,8 +725,7 @@ where
     let map = ebpf
         .take_map(name)
         .ok_or(DatapathError::NotInObject { kind: "map", name })?;
-    M::try_from(map)
-        .map_err(|source| map_error(name, "open it with the expected types".to_owned(), source))
+    M::try_from(map).map_err(|source| map_error(name, "open with the expected types", source))
 }
 
 /// Keeps the verifier log of a refused program in sight; other load failures keep their cause.
@@ -245,10 +755,10 @@ fn program_error(
     }
 }
 
-fn map_error(map: &'static str, action: String, source: MapError) -> DatapathError {
+fn map_error(map: &'static str, action: &'static str, source: MapError) -> DatapathError {
     DatapathError::Map {
         map,
-        action,
+        action: action.to_owned(),
         source,
     }
 }
@@ -257,11 +767,53 @@ fn map_error(map: &'static str, action: String, source: MapError) -> DatapathErr
 fn absent_is_fine(removal: Result<(), MapError>) -> Result<(), MapError> {
     match removal {
         Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(()),
-        Err(MapError::SyscallError(syscall))
-            if syscall.io_error.kind() == io::ErrorKind::NotFound =>
-        {
+        Err(MapError::SyscallError(syscall)) if syscall.io_error.kind() == ErrorKind::NotFound => {
             Ok(())
         }
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    #[test]
+    fn range_rules_match_scope_and_kind_in_full_then_the_range() {
+        let scope = Addr::from(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)));
+        let net: IpNet = "192.168.1.77/24".parse().expect("cidr");
+        let (bits, rule) = cidr_key(scope, cidr_rule::EXCLUDED, &net);
+        assert_eq!(bits, CidrRule::FIXED_BITS + 96 + 24);
+        assert_eq!(
+            IpAddr::from(rule.addr),
+            IpAddr::V4(Ipv4Addr::new(192, 168, 1, 0)),
+            "host bits are cleared"
+        );
+        let v6: IpNet = "fd00::/8".parse().expect("cidr");
+        assert_eq!(
+            cidr_key(scope, cidr_rule::INCLUDED, &v6).0,
+            CidrRule::FIXED_BITS + 8
+        );
+    }
+
+    #[test]
+    fn a_scope_gets_one_rule_per_port_and_range() {
+        let scope = Addr::UNSPECIFIED;
+        let exclusions = Exclusions {
+            inbound_ports: [9090].into(),
+            outbound_ports: [9090, 5432].into(),
+            outbound_ip_ranges: ["10.0.0.0/8".parse().expect("cidr")].into(),
+            outbound_ip_range_inclusions: BTreeSet::new(),
+        };
+        let rules = Rules::of(scope, &exclusions, &[15904].into());
+        assert_eq!(rules.ports.len(), 4);
+        assert_eq!(rules.cidrs.len(), 1);
+        assert!(rules.ports.contains(&PortRule {
+            scope,
+            port: 15904,
+            kind: port_rule::PROBE
+        }));
     }
 }

@@ -6,15 +6,19 @@
 //! - [`reconcile`]: turns the wanted set of pods into per-pod listeners, retrying the ones that fail.
 //! - [`healthcheck`]: the HTTP-to-TCP healthcheck served inside each pod's network namespace.
 //! - [`admin`]: liveness, readiness and Prometheus metrics in the host network namespace.
+//! - [`preflight`]: the start-up checks of the host (kernel, capabilities, cgroup v2, bpffs).
+//! - [`exclusions`]: the mesh's per-pod exclusion annotations and the node-wide defaults.
 
 pub mod admin;
 pub mod cli;
 pub mod datapath;
+pub mod exclusions;
 pub mod healthcheck;
 pub mod metrics;
 pub mod netns;
 pub mod pod;
 pub mod ports;
+pub mod preflight;
 pub mod reconcile;
 pub mod run;
 pub mod signal;

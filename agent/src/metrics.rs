@@ -3,9 +3,11 @@
 use std::time::Duration;
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _, text::encode},
     metrics::{
-        counter::Counter,
+        MetricType,
+        counter::{ConstCounter, Counter},
         family::Family,
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
@@ -13,7 +15,12 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{healthcheck::Outcome, pod::PodKey};
+use crate::{
+    exclusions::{self, AnnotationError},
+    healthcheck::Outcome,
+    pod::PodKey,
+    reconcile::SharedDatapath,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeLabels {
@@ -26,6 +33,14 @@ pub struct ProbeLabels {
 pub struct PodLabels {
     pub namespace: String,
     pub pod: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnnotationLabels {
+    pub namespace: String,
+    pub pod: String,
+    /// The annotation's full key, e.g. `flomesh.io/outbound-port-exclusion-list`.
+    pub annotation: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -43,6 +58,7 @@ pub struct Metrics {
     pods_known: Gauge,
     pods_served: Gauge,
     listener_errors: Family<PodLabels, Counter>,
+    annotation_errors: Family<AnnotationLabels, Counter>,
 }
 
 fn dial_histogram() -> Histogram {
@@ -84,6 +100,12 @@ impl Default for Metrics {
             "Failed attempts to open a pod's healthcheck listener (netns missing or unusable, bind failed)",
             listener_errors.clone(),
         );
+        let annotation_errors = Family::<AnnotationLabels, Counter>::default();
+        registry.register(
+            "pod_annotation_errors",
+            "Malformed mesh exclusion annotations, ignored, by pod and annotation",
+            annotation_errors.clone(),
+        );
         Self {
             registry,
             probes,
@@ -91,7 +113,37 @@ impl Default for Metrics {
             pods_known,
             pods_served,
             listener_errors,
+            annotation_errors,
         }
+    }
+}
+
+/// Reads the eBPF datapath's per-CPU counters at every scrape, summed over CPUs, as
+/// `probe_bypass_datapath_<counter>_total`. The counters live in pinned maps, so they carry on
+/// across restarts of the agent.
+#[derive(Debug)]
+struct DatapathCollector(SharedDatapath);
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counters = match self.0.lock() {
+            Ok(datapath) => datapath.counters(),
+            // A scrape must not fail because of this; the metric is simply absent this time.
+            Err(_) => return Ok(()),
+        };
+        let counters = match counters {
+            Ok(counters) => counters,
+            Err(error) => {
+                log::warn!("cannot read the datapath counters: {error}");
+                return Ok(());
+            }
+        };
+        for (name, help, value) in counters.describe() {
+            let name = format!("datapath_{name}");
+            let metric = encoder.encode_descriptor(&name, help, None, MetricType::Counter)?;
+            ConstCounter::new(value).encode(metric)?;
+        }
+        Ok(())
     }
 }
 
@@ -103,6 +155,12 @@ fn pod_labels(pod: &PodKey) -> PodLabels {
 }
 
 impl Metrics {
+    /// Exports the datapath's counters along with the agent's own metrics.
+    pub fn register_datapath(&mut self, datapath: SharedDatapath) {
+        self.registry
+            .register_collector(Box::new(DatapathCollector(datapath)));
+    }
+
     pub fn probe(&self, pod: &PodKey, outcome: Outcome) {
         let labels = ProbeLabels {
             namespace: pod.namespace.clone(),
@@ -123,6 +181,27 @@ impl Metrics {
         self.listener_errors.get_or_create(&pod_labels(pod)).inc();
     }
 
+    /// Counts a pod's malformed exclusion annotations, in
+    /// `probe_bypass_pod_annotation_errors_total{namespace,pod,annotation}`, one increment per
+    /// annotation each time it is called: call it when a pod is added or changed, with
+    /// [`Pod::annotation_errors`](crate::pod::Pod::annotation_errors).
+    ///
+    /// What a user sees for, say, `flomesh.io/outbound-port-exclusion-list: "443,0"`: a warning in
+    /// the log (the reconciler logs each [`AnnotationError`], which names the annotation, its value,
+    /// the bad item and why), this counter at 1 for that pod and annotation, and the pod served
+    /// with that one annotation ignored, as if it were absent.
+    pub fn annotation_errors(&self, pod: &PodKey, errors: &[AnnotationError]) {
+        for error in errors {
+            self.annotation_errors
+                .get_or_create(&AnnotationLabels {
+                    namespace: pod.namespace.clone(),
+                    pod: pod.name.clone(),
+                    annotation: error.key.clone(),
+                })
+                .inc();
+        }
+    }
+
     pub fn set_pods(&self, known: usize, served: usize) {
         self.pods_known
             .set(i64::try_from(known).unwrap_or(i64::MAX));
@@ -140,6 +219,13 @@ impl Metrics {
             });
         }
         self.listener_errors.remove(&pod_labels(pod));
+        for annotation in exclusions::annotation_keys() {
+            self.annotation_errors.remove(&AnnotationLabels {
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                annotation,
+            });
+        }
     }
 
     /// The metrics in the Prometheus/OpenMetrics text format.
@@ -147,5 +233,50 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry)?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::exclusions::Exclusions;
+
+    #[test]
+    fn annotation_errors_are_counted_per_annotation_and_forgotten_with_the_pod() {
+        let metrics = Metrics::default();
+        let pod = PodKey {
+            namespace: "shop".into(),
+            name: "bookstore".into(),
+        };
+        let annotations = BTreeMap::from([
+            (
+                "flomesh.io/outbound-port-exclusion-list".to_owned(),
+                "443,0".to_owned(),
+            ),
+            (
+                "openservicemesh.io/outbound-ip-range-inclusion-list".to_owned(),
+                "x".to_owned(),
+            ),
+        ]);
+        let (_, errors) = Exclusions::from_annotations(&annotations);
+        metrics.annotation_errors(&pod, &errors);
+        metrics.annotation_errors(&pod, &errors[..1]);
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains(
+                "probe_bypass_pod_annotation_errors_total{namespace=\"shop\",pod=\"bookstore\",\
+                 annotation=\"flomesh.io/outbound-port-exclusion-list\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("annotation=\"openservicemesh.io/outbound-ip-range-inclusion-list\"} 1"),
+            "{text}"
+        );
+        metrics.forget_pod(&pod);
+        let text = metrics.encode().unwrap();
+        assert!(!text.contains("bookstore"), "{text}");
     }
 }

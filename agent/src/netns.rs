@@ -49,6 +49,34 @@ impl fmt::Display for NetnsId {
     }
 }
 
+/// The cookie of the calling thread's network namespace: the number the kernel's eBPF programs see
+/// for it (`bpf_get_netns_cookie`). Run it inside a pod's namespace with [`NetnsWorker::run`].
+///
+/// Read from a throwaway socket with `SO_NETNS_COOKIE` (Linux 5.14+).
+pub fn netns_cookie() -> io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+
+    /// `SO_NETNS_COOKIE`, at level `SOL_SOCKET`.
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are live for the call and `len` is `cookie`'s size.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            std::ptr::from_mut(&mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 /// An open network namespace. Holding it keeps the namespace alive.
 #[derive(Debug)]
 pub struct Netns {

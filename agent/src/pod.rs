@@ -10,7 +10,10 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use crate::ports::{NETNS_ANNOTATION, NETNS_RUN_DIR, ORIGINAL_TCP_PORT_HEADER};
+use crate::{
+    exclusions::{AnnotationError, Exclusions},
+    ports::{NETNS_ANNOTATION, NETNS_RUN_DIR, ORIGINAL_TCP_PORT_HEADER},
+};
 
 /// Identifies a pod on the node: namespace and name, as the API server does.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -78,6 +81,13 @@ pub struct Pod {
     /// Ports the pod's probes name. The healthcheck dials only these unless told otherwise, so a
     /// caller that reaches it cannot use it to scan the pod's other ports.
     pub probe_ports: BTreeSet<u16>,
+    /// Traffic the pod's mesh annotations (`flomesh.io/…-exclusion-list` and OSM's) leave out of
+    /// the proxy, without the node-wide defaults. Malformed annotations are left out of it.
+    pub exclusions: Exclusions,
+    /// The pod's malformed exclusion annotations, each ignored whole; the rest of the pod is
+    /// served as usual. For the reconciler to log and count
+    /// ([`Metrics::annotation_errors`](crate::metrics::Metrics::annotation_errors)).
+    pub annotation_errors: Vec<AnnotationError>,
 }
 
 /// Why a manifest does not describe a pod the agent can serve.
@@ -164,12 +174,18 @@ impl Pod {
                 collect_probe_ports(container, &mut probe_ports, &mut warnings);
             }
         }
+        let (exclusions, annotation_errors) = match &pod.metadata.annotations {
+            Some(annotations) => Exclusions::from_annotations(annotations),
+            None => (Exclusions::default(), Vec::new()),
+        };
         Ok(Parsed {
             pod: Pod {
                 key: PodKey { namespace, name },
                 ip,
                 netns,
                 probe_ports,
+                exclusions,
+                annotation_errors,
             },
             warnings,
         })
@@ -350,6 +366,51 @@ status:
                 kind: "Deployment".into()
             })
         );
+    }
+
+    #[test]
+    fn reads_exclusion_annotations_and_keeps_serving_past_a_malformed_one() {
+        let yaml = POD.replace(
+            "    probe-bypass/netns: pod-a\n",
+            "    probe-bypass/netns: pod-a\n    \
+             flomesh.io/inbound-port-exclusion-list: \"9090, 9091\"\n    \
+             openservicemesh.io/outbound-ip-range-exclusion-list: 10.0.0.1/8\n    \
+             flomesh.io/outbound-port-exclusion-list: \"443,0\"\n",
+        );
+        let parsed = Pod::from_manifest(manifest(&yaml)).unwrap_or_else(|e| panic!("{e}"));
+        let pod = parsed.pod;
+        assert_eq!(pod.probe_ports, BTreeSet::from([14001, 14002, 15000]));
+        assert_eq!(pod.exclusions.inbound_ports, BTreeSet::from([9090, 9091]));
+        assert_eq!(
+            pod.exclusions.outbound_ip_ranges,
+            BTreeSet::from(["10.0.0.0/8".parse().unwrap()])
+        );
+        assert!(pod.exclusions.outbound_ports.is_empty());
+        assert_eq!(pod.annotation_errors.len(), 1);
+        assert_eq!(
+            pod.annotation_errors[0].key,
+            "flomesh.io/outbound-port-exclusion-list"
+        );
+        assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
+    }
+
+    #[test]
+    fn kubernetes_pods_get_their_exclusions_too() {
+        let mut pod: k8s_openapi::api::core::v1::Pod =
+            serde_json::from_value(manifest(POD)).unwrap();
+        pod.metadata.annotations = Some(
+            [(
+                "openservicemesh.io/outbound-port-exclusion-list".to_owned(),
+                "5432".to_owned(),
+            )]
+            .into(),
+        );
+        let parsed = Pod::from_k8s(&pod, NetnsRef::Named("pod-a".into())).unwrap();
+        assert_eq!(parsed.pod.exclusions.outbound_ports, BTreeSet::from([5432]));
+        assert!(parsed.pod.annotation_errors.is_empty());
+        pod.metadata.annotations = None;
+        let parsed = Pod::from_k8s(&pod, NetnsRef::Named("pod-a".into())).unwrap();
+        assert!(parsed.pod.exclusions.is_empty());
     }
 
     #[test]

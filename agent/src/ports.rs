@@ -22,3 +22,34 @@ pub const NETNS_RUN_DIR: &str = "/run/netns";
 /// Default address of the admin endpoints (health and metrics), in the host network namespace.
 /// 9091 is the port FSM's controller uses for the same endpoints.
 pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:9091";
+
+/// UID the mesh's sidecar proxy runs as.
+pub const PROXY_UID: u32 = 1500;
+
+/// The proxy's inbound port: the mesh redirects connections to a meshed pod here.
+pub const PROXY_INBOUND_PORT: u16 = 15003;
+
+/// The proxy's outbound port: the mesh redirects a meshed pod's own connections here.
+pub const PROXY_OUTBOUND_PORT: u16 = 15001;
+
+/// Ports the mesh's iptables rules leave alone on the way in: the proxy's metrics port (15010), the
+/// liveness/readiness/startup probe ports the injector rewrites httpGet probes to (15901-15903) and
+/// the healthcheck (15904). The datapath lets only the kubelet reach them past the proxy.
+pub const DEFAULT_PROBE_PORTS: &str = "15010,15901,15902,15903,15904";
+
+/// Prefixes of the mesh's own pod annotations: FSM's, then OSM's. Both are honoured.
+pub const MESH_ANNOTATION_PREFIXES: [&str; 2] = ["flomesh.io/", "openservicemesh.io/"];
+
+/// Annotation (after a [`MESH_ANNOTATION_PREFIXES`] prefix): inbound ports that skip the proxy.
+pub const INBOUND_PORT_EXCLUSION_LIST: &str = "inbound-port-exclusion-list";
+
+/// Annotation (after a [`MESH_ANNOTATION_PREFIXES`] prefix): outbound ports that skip the proxy.
+pub const OUTBOUND_PORT_EXCLUSION_LIST: &str = "outbound-port-exclusion-list";
+
+/// Annotation (after a [`MESH_ANNOTATION_PREFIXES`] prefix): outbound destinations (CIDRs) that
+/// skip the proxy.
+pub const OUTBOUND_IP_RANGE_EXCLUSION_LIST: &str = "outbound-ip-range-exclusion-list";
+
+/// Annotation (after a [`MESH_ANNOTATION_PREFIXES`] prefix): when set, the only outbound
+/// destinations (CIDRs) that go through the proxy.
+pub const OUTBOUND_IP_RANGE_INCLUSION_LIST: &str = "outbound-ip-range-inclusion-list";

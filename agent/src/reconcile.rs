@@ -1,11 +1,17 @@
-//! Keeps one healthcheck listener per known pod: opens them, moves them, closes them, retries them.
+//! Keeps every known pod served: its entries in the eBPF datapath's maps and one healthcheck
+//! listener in its network namespace. Opens them, moves them, closes them, retries them.
 //!
 //! Each pod is handled on its own. A pod whose namespace is missing or unusable is reported, counted
 //! and retried with backoff; it never delays or stops the others.
+//!
+//! The datapath's maps outlive the agent (they are pinned), so a restarted agent starts with the
+//! pods the previous one left there. They keep their redirects until the first reading of the pod
+//! source says they are gone: no pod's traffic skips its proxy across a restart.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Arc,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -13,11 +19,27 @@ use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    datapath::{Datapath, DatapathError, PodRules},
     healthcheck::{self, Context},
-    netns::{Netns, NetnsError, NetnsId},
+    netns::{Netns, NetnsError, NetnsId, netns_cookie},
     pod::{Pod, PodKey},
     source::PodSet,
 };
+
+/// The datapath, shared with the admin endpoint that reads its counters. Every operation on it is
+/// a few map syscalls, so a plain mutex is enough.
+pub type SharedDatapath = Arc<Mutex<Datapath>>;
+
+/// Why a pod cannot be served.
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("cannot update the eBPF datapath: {0}")]
+    Datapath(#[from] DatapathError),
+    #[error("the datapath lock is poisoned")]
+    Poisoned,
+}
 
 /// First retry delay of a failing pod; doubled on each failure up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -48,6 +70,8 @@ impl NodeStatus {
 enum State {
     Listening {
         netns: NetnsId,
+        /// The namespace's cookie, as the datapath knows the pod by it.
+        cookie: u64,
         stop: CancellationToken,
     },
     Failing {
@@ -66,16 +90,60 @@ struct Entry {
 /// Drives listeners from the pod source's set.
 pub struct Reconciler {
     ctx: Arc<Context>,
+    datapath: Option<SharedDatapath>,
     entries: HashMap<PodKey, Entry>,
     status: watch::Sender<NodeStatus>,
 }
 
 impl Reconciler {
-    pub fn new(ctx: Arc<Context>, status: watch::Sender<NodeStatus>) -> Self {
+    pub fn new(
+        ctx: Arc<Context>,
+        datapath: Option<SharedDatapath>,
+        status: watch::Sender<NodeStatus>,
+    ) -> Self {
         Self {
             ctx,
+            datapath,
             entries: HashMap::new(),
             status,
+        }
+    }
+
+    /// Runs `op` on the datapath, if there is one.
+    fn with_datapath<T>(
+        &self,
+        op: impl FnOnce(&mut Datapath) -> Result<T, DatapathError>,
+    ) -> Result<Option<T>, ServeError> {
+        let Some(datapath) = &self.datapath else {
+            return Ok(None);
+        };
+        let mut datapath = datapath.lock().map_err(|_| ServeError::Poisoned)?;
+        Ok(Some(op(&mut datapath)?))
+    }
+
+    /// Takes a pod out of the datapath, logging a failure (the pod is gone either way).
+    fn forget_in_datapath(&self, key: &PodKey, ip: IpAddr) {
+        if let Err(error) = self.with_datapath(|datapath| datapath.remove_pod(ip)) {
+            log::error!("pod {key}: cannot remove it from the datapath: {error}");
+        }
+    }
+
+    /// Removes the pods an earlier agent left in the datapath that the pod source no longer has.
+    fn forget_stale(&self, pods: &PodSet) {
+        let wanted: BTreeSet<IpAddr> = pods.values().map(|pod| pod.ip).collect();
+        let left = match self.with_datapath(|datapath| Ok(datapath.pods())) {
+            Ok(Some(left)) => left,
+            Ok(None) => return,
+            Err(error) => {
+                log::error!("cannot list the datapath's pods: {error}");
+                return;
+            }
+        };
+        for ip in left.difference(&wanted) {
+            log::info!("pod {ip} left in the datapath by an earlier agent is gone: removing it");
+            if let Err(error) = self.with_datapath(|datapath| datapath.remove_pod(*ip)) {
+                log::error!("cannot remove pod {ip} from the datapath: {error}");
+            }
         }
     }
 
@@ -85,6 +153,7 @@ impl Reconciler {
         revalidate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let first = Arc::clone(&pods.borrow_and_update());
         self.apply(&first).await;
+        self.forget_stale(&first);
         loop {
             self.publish();
             let retry_at = self.next_retry();
@@ -117,6 +186,7 @@ impl Reconciler {
             .collect();
         for key in gone {
             if let Some(entry) = self.entries.remove(&key) {
+                self.forget_in_datapath(&key, entry.pod.borrow().ip);
                 if let State::Listening { stop, .. } = entry.state {
                     stop.cancel();
                 }
@@ -127,6 +197,7 @@ impl Reconciler {
         for (key, pod) in pods {
             let Some(entry) = self.entries.get(key) else {
                 log::info!("pod {key} added: ip {}, netns {}", pod.ip, pod.netns);
+                self.report_annotation_errors(pod);
                 let (sender, _) = watch::channel(Arc::clone(pod));
                 let state = self.start(pod, &sender, 0, None).await;
                 self.entries
@@ -144,8 +215,20 @@ impl Reconciler {
                 pod.netns,
                 pod.probe_ports
             );
+            if current.annotation_errors != pod.annotation_errors {
+                self.report_annotation_errors(pod);
+            }
             entry.pod.send_replace(Arc::clone(pod));
+            if current.ip != pod.ip {
+                self.forget_in_datapath(key, current.ip);
+            }
             if moved || matches!(entry.state, State::Failing { .. }) {
+                self.restart(key, 0).await;
+            } else if let State::Listening { cookie, .. } = entry.state
+                && let Err(error) =
+                    self.with_datapath(|datapath| datapath.upsert_pod(&pod_rules(pod, cookie)))
+            {
+                log::error!("pod {key}: cannot update it in the datapath: {error}; retrying");
                 self.restart(key, 0).await;
             }
         }
@@ -188,8 +271,27 @@ impl Reconciler {
         }
     }
 
-    async fn open(&self, pod: &Pod, sender: &watch::Sender<Arc<Pod>>) -> Result<State, NetnsError> {
+    /// Logs and counts a pod's malformed exclusion annotations; each only loses its own setting.
+    fn report_annotation_errors(&self, pod: &Pod) {
+        for error in &pod.annotation_errors {
+            log::warn!("pod {}: ignoring an annotation: {error}", pod.key);
+        }
+        self.ctx
+            .metrics
+            .annotation_errors(&pod.key, &pod.annotation_errors);
+    }
+
+    /// Puts `pod` in the datapath and opens its listener, in that order: the pod's redirects do not
+    /// wait for the listener.
+    async fn open(&self, pod: &Pod, sender: &watch::Sender<Arc<Pod>>) -> Result<State, ServeError> {
         let netns = Arc::new(Netns::open(&pod.netns.path())?);
+        let cookie = if self.datapath.is_some() {
+            let cookie = self.ctx.worker.run(&netns, netns_cookie).await?;
+            self.with_datapath(|datapath| datapath.upsert_pod(&pod_rules(pod, cookie)))?;
+            cookie
+        } else {
+            0
+        };
         let listener =
             healthcheck::bind(&self.ctx.worker, &netns, pod.ip, self.ctx.settings.port).await?;
         let stop = CancellationToken::new();
@@ -201,7 +303,11 @@ impl Reconciler {
             netns,
             stop.clone(),
         ));
-        Ok(State::Listening { netns: id, stop })
+        Ok(State::Listening {
+            netns: id,
+            cookie,
+            stop,
+        })
     }
 
     /// Replaces the listener of `key`: the new one is bound before the old one closes (SO_REUSEPORT),
@@ -287,6 +393,15 @@ impl Reconciler {
         }
         self.ctx.metrics.set_pods(self.entries.len(), status.served);
         self.status.send_replace(status);
+    }
+}
+
+/// What the datapath needs of a pod.
+fn pod_rules(pod: &Pod, netns_cookie: u64) -> PodRules {
+    PodRules {
+        addrs: vec![pod.ip],
+        netns_cookie,
+        exclusions: pod.exclusions.clone(),
     }
 }
 

@@ -1,17 +1,25 @@
 //! `probe-bypass run`: wires the pod source, the listeners and the admin endpoints together.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin::{self, Admin},
-    cli::RunArgs,
+    cli::{DatapathArgs, DatapathMode, ProbeBypassFrom, RunArgs},
+    datapath::{self, Datapath, DatapathError},
+    exclusions::Exclusions,
     healthcheck::{Context, Settings},
     metrics::Metrics,
     netns::{NetnsError, NetnsWorker},
-    reconcile::{NodeStatus, Reconciler},
+    preflight::{self, PreflightFailed},
+    reconcile::{NodeStatus, Reconciler, SharedDatapath},
     signal,
     source::manifests::{self, SourceError},
 };
@@ -29,6 +37,54 @@ pub enum RunError {
     Netns(#[from] NetnsError),
     #[error("cannot install the SIGTERM/SIGINT handler: {0}")]
     Signal(io::Error),
+    #[error(transparent)]
+    Preflight(#[from] PreflightFailed),
+    #[error("cannot install the eBPF datapath: {}", error_chain(.0))]
+    Datapath(#[from] DatapathError),
+}
+
+/// An error and its causes on one line, for the log.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        text.push_str(": ");
+        text.push_str(&error.to_string());
+        cause = error.source();
+    }
+    text
+}
+
+/// Checks the host, then installs the datapath (or adopts the one a previous agent pinned).
+fn install_datapath(args: &DatapathArgs) -> Result<Option<SharedDatapath>, RunError> {
+    if args.mode == DatapathMode::None {
+        log::info!("--datapath none: the mesh's own iptables rules stay in charge of redirects");
+        return Ok(None);
+    }
+    let report = preflight::check(args.cgroup_root.as_deref(), &args.pin_path)?;
+    log::info!("host checks passed: {report}");
+    let settings = datapath::Settings {
+        proxy_uid: args.proxy_uid,
+        inbound_port: args.proxy_inbound_port,
+        outbound_port: args.proxy_outbound_port,
+        probe_ports: args.probe_ports.clone(),
+        probe_bypass_from_any: args.probe_bypass_from == ProbeBypassFrom::Any,
+        sk_msg: args.sk_msg,
+        node: Exclusions {
+            inbound_ports: args.inbound_port_exclusion_list.clone(),
+            outbound_ports: args.outbound_port_exclusion_list.clone(),
+            outbound_ip_ranges: args.outbound_ip_range_exclusion_list.clone(),
+            outbound_ip_range_inclusions: args.outbound_ip_range_inclusion_list.clone(),
+        },
+    };
+    let datapath = Datapath::install(&report.cgroup_root, &args.pin_path, settings)?;
+    log::info!(
+        "eBPF datapath attached to {} (pinned in {}; {} pods carried over from an earlier agent)",
+        report.cgroup_root.display(),
+        args.pin_path.display(),
+        datapath.pods().len()
+    );
+    Ok(Some(Arc::new(Mutex::new(datapath))))
 }
 
 /// Runs until SIGTERM or SIGINT.
@@ -47,7 +103,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             })?;
     let pods = manifests::watch(&args.pod_manifests)?;
     let shutdown = signal::shutdown_requested();
-    let metrics = Arc::new(Metrics::default());
+    let datapath = install_datapath(&args.datapath)?;
+    let mut metrics = Metrics::default();
+    if let Some(datapath) = &datapath {
+        metrics.register_datapath(Arc::clone(datapath));
+    }
+    let metrics = Arc::new(metrics);
     let ctx = Arc::new(Context {
         settings: Settings {
             port: args.healthcheck_port,
@@ -62,8 +123,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     });
     let stop = CancellationToken::new();
     let (status_tx, status) = watch::channel(NodeStatus::default());
-    let reconciler =
-        tokio::spawn(Reconciler::new(Arc::clone(&ctx), status_tx).run(pods, stop.clone()));
+    let reconciler = tokio::spawn(
+        Reconciler::new(Arc::clone(&ctx), datapath, status_tx).run(pods, stop.clone()),
+    );
     tokio::spawn(admin::serve(
         admin_listener,
         Arc::new(Admin { metrics, status }),
@@ -87,6 +149,6 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             ctx.tracker.len()
         );
     }
-    log::info!("stopped");
+    log::info!("stopped; the eBPF datapath (if any) stays attached, pinned, for the next agent");
     Ok(())
 }

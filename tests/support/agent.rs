@@ -58,6 +58,22 @@ fn free_port() -> SocketAddr {
     listener.local_addr().expect("local addr")
 }
 
+/// A test never attaches the eBPF datapath to the cgroup root, which would hook every process on the
+/// machine: without `--datapath` the agent runs with `--datapath none`, and `--datapath ebpf` must
+/// come with `--cgroup-root` (a test cgroup).
+fn datapath_args(args: &[&str]) -> &'static [&'static str] {
+    let Some(at) = args.iter().position(|arg| *arg == "--datapath") else {
+        return &["--datapath", "none"];
+    };
+    if args.get(at + 1) == Some(&"ebpf") {
+        assert!(
+            args.contains(&"--cgroup-root"),
+            "a test must confine the datapath to a test cgroup (--cgroup-root)"
+        );
+    }
+    &[]
+}
+
 impl Agent {
     /// Starts the agent on `dir` with extra `args` and waits until its admin endpoint answers. It
     /// logs at debug level, so the log of a failing test shows every request the agent answered.
@@ -77,6 +93,7 @@ impl Agent {
             .arg(dir)
             .arg("--admin-addr")
             .arg(admin.to_string())
+            .args(datapath_args(args))
             .args(args)
             .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())

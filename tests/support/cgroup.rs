@@ -7,7 +7,7 @@ use std::{
     fs,
     io::ErrorKind,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus},
+    process::{Child, Command, ExitStatus, Output},
     sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
@@ -45,16 +45,26 @@ impl TestCgroup {
         &self.path
     }
 
-    /// Starts `program` with `args` inside this cgroup. A shell moves itself in first (by writing
-    /// its pid to `cgroup.procs`) and then becomes the program, so the program is in the cgroup
-    /// from its first instruction on and none of its connections escapes the hook.
-    pub fn spawn(&mut self, program: &str, args: &[&str]) -> &mut Child {
-        let child = Command::new("sh")
+    /// A command that runs `program` with `args` inside this cgroup. A shell moves itself in first
+    /// (by writing its pid to `cgroup.procs`) and then becomes the program, so the program is in the
+    /// cgroup from its first instruction on and none of its connections escapes the hook.
+    ///
+    /// The caller owns what it spawns from it; [`Drop`] still kills it through `cgroup.kill`.
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+        let mut command = Command::new("sh");
+        command
             .arg("-c")
             .arg(r#"echo $$ > "$0" && exec "$@""#)
             .arg(self.path.join("cgroup.procs"))
             .arg(program)
-            .args(args)
+            .args(args);
+        command
+    }
+
+    /// Starts `program` with `args` inside this cgroup (see [`Self::command`]); killed on drop.
+    pub fn spawn(&mut self, program: &str, args: &[&str]) -> &mut Child {
+        let child = self
+            .command(program, args)
             .spawn()
             .unwrap_or_else(|error| panic!("start {program} in {}: {error}", self.path.display()));
         self.children.push(child);
@@ -69,6 +79,14 @@ impl TestCgroup {
             .unwrap_or_else(|error| panic!("wait for {program}: {error}"))
     }
 
+    /// Runs `program` with `args` inside this cgroup (see [`Self::command`]) to the end and returns
+    /// its exit status and what it printed.
+    pub fn output(&self, program: &str, args: &[&str]) -> Output {
+        self.command(program, args)
+            .output()
+            .unwrap_or_else(|error| panic!("run {program} in {}: {error}", self.path.display()))
+    }
+
     /// Kills every process left in the cgroup, including any a child started, with `cgroup.kill`
     /// (Linux 5.14+). On older kernels only the processes [`Self::spawn`] started are killed.
     fn kill_remaining(&self) {
@@ -77,6 +95,34 @@ impl TestCgroup {
             let _ = fs::write(&kill, "1");
         }
     }
+}
+
+/// The eBPF programs attached to the cgroup at `path` itself (not inherited), as `bpftool`
+/// reports them: `"<attach type>" "<program name>"`, sorted.
+pub fn attached_programs(path: &Path) -> Vec<String> {
+    let output = Command::new("bpftool")
+        .args(["--json", "cgroup", "show"])
+        .arg(path)
+        .output()
+        .expect("run bpftool (cargo xtask setup installs it)");
+    assert!(
+        output.status.success(),
+        "bpftool cgroup show {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // bpftool prints an empty line, not `[]`, when nothing is attached.
+    if output.stdout.trim_ascii().is_empty() {
+        return Vec::new();
+    }
+    let programs: Vec<serde_json::Value> =
+        serde_json::from_slice(&output.stdout).expect("parse bpftool's output");
+    let mut programs: Vec<String> = programs
+        .iter()
+        .map(|program| format!("{} {}", program["attach_type"], program["name"]))
+        .collect();
+    programs.sort();
+    programs
 }
 
 impl Drop for TestCgroup {

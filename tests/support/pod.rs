@@ -5,13 +5,15 @@
 //! leftovers of an earlier run do not collide. Everything is deleted when the guard drops.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream},
     process::Command,
     sync::{
         Arc,
         atomic::{AtomicU32, Ordering},
     },
     thread,
+    time::Duration,
 };
 
 use probe_bypass::netns::{Netns, NetnsWorker};
@@ -127,8 +129,22 @@ impl TestPod {
     /// connects faster than a single thread accepts, and a full accept queue drops the next SYN,
     /// which costs that client a 1 s retransmit: a stall of the load generator, not of TCP.
     pub fn listen_with_acceptors(&self, addr: SocketAddr, acceptors: usize) -> App {
-        let socket = self
-            .worker
+        App::accepting(self.bind(addr), acceptors.max(1), |_connection| {})
+    }
+
+    /// Starts an HTTP app on `addr` inside the pod that answers every request with 200 and `body`.
+    pub fn serve_http(&self, addr: SocketAddr, body: &str) -> App {
+        let body = body.to_owned();
+        App::accepting(self.bind(addr), 1, move |connection| {
+            let body = body.clone();
+            // A client that is slow to close must not hold up the next one.
+            thread::spawn(move || answer_http(connection.into(), &body));
+        })
+    }
+
+    /// A listening socket on `addr`, made inside the pod's namespace.
+    fn bind(&self, addr: SocketAddr) -> Socket {
+        self.worker
             .run_blocking(&self.netns, move || {
                 let socket =
                     Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -137,8 +153,15 @@ impl TestPod {
                 socket.listen(1024)?;
                 Ok(socket)
             })
-            .unwrap_or_else(|e| panic!("listen on {addr} in {}: {e}", self.netns_name));
-        App::accepting(socket, acceptors.max(1))
+            .unwrap_or_else(|e| panic!("listen on {addr} in {}: {e}", self.netns_name))
+    }
+
+    /// Lets this pod reach the other test pods through the host: IPv4 forwarding is switched on for
+    /// the host end of this pod's veth only (the kernel checks it on the interface a packet comes
+    /// in on). The host's own `ip_forward` is left alone, and the setting goes with the veth.
+    pub fn route_to_other_pods(&self) {
+        let knob = format!("/proc/sys/net/ipv4/conf/{}/forwarding", self.host_veth);
+        std::fs::write(&knob, "1").unwrap_or_else(|e| panic!("write {knob}: {e}"));
     }
 
     /// Runs a command inside the pod's namespace (`ip netns exec`) and returns what it printed,
@@ -156,24 +179,43 @@ impl TestPod {
 
     /// The manifest the agent reads for this pod, declaring `ports` as tcpSocket probe ports.
     pub fn manifest(&self, name: &str, ports: &[u16]) -> String {
-        let probes: Vec<String> = ports
+        self.manifest_with_annotations(name, ports, &[])
+    }
+
+    /// Like [`Self::manifest`], with `annotations` (name, value) added to the pod's metadata.
+    pub fn manifest_with_annotations(
+        &self,
+        name: &str,
+        ports: &[u16],
+        annotations: &[(&str, &str)],
+    ) -> String {
+        let containers: Vec<serde_json::Value> = ports
             .iter()
             .enumerate()
             .map(|(i, port)| {
-                format!(
-                    r#"{{"name":"c{i}","image":"app","livenessProbe":{{"tcpSocket":{{"port":{port}}}}}}}"#
-                )
+                serde_json::json!({
+                    "name": format!("c{i}"),
+                    "image": "app",
+                    "livenessProbe": {"tcpSocket": {"port": port}},
+                })
             })
             .collect();
-        format!(
-            r#"{{"apiVersion":"v1","kind":"Pod",
-"metadata":{{"name":"{name}","namespace":"test","annotations":{{"probe-bypass/netns":"{}"}}}},
-"spec":{{"containers":[{}]}},
-"status":{{"podIP":"{}"}}}}"#,
-            self.netns_name,
-            probes.join(","),
-            self.ip
-        )
+        let mut all = serde_json::Map::new();
+        all.insert(
+            "probe-bypass/netns".to_owned(),
+            self.netns_name.clone().into(),
+        );
+        for (key, value) in annotations {
+            all.insert((*key).to_owned(), (*value).into());
+        }
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": "test", "annotations": all},
+            "spec": {"containers": containers},
+            "status": {"podIP": self.ip.to_string()},
+        })
+        .to_string()
     }
 }
 
@@ -190,29 +232,61 @@ impl Drop for TestPod {
     }
 }
 
-/// A listening app that accepts and closes every connection, until dropped.
+/// A listening app that accepts connections and hands each to its handler, until dropped. The
+/// plain app's handler closes the connection at once; the HTTP app's answers first.
 pub struct App {
     socket: Arc<Socket>,
     acceptors: Vec<thread::JoinHandle<()>>,
 }
 
 impl App {
-    fn accepting(socket: Socket, acceptors: usize) -> Self {
+    fn accepting(
+        socket: Socket,
+        acceptors: usize,
+        handle: impl Fn(Socket) + Clone + Send + 'static,
+    ) -> Self {
         let socket = Arc::new(socket);
         let acceptors = (0..acceptors)
             .map(|_| {
                 let listener = Arc::clone(&socket);
-                thread::spawn(move || while listener.accept().is_ok() {})
+                let handle = handle.clone();
+                thread::spawn(move || {
+                    while let Ok((connection, _peer)) = listener.accept() {
+                        handle(connection);
+                    }
+                })
             })
             .collect();
         Self { socket, acceptors }
     }
 }
 
+/// Answers whatever the client sends first (a request, or the TLS hello of a proxy that expected
+/// a peer proxy here) with 200 and `body`, then waits for the client to close: closing with
+/// unread bytes would send a reset instead of the answer's FIN.
+fn answer_http(mut stream: TcpStream, body: &str) {
+    let mut buf = [0u8; 4096];
+    if stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .is_err()
+        || !matches!(stream.read(&mut buf), Ok(n) if n > 0)
+    {
+        return;
+    }
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if stream.write_all(response.as_bytes()).is_ok() {
+        let _ = stream.shutdown(Shutdown::Write);
+        while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+    }
+}
+
 impl Drop for App {
     fn drop(&mut self) {
         // Shutting a listening socket down wakes every blocked accept() with an error.
-        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        let _ = self.socket.shutdown(Shutdown::Both);
         for acceptor in self.acceptors.drain(..) {
             let _ = acceptor.join();
         }

@@ -148,6 +148,9 @@ fn demo(agent_bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> Result<()> {
         .args(["run", "--pod-manifests"])
         .arg(&dir)
         .args(["--admin-addr", ADMIN])
+        // The demo shows the healthcheck; it does not attach eBPF programs to this machine's
+        // cgroup root.
+        .args(["--datapath", "none"])
         .env("RUST_LOG", "info")
         .stderr(Stdio::inherit())
         .spawn()

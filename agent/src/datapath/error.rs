@@ -67,7 +67,7 @@ pub enum DatapathError {
         cgroup: PathBuf,
         /// The cause.
         #[source]
-        source: ProgramError,
+        source: io::Error,
     },
 
     /// Reading or writing a map failed.
@@ -80,6 +80,27 @@ pub enum DatapathError {
         /// The cause.
         #[source]
         source: MapError,
+    },
+
+    /// A pin (or the pin directory) on bpffs could not be created, opened or used.
+    #[error("pin {path}")]
+    Pin {
+        /// The pinned object or directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A pinned link of the agent is attached to another cgroup than the one asked for.
+    #[error(
+        "the pinned link {link} is attached to another cgroup than {cgroup}; run `probe-bypass uninstall` (same --pin-path) before attaching elsewhere"
+    )]
+    OtherCgroup {
+        /// The pinned link.
+        link: PathBuf,
+        /// The cgroup asked for.
+        cgroup: PathBuf,
     },
 
     /// The mount table could not be read.

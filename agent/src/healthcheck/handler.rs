@@ -107,7 +107,10 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::pod::{NetnsRef, PodKey};
+    use crate::{
+        exclusions::Exclusions,
+        pod::{NetnsRef, PodKey},
+    };
 
     fn pod() -> Pod {
         Pod {
@@ -118,6 +121,8 @@ mod tests {
             ip: "198.18.0.2".parse().expect("ip"),
             netns: NetnsRef::Named("pod".into()),
             probe_ports: BTreeSet::from([8080]),
+            exclusions: Exclusions::default(),
+            annotation_errors: Vec::new(),
         }
     }
 

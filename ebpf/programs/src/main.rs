@@ -1,8 +1,21 @@
 //! The probe-bypass kernel programs, loaded and attached by the agent (`agent/src/datapath.rs`).
 //!
-//! For now one program: a cgroup connect4 hook that recognises connections to meshed pods and to
-//! their probe ports, and counts them. It never changes a connection; the redirects that replace
-//! the mesh's iptables rules build on these maps.
+//! Together they do for every meshed pod on the node what the mesh's init container did with
+//! per-pod iptables rules (`tests/fixtures/fsm-init.iptables`), from one place, the node's cgroup v2
+//! root:
+//!
+//! - **connect4 / connect6** decide, before a TCP connection is made, whether it goes to a proxy:
+//!   a meshed pod's own connections to its proxy's outbound port, connections to a meshed pod to
+//!   its proxy's inbound port. They remember the destination that was asked for.
+//! - **sockops** files that destination under the connection's addresses once it is established,
+//!   and puts the sockets of mesh connections into the `SOCKETS` sockhash for sk_msg.
+//! - **getsockopt** answers the proxy's `SO_ORIGINAL_DST` from that record.
+//! - **sk_msg** hands data between two sockets of the same node straight to the peer's receive
+//!   queue, skipping the rest of the TCP/IP stack.
+//!
+//! The one rule iptables cannot express: a connection to a probe port (15901-15904 and the mesh's
+//! metrics port) skips the proxy only when it comes from the host network namespace, where the
+//! kubelet runs. From any other pod it meets the proxy, and mTLS, like any other port.
 //!
 //! Built for the BPF target this is a `no_std`, `no_main` object. Workspace-wide commands such as
 //! `cargo clippy --workspace` also check it for the host, where it is an empty ordinary program:
@@ -11,59 +24,523 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, map},
-    maps::{HashMap, PerCpuArray},
-    programs::SockAddrContext,
+    EbpfContext as _,
+    bindings::{
+        BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        sk_action::SK_PASS,
+    },
+    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_msg, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key as LpmKey},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
-use probe_bypass_common::{Counter, PodAddr, PodInfo};
+use probe_bypass_common::{
+    Addr, CidrRule, Config, ConnKey, Counter, OrigDst, PodEntry, PortRule, cidr_rule, port_rule,
+    redirect,
+};
 
 /// Room for every pod of a large node twice over (dual-stack pods have an entry per family).
-const MAX_MESHED_PODS: u32 = 4096;
+const MAX_PODS: u32 = 4096;
+/// Port rules: the node's probe ports and exclusions plus every pod's exclusions.
+const MAX_PORT_RULES: u32 = 65536;
+/// Address-range rules, node-wide and per pod.
+const MAX_CIDR_RULES: u32 = 16384;
+/// Connections being tracked at once (redirected and not yet closed, or sockets for sk_msg).
+/// Least recently used entries make way when it is full.
+const MAX_CONNECTIONS: u32 = 65536;
 
-/// Room for the mesh's probe ports (15901-15904), its metrics port and extra ports from the config.
-const MAX_PROBE_PORTS: u32 = 256;
-
-/// What a cgroup sock_addr program returns to let the call go on (0 would fail it with EPERM).
+/// What a cgroup program returns to let the call go on (0 would fail it with EPERM).
 const ALLOW: i32 = 1;
 
-/// The addresses of the meshed pods on this node, IPv4 ones IPv4-mapped. Filled by the agent.
-#[map]
-static MESHED_PODS: HashMap<PodAddr, PodInfo> = HashMap::with_max_entries(MAX_MESHED_PODS, 0);
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const SOCK_STREAM: u32 = 1;
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
+/// `SO_ORIGINAL_DST` (level `SOL_IP`) and `IP6T_SO_ORIGINAL_DST` (level `SOL_IPV6`) share the number.
+const SO_ORIGINAL_DST: i32 = 80;
+/// A getsockopt buffer the kernel would refuse to hand a program (more than a page).
+const MAX_OPTLEN: i32 = 4096;
+const TCP_CLOSE: u32 = 7;
 
-/// The probe ports (host byte order) of meshed pods. Filled by the agent.
+/// Reads a field of a kernel context (or `bpf_sock`) with a load at the field's own offset.
+///
+/// The verifier only allows context loads at constant offsets from the pointer it handed over. Left
+/// to itself, the compiler may compute a field's address ahead of a branch and load through it
+/// later ("dereference of modified ctx ptr"); a volatile read of each field, made unconditionally,
+/// keeps every load a plain `ptr + offset` access.
+macro_rules! field {
+    ($ptr:expr, $($field:tt)+) => {
+        // SAFETY: the caller passes a context pointer the kernel handed to this program.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ptr).$($field)+)) }
+    };
+}
+
+/// Node-wide settings, at index 0. Filled by the agent before it attaches anything.
 #[map]
-static PROBE_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_PROBE_PORTS, 0);
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Meshed pods by each of their addresses (IPv4 ones IPv4-mapped).
+#[map]
+static PODS_BY_ADDR: HashMap<Addr, PodEntry> = HashMap::with_max_entries(MAX_PODS, 0);
+
+/// Meshed pods by the cookie of their network namespace.
+#[map]
+static PODS_BY_NETNS: HashMap<u64, PodEntry> = HashMap::with_max_entries(MAX_PODS, 0);
+
+/// Probe ports and port exclusions, node-wide and per pod. Only presence matters.
+#[map]
+static PORT_RULES: HashMap<PortRule, u8> = HashMap::with_max_entries(MAX_PORT_RULES, 0);
+
+/// Address-range exclusions and inclusions, node-wide and per pod. Only presence matters.
+#[map]
+static CIDR_RULES: LpmTrie<CidrRule, u8> = LpmTrie::with_max_entries(MAX_CIDR_RULES, 0);
+
+/// The destination a redirected socket asked for, by socket cookie, from connect() until the
+/// connection is established (when its source port is known).
+#[map]
+static PENDING: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+
+/// The destination a redirected connection asked for, by its addresses (client first), from
+/// established until the proxy's end closes.
+#[map]
+static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+
+/// Established sockets of mesh connections, by their own end first. The sk_msg program is attached
+/// to this map and runs for every message these sockets send.
+#[map]
+static SOCKETS: SockHash<ConnKey> = SockHash::with_max_entries(MAX_CONNECTIONS, 0);
 
 /// Event counters, indexed by [`Counter`]. Per CPU so that counting needs no atomics; the agent sums them.
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
-/// Runs on every `connect()` of an IPv4 socket in the cgroup it is attached to, before the
-/// connection is made. Counts the call, whether it goes to a meshed pod, and whether it goes to one
-/// of that pod's probe ports. Always lets the call proceed, unchanged.
-///
-/// Minimum kernel version: 4.17 (`BPF_CGROUP_INET4_CONNECT`). From 5.7 the agent attaches it with a
-/// bpf_link, earlier with `BPF_PROG_ATTACH`.
+/// Runs on every `connect()` of an IPv4 socket in the cgroup, before the connection is made.
 #[cgroup_sock_addr(connect4)]
-pub fn connect4(ctx: SockAddrContext) -> i32 {
-    count(Counter::Connect4);
-
-    // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for the duration of the call,
-    // and both fields allow 4-byte reads.
-    let (user_ip4, user_port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
-
-    let destination = PodAddr::ipv4_mapped(user_ip4);
-    if MESHED_PODS.get_ptr(destination).is_none() {
+pub fn pb_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let (ip4, port, kind) = (
+        field!(sa, user_ip4),
+        field!(sa, user_port),
+        field!(sa, type_),
+    );
+    if kind != SOCK_STREAM {
         return ALLOW;
     }
-    count(Counter::ToMeshedPod);
-
-    // The kernel loads the 16-bit `sin_port` (network byte order) into the low half of the 32-bit field.
-    let port = u16::from_be(user_port as u16);
-    if PROBE_PORTS.get_ptr(port).is_some() {
-        count(Counter::ToProbePort);
+    // The kernel loads the 16-bit `sin_port` (network byte order) into the low half of the field.
+    let port = u16::from_be(port as u16);
+    if let Some((to, to_port)) = decide(&ctx, Addr::ipv4_mapped(ip4), port) {
+        // SAFETY: as above; connect4 may write these two fields with 4-byte stores.
+        unsafe {
+            (*ctx.sock_addr).user_ip4 = to.words[3];
+            (*ctx.sock_addr).user_port = u32::from(to_port.to_be());
+        }
     }
     ALLOW
+}
+
+/// Runs on every `connect()` of an IPv6 socket in the cgroup, before the connection is made. An
+/// IPv4 destination reached through an IPv6 socket arrives here IPv4-mapped and is treated as the
+/// IPv4 address it is.
+#[cgroup_sock_addr(connect6)]
+pub fn pb_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // Word by word: the kernel allows 4-byte reads of `user_ip6`.
+    let words = [
+        field!(sa, user_ip6[0]),
+        field!(sa, user_ip6[1]),
+        field!(sa, user_ip6[2]),
+        field!(sa, user_ip6[3]),
+    ];
+    let (port, kind) = (field!(sa, user_port), field!(sa, type_));
+    if kind != SOCK_STREAM {
+        return ALLOW;
+    }
+    let port = u16::from_be(port as u16);
+    if let Some((to, to_port)) = decide(&ctx, Addr { words }, port) {
+        // SAFETY: as above; connect6 may write each word of `user_ip6` and `user_port`.
+        unsafe {
+            let sa = &mut *ctx.sock_addr;
+            sa.user_ip6[0] = to.words[0];
+            sa.user_ip6[1] = to.words[1];
+            sa.user_ip6[2] = to.words[2];
+            sa.user_ip6[3] = to.words[3];
+            sa.user_port = u32::from(to_port.to_be());
+        }
+    }
+    ALLOW
+}
+
+/// The decision of both connect programs: where a TCP connection to `dst`:`port` goes instead, if
+/// anywhere. Records the original destination under the socket's cookie when it redirects.
+///
+/// The order follows the mesh's iptables rules (OUTPUT in the caller's pod, then PREROUTING in the
+/// destination pod), with the probe ports open to the host network namespace only.
+#[inline(always)]
+fn decide(ctx: &SockAddrContext, dst: Addr, port: u16) -> Option<(Addr, u16)> {
+    count(Counter::Connects);
+    let config = CONFIG.get(0)?;
+    // SAFETY: the helpers take the program's own context (or NULL, for the initial namespace).
+    let caller_netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let loopback = dst.is_loopback();
+
+    // Outbound: the caller is a meshed pod.
+    // SAFETY: map values stay valid while the program runs (RCU); read by value at once.
+    if let Some(caller) = unsafe { PODS_BY_NETNS.get(caller_netns) }.copied() {
+        // The low half is the UID (in the initial user namespace).
+        let uid = bpf_get_current_uid_gid() as u32;
+        if uid != config.proxy_uid {
+            if loopback || to_own_pod(&caller, dst) {
+                return None;
+            }
+            if !outbound_excluded(&caller, dst, port) {
+                count(Counter::RedirectedOutbound);
+                return remember(ctx, dst, port, redirect::OUTBOUND)
+                    .then(|| (dst.loopback_like(), config.outbound_port));
+            }
+            // Excluded from its own proxy, the connection still meets its destination's inbound
+            // rules, as it does when it arrives at another pod under iptables.
+        }
+        // The proxy's own connections go on to the inbound rules of their destination, its own
+        // pod included, as they do under iptables.
+    }
+    if loopback {
+        return None;
+    }
+
+    // Inbound: the destination is a meshed pod.
+    // SAFETY: as above.
+    let target = unsafe { PODS_BY_ADDR.get(dst) }.copied()?;
+    if port == config.inbound_port {
+        // Already addressed to the proxy; rewriting it would only make the proxy loop to itself.
+        return None;
+    }
+    if has_port_rule(Addr::UNSPECIFIED, port, port_rule::PROBE) {
+        // SAFETY: NULL asks for the initial network namespace's cookie.
+        let host_netns = unsafe { bpf_get_netns_cookie(core::ptr::null_mut()) };
+        if caller_netns == host_netns || config.flags & Config::PROBE_BYPASS_FROM_ANY != 0 {
+            count(Counter::ProbeBypassed);
+            return None;
+        }
+        count(Counter::BypassRefused);
+    } else if has_port_rule(target.id, port, port_rule::INBOUND_EXCLUDED)
+        || has_port_rule(Addr::UNSPECIFIED, port, port_rule::INBOUND_EXCLUDED)
+    {
+        return None;
+    }
+    count(Counter::RedirectedInbound);
+    remember(ctx, dst, port, redirect::INBOUND).then_some((dst, config.inbound_port))
+}
+
+/// Whether a meshed pod's connection goes to the pod's own address: it stays inside the pod (on
+/// `lo`), where the mesh's rules let the app's own connections be.
+#[inline(always)]
+fn to_own_pod(caller: &PodEntry, dst: Addr) -> bool {
+    // SAFETY: as in `decide`.
+    unsafe { PODS_BY_ADDR.get(dst) }
+        .is_some_and(|target| target.netns_cookie == caller.netns_cookie)
+}
+
+/// Whether a meshed pod's own (non-proxy) connection skips its proxy: to an excluded port or range,
+/// or, when inclusions apply, outside every included range.
+#[inline(always)]
+fn outbound_excluded(caller: &PodEntry, dst: Addr, port: u16) -> bool {
+    if has_port_rule(caller.id, port, port_rule::OUTBOUND_EXCLUDED)
+        || has_port_rule(Addr::UNSPECIFIED, port, port_rule::OUTBOUND_EXCLUDED)
+        || in_range(caller.id, cidr_rule::EXCLUDED, dst)
+        || in_range(Addr::UNSPECIFIED, cidr_rule::EXCLUDED, dst)
+    {
+        return true;
+    }
+    caller.flags & PodEntry::HAS_INCLUSIONS != 0
+        && !in_range(caller.id, cidr_rule::INCLUDED, dst)
+        && !in_range(Addr::UNSPECIFIED, cidr_rule::INCLUDED, dst)
+}
+
+#[inline(always)]
+fn has_port_rule(scope: Addr, port: u16, kind: u16) -> bool {
+    PORT_RULES.get_ptr(PortRule { scope, port, kind }).is_some()
+}
+
+#[inline(always)]
+fn in_range(scope: Addr, kind: u32, addr: Addr) -> bool {
+    let key = LpmKey::new(CidrRule::ALL_BITS, CidrRule { scope, kind, addr });
+    CIDR_RULES.get(&key).is_some()
+}
+
+/// Files the destination a socket asked for under its cookie, for sockops to pick up once the
+/// connection is established. A connection that cannot be remembered is not redirected: the proxy
+/// could not tell where it was going.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, dst: Addr, port: u16, kind: u16) -> bool {
+    // SAFETY: the helper takes the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst {
+        addr: dst,
+        port,
+        redirect: kind,
+        _reserved: 0,
+    };
+    PENDING.insert(cookie, orig, u64::from(BPF_ANY)).is_ok()
+}
+
+/// Runs on TCP events of sockets in the cgroup: a connection established (either end), and the
+/// state changes of the sockets that asked for them.
+#[sock_ops]
+pub fn pb_sockops(ctx: SockOpsContext) -> u32 {
+    let ops = ctx.ops;
+    let family = field!(ops, family);
+    if family != AF_INET && family != AF_INET6 {
+        return 1;
+    }
+    let (local, remote) = addresses(
+        family,
+        [field!(ops, local_ip4), field!(ops, remote_ip4)],
+        [
+            ip6(|i| field!(ops, local_ip6[i])),
+            ip6(|i| field!(ops, remote_ip6[i])),
+        ],
+    );
+    // `local_port` is in host byte order; `remote_port` holds the network-order port in its
+    // upper half on little-endian machines, which a 32-bit byte swap brings down.
+    let local_port = field!(ops, local_port) as u16;
+    let remote_port = u32::from_be(field!(ops, remote_port)) as u16;
+    // SAFETY: the helper takes the program's own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let scope = key_netns(netns, local, remote);
+    let own_view = ConnKey {
+        netns: scope,
+        a: local,
+        b: remote,
+        a_port: local_port,
+        b_port: remote_port,
+        _reserved: 0,
+    };
+    let client_view = ConnKey {
+        netns: scope,
+        a: remote,
+        b: local,
+        a_port: remote_port,
+        b_port: local_port,
+        _reserved: 0,
+    };
+
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            // SAFETY: the helper takes the program's own context.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            // SAFETY: as in `decide`.
+            if let Some(orig) = unsafe { PENDING.get(cookie) }.copied() {
+                let _ = ORIG_DST.insert(own_view, orig, u64::from(BPF_ANY));
+                let _ = PENDING.remove(cookie);
+            }
+            track_socket(&ctx, own_view, netns);
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            // The proxy's end of a redirected connection: forget the record when it closes.
+            if ORIG_DST.get_ptr(client_view).is_some() {
+                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+            }
+            track_socket(&ctx, own_view, netns);
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+            let _ = ORIG_DST.remove(client_view);
+        }
+        _ => {}
+    }
+    1
+}
+
+/// Adds an established socket to `SOCKETS` when sk_msg is on and the connection is the mesh's: it
+/// has an end at a meshed pod's address, or runs inside a meshed pod's namespace.
+#[inline(always)]
+fn track_socket(ctx: &SockOpsContext, mut key: ConnKey, netns: u64) {
+    let Some(config) = CONFIG.get(0) else { return };
+    if config.flags & Config::SK_MSG == 0 {
+        return;
+    }
+    let mesh = PODS_BY_NETNS.get_ptr(netns).is_some()
+        || PODS_BY_ADDR.get_ptr(key.a).is_some()
+        || PODS_BY_ADDR.get_ptr(key.b).is_some();
+    if mesh {
+        // SAFETY: `ops` is the context the kernel passed, valid for the duration of the call.
+        let _ = SOCKETS.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY));
+    }
+}
+
+/// An IPv6 address read word by word (contexts allow 4-byte reads of these arrays, not wider ones).
+#[inline(always)]
+fn ip6(word: impl Fn(usize) -> u32) -> [u32; 4] {
+    [word(0), word(1), word(2), word(3)]
+}
+
+/// A socket's own and peer addresses from both families' fields, read beforehand, by its family.
+#[inline(always)]
+fn addresses(family: u32, ip4: [u32; 2], ip6: [[u32; 4]; 2]) -> (Addr, Addr) {
+    if family == AF_INET {
+        (Addr::ipv4_mapped(ip4[0]), Addr::ipv4_mapped(ip4[1]))
+    } else {
+        (Addr { words: ip6[0] }, Addr { words: ip6[1] })
+    }
+}
+
+/// The namespace part of a connection key: the cookie for a connection between loopback
+/// addresses, which repeat in every namespace, else 0 (see [`ConnKey`]).
+#[inline(always)]
+fn key_netns(netns: u64, local: Addr, remote: Addr) -> u64 {
+    if local.is_loopback() || remote.is_loopback() {
+        netns
+    } else {
+        0
+    }
+}
+
+/// Runs on every `getsockopt()` in the cgroup. Answers `SO_ORIGINAL_DST` (IPv4) and
+/// `IP6T_SO_ORIGINAL_DST` (IPv6) for connections this datapath redirected; anything else passes
+/// with the kernel's own answer.
+#[cgroup_sockopt(getsockopt)]
+pub fn pb_getsockopt(ctx: SockoptContext) -> i32 {
+    // SAFETY: the kernel hands the program a valid `bpf_sockopt` for the duration of the call.
+    let sockopt = unsafe { &mut *ctx.sockopt };
+    let level = sockopt.level;
+    if !((level == SOL_IP || level == SOL_IPV6) && sockopt.optname == SO_ORIGINAL_DST) {
+        // The kernel refuses a program's result whose buffer it did not hand over in full (more
+        // than a page, as iptables' own calls are); zero makes it keep its own answer.
+        if sockopt.optlen > MAX_OPTLEN {
+            sockopt.optlen = 0;
+        }
+        return ALLOW;
+    }
+    count(Counter::OrigDstLookups);
+    // SAFETY: for getsockopt the kernel always sets `sk` to the socket's full `bpf_sock`.
+    let sk = unsafe { sockopt.__bindgen_anon_1.sk };
+    let (local, remote) = addresses(
+        field!(sk, family),
+        [field!(sk, src_ip4), field!(sk, dst_ip4)],
+        [
+            ip6(|i| field!(sk, src_ip6[i])),
+            ip6(|i| field!(sk, dst_ip6[i])),
+        ],
+    );
+    // `src_port` is in host byte order, `dst_port` in network byte order.
+    let local_port = field!(sk, src_port) as u16;
+    let remote_port = u16::from_be(field!(sk, dst_port));
+    // SAFETY: the helper takes the program's own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let client_view = ConnKey {
+        netns: key_netns(netns, local, remote),
+        a: remote,
+        b: local,
+        a_port: remote_port,
+        b_port: local_port,
+        _reserved: 0,
+    };
+    // SAFETY: as in `decide`.
+    let Some(orig) = (unsafe { ORIG_DST.get(client_view) }).copied() else {
+        count(Counter::OrigDstMisses);
+        return ALLOW;
+    };
+    let written = if level == SOL_IP {
+        orig.addr.is_ipv4() && write_sockaddr_in(sockopt, &orig)
+    } else {
+        write_sockaddr_in6(sockopt, &orig)
+    };
+    if written {
+        sockopt.retval = 0;
+    } else {
+        count(Counter::OrigDstMisses);
+    }
+    ALLOW
+}
+
+/// Size of `struct sockaddr_in`.
+const SOCKADDR_IN_LEN: usize = 16;
+/// Size of `struct sockaddr_in6`.
+const SOCKADDR_IN6_LEN: usize = 28;
+
+/// Writes `orig` as a `struct sockaddr_in` into the caller's buffer, if it has room.
+#[inline(always)]
+fn write_sockaddr_in(sockopt: &mut aya_ebpf::bindings::bpf_sockopt, orig: &OrigDst) -> bool {
+    // SAFETY: the kernel bounds the buffer by `optval_end`; nothing is written past the check.
+    unsafe {
+        let start = sockopt.__bindgen_anon_2.optval as *mut u8;
+        let end = sockopt.__bindgen_anon_3.optval_end as *mut u8;
+        if start.add(SOCKADDR_IN_LEN) > end {
+            return false;
+        }
+        // sin_family, sin_port (network order), sin_addr, then eight bytes of zero.
+        (start as *mut u16).write_unaligned(AF_INET as u16);
+        (start.add(2) as *mut u16).write_unaligned(orig.port.to_be());
+        (start.add(4) as *mut u32).write_unaligned(orig.addr.words[3]);
+        (start.add(8) as *mut u32).write_unaligned(0);
+        (start.add(12) as *mut u32).write_unaligned(0);
+    }
+    sockopt.optlen = SOCKADDR_IN_LEN as i32;
+    true
+}
+
+/// Writes `orig` as a `struct sockaddr_in6` into the caller's buffer, if it has room.
+#[inline(always)]
+fn write_sockaddr_in6(sockopt: &mut aya_ebpf::bindings::bpf_sockopt, orig: &OrigDst) -> bool {
+    // SAFETY: as in `write_sockaddr_in`.
+    unsafe {
+        let start = sockopt.__bindgen_anon_2.optval as *mut u8;
+        let end = sockopt.__bindgen_anon_3.optval_end as *mut u8;
+        if start.add(SOCKADDR_IN6_LEN) > end {
+            return false;
+        }
+        // sin6_family, sin6_port, sin6_flowinfo, sin6_addr, sin6_scope_id.
+        (start as *mut u16).write_unaligned(AF_INET6 as u16);
+        (start.add(2) as *mut u16).write_unaligned(orig.port.to_be());
+        (start.add(4) as *mut u32).write_unaligned(0);
+        (start.add(8) as *mut u32).write_unaligned(orig.addr.words[0]);
+        (start.add(12) as *mut u32).write_unaligned(orig.addr.words[1]);
+        (start.add(16) as *mut u32).write_unaligned(orig.addr.words[2]);
+        (start.add(20) as *mut u32).write_unaligned(orig.addr.words[3]);
+        (start.add(24) as *mut u32).write_unaligned(0);
+    }
+    sockopt.optlen = SOCKADDR_IN6_LEN as i32;
+    true
+}
+
+/// Runs for every message sent on a socket in `SOCKETS`. When the peer socket is there too (the
+/// other end of the connection is on this node), the data goes straight into its receive queue;
+/// otherwise it takes the normal path.
+#[sk_msg]
+pub fn pb_sk_msg(ctx: SkMsgContext) -> u32 {
+    let md = ctx.msg;
+    let family = field!(md, family);
+    let (local, remote) = addresses(
+        family,
+        [field!(md, local_ip4), field!(md, remote_ip4)],
+        [
+            ip6(|i| field!(md, local_ip6[i])),
+            ip6(|i| field!(md, remote_ip6[i])),
+        ],
+    );
+    // As in sockops: `local_port` host order, `remote_port` network order in the upper half.
+    let local_port = field!(md, local_port) as u16;
+    let remote_port = u32::from_be(field!(md, remote_port)) as u16;
+    if family != AF_INET && family != AF_INET6 {
+        return SK_PASS;
+    }
+    // SAFETY: the helper takes the program's own context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let mut peer = ConnKey {
+        netns: key_netns(netns, local, remote),
+        a: remote,
+        b: local,
+        a_port: remote_port,
+        b_port: local_port,
+        _reserved: 0,
+    };
+    // The helper fails (and redirects nothing) when the peer is not in the map; the message then
+    // passes as usual.
+    if SOCKETS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+        count(Counter::SkMsgRedirected);
+    }
+    SK_PASS
 }
 
 /// Adds one to a counter on the current CPU.
@@ -89,8 +566,8 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
 
-/// The license the kernel is told. No helper that requires a GPL-compatible license is used;
-/// without this section the loader would declare "GPL" on the project's behalf.
+/// The license the kernel is told. The sk_msg and sockhash helpers are not GPL-only, nor is any
+/// other helper used; without this section the loader would declare "GPL" on the project's behalf.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 11] = *b"Apache-2.0\0";

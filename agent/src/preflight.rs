@@ -1,0 +1,801 @@
+//! Start-up checks of the host, run before the eBPF datapath is installed.
+//!
+//! The agent refuses to start, with one message naming every problem and changing nothing, when
+//! the kernel is too old, a capability is missing, there is no cgroup v2 hierarchy to attach to, or
+//! the pin directory is not on bpffs. The one thing it fixes itself: when the pin directory's
+//! parent is exactly [`BPFFS_DEFAULT_MOUNT`] and bpffs is not mounted there, it mounts it, and
+//! only once every other check has passed.
+//!
+//! # Kernel features the datapath uses
+//!
+//! | feature | since Linux | used for |
+//! |---|---|---|
+//! | `CGROUP_GETSOCKOPT` hook | 5.3 | answering the proxy's `SO_ORIGINAL_DST` for redirected connections |
+//! | cgroup programs attached through a `bpf_link`, `BPF_LINK_UPDATE` | 5.7 | links pinned so they outlive the agent, and replaced in place by a new agent |
+//! | `bpf_get_netns_cookie()` in `cgroup/sock_addr` programs | 5.7 | telling a pod's connects from the host's in `connect4` |
+//! | `bpf_get_netns_cookie()` in `cgroup/sockopt` programs | 5.8 | the same in the getsockopt hook |
+//! | `CAP_BPF` | 5.8 | loading programs without more than the capabilities below |
+//! | BPF memory charged to the memory cgroup | 5.11 | no `RLIMIT_MEMLOCK` to raise |
+//! | `SO_NETNS_COOKIE` | 5.14 | learning a pod's netns cookie from a socket made inside it |
+//! | `bpf_get_netns_cookie()` in `sock_ops` and `sk_msg` programs | 5.15 | keying per-connection state by pod; sets [`MIN_KERNEL`] |
+//!
+//! The newest of them sets the minimum, so one version check covers the whole table.
+
+use std::{
+    fmt, fs, io,
+    path::{Path, PathBuf},
+};
+
+use nix::{
+    mount::{MsFlags, mount},
+    sys::{
+        statfs::{
+            BPF_FS_MAGIC, BTRFS_SUPER_MAGIC, CGROUP_SUPER_MAGIC, CGROUP2_SUPER_MAGIC,
+            EXT4_SUPER_MAGIC, FsType, OVERLAYFS_SUPER_MAGIC, PROC_SUPER_MAGIC, SYSFS_MAGIC,
+            TMPFS_MAGIC, XFS_SUPER_MAGIC, statfs,
+        },
+        utsname::uname,
+    },
+};
+
+use crate::datapath::{DatapathError, cgroup2_mount};
+
+/// The oldest kernel the datapath runs on.
+pub const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 15, 0);
+
+/// Why [`MIN_KERNEL`] is what it is: the newest feature in the table of the module documentation.
+pub const MIN_KERNEL_REASON: &str =
+    "bpf_get_netns_cookie() in sock_ops and sk_msg programs needs Linux 5.15";
+
+/// Where bpffs is mounted on a usual node, and the one place the agent mounts it itself.
+pub const BPFFS_DEFAULT_MOUNT: &str = "/sys/fs/bpf";
+
+/// The file the agent's effective capabilities are read from.
+const PROC_SELF_STATUS: &str = "/proc/self/status";
+
+/// A kernel version, as the first numbers of its release string (`uname -r`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KernelVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl KernelVersion {
+    pub const fn new(major: u32, minor: u32, patch: u32) -> Self {
+        Self {
+            major,
+            minor,
+            patch,
+        }
+    }
+
+    /// Reads a release string such as `6.18.0-1-amd64`, `5.15.0-91-generic`, `5.4.0` or `6.1`:
+    /// the dotted numbers before the first other character. A missing patch level is 0.
+    pub fn parse(release: &str) -> Option<Self> {
+        let numbers = release
+            .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .next()?;
+        let mut parts = numbers.split('.');
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.parse().ok()?;
+        let patch = match parts.next() {
+            None | Some("") => 0,
+            Some(patch) => patch.parse().ok()?,
+        };
+        Some(Self::new(major, minor, patch))
+    }
+
+    /// The running kernel's version and its full release string.
+    pub fn running() -> Result<(Self, String), PreflightError> {
+        let uts = uname().map_err(PreflightError::Uname)?;
+        let release = uts.release().to_string_lossy().into_owned();
+        match Self::parse(&release) {
+            Some(version) => Ok((version, release)),
+            None => Err(PreflightError::UnknownKernel { release }),
+        }
+    }
+}
+
+impl fmt::Display for KernelVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+/// Whether `found` is at least [`MIN_KERNEL`].
+pub fn check_kernel(found: KernelVersion) -> Result<(), PreflightError> {
+    if found >= MIN_KERNEL {
+        Ok(())
+    } else {
+        Err(PreflightError::KernelTooOld { found })
+    }
+}
+
+/// A Linux capability, by its bit in the `Cap*` masks of `/proc/<pid>/status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capability {
+    pub bit: u8,
+    pub name: &'static str,
+}
+
+pub const CAP_NET_ADMIN: Capability = Capability {
+    bit: 12,
+    name: "CAP_NET_ADMIN",
+};
+pub const CAP_SYS_ADMIN: Capability = Capability {
+    bit: 21,
+    name: "CAP_SYS_ADMIN",
+};
+pub const CAP_BPF: Capability = Capability {
+    bit: 39,
+    name: "CAP_BPF",
+};
+
+impl Capability {
+    /// Whether the mask has this capability.
+    pub fn is_in(self, mask: u64) -> bool {
+        mask & (1 << self.bit) != 0
+    }
+}
+
+/// Something the agent does that needs privilege: any one of `any_of` allows it.
+struct Need {
+    any_of: &'static [Capability],
+    for_what: &'static str,
+}
+
+/// What the agent needs, in the order a missing one is reported. The kernel accepts
+/// `CAP_SYS_ADMIN` in place of `CAP_BPF` (it did before `CAP_BPF` existed, and still does).
+const NEEDS: [Need; 3] = [
+    Need {
+        any_of: &[CAP_SYS_ADMIN],
+        for_what: "to enter pods' network namespaces (setns) and to mount bpffs",
+    },
+    Need {
+        any_of: &[CAP_NET_ADMIN],
+        for_what: "to load and attach the networking eBPF programs and their socket map",
+    },
+    Need {
+        any_of: &[CAP_BPF, CAP_SYS_ADMIN],
+        for_what: "to load eBPF programs and create their maps",
+    },
+];
+
+/// A capability the agent lacks, and what it needs it for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MissingCapability {
+    /// The capability, or the alternatives that would each do (`CAP_BPF or CAP_SYS_ADMIN`).
+    pub name: String,
+    pub needed_for: &'static str,
+}
+
+impl fmt::Display for MissingCapability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.name, self.needed_for)
+    }
+}
+
+/// The effective capability mask of the `CapEff:` line of a `/proc/<pid>/status` file.
+pub fn effective_capabilities(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+}
+
+/// Every capability the agent needs that the effective mask lacks.
+pub fn missing_capabilities(effective: u64) -> Vec<MissingCapability> {
+    NEEDS
+        .iter()
+        .filter(|need| !need.any_of.iter().any(|cap| cap.is_in(effective)))
+        .map(|need| MissingCapability {
+            name: need
+                .any_of
+                .iter()
+                .map(|cap| cap.name)
+                .collect::<Vec<_>>()
+                .join(" or "),
+            needed_for: need.for_what,
+        })
+        .collect()
+}
+
+/// Whether the effective mask has every capability the agent needs.
+pub fn check_capabilities(effective: u64) -> Result<(), PreflightError> {
+    let missing = missing_capabilities(effective);
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(PreflightError::MissingCapabilities { missing })
+    }
+}
+
+/// The agent's own effective capabilities.
+fn own_capabilities() -> Result<u64, PreflightError> {
+    let path = PathBuf::from(PROC_SELF_STATUS);
+    let status = fs::read_to_string(&path).map_err(|source| PreflightError::ReadStatus {
+        path: path.clone(),
+        source,
+    })?;
+    effective_capabilities(&status).ok_or(PreflightError::NoCapEff { path })
+}
+
+/// The cgroup v2 hierarchy's mount point from `/proc/mounts`: the default attach point.
+pub fn default_cgroup_root() -> Result<PathBuf, PreflightError> {
+    cgroup2_mount().map_err(|error| match error {
+        DatapathError::ReadMounts { path, source } => PreflightError::ReadMounts { path, source },
+        _ => PreflightError::NoCgroup2,
+    })
+}
+
+/// Whether `path` is a directory on a cgroup v2 filesystem, where the cgroup programs can attach.
+pub fn check_cgroup_root(path: &Path) -> Result<(), PreflightError> {
+    let fs_type = directory_fs_type(path).map_err(|problem| PreflightError::CgroupRoot {
+        path: path.to_owned(),
+        problem,
+    })?;
+    if fs_type == CGROUP2_SUPER_MAGIC {
+        Ok(())
+    } else {
+        Err(PreflightError::NotCgroup2 {
+            path: path.to_owned(),
+            found: fs_type_name(fs_type),
+        })
+    }
+}
+
+/// What has to happen for the pin directory to be on bpffs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BpffsPlan {
+    /// The pin directory's parent is already on bpffs.
+    Mounted { at: PathBuf },
+    /// The parent is [`BPFFS_DEFAULT_MOUNT`], which is not bpffs yet: the agent mounts it.
+    Mount { at: PathBuf },
+}
+
+/// Whether the pin directory's parent is on bpffs, or is [`BPFFS_DEFAULT_MOUNT`] and can have it
+/// mounted. Changes nothing.
+pub fn check_pin_dir(pin_dir: &Path) -> Result<BpffsPlan, PreflightError> {
+    let parent = pin_dir
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .ok_or_else(|| PreflightError::PinDirNoParent {
+            pin_dir: pin_dir.to_owned(),
+        })?;
+    let fs_type = directory_fs_type(parent).map_err(|problem| PreflightError::PinParent {
+        pin_dir: pin_dir.to_owned(),
+        parent: parent.to_owned(),
+        problem,
+    })?;
+    bpffs_plan(pin_dir, parent, fs_type)
+}
+
+/// The decision of [`check_pin_dir`], once the parent's filesystem is known.
+fn bpffs_plan(pin_dir: &Path, parent: &Path, fs_type: FsType) -> Result<BpffsPlan, PreflightError> {
+    if fs_type == BPF_FS_MAGIC {
+        Ok(BpffsPlan::Mounted {
+            at: parent.to_owned(),
+        })
+    } else if parent == Path::new(BPFFS_DEFAULT_MOUNT) {
+        Ok(BpffsPlan::Mount {
+            at: parent.to_owned(),
+        })
+    } else {
+        Err(PreflightError::NotBpffs {
+            pin_dir: pin_dir.to_owned(),
+            parent: parent.to_owned(),
+            found: fs_type_name(fs_type),
+        })
+    }
+}
+
+/// The filesystem type of a directory; an error message when it is missing or not a directory.
+fn directory_fs_type(path: &Path) -> Result<FsType, String> {
+    let meta = fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_dir() {
+        return Err("it is not a directory".to_owned());
+    }
+    statfs(path)
+        .map(|stat| stat.filesystem_type())
+        .map_err(|e| format!("statfs: {e}"))
+}
+
+/// A readable name for the filesystem types an operator is likely to meet, else the magic number.
+fn fs_type_name(fs_type: FsType) -> String {
+    let known = [
+        (CGROUP2_SUPER_MAGIC, "cgroup2"),
+        (CGROUP_SUPER_MAGIC, "cgroup (v1)"),
+        (BPF_FS_MAGIC, "bpffs"),
+        (TMPFS_MAGIC, "tmpfs"),
+        (SYSFS_MAGIC, "sysfs"),
+        (PROC_SUPER_MAGIC, "proc"),
+        (OVERLAYFS_SUPER_MAGIC, "overlayfs"),
+        (EXT4_SUPER_MAGIC, "ext4"),
+        (XFS_SUPER_MAGIC, "xfs"),
+        (BTRFS_SUPER_MAGIC, "btrfs"),
+    ];
+    known
+        .iter()
+        .find(|(magic, _)| *magic == fs_type)
+        .map(|(_, name)| (*name).to_owned())
+        .unwrap_or_else(|| format!("a filesystem of type {:#x}", fs_type.0))
+}
+
+/// One problem the checks found.
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    #[error("Linux {found} is too old: {MIN_KERNEL_REASON} or later; upgrade the node's kernel")]
+    KernelTooOld { found: KernelVersion },
+    #[error("cannot tell the kernel version from its release {release:?} (uname -r)")]
+    UnknownKernel { release: String },
+    #[error("uname failed: {0}")]
+    Uname(#[source] nix::Error),
+    #[error("cannot read the agent's capabilities from {path}: {source}")]
+    ReadStatus {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read the agent's capabilities: {path} has no valid CapEff line")]
+    NoCapEff { path: PathBuf },
+    #[error(
+        "missing capabilities: {}; run the agent as root, or add them to its container's \
+         securityContext.capabilities",
+        list(missing)
+    )]
+    MissingCapabilities { missing: Vec<MissingCapability> },
+    #[error("cannot read {path} to find the cgroup v2 hierarchy: {source}")]
+    ReadMounts {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "no cgroup v2 hierarchy is mounted (/proc/mounts has no cgroup2 entry), and the eBPF \
+         programs attach to one; mount it (mount -t cgroup2 none /sys/fs/cgroup/unified) or boot \
+         the node with cgroup v2 (systemd.unified_cgroup_hierarchy=1)"
+    )]
+    NoCgroup2,
+    #[error("cgroup root {path} is not usable: {problem}")]
+    CgroupRoot { path: PathBuf, problem: String },
+    #[error(
+        "cgroup root {path} is on {found}, not on cgroup v2; give the cgroup2 mount point listed \
+         in /proc/mounts, or a directory under it"
+    )]
+    NotCgroup2 { path: PathBuf, found: String },
+    #[error(
+        "pin directory {pin_dir} has no parent directory; give a path such as /sys/fs/bpf/probe-bypass"
+    )]
+    PinDirNoParent { pin_dir: PathBuf },
+    #[error("pin directory {pin_dir}: its parent {parent} is not usable: {problem}")]
+    PinParent {
+        pin_dir: PathBuf,
+        parent: PathBuf,
+        problem: String,
+    },
+    #[error(
+        "pin directory {pin_dir}: its parent {parent} is on {found}, not on bpffs; mount bpffs \
+         there (mount -t bpf bpf {parent}) or choose a pin directory under a bpffs mount \
+         (the agent mounts it by itself only at /sys/fs/bpf)"
+    )]
+    NotBpffs {
+        pin_dir: PathBuf,
+        parent: PathBuf,
+        found: String,
+    },
+    #[error("failed to mount bpffs on {at} (mount -t bpf bpf {at}): {source}")]
+    MountBpffs {
+        at: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+fn list(items: &[impl fmt::Display]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Every problem the start-up checks found; the host was left as it was.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the host is not ready for the eBPF datapath, nothing was changed:{}",
+    self.problems.iter().map(|p| format!("\n  - {p}")).collect::<String>()
+)]
+pub struct PreflightFailed {
+    pub problems: Vec<PreflightError>,
+}
+
+/// What the checks found, for the agent's start-up log line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    pub kernel: KernelVersion,
+    /// The full release string, e.g. `6.18.0-1-amd64`.
+    pub kernel_release: String,
+    /// The cgroup v2 directory the programs attach to.
+    pub cgroup_root: PathBuf,
+    /// The bpffs mount the pin directory is under.
+    pub bpffs: PathBuf,
+    /// True when the agent mounted bpffs itself during the checks.
+    pub mounted_bpffs: bool,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Linux {} (at least {MIN_KERNEL} needed), capabilities present, cgroup v2 at {}, bpffs at {}",
+            self.kernel_release,
+            self.cgroup_root.display(),
+            self.bpffs.display()
+        )?;
+        if self.mounted_bpffs {
+            f.write_str(" (mounted by the agent)")?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs every check, and reports every problem at once; changes nothing unless they all pass.
+/// Then, if the pin directory's parent is [`BPFFS_DEFAULT_MOUNT`] without bpffs, mounts it.
+///
+/// `cgroup_root` is the directory the programs will attach to; `None` means the cgroup v2 mount
+/// point from `/proc/mounts`. `pin_dir` is where links and maps will be pinned; it need not exist
+/// yet, but its parent must be on bpffs.
+pub fn check(cgroup_root: Option<&Path>, pin_dir: &Path) -> Result<Report, PreflightFailed> {
+    let mut problems = Vec::new();
+    let mut keep = |result| match result {
+        Ok(()) => (),
+        Err(problem) => problems.push(problem),
+    };
+
+    let kernel = KernelVersion::running();
+    if let Ok((version, _)) = &kernel {
+        keep(check_kernel(*version));
+    }
+    let kernel = kernel.map_err(|problem| keep(Err(problem))).ok();
+
+    keep(own_capabilities().and_then(check_capabilities));
+
+    let cgroup_root = match cgroup_root {
+        Some(path) => Ok(path.to_owned()),
+        None => default_cgroup_root(),
+    };
+    if let Ok(root) = &cgroup_root {
+        keep(check_cgroup_root(root));
+    }
+    let cgroup_root = cgroup_root.map_err(|problem| keep(Err(problem))).ok();
+
+    let bpffs = check_pin_dir(pin_dir)
+        .map_err(|problem| keep(Err(problem)))
+        .ok();
+
+    let (Some((kernel, kernel_release)), Some(cgroup_root), Some(bpffs)) =
+        (kernel, cgroup_root, bpffs)
+    else {
+        return Err(PreflightFailed { problems });
+    };
+    if !problems.is_empty() {
+        return Err(PreflightFailed { problems });
+    }
+
+    let (bpffs, mounted_bpffs) = match bpffs {
+        BpffsPlan::Mounted { at } => (at, false),
+        BpffsPlan::Mount { at } => {
+            mount(
+                Some("bpf"),
+                &at,
+                Some("bpf"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|source| PreflightFailed {
+                problems: vec![PreflightError::MountBpffs {
+                    at: at.clone(),
+                    source,
+                }],
+            })?;
+            (at, true)
+        }
+    };
+    Ok(Report {
+        kernel,
+        kernel_release,
+        cgroup_root,
+        bpffs,
+        mounted_bpffs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use nix::mount::{MntFlags, umount2};
+
+    use super::*;
+
+    #[test]
+    fn parses_kernel_release_strings() {
+        let cases = [
+            ("6.18.0-1-amd64", KernelVersion::new(6, 18, 0)),
+            ("5.15.0-91-generic", KernelVersion::new(5, 15, 0)),
+            ("5.4.0", KernelVersion::new(5, 4, 0)),
+            ("6.1", KernelVersion::new(6, 1, 0)),
+            ("6.8.12+", KernelVersion::new(6, 8, 12)),
+            ("6.10.0-rc3", KernelVersion::new(6, 10, 0)),
+            ("5.14.0-427.13.1.el9_4.x86_64", KernelVersion::new(5, 14, 0)),
+        ];
+        for (release, version) in cases {
+            assert_eq!(KernelVersion::parse(release), Some(version), "{release}");
+        }
+        for bad in ["", "linux", "6", "6.x", "-5.15"] {
+            assert_eq!(KernelVersion::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn kernel_minimum_is_5_15_and_the_error_says_why() {
+        assert!(check_kernel(KernelVersion::new(5, 15, 0)).is_ok());
+        assert!(check_kernel(KernelVersion::new(6, 18, 0)).is_ok());
+        let old = KernelVersion::parse("5.14.21-150400-default").unwrap();
+        let err = check_kernel(old).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "Linux 5.14.21 is too old: bpf_get_netns_cookie() in sock_ops and sk_msg programs \
+             needs Linux 5.15 or later; upgrade the node's kernel"
+        );
+        assert!(check_kernel(KernelVersion::new(5, 4, 0)).is_err());
+        assert!(check_kernel(KernelVersion::new(4, 19, 300)).is_err());
+    }
+
+    #[test]
+    fn running_kernel_parses() {
+        let (version, release) = KernelVersion::running().unwrap();
+        assert!(release.starts_with(&format!("{}.{}", version.major, version.minor)));
+    }
+
+    #[test]
+    fn reads_the_effective_mask_from_proc_status() {
+        let status = "Name:\tprobe-bypass\nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\n\
+                      CapEff:\t000001ffffffffff\nCapBnd:\t000001ffffffffff\n";
+        assert_eq!(effective_capabilities(status), Some(0x1ff_ffff_ffff));
+        assert_eq!(effective_capabilities("Name:\tx\n"), None);
+        assert_eq!(effective_capabilities("CapEff:\tzz\n"), None);
+        let own = fs::read_to_string(PROC_SELF_STATUS).unwrap();
+        assert!(effective_capabilities(&own).is_some());
+    }
+
+    fn names(missing: &[MissingCapability]) -> Vec<&str> {
+        missing.iter().map(|m| m.name.as_str()).collect()
+    }
+
+    #[test]
+    fn reports_every_missing_capability() {
+        // Root on a current kernel: everything.
+        assert_eq!(missing_capabilities(0x1ff_ffff_ffff), vec![]);
+        // Docker's default set: none of the three.
+        assert_eq!(
+            names(&missing_capabilities(0xa804_25fb)),
+            vec!["CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_BPF or CAP_SYS_ADMIN"]
+        );
+        // CAP_SYS_ADMIN covers loading programs without CAP_BPF.
+        let sys_and_net = (1 << 21) | (1 << 12);
+        assert_eq!(missing_capabilities(sys_and_net), vec![]);
+        // CAP_BPF does not cover entering namespaces.
+        let bpf_and_net = (1 << 39) | (1 << 12);
+        assert_eq!(
+            names(&missing_capabilities(bpf_and_net)),
+            vec!["CAP_SYS_ADMIN"]
+        );
+        assert_eq!(names(&missing_capabilities(1 << 21)), vec!["CAP_NET_ADMIN"]);
+        let err = check_capabilities(0).unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "missing capabilities: CAP_SYS_ADMIN (to enter pods' network namespaces (setns)"
+            ),
+            "{err}"
+        );
+        assert!(err.contains("CAP_NET_ADMIN (to load and attach"), "{err}");
+        assert!(
+            err.contains("CAP_BPF or CAP_SYS_ADMIN (to load eBPF"),
+            "{err}"
+        );
+        assert!(err.contains("securityContext.capabilities"), "{err}");
+    }
+
+    #[test]
+    fn only_the_default_bpffs_place_is_mounted_by_the_agent() {
+        let default = Path::new(BPFFS_DEFAULT_MOUNT);
+        let pins = default.join("probe-bypass");
+        assert_eq!(
+            bpffs_plan(&pins, default, SYSFS_MAGIC).unwrap(),
+            BpffsPlan::Mount {
+                at: default.to_owned()
+            }
+        );
+        assert_eq!(
+            bpffs_plan(&pins, default, BPF_FS_MAGIC).unwrap(),
+            BpffsPlan::Mounted {
+                at: default.to_owned()
+            }
+        );
+        let elsewhere = Path::new("/run/pins");
+        let err = bpffs_plan(&elsewhere.join("pb"), elsewhere, TMPFS_MAGIC)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "pin directory /run/pins/pb: its parent /run/pins is on tmpfs, not on bpffs; mount \
+             bpffs there (mount -t bpf bpf /run/pins) or choose a pin directory under a bpffs \
+             mount (the agent mounts it by itself only at /sys/fs/bpf)"
+        );
+        assert!(matches!(
+            check_pin_dir(Path::new("pins")),
+            Err(PreflightError::PinDirNoParent { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_filesystems_are_named_by_their_magic_number() {
+        assert_eq!(fs_type_name(CGROUP_SUPER_MAGIC), "cgroup (v1)");
+        assert_eq!(
+            fs_type_name(FsType(0x1234_5678)),
+            "a filesystem of type 0x12345678"
+        );
+    }
+
+    /// A directory of its own under `parent`, removed when dropped.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(parent: &Path) -> Self {
+            static COUNTER: AtomicU32 = AtomicU32::new(0);
+            let path = parent.join(format!(
+                "probe-bypass-preflight-{}-{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            fs::create_dir(&path).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir(&self.0);
+        }
+    }
+
+    /// A directory on tmpfs (`/dev/shm`), or why there is none.
+    fn tmpfs_dir() -> Result<TempDir, String> {
+        let shm = Path::new("/dev/shm");
+        match statfs(shm) {
+            Ok(stat) if stat.filesystem_type() == TMPFS_MAGIC => Ok(TempDir::new(shm)),
+            Ok(_) => Err("/dev/shm is not tmpfs".into()),
+            Err(e) => Err(format!("/dev/shm: {e}")),
+        }
+    }
+
+    fn skip(test: &str, reason: &str) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test} cannot run under CI: {reason}"
+        );
+        eprintln!("SKIPPED {test}: {reason}");
+    }
+
+    #[test]
+    fn a_tmpfs_directory_is_refused_as_cgroup_root_and_as_pin_parent() {
+        let dir = match tmpfs_dir() {
+            Ok(dir) => dir,
+            Err(reason) => return skip("tmpfs_refused", &reason),
+        };
+        let err = check_cgroup_root(&dir.0).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "cgroup root {} is on tmpfs, not on cgroup v2; give the cgroup2 mount point \
+                 listed in /proc/mounts, or a directory under it",
+                dir.0.display()
+            )
+        );
+        let pins = dir.0.join("pins");
+        let err = check_pin_dir(&pins).unwrap_err().to_string();
+        assert!(err.contains("is on tmpfs, not on bpffs"), "{err}");
+
+        // The entry point reports both problems at once, and leaves the directory as it was.
+        let failed = check(Some(&dir.0), &pins).unwrap_err();
+        let message = failed.to_string();
+        assert!(message.contains("nothing was changed"), "{message}");
+        assert!(
+            failed
+                .problems
+                .iter()
+                .any(|p| matches!(p, PreflightError::NotCgroup2 { .. })),
+            "{message}"
+        );
+        assert!(
+            failed
+                .problems
+                .iter()
+                .any(|p| matches!(p, PreflightError::NotBpffs { .. })),
+            "{message}"
+        );
+        assert_eq!(statfs(&dir.0).unwrap().filesystem_type(), TMPFS_MAGIC);
+        assert!(!pins.exists());
+    }
+
+    #[test]
+    fn missing_and_non_directory_paths_are_refused() {
+        let missing = Path::new("/nonexistent/probe-bypass");
+        let err = check_cgroup_root(missing).unwrap_err().to_string();
+        assert!(
+            err.starts_with("cgroup root /nonexistent/probe-bypass is not usable: "),
+            "{err}"
+        );
+        let err = check_pin_dir(&missing.join("pins"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("its parent /nonexistent/probe-bypass is not usable"),
+            "{err}"
+        );
+        let err = check_cgroup_root(Path::new(PROC_SELF_STATUS))
+            .unwrap_err()
+            .to_string();
+        assert!(err.ends_with("it is not a directory"), "{err}");
+        let err = check_cgroup_root(Path::new("/proc"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is on proc, not on cgroup v2"), "{err}");
+    }
+
+    #[test]
+    fn the_hosts_cgroup2_mount_is_accepted() {
+        let root = match default_cgroup_root() {
+            Ok(root) => root,
+            Err(e) => return skip("cgroup2_mount_accepted", &e.to_string()),
+        };
+        check_cgroup_root(&root).unwrap();
+    }
+
+    /// bpffs mounted on a directory of the test's own, unmounted when dropped.
+    struct BpffsMount(TempDir);
+
+    impl Drop for BpffsMount {
+        fn drop(&mut self) {
+            let _ = umount2(&self.0.0, MntFlags::MNT_DETACH);
+        }
+    }
+
+    #[test]
+    fn a_bpffs_parent_is_accepted_as_mounted() {
+        if !nix::unistd::geteuid().is_root() {
+            return skip("bpffs_parent_accepted", "needs root to mount bpffs");
+        }
+        let dir = BpffsMount(TempDir::new(&std::env::temp_dir()));
+        mount(
+            Some("bpf"),
+            &dir.0.0,
+            Some("bpf"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        let pins = dir.0.0.join("probe-bypass");
+        assert_eq!(
+            check_pin_dir(&pins).unwrap(),
+            BpffsPlan::Mounted {
+                at: dir.0.0.clone()
+            }
+        );
+        // bpffs is not cgroup v2.
+        let err = check_cgroup_root(&dir.0.0).unwrap_err().to_string();
+        assert!(err.contains("is on bpffs, not on cgroup v2"), "{err}");
+    }
+}
