@@ -71,6 +71,11 @@ struct Listening {
 
 impl Listening {
     fn new(cgroup: &TestCgroup) -> Self {
+        Self::on(cgroup, &PORTS)
+    }
+
+    /// A pod listening on `ports` only.
+    fn on(cgroup: &TestCgroup, ports: &[&str]) -> Self {
         let pod = routed_pod();
         let mut args = vec![
             "netns",
@@ -80,7 +85,7 @@ impl Listening {
             "-e",
             ORIGDST_SERVER,
         ];
-        args.extend(PORTS);
+        args.extend(ports);
         let mut server = cgroup
             .command("ip", &args)
             .stdout(Stdio::piped())
@@ -128,26 +133,41 @@ fn routed_pod() -> TestPod {
     pod
 }
 
+/// A pin directory of its own for one test, uninstalled on drop (panics included).
+struct Pins(PathBuf);
+
+impl Pins {
+    fn new() -> Self {
+        let n = NEXT_PINS.fetch_add(1, Ordering::Relaxed);
+        Self(PathBuf::from(format!(
+            "/sys/fs/bpf/probe-bypass-test-{}-{n}",
+            std::process::id()
+        )))
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if let Err(error) = datapath::uninstall(&self.0) {
+            eprintln!("uninstall {}: {error}", self.0.display());
+        }
+    }
+}
+
 /// The datapath installed under a test cgroup with its own pin directory; uninstalled on drop.
 struct Node {
     datapath: Option<Datapath>,
-    pins: PathBuf,
+    pins: Pins,
     // Last: the cgroup goes once nothing is attached to it.
     cgroup: TestCgroup,
 }
 
 impl Node {
     fn new() -> Self {
-        let cgroup = TestCgroup::new();
-        let n = NEXT_PINS.fetch_add(1, Ordering::Relaxed);
-        let pins = PathBuf::from(format!(
-            "/sys/fs/bpf/probe-bypass-test-{}-{n}",
-            std::process::id()
-        ));
         let mut node = Self {
             datapath: None,
-            pins,
-            cgroup,
+            pins: Pins::new(),
+            cgroup: TestCgroup::new(),
         };
         node.install(settings());
         node
@@ -156,9 +176,9 @@ impl Node {
     /// Installs (or, the second time, re-installs over the pins, as a restarted agent does).
     fn install(&mut self, settings: Settings) {
         // Mounts bpffs at /sys/fs/bpf if it is missing, as the agent does.
-        preflight::check(Some(self.cgroup.path()), &self.pins).expect("host checks");
+        preflight::check(Some(self.cgroup.path()), &self.pins.0).expect("host checks");
         self.datapath = Some(
-            Datapath::install(self.cgroup.path(), &self.pins, settings)
+            Datapath::install(self.cgroup.path(), &self.pins.0, settings)
                 .unwrap_or_else(|error| panic!("install: {:?}", anyhow::Error::new(error))),
         );
     }
@@ -217,15 +237,6 @@ impl Node {
     }
 }
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.datapath = None;
-        if let Err(error) = datapath::uninstall(&self.pins) {
-            eprintln!("uninstall {}: {error}", self.pins.display());
-        }
-    }
-}
-
 fn settings() -> Settings {
     Settings {
         proxy_uid: 1500,
@@ -276,16 +287,16 @@ fn install_attaches_each_program_once_and_uninstall_removes_everything() {
     require_privileges!();
     let mut node = Node::new();
     assert_eq!(node.attached(), ATTACHED);
-    assert!(node.pins.join("links/pb_connect4").exists());
+    assert!(node.pins.0.join("links/pb_connect4").exists());
 
     // A second install over the same pins (a restarted agent) swaps the programs in place.
     node.install(settings());
     assert_eq!(node.attached(), ATTACHED, "no second set of programs");
 
     node.datapath = None;
-    let report = datapath::uninstall(&node.pins).expect("uninstall");
+    let report = datapath::uninstall(&node.pins.0).expect("uninstall");
     assert!(report.left.is_empty(), "left behind: {:?}", report.left);
-    assert!(!node.pins.exists());
+    assert!(!node.pins.0.exists());
     assert_eq!(node.attached(), Vec::<String>::new());
 }
 
@@ -293,9 +304,9 @@ fn install_attaches_each_program_once_and_uninstall_removes_everything() {
 fn uninstall_leaves_what_is_not_the_agents() {
     require_privileges!();
     let node = Node::new();
-    let foreign = node.pins.join("someone-elses");
+    let foreign = node.pins.0.join("someone-elses");
     std::fs::create_dir(&foreign).expect("mkdir on bpffs");
-    let report = datapath::uninstall(&node.pins).expect("uninstall");
+    let report = datapath::uninstall(&node.pins.0).expect("uninstall");
     assert_eq!(report.left, vec![foreign.clone()]);
     assert_eq!(node.attached(), Vec::<String>::new(), "ours are detached");
     std::fs::remove_dir(&foreign).expect("clean up");
@@ -474,4 +485,130 @@ fn processes_outside_the_cgroup_are_not_touched() {
     assert!(status.success());
     assert_eq!(target.next(), "8080 none");
     assert_eq!(node.counters().connects, 0);
+}
+
+/// Connects `count` times to `dst`:`port`, from source ports `first_port`, `first_port + 1`, …,
+/// waiting each time for the server to close first.
+const CLIENT: &str = r#"
+use Socket; my ($dst, $port, $first, $count) = @ARGV;
+for my $i (0 .. $count - 1) {
+  socket(my $s, PF_INET, SOCK_STREAM, 0) or die "socket: $!";
+  setsockopt($s, SOL_SOCKET, SO_REUSEADDR, 1);
+  bind($s, pack_sockaddr_in($first + $i, INADDR_ANY)) or die "bind: $!";
+  connect($s, pack_sockaddr_in($port, inet_aton($dst))) or die "connect: $!";
+  my $eof; sysread($s, $eof, 1); close $s;
+}
+"#;
+
+#[test]
+fn two_pods_calling_out_at_once_on_the_same_ports_each_reach_their_own_destination() {
+    require_privileges!();
+    let mut node = Node::new();
+    let pods = [Listening::new(&node.cgroup), Listening::new(&node.cgroup)];
+    let destinations = [routed_pod(), routed_pod()];
+    for pod in &pods {
+        node.mesh(&pod.pod, Exclusions::default());
+    }
+    const CALLS: usize = 50;
+    // Both pods use the same source ports towards their proxies at the same moment, so the two
+    // connections have identical loopback addresses and ports, told apart by namespace only.
+    let clients: Vec<Child> = pods
+        .iter()
+        .zip(&destinations)
+        .map(|(pod, destination)| {
+            let args = [
+                "netns",
+                "exec",
+                &pod.pod.netns_name,
+                "perl",
+                "-e",
+                CLIENT,
+                &destination.ip.to_string(),
+                "8080",
+                "41000",
+                &CALLS.to_string(),
+            ];
+            node.cgroup
+                .command("ip", &args)
+                .spawn()
+                .expect("start a client")
+        })
+        .collect();
+    for mut client in clients {
+        assert!(client.wait().expect("wait for a client").success());
+    }
+    for (pod, destination) in pods.iter().zip(&destinations) {
+        let wanted = format!("15001 {}:8080", destination.ip);
+        for call in 0..CALLS {
+            assert_eq!(pod.next(), wanted, "call {call} from {}", pod.ip());
+        }
+    }
+}
+
+#[test]
+fn restarting_or_killing_the_agent_under_traffic_loses_no_redirect() {
+    use support::agent::{Agent, ManifestDir};
+
+    require_privileges!();
+    let cgroup = TestCgroup::new();
+    // The agent serves the healthcheck on 15904 itself.
+    let target = Listening::on(&cgroup, &PORTS[..3]);
+    let pin_guard = Pins::new();
+    let pins = pin_guard.0.to_string_lossy().into_owned();
+    let cgroup_root = cgroup.path().to_string_lossy().into_owned();
+    let args = [
+        "--datapath",
+        "ebpf",
+        "--cgroup-root",
+        &cgroup_root,
+        "--pin-path",
+        &pins,
+    ];
+    let dir = ManifestDir::new();
+    dir.write("target.json", &target.pod.manifest("target", &[8080]));
+    let agent = Agent::start(&dir.path, &args);
+    agent.wait_ready(200, Duration::from_secs(5));
+
+    // Steady traffic from the host to the pod's app port for the whole test.
+    let script = format!(
+        "while :; do exec 3<>/dev/tcp/{}/8080 && exec 3>&-; done",
+        target.ip()
+    );
+    let mut traffic = cgroup
+        .command("bash", &["-c", &script])
+        .spawn()
+        .expect("start the traffic");
+
+    let wait_for_traffic = |least: usize| {
+        for _ in 0..least {
+            let line = target.next();
+            assert_eq!(
+                line,
+                format!("15003 {}:8080", target.ip()),
+                "a connection skipped the proxy"
+            );
+        }
+    };
+    wait_for_traffic(20);
+    let (status, _) = agent.terminate();
+    assert!(status.success());
+    wait_for_traffic(20);
+
+    let agent = Agent::start(&dir.path, &args);
+    agent.wait_ready(200, Duration::from_secs(5));
+    wait_for_traffic(20);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.pid()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
+    drop(agent);
+    wait_for_traffic(20);
+
+    let agent = Agent::start(&dir.path, &args);
+    agent.wait_ready(200, Duration::from_secs(5));
+    wait_for_traffic(20);
+
+    let _ = traffic.kill();
+    let _ = traffic.wait();
+    drop(agent);
+    let report = datapath::uninstall(&pin_guard.0).expect("uninstall");
+    assert!(report.left.is_empty(), "left behind: {:?}", report.left);
 }
