@@ -98,31 +98,33 @@ impl TestCgroup {
 }
 
 /// The eBPF programs attached to the cgroup at `path` itself (not inherited), as `bpftool`
-/// reports them: `"<attach type>" "<program name>"`, sorted.
-pub fn attached_programs(path: &Path) -> Vec<String> {
+/// reports them: `"<attach type>" "<program name>"`, sorted. An error says why bpftool could not
+/// tell; it does not panic, so that a guard can call it while a test unwinds.
+pub fn attached_programs(path: &Path) -> Result<Vec<String>, String> {
     let output = Command::new("bpftool")
         .args(["--json", "cgroup", "show"])
         .arg(path)
         .output()
-        .expect("run bpftool (cargo xtask setup installs it)");
-    assert!(
-        output.status.success(),
-        "bpftool cgroup show {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
+        .map_err(|error| format!("run bpftool (cargo xtask setup installs it): {error}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "bpftool cgroup show {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
     // bpftool prints an empty line, not `[]`, when nothing is attached.
     if output.stdout.trim_ascii().is_empty() {
-        return Vec::new();
+        return Ok(Vec::new());
     }
-    let programs: Vec<serde_json::Value> =
-        serde_json::from_slice(&output.stdout).expect("parse bpftool's output");
+    let programs: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout)
+        .map_err(|error| format!("parse bpftool's output: {error}"))?;
     let mut programs: Vec<String> = programs
         .iter()
         .map(|program| format!("{} {}", program["attach_type"], program["name"]))
         .collect();
     programs.sort();
-    programs
+    Ok(programs)
 }
 
 impl Drop for TestCgroup {

@@ -14,5 +14,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod kubelet;
+pub mod mesh;
 pub mod pod;
 pub mod privilege;
+pub mod sidecar;

@@ -27,7 +27,7 @@ pub const NIGHTLY: &str = "nightly";
 const LLVM_PACKAGE: (&str, &str) = ("llvm-22-dev", "the LLVM bpf-linker is built against");
 
 /// The other Debian packages the project uses, and why.
-const TOOL_PACKAGES: [(&str, &str); 6] = [
+const TOOL_PACKAGES: [(&str, &str); 7] = [
     (
         "bpftool",
         "inspects loaded eBPF programs; the datapath tests use it",
@@ -36,6 +36,7 @@ const TOOL_PACKAGES: [(&str, &str); 6] = [
     ("haproxy", "the sidecar proxy stand-in"),
     ("iproute2", "network namespaces and veths for test pods"),
     ("curl", "kubelet-like probes in the demo"),
+    ("openssl", "certificates for the parity test's sidecars"),
     (
         "skopeo",
         "copies and inspects container images without a daemon",

@@ -1,0 +1,433 @@
+//! Parity with the mesh itself (issue 3): the same calls, on the same node of pods, once behind the
+//! mesh's own iptables rules and once behind the agent's eBPF datapath, must come out the same for
+//! the user, except where the datapath is meant to differ.
+//!
+//! The node: meshed pods A (FSM annotations) and B (OSM annotations), each with an HTTP app and
+//! HAProxy as its sidecar; non-meshed pods C and D with only the app. Every app answers
+//! `app <pod>:<port>`. A's outbound exclusions: port 9091 and D's address; A's and B's inbound
+//! exclusion: port 9090. The callers are the kubelet (host network namespace), the pods' apps and
+//! A's proxy UID; see [`SCENARIOS`].
+//!
+//! `iptables_mode_matches_the_expected_table` checks the mesh's rules against outcomes written out
+//! by hand, so that the comparison cannot pass by both modes being broken the same way;
+//! `parity_ebpf_matches_iptables` runs both modes and compares them.
+
+mod support;
+
+use std::fmt::Write as _;
+
+use support::{
+    mesh::{Call, Caller, MeshSpec, Mode, Node, Outcome, PodSpec, Target},
+    sidecar::{ProxyEvent, ProxyLog},
+};
+
+/// The port every app answers on, and the one the meshed pods' probes name.
+const APP_PORT: u16 = 8080;
+/// Excluded from interception inbound, in both meshed pods.
+const INBOUND_EXCLUDED: u16 = 9090;
+/// Excluded from interception outbound, in A.
+const OUTBOUND_EXCLUDED: u16 = 9091;
+
+const APP_PORTS: &[u16] = &[APP_PORT, INBOUND_EXCLUDED, OUTBOUND_EXCLUDED];
+
+fn node_spec() -> [PodSpec; 4] {
+    [
+        PodSpec {
+            name: "A",
+            app_ports: APP_PORTS,
+            mesh: Some(MeshSpec {
+                annotation_prefix: "flomesh.io/",
+                probe_ports: &[APP_PORT],
+                inbound_port_exclusions: &[INBOUND_EXCLUDED],
+                outbound_port_exclusions: &[OUTBOUND_EXCLUDED],
+                outbound_pod_exclusions: &["D"],
+            }),
+        },
+        PodSpec {
+            name: "B",
+            app_ports: APP_PORTS,
+            mesh: Some(MeshSpec {
+                annotation_prefix: "openservicemesh.io/",
+                probe_ports: &[APP_PORT],
+                inbound_port_exclusions: &[INBOUND_EXCLUDED],
+                outbound_port_exclusions: &[],
+                outbound_pod_exclusions: &[],
+            }),
+        },
+        PodSpec {
+            name: "C",
+            app_ports: APP_PORTS,
+            mesh: None,
+        },
+        PodSpec {
+            name: "D",
+            app_ports: &[APP_PORT],
+            mesh: None,
+        },
+    ]
+}
+
+/// One call, and what comes of it.
+struct Scenario {
+    what: &'static str,
+    from: Caller,
+    call: Call,
+    /// What the user sees behind the mesh's own rules: what answered, and the proxies' log lines
+    /// (see [`Outcome`]).
+    iptables: (&'static str, &'static [&'static str]),
+    /// How the eBPF datapath's outcome relates to that.
+    ebpf: Ebpf,
+}
+
+enum Ebpf {
+    /// The same as the mesh's, as observed in the same run.
+    Same,
+    /// Different on purpose: this outcome, for this reason.
+    Differs {
+        outcome: (&'static str, &'static [&'static str]),
+        why: &'static str,
+    },
+}
+
+/// What a plaintext client sees when the mesh sends it to a proxy's mTLS port.
+const PLAINTEXT_TO_MTLS: &str = "error: empty reply";
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        what: "the kubelet probes B's healthcheck",
+        from: Caller::Host,
+        call: Call::Healthcheck {
+            pod: "B",
+            port: APP_PORT,
+        },
+        iptables: ("healthcheck 200", &[]),
+        ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "the kubelet calls B's app: B's proxy demands mTLS",
+        from: Caller::Host,
+        call: Call::Http {
+            to: Target::Pod("B"),
+            port: APP_PORT,
+        },
+        iptables: (PLAINTEXT_TO_MTLS, &["B inbound: SSL handshake failure"]),
+        ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "the kubelet calls B's inbound-excluded port",
+        from: Caller::Host,
+        call: Call::Http {
+            to: Target::Pod("B"),
+            port: INBOUND_EXCLUDED,
+        },
+        iptables: ("app B:9090", &[]),
+        ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "non-meshed C probes B's healthcheck",
+        from: Caller::App("C"),
+        call: Call::Healthcheck {
+            pod: "B",
+            port: APP_PORT,
+        },
+        iptables: ("healthcheck 200", &[]),
+        ebpf: Ebpf::Differs {
+            outcome: (PLAINTEXT_TO_MTLS, &["B inbound: SSL handshake failure"]),
+            why: "a caller other than the kubelet reaches 15904 only through the sidecar",
+        },
+    },
+    Scenario {
+        what: "non-meshed C calls B's app",
+        from: Caller::App("C"),
+        call: Call::Http {
+            to: Target::Pod("B"),
+            port: APP_PORT,
+        },
+        iptables: (PLAINTEXT_TO_MTLS, &["B inbound: SSL handshake failure"]),
+        ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "non-meshed C calls B's inbound-excluded port",
+        from: Caller::App("C"),
+        call: Call::Http {
+            to: Target::Pod("B"),
+            port: INBOUND_EXCLUDED,
+        },
+        iptables: ("app B:9090", &[]),
+        ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "meshed A calls B's app: through both proxies, mTLS between them",
+        from: Caller::App("A"),
+        call: Call::Http {
+            to: Target::Pod("B"),
+            port: APP_PORT,
+        },
+        iptables: ("app B:8080", &["A outbound B:8080", "B inbound B:8080"]),
+        ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "A calls B's inbound-excluded port: A's proxy still speaks mTLS, B's app does not",
+        from: Caller::App("A"),
+        call: Call::Http {
+            to: Target::Pod("B"),
+            port: INBOUND_EXCLUDED,
+        },
+        iptables: ("error: empty reply", &["A outbound B:9090"]),
+        ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "A calls its own app on 127.0.0.1",
+        from: Caller::App("A"),
+        call: Call::Http {
+            to: Target::Loopback,
+            port: APP_PORT,
+        },
+        iptables: ("app A:8080", &[]),
+        ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "A calls its own app on its pod IP",
+        from: Caller::App("A"),
+        call: Call::Http {
+            to: Target::Pod("A"),
+            port: APP_PORT,
+        },
+        iptables: ("app A:8080", &[]),
+        ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "A's proxy UID calls B's app in plaintext",
+        from: Caller::Proxy("A"),
+        call: Call::Http {
+            to: Target::Pod("B"),
+            port: APP_PORT,
+        },
+        iptables: (PLAINTEXT_TO_MTLS, &["B inbound: SSL handshake failure"]),
+        ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "A's proxy UID calls non-meshed C",
+        from: Caller::Proxy("A"),
+        call: Call::Http {
+            to: Target::Pod("C"),
+            port: APP_PORT,
+        },
+        iptables: ("app C:8080", &[]),
+        ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "A's proxy UID calls 127.0.0.1",
+        from: Caller::Proxy("A"),
+        call: Call::Http {
+            to: Target::Loopback,
+            port: APP_PORT,
+        },
+        iptables: ("app A:8080", &[]),
+        ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "A's proxy UID calls A's pod IP: the mesh sends it to A's own inbound",
+        from: Caller::Proxy("A"),
+        call: Call::Http {
+            to: Target::Pod("A"),
+            port: APP_PORT,
+        },
+        iptables: (PLAINTEXT_TO_MTLS, &["A inbound: SSL handshake failure"]),
+        ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "A's proxy UID calls A's pod IP on an inbound-excluded port",
+        from: Caller::Proxy("A"),
+        call: Call::Http {
+            to: Target::Pod("A"),
+            port: INBOUND_EXCLUDED,
+        },
+        iptables: (PLAINTEXT_TO_MTLS, &["A inbound: SSL handshake failure"]),
+        ebpf: Ebpf::Differs {
+            outcome: ("app A:9090", &[]),
+            why: "the mesh's rule for the proxy's own calls over lo jumps to the inbound redirect \
+                  before any exclusion is checked; the datapath honours the inbound exclusion",
+        },
+    },
+    Scenario {
+        what: "A calls non-meshed C: A's proxy speaks mTLS to a plaintext app",
+        from: Caller::App("A"),
+        call: Call::Http {
+            to: Target::Pod("C"),
+            port: APP_PORT,
+        },
+        iptables: ("error: empty reply", &["A outbound C:8080"]),
+        ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "A calls C on an outbound-excluded port",
+        from: Caller::App("A"),
+        call: Call::Http {
+            to: Target::Pod("C"),
+            port: OUTBOUND_EXCLUDED,
+        },
+        iptables: ("app C:9091", &[]),
+        ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "A calls D, whose address is outbound-excluded",
+        from: Caller::App("A"),
+        call: Call::Http {
+            to: Target::Pod("D"),
+            port: APP_PORT,
+        },
+        iptables: ("app D:8080", &[]),
+        ebpf: Ebpf::Same,
+    },
+];
+
+fn outcome((answered, proxies): (&str, &[&str])) -> Outcome {
+    Outcome::new(answered, proxies)
+}
+
+/// Builds the node in `mode`, makes every call of [`SCENARIOS`] in order, and takes the node down.
+/// Prints each call with the proxies' raw log lines (shown when a test fails).
+fn run_scenarios(mode: Mode) -> Vec<Outcome> {
+    let specs = node_spec();
+    let node = Node::start(mode, &specs);
+    println!("--- {mode:?} mode ---");
+    SCENARIOS
+        .iter()
+        .map(|scenario| {
+            let observed = node.call(scenario.from, scenario.call);
+            println!(
+                "{}: {}\n  $ {}",
+                scenario.what, observed.outcome, observed.command
+            );
+            for line in &observed.log_lines {
+                println!("  {line}");
+            }
+            observed.outcome
+        })
+        .collect()
+}
+
+/// A Markdown table of the scenarios with one column per set of outcomes.
+fn table(columns: &[(&str, &[Outcome])]) -> String {
+    let mut text = String::from("| # | scenario | call |");
+    for (title, _) in columns {
+        let _ = write!(text, " {title} |");
+    }
+    text.push_str("\n|---|---|---|");
+    text.push_str(&"---|".repeat(columns.len()));
+    text.push('\n');
+    for (i, scenario) in SCENARIOS.iter().enumerate() {
+        let _ = write!(
+            text,
+            "| {} | {} | {} → {} |",
+            i + 1,
+            scenario.what,
+            scenario.from,
+            scenario.call
+        );
+        for (_, outcomes) in columns {
+            match outcomes.get(i) {
+                Some(outcome) => {
+                    let _ = write!(text, " {outcome} |");
+                }
+                None => text.push_str(" (not run) |"),
+            }
+        }
+        text.push('\n');
+    }
+    text
+}
+
+/// The scenarios (1-based) where `got` is not `wanted`.
+fn mismatches(wanted: &[Outcome], got: &[Outcome]) -> Vec<usize> {
+    (0..SCENARIOS.len())
+        .filter(|&i| wanted.get(i) != got.get(i))
+        .map(|i| i + 1)
+        .collect()
+}
+
+#[test]
+fn iptables_mode_matches_the_expected_table() {
+    require_privileges!();
+    let expected: Vec<Outcome> = SCENARIOS.iter().map(|s| outcome(s.iptables)).collect();
+
+    let observed = run_scenarios(Mode::Iptables);
+
+    let table = table(&[("expected", &expected), ("iptables", &observed)]);
+    println!("{table}");
+    let wrong = mismatches(&expected, &observed);
+    assert!(
+        wrong.is_empty(),
+        "behind the mesh's iptables rules, scenarios {wrong:?} did not come out as expected:\n{table}"
+    );
+}
+
+#[test]
+fn parity_ebpf_matches_iptables() {
+    require_privileges!();
+    let iptables = run_scenarios(Mode::Iptables);
+    let ebpf = run_scenarios(Mode::Ebpf);
+
+    // What the datapath must do: the mesh's outcome as observed, except where it differs on purpose.
+    let wanted: Vec<Outcome> = SCENARIOS
+        .iter()
+        .zip(&iptables)
+        .map(|(scenario, observed)| match &scenario.ebpf {
+            Ebpf::Same => observed.clone(),
+            Ebpf::Differs { outcome: o, .. } => outcome(*o),
+        })
+        .collect();
+    let table = table(&[
+        ("iptables", &iptables),
+        ("ebpf, wanted", &wanted),
+        ("ebpf", &ebpf),
+    ]);
+    println!("{table}");
+    for (i, scenario) in SCENARIOS.iter().enumerate() {
+        if let Ebpf::Differs { why, .. } = scenario.ebpf {
+            println!("scenario {} differs on purpose: {why}", i + 1);
+        }
+    }
+    let wrong = mismatches(&wanted, &ebpf);
+    assert!(
+        wrong.is_empty(),
+        "with the eBPF datapath, scenarios {wrong:?} did not come out as behind the mesh's rules:\n{table}"
+    );
+}
+
+#[test]
+fn proxy_log_parses_a_forwarded_connection() {
+    let line = "probe-bypass-test frontend=outbound client=198.18.0.2:4000 \
+                original_dst=198.18.0.6:8080 server=198.18.0.6:8080 termination=--";
+    let log = ProxyLog::parse(line);
+    assert_eq!(log.frontend, "outbound");
+    assert_eq!(log.client, "198.18.0.2:4000");
+    assert_eq!(
+        log.event,
+        ProxyEvent::Forwarded {
+            original_dst: "198.18.0.6:8080".parse().expect("address"),
+            server: "198.18.0.6:8080".parse().expect("address"),
+            termination: "--".to_owned(),
+        }
+    );
+}
+
+#[test]
+fn proxy_log_parses_a_failed_handshake() {
+    let line = "198.18.0.5:39956 [21/Nov/2026:02:14:44.872] inbound/inbound: SSL handshake failure";
+    let log = ProxyLog::parse(line);
+    assert_eq!(log.frontend, "inbound");
+    assert_eq!(log.client, "198.18.0.5:39956");
+    assert_eq!(
+        log.event,
+        ProxyEvent::Failed("SSL handshake failure".to_owned())
+    );
+}
+
+#[test]
+fn proxy_log_keeps_a_line_it_does_not_know() {
+    let log = ProxyLog::parse("[WARNING]  (1) : something else");
+    assert_eq!(log.event, ProxyEvent::Unparsed);
+    assert_eq!(log.raw, "[WARNING]  (1) : something else");
+}

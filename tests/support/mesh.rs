@@ -1,0 +1,751 @@
+//! A node of test pods meshed the way FSM meshes them, intercepted in one of two ways:
+//!
+//! - [`Mode::Iptables`]: the mesh's own rules (`tests/fixtures/fsm-init.iptables`, plus the pod's
+//!   exclusions as FSM adds them) loaded in each meshed pod's namespace, and the agent serving only
+//!   the healthcheck (`--datapath none`);
+//! - [`Mode::Ebpf`]: no iptables; the agent's eBPF datapath, attached to the test's cgroup, does the
+//!   redirecting, told the exclusions by the pods' annotations.
+//!
+//! Every meshed pod runs an HTTP app and a [`Sidecar`]; the others run only the app. Calls are made
+//! with `curl` from inside the test's cgroup, from the host (as the kubelet calls) or from a pod,
+//! as its app or as its proxy's UID, and each comes back as the [`Outcome`] a user would observe:
+//! what answered, and which proxies the connection went through.
+
+use std::{
+    fmt, fs,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use super::{
+    agent::{Agent, ManifestDir},
+    cgroup::{TestCgroup, attached_programs},
+    pod::{App, TestPod},
+    sidecar::{Certificates, PROXY_UID, ProxyEvent, ProxyLog, Sidecar},
+};
+
+/// The mesh's healthcheck port and path, written out here rather than taken from the agent, so
+/// that a wrong value in the agent shows up as a difference from the mesh.
+pub const HEALTHCHECK_PORT: u16 = 15904;
+const HEALTHCHECK_PATH: &str = "/fsm-healthcheck";
+
+/// The mesh's rules, copied from `shared/fixtures` into the repository (CI clones only the repo).
+const FSM_INIT_RULES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/fixtures/fsm-init.iptables"
+);
+
+/// The final rule of the fixture's outbound chain; FSM adds outbound exclusions before it.
+const OUTBOUND_CATCH_ALL: &str = "-A FSM_PROXY_OUTBOUND -j FSM_PROXY_OUT_REDIRECT";
+
+/// The agent under test.
+const AGENT: &str = env!("CARGO_BIN_EXE_probe-bypass");
+
+/// Bound on every call, so a connection the datapath swallows fails the test instead of hanging it.
+const CALL_TIMEOUT_SECS: &str = "3";
+
+/// A proxy's log is settled once it has not grown for this long after a call.
+const LOG_QUIET: Duration = Duration::from_millis(200);
+
+static NEXT_PIN: AtomicU32 = AtomicU32::new(0);
+
+/// How the meshed pods' traffic is made to go through their sidecars.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The mesh's iptables rules in each meshed pod; no eBPF.
+    Iptables,
+    /// The agent's eBPF datapath; no iptables.
+    Ebpf,
+}
+
+/// A pod of the node, as a test declares it.
+pub struct PodSpec {
+    /// A short name (`A`): apps answer with it, and outcomes name addresses by it.
+    pub name: &'static str,
+    /// Ports its HTTP app answers on, on every address of the pod.
+    pub app_ports: &'static [u16],
+    /// `Some` for a meshed pod: it gets a sidecar, a manifest and the mesh's interception.
+    pub mesh: Option<MeshSpec>,
+}
+
+/// How a meshed pod is meshed: the settings FSM takes from its annotations.
+pub struct MeshSpec {
+    /// Prefix of its mesh annotations: `flomesh.io/` (FSM) or `openservicemesh.io/` (OSM).
+    pub annotation_prefix: &'static str,
+    /// Ports its (rewritten) tcpSocket probes name, which the healthcheck dials.
+    pub probe_ports: &'static [u16],
+    /// Inbound ports that skip the proxy.
+    pub inbound_port_exclusions: &'static [u16],
+    /// Outbound ports that skip the proxy.
+    pub outbound_port_exclusions: &'static [u16],
+    /// Pods whose address (as a /32) is an outbound destination that skips the proxy. Test pods'
+    /// addresses are known only once they exist, so the spec names the pods.
+    pub outbound_pod_exclusions: &'static [&'static str],
+}
+
+/// Who makes a call. Every caller is a process inside the test's cgroup.
+#[derive(Clone, Copy, Debug)]
+pub enum Caller {
+    /// A process in the host's network namespace, as the kubelet is.
+    Host,
+    /// An app in the named pod (root, in the pod's namespace).
+    App(&'static str),
+    /// A process in the named pod running as the proxy's UID: the proxy's own connections.
+    Proxy(&'static str),
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Host => f.write_str("host"),
+            Self::App(pod) => f.write_str(pod),
+            Self::Proxy(pod) => write!(f, "{pod} uid {PROXY_UID}"),
+        }
+    }
+}
+
+/// Where a call goes.
+#[derive(Clone, Copy, Debug)]
+pub enum Target {
+    /// The named pod's IP.
+    Pod(&'static str),
+    /// 127.0.0.1, in the caller's own namespace.
+    Loopback,
+}
+
+/// What is asked.
+#[derive(Clone, Copy, Debug)]
+pub enum Call {
+    /// `GET /` on `port` of `to`.
+    Http { to: Target, port: u16 },
+    /// The kubelet's rewritten tcpSocket probe of `port`: `GET /fsm-healthcheck` on the pod's
+    /// [`HEALTHCHECK_PORT`] with `Original-Tcp-Port: <port>`.
+    Healthcheck { pod: &'static str, port: u16 },
+}
+
+impl fmt::Display for Call {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Http {
+                to: Target::Pod(pod),
+                port,
+            } => write!(f, "{pod}:{port}"),
+            Self::Http {
+                to: Target::Loopback,
+                port,
+            } => write!(f, "127.0.0.1:{port}"),
+            Self::Healthcheck { pod, port } => {
+                write!(f, "{pod}:{HEALTHCHECK_PORT} healthcheck of {port}")
+            }
+        }
+    }
+}
+
+/// A call's outcome as a user observes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// What answered: an app's body (`app B:8080`), `healthcheck <status>`, `HTTP <status> <body>`
+    /// for anything else that answered, or `error: <class>` (`empty reply`, `connection refused`,
+    /// `connection reset`, `timeout`, …) when nothing did.
+    pub answered: String,
+    /// What the proxies logged for the call, a line each, pods in the node's order:
+    /// `<pod> <frontend> <original destination>` for a connection a proxy forwarded (or tried
+    /// to), `<pod> <frontend>: <reason>` for one that failed first. Addresses of the node's pods
+    /// are written by pod name (`B:8080`).
+    pub proxies: Vec<String>,
+}
+
+impl Outcome {
+    /// An outcome written by hand, for expected tables.
+    pub fn new(answered: &str, proxies: &[&str]) -> Self {
+        Self {
+            answered: answered.to_owned(),
+            proxies: proxies.iter().map(|line| (*line).to_owned()).collect(),
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.answered)?;
+        if self.proxies.is_empty() {
+            return f.write_str(" (no proxy)");
+        }
+        write!(f, " via [{}]", self.proxies.join("; "))
+    }
+}
+
+/// One call made on the node: its outcome, and the evidence behind it.
+pub struct Observation {
+    pub outcome: Outcome,
+    /// The curl command line, as run.
+    pub command: String,
+    /// The proxies' raw log lines for the call, each after its pod's name.
+    pub log_lines: Vec<String>,
+}
+
+/// A node: the pods, their apps and sidecars, the test's cgroup, and the interception of the mode.
+/// Dropping it stops and removes everything, the agent and its pins first.
+pub struct Node {
+    // Fields drop in this order: the agent (and the datapath's pins) before the processes it
+    // redirects, those before the cgroup that holds them, and that before the namespaces.
+    interception: Interception,
+    sidecars: Vec<(&'static str, Sidecar)>,
+    _apps: Vec<App>,
+    cgroup: TestCgroup,
+    pods: Vec<(&'static str, TestPod)>,
+    _manifests: ManifestDir,
+    _certs: Certificates,
+}
+
+/// What intercepts the meshed pods' traffic, besides rules that live and die with the namespaces.
+enum Interception {
+    /// The mesh's iptables rules; the agent serves only the healthcheck.
+    Iptables {
+        _agent: Agent,
+    },
+    Ebpf(EbpfAgent),
+}
+
+impl Node {
+    /// Builds the node of `specs` and starts intercepting in `mode`. Returns once every sidecar
+    /// listens and the agent reports every meshed pod ready.
+    pub fn start(mode: Mode, specs: &[PodSpec]) -> Self {
+        let pods: Vec<(&'static str, TestPod)> = specs
+            .iter()
+            .map(|spec| {
+                let pod = TestPod::new();
+                pod.route_to_other_pods();
+                (spec.name, pod)
+            })
+            .collect();
+        let apps = specs
+            .iter()
+            .zip(&pods)
+            .flat_map(|(spec, (name, pod))| {
+                spec.app_ports.iter().map(move |&port| {
+                    let addr = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
+                    pod.serve_http(addr, &format!("app {name}:{port}"))
+                })
+            })
+            .collect();
+        assert_pods_reach_each_other(specs, &pods);
+
+        let cgroup = TestCgroup::new();
+        let certs = Certificates::new();
+        let manifests = ManifestDir::new();
+        let mut sidecars = Vec::new();
+        for (spec, (name, pod)) in specs.iter().zip(&pods) {
+            let Some(mesh) = &spec.mesh else { continue };
+            let pem = certs.issue(name);
+            sidecars.push((*name, Sidecar::start(&cgroup, pod, &certs, &pem)));
+            let exclusions = mesh.outbound_cidrs(&pods);
+            let annotations = mesh.annotations(&exclusions);
+            let annotations: Vec<(&str, &str)> = annotations
+                .iter()
+                .map(|(key, value)| (key.as_str(), value.as_str()))
+                .collect();
+            manifests.write(
+                &format!("{name}.json"),
+                &pod.manifest_with_annotations(
+                    &format!("pod-{}", name.to_lowercase()),
+                    mesh.probe_ports,
+                    &annotations,
+                ),
+            );
+            if mode == Mode::Iptables {
+                install_fsm_rules(pod, mesh, &exclusions);
+            }
+        }
+        let interception = match mode {
+            Mode::Iptables => Interception::Iptables {
+                _agent: start_agent(&manifests, &["--datapath", "none"]),
+            },
+            Mode::Ebpf => Interception::Ebpf(EbpfAgent::start(&manifests, &cgroup)),
+        };
+        Self {
+            interception,
+            sidecars,
+            _apps: apps,
+            cgroup,
+            pods,
+            _manifests: manifests,
+            _certs: certs,
+        }
+    }
+
+    /// Makes `call` as `caller` and returns what came of it.
+    pub fn call(&self, caller: Caller, call: Call) -> Observation {
+        let marks: Vec<u64> = self
+            .sidecars
+            .iter()
+            .map(|(_, sidecar)| sidecar.log_mark())
+            .collect();
+        let (program, args) = self.curl(caller, call);
+        let output = self.cgroup.output(
+            &program,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        self.wait_for_quiet_logs();
+
+        let mut proxies = Vec::new();
+        let mut log_lines = Vec::new();
+        for ((pod, sidecar), mark) in self.sidecars.iter().zip(marks) {
+            for line in sidecar.log_since(mark) {
+                proxies.push(format!("{pod} {}", self.describe_log(&line)));
+                log_lines.push(format!("{pod}: {line}"));
+            }
+        }
+        Observation {
+            outcome: Outcome {
+                answered: answered(call, &output),
+                proxies,
+            },
+            command: shell_words(&program, &args),
+            log_lines,
+        }
+    }
+
+    /// The curl command line for `call` from `caller`.
+    fn curl(&self, caller: Caller, call: Call) -> (String, Vec<String>) {
+        let mut command: Vec<String> = match caller {
+            Caller::Host => Vec::new(),
+            Caller::App(pod) => ["ip", "netns", "exec", self.pod(pod).netns_name.as_str()]
+                .map(str::to_owned)
+                .to_vec(),
+            Caller::Proxy(pod) => [
+                "ip",
+                "netns",
+                "exec",
+                self.pod(pod).netns_name.as_str(),
+                "setpriv",
+                &format!("--reuid={PROXY_UID}"),
+                &format!("--regid={PROXY_UID}"),
+                "--clear-groups",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        };
+        // -q first: no ~/.curlrc; --noproxy: no proxy from the environment either.
+        command.extend(
+            [
+                "curl",
+                "-q",
+                "--silent",
+                "--show-error",
+                "--noproxy",
+                "*",
+                "--max-time",
+                CALL_TIMEOUT_SECS,
+                "--output",
+                "-",
+                "--write-out",
+                "\n%{http_code}",
+            ]
+            .map(str::to_owned),
+        );
+        let url = match call {
+            Call::Http { to, port } => {
+                let ip = match to {
+                    Target::Pod(pod) => IpAddr::V4(self.pod(pod).ip),
+                    Target::Loopback => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                };
+                format!("http://{ip}:{port}/")
+            }
+            Call::Healthcheck { pod, port } => {
+                command.extend(
+                    [
+                        "--user-agent",
+                        "kube-probe/1.31",
+                        "--header",
+                        &format!("Original-Tcp-Port: {port}"),
+                    ]
+                    .map(str::to_owned),
+                );
+                format!(
+                    "http://{}:{HEALTHCHECK_PORT}{HEALTHCHECK_PATH}",
+                    self.pod(pod).ip
+                )
+            }
+        };
+        command.push(url);
+        let program = command.remove(0);
+        (program, command)
+    }
+
+    /// Waits until no proxy's log has grown for [`LOG_QUIET`]. With `logasap` a proxy writes a
+    /// connection's line before the client can see the answer, and a failure's line before it
+    /// closes the client's connection, so the lines are as good as there when curl exits; this
+    /// covers the write racing curl's exit.
+    fn wait_for_quiet_logs(&self) {
+        let sizes = || -> Vec<u64> { self.sidecars.iter().map(|(_, s)| s.log_mark()).collect() };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut last = sizes();
+        let mut quiet_since = Instant::now();
+        while quiet_since.elapsed() < LOG_QUIET && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(25));
+            let now = sizes();
+            if now != last {
+                last = now;
+                quiet_since = Instant::now();
+            }
+        }
+    }
+
+    /// A proxy's log line as an [`Outcome`] writes it (after the pod's name).
+    fn describe_log(&self, line: &ProxyLog) -> String {
+        match &line.event {
+            ProxyEvent::Forwarded { original_dst, .. } => {
+                format!("{} {}", line.frontend, self.describe_addr(*original_dst))
+            }
+            ProxyEvent::Failed(reason) => format!("{}: {reason}", line.frontend),
+            ProxyEvent::Unparsed => format!("?: {}", line.raw),
+        }
+    }
+
+    /// `addr` with a pod's IP written as the pod's name.
+    fn describe_addr(&self, addr: SocketAddr) -> String {
+        self.pods
+            .iter()
+            .find(|(_, pod)| IpAddr::V4(pod.ip) == addr.ip())
+            .map_or_else(
+                || addr.to_string(),
+                |(name, _)| format!("{name}:{}", addr.port()),
+            )
+    }
+
+    /// The pod called `name`.
+    pub fn pod(&self, name: &str) -> &TestPod {
+        self.pods
+            .iter()
+            .find(|(pod, _)| *pod == name)
+            .map(|(_, pod)| pod)
+            .unwrap_or_else(|| panic!("the node has no pod {name}"))
+    }
+}
+
+impl MeshSpec {
+    /// The outbound destinations this pod's traffic skips the proxy for, as CIDRs.
+    fn outbound_cidrs(&self, pods: &[(&'static str, TestPod)]) -> Vec<String> {
+        self.outbound_pod_exclusions
+            .iter()
+            .map(|excluded| {
+                let (_, pod) = pods
+                    .iter()
+                    .find(|(name, _)| name == excluded)
+                    .unwrap_or_else(|| panic!("outbound exclusion of unknown pod {excluded}"));
+                format!("{}/32", pod.ip)
+            })
+            .collect()
+    }
+
+    /// The pod's mesh annotations, as FSM's injector reads them: comma lists, left out when empty.
+    fn annotations(&self, outbound_cidrs: &[String]) -> Vec<(String, String)> {
+        let prefix = self.annotation_prefix;
+        [
+            (
+                "inbound-port-exclusion-list",
+                comma_list(self.inbound_port_exclusions),
+            ),
+            (
+                "outbound-port-exclusion-list",
+                comma_list(self.outbound_port_exclusions),
+            ),
+            ("outbound-ip-range-exclusion-list", outbound_cidrs.join(",")),
+        ]
+        .into_iter()
+        .filter(|(_, value)| !value.is_empty())
+        .map(|(name, value)| (format!("{prefix}{name}"), value))
+        .collect()
+    }
+}
+
+/// `program` and `args` as one would type them (arguments with anything unusual quoted).
+fn shell_words(program: &str, args: &[String]) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:=,".contains(c);
+    let mut words = vec![program.to_owned()];
+    words.extend(args.iter().map(|arg| {
+        if !arg.is_empty() && arg.chars().all(plain) {
+            arg.clone()
+        } else {
+            format!("{arg:?}")
+        }
+    }));
+    words.join(" ")
+}
+
+fn comma_list(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Pod-to-pod traffic goes through the host; a host that does not forward it (a `FORWARD` chain
+/// that drops, say) would make every cross-pod scenario fail for a reason that is not the mesh's.
+/// Checked once, before any interception, from each pod to the next.
+fn assert_pods_reach_each_other(specs: &[PodSpec], pods: &[(&'static str, TestPod)]) {
+    for (i, (from, pod)) in pods.iter().enumerate() {
+        let (to, peer) = &pods[(i + 1) % pods.len()];
+        let Some(port) = specs[(i + 1) % pods.len()].app_ports.first() else {
+            continue;
+        };
+        let url = format!("http://{}:{port}/", peer.ip);
+        let body = pod.exec(&[
+            "curl",
+            "-q",
+            "--silent",
+            "--show-error",
+            "--noproxy",
+            "*",
+            "--max-time",
+            CALL_TIMEOUT_SECS,
+            &url,
+        ]);
+        assert_eq!(
+            body,
+            format!("app {to}:{port}"),
+            "pod {from} cannot reach pod {to} through the host: is forwarding between veths blocked?"
+        );
+    }
+}
+
+/// What the caller saw, from curl's exit status and output (the body, then the status code on a
+/// line of its own).
+fn answered(call: Call, output: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let Some(code) = output.status.code() else {
+        return format!("error: curl killed ({})", output.status);
+    };
+    if code != 0 {
+        return format!("error: {}", curl_error_class(code, &stderr));
+    }
+    let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    match call {
+        _ if body.starts_with("app ") && status == "200" => body.to_owned(),
+        Call::Healthcheck { .. } => format!("healthcheck {status}"),
+        Call::Http { .. } => format!("HTTP {status} {body}"),
+    }
+}
+
+/// The kind of failure behind curl's exit `code`, in the words a user would use.
+fn curl_error_class(code: i32, stderr: &str) -> String {
+    match code {
+        7 if stderr.contains("refused") => "connection refused".to_owned(),
+        7 => "could not connect".to_owned(),
+        28 => "timeout".to_owned(),
+        52 => "empty reply".to_owned(),
+        56 if stderr.contains("reset") => "connection reset".to_owned(),
+        56 => "receive failure".to_owned(),
+        _ => format!("curl exit {code}: {}", stderr.trim()),
+    }
+}
+
+/// Loads the mesh's rules into `pod`'s namespace as FSM's init container does, with the pod's
+/// exclusions added the way FSM adds them (see the fixture's header): inbound port exclusions at
+/// the head of the inbound chain, outbound CIDRs and then ports just before the outbound chain's
+/// final catch-all. The rules go with the namespace.
+fn install_fsm_rules(pod: &TestPod, mesh: &MeshSpec, outbound_cidrs: &[String]) {
+    let rules = fs::File::open(FSM_INIT_RULES)
+        .unwrap_or_else(|error| panic!("open {FSM_INIT_RULES}: {error}"));
+    let output = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pod.netns_name,
+            "iptables-restore",
+            "--noflush",
+        ])
+        .stdin(rules)
+        .output()
+        .expect("run iptables-restore (cargo xtask setup installs iptables)");
+    assert!(
+        output.status.success(),
+        "iptables-restore in {}: {}",
+        pod.netns_name,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if !mesh.inbound_port_exclusions.is_empty() {
+        let ports = comma_list(mesh.inbound_port_exclusions);
+        pod.exec(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-I",
+            "FSM_PROXY_INBOUND",
+            "-p",
+            "tcp",
+            "--match",
+            "multiport",
+            "--dports",
+            &ports,
+            "-j",
+            "RETURN",
+        ]);
+    }
+    for cidr in outbound_cidrs {
+        insert_before_outbound_catch_all(pod, &["-d", cidr, "-j", "RETURN"]);
+    }
+    if !mesh.outbound_port_exclusions.is_empty() {
+        let ports = comma_list(mesh.outbound_port_exclusions);
+        insert_before_outbound_catch_all(
+            pod,
+            &[
+                "-p",
+                "tcp",
+                "--match",
+                "multiport",
+                "--dports",
+                &ports,
+                "-j",
+                "RETURN",
+            ],
+        );
+    }
+    let outbound = outbound_chain(pod);
+    assert_eq!(
+        outbound.last().map(String::as_str),
+        Some(OUTBOUND_CATCH_ALL),
+        "the outbound chain in {} must end in its catch-all: {outbound:#?}",
+        pod.netns_name
+    );
+}
+
+/// Inserts `rule` into `FSM_PROXY_OUTBOUND` just before its last rule, the catch-all redirect.
+fn insert_before_outbound_catch_all(pod: &TestPod, rule: &[&str]) {
+    let position = outbound_chain(pod).len().to_string();
+    let mut args = vec![
+        "iptables",
+        "-t",
+        "nat",
+        "-I",
+        "FSM_PROXY_OUTBOUND",
+        &position,
+    ];
+    args.extend_from_slice(rule);
+    pod.exec(&args);
+}
+
+/// The rules of `FSM_PROXY_OUTBOUND` in `pod`, as `iptables -S` writes them.
+fn outbound_chain(pod: &TestPod) -> Vec<String> {
+    pod.exec(&["iptables", "-t", "nat", "-S", "FSM_PROXY_OUTBOUND"])
+        .lines()
+        .filter(|line| line.starts_with("-A "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Starts the agent on the node's manifests with `args` and waits until it serves every pod.
+fn start_agent(manifests: &ManifestDir, args: &[&str]) -> Agent {
+    let agent = Agent::start(&manifests.path, args);
+    agent.wait_ready(200, Duration::from_secs(10));
+    agent
+}
+
+/// The agent with its eBPF datapath attached to the test's cgroup (never the root) and pinned
+/// under a bpffs path of the test's own. On drop the agent is stopped and `probe-bypass
+/// uninstall` removes the pins, which detaches the programs: afterwards the pin directory must be
+/// gone and nothing attached to the cgroup.
+struct EbpfAgent {
+    agent: Option<Agent>,
+    pin_path: PathBuf,
+    cgroup: PathBuf,
+}
+
+impl EbpfAgent {
+    /// Starts the agent and waits until it serves every pod and has attached its programs.
+    fn start(manifests: &ManifestDir, cgroup: &TestCgroup) -> Self {
+        let n = NEXT_PIN.fetch_add(1, Ordering::Relaxed);
+        let pin_path = PathBuf::from(format!(
+            "/sys/fs/bpf/probe-bypass-test-{}-{n}",
+            std::process::id()
+        ));
+        // From here on, dropping the guard uninstalls whatever the agent pinned.
+        let mut guard = Self {
+            agent: None,
+            pin_path,
+            cgroup: cgroup.path().to_owned(),
+        };
+        let cgroup_root = cgroup.path().display().to_string();
+        let pin_path = guard.pin_path.display().to_string();
+        let agent = guard.agent.insert(start_agent(
+            manifests,
+            &[
+                "--datapath",
+                "ebpf",
+                "--cgroup-root",
+                &cgroup_root,
+                "--pin-path",
+                &pin_path,
+            ],
+        ));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while attached_programs(cgroup.path())
+            .unwrap_or_else(|error| panic!("{error}"))
+            .is_empty()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the agent attached nothing to {cgroup_root}:\n{}",
+                agent.log_text()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        guard
+    }
+
+    /// What is wrong after `probe-bypass uninstall`, if anything.
+    fn uninstall(&self) -> Option<String> {
+        let output = match Command::new(AGENT)
+            .arg("uninstall")
+            .arg("--pin-path")
+            .arg(&self.pin_path)
+            .output()
+        {
+            Ok(output) => output,
+            Err(error) => return Some(format!("could not run `probe-bypass uninstall`: {error}")),
+        };
+        if !output.status.success() {
+            return Some(format!(
+                "`probe-bypass uninstall --pin-path {}` failed ({}): {}",
+                self.pin_path.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        if self.pin_path.exists() {
+            return Some(format!(
+                "`probe-bypass uninstall` left {} behind",
+                self.pin_path.display()
+            ));
+        }
+        match attached_programs(&self.cgroup) {
+            Ok(attached) if attached.is_empty() => None,
+            Ok(attached) => Some(format!(
+                "after `probe-bypass uninstall`, {} still has {attached:?} attached",
+                self.cgroup.display()
+            )),
+            Err(error) => Some(error),
+        }
+    }
+}
+
+impl Drop for EbpfAgent {
+    fn drop(&mut self) {
+        drop(self.agent.take());
+        let Some(problem) = self.uninstall() else {
+            return;
+        };
+        if thread::panicking() {
+            eprintln!("{problem}");
+        } else {
+            panic!("{problem}");
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! The mesh's sidecar, stood in for by HAProxy, and the certificates its mTLS needs.
+//!
+//! One HAProxy per meshed pod, started inside the pod's network namespace and inside the test's
+//! cgroup, behaves as FSM's proxy does behind `fsm-init.iptables`: it runs as the proxy UID (1500),
+//! takes inbound connections on 15003 (mTLS, client certificate required) and hands them to the app
+//! on 127.0.0.1 at the original port, and takes outbound connections on 15001 and forwards them,
+//! over mTLS, to their original destination. Both read the original destination with
+//! getsockopt(SO_ORIGINAL_DST). It logs one line per connection, which [`Sidecar::log_since`]
+//! parses, so a test can tell which connections went through which proxy.
+
+use std::{
+    fmt, fs,
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use super::{cgroup::TestCgroup, pod::TestPod};
+
+/// The proxy's UID and GID: the mesh's rules let this user's connections out unredirected.
+pub const PROXY_UID: u32 = 1500;
+
+/// Where the mesh redirects a meshed pod's inbound connections: the proxy's mTLS port.
+pub const INBOUND_PORT: u16 = 15003;
+
+/// Where the mesh redirects a meshed pod's outbound connections.
+pub const OUTBOUND_PORT: u16 = 15001;
+
+/// Name of the inbound frontend (and its bind) in the proxy's configuration and log.
+pub const INBOUND: &str = "inbound";
+
+/// Name of the outbound frontend (and its bind) in the proxy's configuration and log.
+pub const OUTBOUND: &str = "outbound";
+
+/// The HAProxy the setup installs (Debian's 2.6).
+const HAPROXY: &str = "/usr/sbin/haproxy";
+
+/// How long HAProxy may take to listen after it starts.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Each log line HAProxy writes for a connection it forwarded starts with this tag.
+const LOG_TAG: &str = "probe-bypass-test";
+
+static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
+
+/// A directory under the system temp dir named after the test process and a counter, removed
+/// with its contents on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(what: &str) -> Self {
+        let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("pb-test-{what}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path)
+            .unwrap_or_else(|error| panic!("create {}: {error}", path.display()));
+        Self { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A certificate authority of the test's own and the certificates it issued, made with the
+/// `openssl` CLI into a temp dir.
+pub struct Certificates {
+    dir: TempDir,
+}
+
+impl Certificates {
+    /// Makes the CA (an EC P-256 key and a self-signed certificate valid for a day).
+    pub fn new() -> Self {
+        let dir = TempDir::new("certs");
+        let certs = Self { dir };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=probe-bypass test mesh CA",
+            "-keyout",
+            &certs.file("ca.key"),
+            "-out",
+            &certs.ca(),
+        ]);
+        certs
+    }
+
+    /// The CA certificate (PEM), which both ends of every mTLS connection verify the other against.
+    pub fn ca(&self) -> String {
+        self.file("ca.pem")
+    }
+
+    /// Issues `name` a certificate for both ends of mTLS (server and client authentication),
+    /// returning a PEM with the certificate and its key, as HAProxy's `crt` wants them.
+    pub fn issue(&self, name: &str) -> String {
+        let key = self.file(&format!("{name}.key"));
+        let request = self.file(&format!("{name}.csr"));
+        let cert = self.file(&format!("{name}.crt"));
+        let extensions = self.file(&format!("{name}.ext"));
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &key,
+            "-out",
+            &request,
+        ]);
+        fs::write(
+            &extensions,
+            "basicConstraints = CA:FALSE\n\
+             keyUsage = critical, digitalSignature\n\
+             extendedKeyUsage = serverAuth, clientAuth\n",
+        )
+        .unwrap_or_else(|error| panic!("write {extensions}: {error}"));
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &request,
+            "-CA",
+            &self.ca(),
+            "-CAkey",
+            &self.file("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &extensions,
+            "-out",
+            &cert,
+        ]);
+        let pem = self.file(&format!("{name}.pem"));
+        let read = |path: &str| {
+            fs::read_to_string(path).unwrap_or_else(|error| panic!("read {path}: {error}"))
+        };
+        fs::write(&pem, read(&cert) + &read(&key))
+            .unwrap_or_else(|error| panic!("write {pem}: {error}"));
+        pem
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.dir.path.join(name).display().to_string()
+    }
+}
+
+/// Runs `openssl` with `args`, panicking with what it printed if it fails.
+fn openssl(args: &[&str]) {
+    let output = Command::new("openssl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| panic!("run openssl (apt-get install openssl): {error}"));
+    assert!(
+        output.status.success(),
+        "openssl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A meshed pod's proxy: HAProxy in the pod's namespace and the test's cgroup, killed on drop.
+pub struct Sidecar {
+    child: Child,
+    dir: TempDir,
+    netns: String,
+}
+
+impl Sidecar {
+    /// Starts the proxy of `pod` with the certificate `pem` (see [`Certificates::issue`]) and
+    /// waits until it listens on both of its ports.
+    pub fn start(cgroup: &TestCgroup, pod: &TestPod, certs: &Certificates, pem: &str) -> Self {
+        let dir = TempDir::new("sidecar");
+        let config = dir.path.join("haproxy.cfg");
+        fs::write(&config, haproxy_config(pem, &certs.ca()))
+            .unwrap_or_else(|error| panic!("write {}: {error}", config.display()));
+        let log = fs::File::create(dir.path.join("stdout.log")).expect("create the proxy's log");
+        let errors = fs::File::create(dir.path.join("stderr.log")).expect("create the proxy's log");
+        let config = config.display().to_string();
+        // `ip netns exec` execs the program, so the child is HAProxy itself (-db: in the
+        // foreground, no master process).
+        let child = cgroup
+            .command(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &pod.netns_name,
+                    HAPROXY,
+                    "-db",
+                    "-f",
+                    &config,
+                ],
+            )
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(errors)
+            .spawn()
+            .unwrap_or_else(|error| panic!("start {HAPROXY}: {error}"));
+        let mut sidecar = Self {
+            child,
+            dir,
+            netns: pod.netns_name.clone(),
+        };
+        sidecar.wait_listening(pod);
+        sidecar
+    }
+
+    /// Waits until both ports listen in the pod's namespace, or fails with HAProxy's own words.
+    fn wait_listening(&mut self, pod: &TestPod) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let listening = pod.exec(&["ss", "-Hltn"]);
+            let listens = |port: u16| {
+                listening
+                    .split_whitespace()
+                    .any(|field| field.ends_with(&format!(":{port}")))
+            };
+            if listens(INBOUND_PORT) && listens(OUTBOUND_PORT) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "HAProxy in {} exited at start ({status}):\n{}",
+                    self.netns,
+                    self.stderr_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "HAProxy in {} does not listen on {INBOUND_PORT} and {OUTBOUND_PORT}:\n{}",
+                self.netns,
+                self.stderr_text()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A mark in the log: the lines written after it are [`Self::log_since`] it.
+    pub fn log_mark(&self) -> u64 {
+        fs::metadata(self.log_path()).map_or(0, |meta| meta.len())
+    }
+
+    /// The connections the proxy logged after `mark`, in the order it logged them.
+    pub fn log_since(&self, mark: u64) -> Vec<ProxyLog> {
+        let text = fs::read(self.log_path()).unwrap_or_default();
+        let start = usize::try_from(mark).map_or(text.len(), |mark| mark.min(text.len()));
+        String::from_utf8_lossy(&text[start..])
+            .lines()
+            .map(ProxyLog::parse)
+            .collect()
+    }
+
+    /// Everything the proxy logged, raw.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path.join("stdout.log")
+    }
+
+    fn stderr_text(&self) -> String {
+        fs::read_to_string(self.dir.path.join("stderr.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!(
+                "--- HAProxy in {} ---\n{}{}",
+                self.netns,
+                self.log_text(),
+                self.stderr_text()
+            );
+        }
+    }
+}
+
+/// HAProxy's configuration for a sidecar with the certificate `pem`, trusting `ca`.
+///
+/// `server local 127.0.0.1` has no port, so HAProxy connects to the port the client originally
+/// asked for; `server orig 0.0.0.0:0` connects to the original address and port. The outbound
+/// side checks the peer's certificate against the CA but not its name (no `verifyhost`, no SNI),
+/// as the test's certificates name pods, not addresses. `retries 0`: like a mesh's TCP proxy, a
+/// failed connection to the server fails the client's at once (HAProxy would wait a second before
+/// each retry). `logasap` logs a connection as soon as it
+/// reaches its server, before the client sees the answer; one that fails is logged when it ends.
+fn haproxy_config(pem: &str, ca: &str) -> String {
+    format!(
+        "global
+    uid {PROXY_UID}
+    gid {PROXY_UID}
+    log stdout format raw local0
+
+defaults
+    mode tcp
+    log global
+    option logasap
+    retries 0
+    timeout connect 1s
+    timeout client 5s
+    timeout server 5s
+    log-format \"{LOG_TAG} frontend=%f client=%ci:%cp original_dst=%fi:%fp server=%si:%sp termination=%ts\"
+
+frontend {INBOUND}
+    bind :{INBOUND_PORT} name {INBOUND} ssl crt {pem} verify required ca-file {ca}
+    default_backend to_local_app
+
+backend to_local_app
+    server local 127.0.0.1
+
+frontend {OUTBOUND}
+    bind :{OUTBOUND_PORT} name {OUTBOUND}
+    default_backend to_original_dst
+
+backend to_original_dst
+    server orig 0.0.0.0:0 ssl crt {pem} ca-file {ca} verify required
+"
+    )
+}
+
+/// One line of a proxy's log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyLog {
+    /// The frontend that accepted the connection ([`INBOUND`] or [`OUTBOUND`]); empty if the line
+    /// could not be parsed.
+    pub frontend: String,
+    /// The client's address and port as the proxy saw it.
+    pub client: String,
+    pub event: ProxyEvent,
+    /// The line as HAProxy wrote it.
+    pub raw: String,
+}
+
+/// What the proxy did with a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProxyEvent {
+    /// It read the original destination and connected to `server` for it (or tried to:
+    /// `termination` is HAProxy's two-letter session state, `--` for a normal one).
+    Forwarded {
+        original_dst: SocketAddr,
+        server: SocketAddr,
+        termination: String,
+    },
+    /// The connection failed before it reached the proxy's logic, with HAProxy's reason
+    /// (`SSL handshake failure` for a client that did not speak mTLS).
+    Failed(String),
+    /// A line this parser does not know.
+    Unparsed,
+}
+
+impl ProxyLog {
+    /// Parses a line of the log format in [`haproxy_config`], or one of the fixed-format lines
+    /// HAProxy 2.6 writes for connections that die before a stream exists:
+    /// `<client> [<date>] <frontend>/<bind>: <reason>`.
+    pub fn parse(line: &str) -> Self {
+        Self::parse_forwarded(line)
+            .or_else(|| Self::parse_failed(line))
+            .unwrap_or_else(|| Self {
+                frontend: String::new(),
+                client: String::new(),
+                event: ProxyEvent::Unparsed,
+                raw: line.to_owned(),
+            })
+    }
+
+    fn parse_forwarded(line: &str) -> Option<Self> {
+        let mut words = line.split(' ');
+        if words.next()? != LOG_TAG {
+            return None;
+        }
+        let mut field = |name: &str| {
+            words
+                .next()?
+                .strip_prefix(name)?
+                .strip_prefix('=')
+                .map(str::to_owned)
+        };
+        let frontend = field("frontend")?;
+        let client = field("client")?;
+        let original_dst = field("original_dst")?.parse().ok()?;
+        let server = field("server")?.parse().ok()?;
+        let termination = field("termination")?;
+        Some(Self {
+            frontend,
+            client,
+            event: ProxyEvent::Forwarded {
+                original_dst,
+                server,
+                termination,
+            },
+            raw: line.to_owned(),
+        })
+    }
+
+    fn parse_failed(line: &str) -> Option<Self> {
+        let (client, rest) = line.split_once(" [")?;
+        let (_date, rest) = rest.split_once("] ")?;
+        let (listener, reason) = rest.split_once(": ")?;
+        let (frontend, _bind) = listener.split_once('/')?;
+        Some(Self {
+            frontend: frontend.to_owned(),
+            client: client.to_owned(),
+            event: ProxyEvent::Failed(reason.trim().to_owned()),
+            raw: line.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for ProxyLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.raw)
+    }
+}
