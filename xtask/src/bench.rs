@@ -1,5 +1,5 @@
-//! `cargo xtask bench <which>`: benchmarks that measure the agent against a baseline run in the same
-//! invocation, on this machine, and print a table with the ratios.
+//! `cargo xtask bench [which]`: benchmarks that measure the agent against a baseline run in the same
+//! invocation, on this machine, and print a table with the ratios. Without a name, all of them.
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -11,17 +11,39 @@ pub enum Which {
     /// Probes/s, p50/p99 latency and memory through the agent for 1, 110 and 500 pods, against
     /// direct TCP connects to the same apps.
     Healthcheck,
+    /// Connects/s, p50/p99 connect + first byte and 1 MiB transfers through HAProxy sidecars, with
+    /// the eBPF datapath (sk_msg off and on) against the mesh's iptables rules and no mesh, for 10,
+    /// 100 and 1,000 exclusions per pod.
+    Datapath,
 }
 
-pub fn run(which: Which) -> Result<()> {
+impl Which {
+    const ALL: [Self; 2] = [Self::Healthcheck, Self::Datapath];
+
+    /// The `[[bench]]` target's name in agent/Cargo.toml.
+    fn target(self) -> &'static str {
+        match self {
+            Self::Healthcheck => "healthcheck",
+            Self::Datapath => "datapath",
+        }
+    }
+}
+
+pub fn run(which: Option<Which>) -> Result<()> {
     setup::ensure()?;
-    match which {
-        Which::Healthcheck => cargo(&[
+    let all = Which::ALL;
+    let selected = match &which {
+        Some(one) => std::slice::from_ref(one),
+        None => &all[..],
+    };
+    for which in selected {
+        cargo(&[
             "bench",
             "--package",
             "probe-bypass",
             "--bench",
-            "healthcheck",
-        ]),
+            which.target(),
+        ])?;
     }
+    Ok(())
 }

@@ -36,10 +36,11 @@ enum Task {
     Demo,
     /// Run every test, the privileged ones included (needs root for those).
     Test,
-    /// Measure the agent against a baseline run in the same invocation.
+    /// Measure the agent against a baseline run in the same invocation (every benchmark when
+    /// none is named).
     Bench {
         #[command(subcommand)]
-        which: bench::Which,
+        which: Option<bench::Which>,
     },
     /// The demo's app: accepts and closes connections on ADDR (run inside a pod's namespace).
     #[command(hide = true)]

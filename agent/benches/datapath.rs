@@ -1,0 +1,1622 @@
+//! What the eBPF datapath costs a meshed pod's connections, next to the mesh's own iptables rules
+//! and to no mesh at all (issue 3).
+//!
+//! A node is three test pods (network namespace + veth each): **C** and **S** are meshed (each
+//! with an HAProxy sidecar as the mesh's proxy, UID 1500, inbound port 15003, outbound port 15001),
+//! **D** never is. S and D run an app that, for every connection, writes one byte (port 8080) or
+//! 1 MiB (port 8081) and then waits for the client to close. Clients connect, read, and close with
+//! a reset (SO_LINGER 0), so no TIME_WAIT or conntrack entry piles up over a run. Three paths:
+//!
+//! - **inbound**: a client in the host network namespace connects to `S:8080`; the mesh sends it
+//!   to S's proxy (15003), which connects to the app on 127.0.0.1:8080.
+//! - **outbound**: a client in C connects to `D:8080`; the mesh sends it to C's proxy (15001),
+//!   which connects, as UID 1500, to D.
+//! - **pod to pod**: a client in C connects to `S:8080` (or `S:8081` for the transfer): C's proxy,
+//!   then S's proxy, then the app, all on this node.
+//!
+//! Each path is measured under four interceptions, each on a node of its own, so that no rule,
+//! program or conntrack state of one touches another: **direct** (nothing meshed: no rules, no
+//! programs, no proxies in the path; the baseline), **iptables**
+//! (`tests/fixtures/fsm-init.iptables` loaded into C's and S's namespaces), and the **eBPF**
+//! datapath with sk_msg off and on. The mesh's rules and the datapath are measured with N = 10, 100
+//! and 1,000 exclusions per meshed pod: N inbound ports, N outbound ports and N outbound CIDRs,
+//! none of which matches the traffic. For iptables they are inserted where the fixture's header
+//! says FSM inserts them (inbound ports at the head of the inbound chain, CIDRs then ports before
+//! the outbound catch-all; ports 15 to a `multiport` rule, its limit); for eBPF they are the pods'
+//! [`Exclusions`] in [`PodRules`].
+//!
+//! All three nodes are built first, and then every configuration is measured once in each of
+//! [`ROUNDS`] rounds, each round starting at a different configuration. The report gives the
+//! median of the rounds and the spread of their rates: on a small shared machine, load from
+//! anything else then falls on every configuration alike instead of on whichever ran at the time.
+//!
+//! Figures: connects per second and p50/p99 of connect + first byte, and for 1 MiB transfers pod
+//! to pod (where sk_msg should matter: it moves data, not handshakes) transfers and MiB per second.
+//! Ratios are against the direct row of the same path and, for eBPF, against iptables with the
+//! same N. A markdown report goes to stdout, progress to stderr.
+//!
+//! Choices:
+//!
+//! - **The proxies speak plain TCP** to each other. The mesh's proxies use mTLS (the sidecar of
+//!   `tests/support/sidecar.rs`), whose handshakes cost far more than any redirect and would bury
+//!   the difference being measured; and a client in the host namespace would have to speak mTLS to
+//!   reach S at all. The sidecars here have the same frontends, backends and UID, without TLS and
+//!   without logging. To show what mTLS adds, the pod-to-pod connects are measured once more per
+//!   interception with that mTLS sidecar swapped in (N = 10, at most [`MTLS_REQUESTS`], since it
+//!   leaves TIME_WAIT behind).
+//! - **The datapath is driven in-process** through [`Datapath`], as `tests/datapath.rs` does:
+//!   installed under the eBPF node's cgroup with a pin directory of this run's own under
+//!   /sys/fs/bpf, reinstalled over its pins to switch sk_msg (as a restarted agent with
+//!   `--sk-msg=false` would be), pods upserted with their exclusions. It needs no manifests and no
+//!   agent restart between settings, and its counters show that every measured connection really
+//!   was redirected, and that sk_msg moved messages exactly when on. iptables' REDIRECT counters
+//!   are checked the same way.
+//! - **Clients and apps are this benchmark's own binary**, started again with
+//!   `PB_BENCH_DATAPATH_ROLE=client|app` inside the node's cgroup (the programs see only its
+//!   processes) and, for pods, inside the pod's namespace. The apps must be in the cgroup too: only
+//!   sockets made there reach sockops, and so the sockhash that sk_msg works on. Unlike the
+//!   healthcheck benchmark's, the clients run at normal priority: each has one connection at a
+//!   time, so no accept queue can overflow, and at idle priority any other process on the machine
+//!   would stall them.
+//!
+//! Needs root; without it the benchmark says why and exits successfully, unless `CI` is set.
+//! Nothing is attached to the cgroup root. Namespaces, cgroups, every process and the pins are
+//! removed on exit, on a panic and on Ctrl-C (SIGINT/SIGTERM end the run at the next step, through
+//! the same guards); the pins with [`datapath::uninstall`], after which nothing may be attached to
+//! the cgroup.
+//!
+//! `PB_BENCH_REQUESTS` sets the connections per path and configuration, over all rounds (default
+//! 5,000; 1 MiB transfers are an eighth of it, mTLS connects at most 3,000). The default run takes
+//! about a minute.
+
+#![allow(
+    clippy::expect_used,
+    reason = "a benchmark stops at the first failure, with a message"
+)]
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use std::{
+    env, fmt, fs,
+    io::{self, BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    panic,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdout, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use ipnet::IpNet;
+use probe_bypass::{
+    datapath::{self, Counters, Datapath, PodRules, Settings},
+    exclusions::Exclusions,
+    netns::{Netns, NetnsWorker, netns_cookie},
+    preflight,
+};
+use socket2::{Domain, Protocol, Socket, Type};
+use support::{
+    cgroup::{TestCgroup, attached_programs},
+    pod::TestPod,
+    sidecar::{Certificates, INBOUND_PORT, OUTBOUND_PORT, PROXY_UID, Sidecar, TempDir},
+};
+
+/// Set in the environment of the benchmark's own children: `client` or `app`.
+const ROLE: &str = "PB_BENCH_DATAPATH_ROLE";
+
+/// Exclusions per meshed pod, of each kind (inbound ports, outbound ports, outbound CIDRs).
+const EXCLUSIONS: [usize; 3] = [10, 100, 1_000];
+
+/// The app's ports: one byte per connection, or 1 MiB.
+const BYTE_PORT: u16 = 8080;
+const MIB_PORT: u16 = 8081;
+const MIB: usize = 1 << 20;
+
+/// Connections per path and configuration, over all rounds, unless `PB_BENCH_REQUESTS` says
+/// otherwise.
+const REQUESTS: usize = 5_000;
+/// Every configuration is measured once per round, and the report gives the median of the rounds.
+const ROUNDS: usize = 5;
+/// Transfers are this many times fewer than connections.
+const TRANSFER_DIVISOR: usize = 8;
+/// Cap on the mTLS measurement: each connection leaves a TIME_WAIT entry in C (the sidecar's
+/// config has no `nolinger`), and 28,000 of them to one destination would use up the ephemeral
+/// ports.
+const MTLS_REQUESTS: usize = 3_000;
+
+/// Concurrent client threads, each with one connection at a time: more than the two cores, so
+/// the proxies always have work queued, and few enough that no accept queue can overflow.
+const CLIENTS: usize = 4;
+/// Warm-up connections before each measurement, not counted.
+const WARM_UP: usize = 100;
+/// Accepting threads per app port; each serves one connection at a time.
+const APP_THREADS: usize = 8;
+
+/// Bounds that turn a hang into an error; far above any healthy figure.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A measurement that reaches this bound reports the connections it made, and says so.
+const MEASURE_LIMIT: Duration = Duration::from_secs(30);
+const PROXY_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The mesh's rules, and the last rule of their outbound chain (outbound exclusions go before it).
+const FSM_INIT_RULES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/fixtures/fsm-init.iptables"
+);
+const OUTBOUND_CATCH_ALL: &str = "-A FSM_PROXY_OUTBOUND -j FSM_PROXY_OUT_REDIRECT";
+/// `--match multiport` takes at most this many ports.
+const MULTIPORT_MAX: usize = 15;
+
+/// Set by SIGINT or SIGTERM; the run stops (and cleans up) at its next step.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn main() {
+    match env::var(ROLE).as_deref() {
+        Ok("client") => return client::main(),
+        Ok("app") => return app::main(),
+        Ok(other) => panic!("{ROLE}={other:?}: expected client or app"),
+        Err(_) => {}
+    }
+    // `can_run` names what it skips after the current thread, so ask from a thread named after
+    // the benchmark. A panic (no privileges and CI set) is passed on as the benchmark's own.
+    let allowed = thread::Builder::new()
+        .name("bench datapath".to_owned())
+        .spawn(support::privilege::can_run)
+        .expect("start the privilege check")
+        .join()
+        .unwrap_or_else(|payload| panic::resume_unwind(payload));
+    if !allowed {
+        return;
+    }
+    if let Some(missing) = missing_tools() {
+        if env::var_os("CI").is_some() {
+            panic!("bench datapath: cannot run ({missing}) and CI is set");
+        }
+        eprintln!("SKIPPED bench datapath: {missing}");
+        return;
+    }
+    catch_interrupts();
+    let plan = Plan::from_env();
+    let outside_load = load_average();
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut nodes = Nodes::new();
+    nodes.run_rounds(&plan, &Config::all(), Config::routes, &mut samples);
+    eprintln!("== mTLS sidecars");
+    nodes.iptables.start_mtls_sidecars();
+    nodes.ebpf.start_mtls_sidecars();
+    let mtls = |_| vec![Route::PodToPodMtls];
+    nodes.run_rounds(&plan, &Config::mtls(), mtls, &mut samples);
+    drop(nodes);
+    eprintln!("== done in {:.0} s", started.elapsed().as_secs_f64());
+    print_report(&plan, &samples, &outside_load);
+}
+
+/// The tools the node needs besides `ip`, which the privilege check looks for.
+fn missing_tools() -> Option<String> {
+    let missing: Vec<&str> = ["haproxy", "iptables-restore", "openssl", "ss", "bpftool"]
+        .into_iter()
+        .filter(|tool| {
+            !["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+                .iter()
+                .any(|dir| Path::new(dir).join(tool).exists())
+        })
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "{} not installed (run `cargo xtask setup`)",
+            missing.join(", ")
+        )
+    })
+}
+
+/// SIGINT and SIGTERM only set [`INTERRUPTED`]: the run then panics at its next step and the
+/// guards remove everything on the way out. The children (exec'd, so back to the default action)
+/// die of a Ctrl-C themselves, which ends the step in progress at once.
+fn catch_interrupts() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    extern "C" fn note(_: nix::libc::c_int) {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+    }
+    let action = SigAction::new(SigHandler::Handler(note), SaFlags::empty(), SigSet::empty());
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(signal, &action) }.expect("install a signal handler");
+    }
+}
+
+fn stop_if_interrupted() {
+    assert!(
+        !INTERRUPTED.load(Ordering::SeqCst),
+        "interrupted; cleaning up"
+    );
+}
+
+/// How much to measure, per measurement (one path, one configuration, one round).
+struct Plan {
+    connects: usize,
+    transfers: usize,
+    mtls: usize,
+}
+
+impl Plan {
+    fn from_env() -> Self {
+        let total =
+            match env::var("PB_BENCH_REQUESTS") {
+                Ok(text) => text.parse().ok().filter(|&n| n > 0).unwrap_or_else(|| {
+                    panic!("PB_BENCH_REQUESTS={text:?} is not a positive number")
+                }),
+                Err(_) => REQUESTS,
+            };
+        Self {
+            connects: total.div_ceil(ROUNDS),
+            transfers: (total / TRANSFER_DIVISOR).div_ceil(ROUNDS).max(1),
+            mtls: total.min(MTLS_REQUESTS).div_ceil(ROUNDS),
+        }
+    }
+
+    fn count(&self, route: Route) -> usize {
+        match route {
+            Route::Transfer => self.transfers,
+            Route::PodToPodMtls => self.mtls,
+            Route::Inbound | Route::Outbound | Route::PodToPod => self.connects,
+        }
+    }
+}
+
+/// What intercepts the meshed pods' connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Interception {
+    Direct,
+    Iptables,
+    Ebpf { sk_msg: bool },
+}
+
+impl fmt::Display for Interception {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Direct => "direct (no mesh)",
+            Self::Iptables => "iptables",
+            Self::Ebpf { sk_msg: false } => "eBPF, sk_msg off",
+            Self::Ebpf { sk_msg: true } => "eBPF, sk_msg on",
+        })
+    }
+}
+
+/// An interception with its number of exclusions (of each kind, per meshed pod; none for direct).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Config {
+    interception: Interception,
+    exclusions: Option<usize>,
+}
+
+impl Config {
+    /// Every configuration measured with plain proxies: direct, then iptables, then eBPF.
+    fn all() -> Vec<Self> {
+        let mut all = vec![Self {
+            interception: Interception::Direct,
+            exclusions: None,
+        }];
+        for n in EXCLUSIONS {
+            all.push(Self {
+                interception: Interception::Iptables,
+                exclusions: Some(n),
+            });
+        }
+        for n in EXCLUSIONS {
+            for sk_msg in [false, true] {
+                all.push(Self {
+                    interception: Interception::Ebpf { sk_msg },
+                    exclusions: Some(n),
+                });
+            }
+        }
+        all
+    }
+
+    /// The configurations measured with the mTLS sidecar: the mesh's, with the fewest exclusions.
+    fn mtls() -> Vec<Self> {
+        [
+            Interception::Iptables,
+            Interception::Ebpf { sk_msg: false },
+            Interception::Ebpf { sk_msg: true },
+        ]
+        .map(|interception| Self {
+            interception,
+            exclusions: Some(EXCLUSIONS[0]),
+        })
+        .to_vec()
+    }
+
+    /// The plain paths measured in this configuration: the connects always, the transfer with the
+    /// fewest exclusions only (exclusions are looked at once per connection, not per byte).
+    fn routes(self) -> Vec<Route> {
+        let mut routes = Route::CONNECTS.to_vec();
+        if self.exclusions.is_none_or(|n| n == EXCLUSIONS[0]) {
+            routes.push(Route::Transfer);
+        }
+        routes
+    }
+}
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.interception)?;
+        if let Some(n) = self.exclusions {
+            write!(f, ", N = {n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A measured path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// Host → S:8080, through S's proxy.
+    Inbound,
+    /// C → D:8080, through C's proxy.
+    Outbound,
+    /// C → S:8080, through C's proxy and S's.
+    PodToPod,
+    /// C → S:8081, 1 MiB per connection.
+    Transfer,
+    /// C → S:8080 with the mTLS sidecar of `tests/support/sidecar.rs`.
+    PodToPodMtls,
+}
+
+impl Route {
+    const CONNECTS: [Self; 3] = [Self::Inbound, Self::Outbound, Self::PodToPod];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound: host → S",
+            Self::Outbound => "outbound: C → D",
+            Self::PodToPod => "pod to pod: C → S",
+            Self::Transfer => "pod to pod: C → S, 1 MiB",
+            Self::PodToPodMtls => "pod to pod: C → S, mTLS between proxies",
+        }
+    }
+
+    /// Whether the path passes S's inbound redirect and C's outbound redirect.
+    fn redirects(self) -> (bool, bool) {
+        match self {
+            Self::Inbound => (true, false),
+            Self::Outbound => (false, true),
+            Self::PodToPod | Self::Transfer | Self::PodToPodMtls => (true, true),
+        }
+    }
+}
+
+/// One measurement.
+struct Sample {
+    config: Config,
+    route: Route,
+    load: Load,
+}
+
+/// One node per interception, all set up before the first measurement and kept until the last, so
+/// that the rounds can alternate between them.
+struct Nodes {
+    direct: Node,
+    iptables: Node,
+    ebpf: Node,
+}
+
+impl Nodes {
+    fn new() -> Self {
+        let started = Instant::now();
+        let direct = Node::new();
+        let mut iptables = Node::new();
+        iptables.start_plain_proxies();
+        let mut ebpf = Node::new();
+        ebpf.start_plain_proxies();
+        eprintln!(
+            "== 3 nodes of 3 pods, apps and proxies ready in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        Self {
+            direct,
+            iptables,
+            ebpf,
+        }
+    }
+
+    fn node(&mut self, interception: Interception) -> &mut Node {
+        match interception {
+            Interception::Direct => &mut self.direct,
+            Interception::Iptables => &mut self.iptables,
+            Interception::Ebpf { .. } => &mut self.ebpf,
+        }
+    }
+
+    /// Measures every configuration's paths once per round, the configurations in an order that
+    /// starts at a different place each round.
+    fn run_rounds(
+        &mut self,
+        plan: &Plan,
+        configs: &[Config],
+        routes: impl Fn(Config) -> Vec<Route>,
+        samples: &mut Vec<Sample>,
+    ) {
+        for round in 0..ROUNDS {
+            eprintln!("== round {} of {ROUNDS}", round + 1);
+            let start = round * configs.len() / ROUNDS;
+            for i in 0..configs.len() {
+                let config = configs[(start + i) % configs.len()];
+                let node = self.node(config.interception);
+                node.apply(config);
+                for route in routes(config) {
+                    let load = node.measure(route, config, plan.count(route));
+                    samples.push(Sample {
+                        config,
+                        route,
+                        load,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The pods, their apps and proxies, the cgroup and the datapath of one interception. Fields
+/// drop in declaration order if a panic unwinds through here: the datapath's pins first, then the
+/// processes it redirects, the cgroup that holds them, and the namespaces last.
+struct Node {
+    ebpf: Option<Ebpf>,
+    proxies: Vec<PlainProxy>,
+    sidecars: Vec<Sidecar>,
+    apps: Vec<AppProcess>,
+    certs: Option<Certificates>,
+    cgroup: TestCgroup,
+    c: TestPod,
+    s: TestPod,
+    d: TestPod,
+    /// What the interception is set up for now.
+    current: Option<Config>,
+}
+
+/// Who runs a client.
+#[derive(Clone, Copy)]
+enum Caller<'a> {
+    Host,
+    Pod(&'a TestPod),
+}
+
+impl Node {
+    /// Three pods that reach each other through the host, and the apps in S and D.
+    fn new() -> Self {
+        let [c, s, d] = [(); 3].map(|()| {
+            let pod = TestPod::new();
+            pod.route_to_other_pods();
+            pod
+        });
+        let cgroup = TestCgroup::new();
+        let mut node = Self {
+            ebpf: None,
+            proxies: Vec::new(),
+            sidecars: Vec::new(),
+            apps: Vec::new(),
+            certs: None,
+            cgroup,
+            c,
+            s,
+            d,
+            current: None,
+        };
+        let apps = [&node.s, &node.d].map(|pod| AppProcess::start(&node.cgroup, pod));
+        node.apps.extend(apps);
+        node
+    }
+
+    /// HAProxy without TLS in C and S.
+    fn start_plain_proxies(&mut self) {
+        let proxies = [&self.c, &self.s].map(|pod| PlainProxy::start(&self.cgroup, pod));
+        self.proxies.extend(proxies);
+    }
+
+    /// Replaces the plain proxies with the mTLS sidecar of the parity tests.
+    fn start_mtls_sidecars(&mut self) {
+        self.proxies.clear();
+        let certs = Certificates::new();
+        for (pod, name) in [(&self.c, "c"), (&self.s, "s")] {
+            let pem = certs.issue(name);
+            self.sidecars
+                .push(Sidecar::start(&self.cgroup, pod, &certs, &pem));
+        }
+        self.certs = Some(certs);
+    }
+
+    /// Sets the interception up for `config`, changing only what differs from the current one.
+    fn apply(&mut self, config: Config) {
+        let current = self.current.replace(config);
+        let Some(n) = config.exclusions else { return };
+        match config.interception {
+            Interception::Direct => {}
+            Interception::Iptables => {
+                if current != Some(config) {
+                    self.load_iptables(n);
+                }
+            }
+            Interception::Ebpf { sk_msg } => {
+                let reinstall = current.is_none_or(|c| c.interception != config.interception);
+                let rules = current.is_none_or(|c| c.exclusions != config.exclusions);
+                self.configure_ebpf(sk_msg, n, reinstall, rules);
+            }
+        }
+    }
+
+    /// Loads the mesh's rules with `n` exclusions of each kind into C and S, replacing their nat
+    /// table.
+    fn load_iptables(&self, n: usize) {
+        let (rules, count) = fsm_rules(n);
+        for pod in [&self.c, &self.s] {
+            let mut restore = Command::new("ip")
+                .args(["netns", "exec", &pod.netns_name, "iptables-restore"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run iptables-restore");
+            restore
+                .stdin
+                .take()
+                .expect("iptables-restore's stdin")
+                .write_all(rules.as_bytes())
+                .expect("write the rules");
+            let output = restore
+                .wait_with_output()
+                .expect("wait for iptables-restore");
+            assert!(
+                output.status.success(),
+                "iptables-restore in {}: {}",
+                pod.netns_name,
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let loaded = pod
+                .exec(&["iptables", "-t", "nat", "-S"])
+                .lines()
+                .filter(|line| line.starts_with("-A "))
+                .count();
+            assert_eq!(loaded, count, "nat rules in {}", pod.netns_name);
+        }
+    }
+
+    /// Installs the datapath (or reinstalls it over its pins, to switch sk_msg) and gives C and S
+    /// `n` exclusions of each kind.
+    fn configure_ebpf(&mut self, sk_msg: bool, n: usize, reinstall: bool, rules: bool) {
+        let ebpf = match &mut self.ebpf {
+            Some(ebpf) => ebpf,
+            None => self.ebpf.insert(Ebpf::new(&self.cgroup)),
+        };
+        if reinstall {
+            ebpf.install(sk_msg);
+        }
+        if rules {
+            let exclusions = exclusions(n);
+            for pod in [&self.c, &self.s] {
+                ebpf.datapath()
+                    .upsert_pod(&PodRules {
+                        addrs: vec![IpAddr::V4(pod.ip)],
+                        netns_cookie: cookie_of(pod),
+                        exclusions: exclusions.clone(),
+                    })
+                    .expect("mesh the pod");
+            }
+        }
+    }
+
+    /// Measures `route` with `count` connections, and checks that the interception really sent
+    /// them through the proxies.
+    fn measure(&self, route: Route, config: Config, count: usize) -> Load {
+        stop_if_interrupted();
+        let (caller, target, kind) = match route {
+            Route::Inbound => (Caller::Host, &self.s, Kind::Byte),
+            Route::Outbound => (Caller::Pod(&self.c), &self.d, Kind::Byte),
+            Route::PodToPod | Route::PodToPodMtls => (Caller::Pod(&self.c), &self.s, Kind::Byte),
+            Route::Transfer => (Caller::Pod(&self.c), &self.s, Kind::Mib),
+        };
+        let before = self.redirects(config.interception);
+        let load = self.run_client(
+            caller,
+            SocketAddr::new(target.ip.into(), kind.port()),
+            kind,
+            count,
+        );
+        let after = self.redirects(config.interception);
+        stop_if_interrupted();
+        let label = format!("{} / {config}", route.label());
+        match (before, after) {
+            (Some(before), Some(after)) => {
+                let delta = after.since(&before);
+                eprintln!("   {label}: {load}; {delta}");
+                delta.check(route, config.interception, load.done, &label);
+            }
+            _ => eprintln!("   {label}: {load}"),
+        }
+        load
+    }
+
+    /// Runs the client in the test cgroup (and in the caller's pod) and reads its result.
+    fn run_client(&self, caller: Caller<'_>, to: SocketAddr, kind: Kind, count: usize) -> Load {
+        let exe = env::current_exe().expect("the benchmark's own path");
+        let exe = exe.to_str().expect("a UTF-8 path");
+        let client_args = [
+            to.to_string(),
+            kind.name().to_owned(),
+            count.to_string(),
+            WARM_UP.to_string(),
+            CLIENTS.to_string(),
+        ];
+        let mut args: Vec<&str> = Vec::new();
+        let program = match caller {
+            Caller::Host => exe,
+            Caller::Pod(pod) => {
+                args.extend(["netns", "exec", &pod.netns_name, exe]);
+                "ip"
+            }
+        };
+        args.extend(client_args.iter().map(String::as_str));
+        let output = self
+            .cgroup
+            .command(program, &args)
+            .env(ROLE, "client")
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run the client");
+        stop_if_interrupted();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "client to {to} failed ({}): {stdout}",
+            output.status
+        );
+        Load::decode(&stdout)
+            .unwrap_or_else(|| panic!("client to {to}: unexpected output {stdout:?}"))
+    }
+
+    /// The interception's redirect counters, if it has any.
+    fn redirects(&self, interception: Interception) -> Option<Redirects> {
+        match interception {
+            Interception::Direct => None,
+            Interception::Iptables => Some(Redirects {
+                inbound: redirect_packets(&self.s, "FSM_PROXY_IN_REDIRECT"),
+                outbound: redirect_packets(&self.c, "FSM_PROXY_OUT_REDIRECT"),
+                sk_msg: None,
+            }),
+            Interception::Ebpf { .. } => {
+                let Counters {
+                    redirected_inbound,
+                    redirected_outbound,
+                    sk_msg_redirected,
+                    ..
+                } = self
+                    .ebpf
+                    .as_ref()
+                    .expect("installed")
+                    .datapath
+                    .as_ref()
+                    .expect("installed")
+                    .counters()
+                    .expect("read the datapath's counters");
+                Some(Redirects {
+                    inbound: redirected_inbound,
+                    outbound: redirected_outbound,
+                    sk_msg: Some(sk_msg_redirected),
+                })
+            }
+        }
+    }
+}
+
+/// The netns cookie of a pod, as the datapath keys pods by it.
+fn cookie_of(pod: &TestPod) -> u64 {
+    let worker = NetnsWorker::spawn().expect("netns worker");
+    let netns = Arc::new(
+        Netns::open(&Path::new("/run/netns").join(&pod.netns_name)).expect("open the netns"),
+    );
+    worker
+        .run_blocking(&netns, netns_cookie)
+        .expect("the netns cookie")
+}
+
+/// Redirected connections (and, for eBPF, messages sk_msg moved).
+#[derive(Clone, Copy)]
+struct Redirects {
+    inbound: u64,
+    outbound: u64,
+    sk_msg: Option<u64>,
+}
+
+impl Redirects {
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            inbound: self.inbound.saturating_sub(before.inbound),
+            outbound: self.outbound.saturating_sub(before.outbound),
+            sk_msg: self
+                .sk_msg
+                .zip(before.sk_msg)
+                .map(|(now, then)| now.saturating_sub(then)),
+        }
+    }
+
+    /// Panics unless at least `done` connections met each redirect the route passes, and sk_msg
+    /// moved messages exactly when it is on.
+    fn check(&self, route: Route, interception: Interception, done: usize, label: &str) {
+        let done = done as u64;
+        let (inbound, outbound) = route.redirects();
+        assert!(
+            !inbound || self.inbound >= done,
+            "{label}: {} inbound redirects for {done} connections",
+            self.inbound
+        );
+        assert!(
+            !outbound || self.outbound >= done,
+            "{label}: {} outbound redirects for {done} connections",
+            self.outbound
+        );
+        if let (Interception::Ebpf { sk_msg }, Some(moved)) = (interception, self.sk_msg) {
+            assert_eq!(moved > 0, sk_msg, "{label}: sk_msg moved {moved} messages");
+        }
+    }
+}
+
+impl fmt::Display for Redirects {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "redirected: {} inbound, {} outbound",
+            self.inbound, self.outbound
+        )?;
+        if let Some(moved) = self.sk_msg {
+            write!(f, "; sk_msg moved {moved} messages")?;
+        }
+        Ok(())
+    }
+}
+
+/// Packets (first packets of connections, for a nat rule) through the first rule of `chain`, the
+/// REDIRECT.
+fn redirect_packets(pod: &TestPod, chain: &str) -> u64 {
+    let listing = pod.exec(&["iptables", "-t", "nat", "-L", chain, "-n", "-v", "-x"]);
+    listing
+        .lines()
+        .find_map(|line| {
+            // `pkts bytes target ...`: the rule's line, not the chain's heading.
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(2) == Some(&"REDIRECT")).then(|| fields[0].parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no REDIRECT counter in {chain}:\n{listing}"))
+}
+
+/// The mesh's rules with `n` exclusions of each kind, and how many rules that makes.
+fn fsm_rules(n: usize) -> (String, usize) {
+    let fixture = fs::read_to_string(FSM_INIT_RULES)
+        .unwrap_or_else(|error| panic!("read {FSM_INIT_RULES}: {error}"));
+    let ports: Vec<String> = excluded_ports(n).iter().map(u16::to_string).collect();
+    let multiport = |chain: &str| -> Vec<String> {
+        ports
+            .chunks(MULTIPORT_MAX)
+            .map(|chunk| {
+                format!(
+                    "-A {chain} -p tcp --match multiport --dports {} -j RETURN",
+                    chunk.join(",")
+                )
+            })
+            .collect()
+    };
+    let inbound = multiport("FSM_PROXY_INBOUND");
+    let mut outbound: Vec<String> = excluded_cidrs(n)
+        .iter()
+        .map(|cidr| format!("-A FSM_PROXY_OUTBOUND -d {cidr} -j RETURN"))
+        .collect();
+    outbound.extend(multiport("FSM_PROXY_OUTBOUND"));
+
+    let mut rules = String::new();
+    let (mut inbound_placed, mut outbound_placed) = (false, false);
+    for line in fixture.lines() {
+        if !inbound_placed && line.starts_with("-A FSM_PROXY_INBOUND ") {
+            // FSM inserts them (-I) at the head of the inbound chain.
+            for rule in &inbound {
+                rules.push_str(rule);
+                rules.push('\n');
+            }
+            inbound_placed = true;
+        }
+        if line == OUTBOUND_CATCH_ALL {
+            for rule in &outbound {
+                rules.push_str(rule);
+                rules.push('\n');
+            }
+            outbound_placed = true;
+        }
+        rules.push_str(line);
+        rules.push('\n');
+    }
+    assert!(
+        inbound_placed && outbound_placed,
+        "{FSM_INIT_RULES} no longer has the chains this benchmark extends"
+    );
+    let count = rules.lines().filter(|line| line.starts_with("-A ")).count();
+    (rules, count)
+}
+
+/// Ports that none of the traffic uses: 20000 and up.
+fn excluded_ports(n: usize) -> Vec<u16> {
+    (0..n)
+        .map(|i| 20_000 + u16::try_from(i).expect("fewer than 45,000 exclusions"))
+        .collect()
+}
+
+/// /24s in 10.0.0.0/8, which none of the traffic goes to (the pods are in 198.18.0.0/15).
+fn excluded_cidrs(n: usize) -> Vec<IpNet> {
+    (0..n)
+        .map(|i| {
+            let net = format!("10.{}.{}.0/24", i / 256 % 256, i % 256);
+            net.parse().expect("a CIDR")
+        })
+        .collect()
+}
+
+/// The datapath's form of the same exclusions as [`fsm_rules`] adds.
+fn exclusions(n: usize) -> Exclusions {
+    Exclusions {
+        inbound_ports: excluded_ports(n).into_iter().collect(),
+        outbound_ports: excluded_ports(n).into_iter().collect(),
+        outbound_ip_ranges: excluded_cidrs(n).into_iter().collect(),
+        outbound_ip_range_inclusions: Default::default(),
+    }
+}
+
+/// The datapath installed under the node's cgroup, pinned under a directory of this run's own.
+/// On drop the handles go, [`datapath::uninstall`] removes the pins, and nothing may be left
+/// attached to the cgroup.
+struct Ebpf {
+    datapath: Option<Datapath>,
+    pins: PathBuf,
+    cgroup: PathBuf,
+}
+
+impl Ebpf {
+    fn new(cgroup: &TestCgroup) -> Self {
+        let pins = PathBuf::from(format!(
+            "/sys/fs/bpf/probe-bypass-bench-{}",
+            std::process::id()
+        ));
+        // Mounts bpffs at /sys/fs/bpf if it is missing, as the agent does.
+        preflight::check(Some(cgroup.path()), &pins).expect("host checks");
+        Self {
+            datapath: None,
+            pins,
+            cgroup: cgroup.path().to_owned(),
+        }
+    }
+
+    /// Installs, or reinstalls over the pins with new settings as a restarted agent would; pods
+    /// stay in the pinned maps.
+    fn install(&mut self, sk_msg: bool) {
+        self.datapath = None;
+        let settings = Settings {
+            proxy_uid: PROXY_UID,
+            inbound_port: INBOUND_PORT,
+            outbound_port: OUTBOUND_PORT,
+            probe_ports: [15010, 15901, 15902, 15903, 15904].into(),
+            probe_bypass_from_any: false,
+            sk_msg,
+            node: Exclusions::default(),
+        };
+        self.datapath = Some(
+            Datapath::install(&self.cgroup, &self.pins, settings)
+                .unwrap_or_else(|error| panic!("install: {:?}", anyhow::Error::new(error))),
+        );
+    }
+
+    fn datapath(&mut self) -> &mut Datapath {
+        self.datapath.as_mut().expect("installed")
+    }
+}
+
+impl Drop for Ebpf {
+    fn drop(&mut self) {
+        self.datapath = None;
+        match datapath::uninstall(&self.pins) {
+            Ok(report) if report.left.is_empty() => {}
+            Ok(report) => eprintln!("uninstall left {:?} behind", report.left),
+            Err(error) => eprintln!("uninstall {}: {error}", self.pins.display()),
+        }
+        match attached_programs(&self.cgroup) {
+            Ok(attached) if attached.is_empty() => {}
+            Ok(attached) => eprintln!(
+                "after uninstall, {} still has {attached:?}",
+                self.cgroup.display()
+            ),
+            Err(error) => eprintln!("{error}"),
+        }
+    }
+}
+
+/// HAProxy as the mesh's proxy, without TLS: the frontends, backends and UID of the sidecar in
+/// `tests/support/sidecar.rs`, no log, and `nolinger`, so that the proxies close with a reset
+/// as the clients do and leave no TIME_WAIT behind.
+struct PlainProxy {
+    child: Child,
+    dir: TempDir,
+}
+
+impl PlainProxy {
+    fn start(cgroup: &TestCgroup, pod: &TestPod) -> Self {
+        let dir = TempDir::new("bench-proxy");
+        let config = dir.path.join("haproxy.cfg");
+        fs::write(&config, plain_proxy_config())
+            .unwrap_or_else(|error| panic!("write {}: {error}", config.display()));
+        let errors = fs::File::create(dir.path.join("stderr.log")).expect("create the proxy's log");
+        let config = config.display().to_string();
+        let child = cgroup
+            .command(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &pod.netns_name,
+                    "haproxy",
+                    "-db",
+                    "-f",
+                    &config,
+                ],
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(errors)
+            .spawn()
+            .expect("start haproxy");
+        let mut proxy = Self { child, dir };
+        proxy.wait_listening(pod);
+        proxy
+    }
+
+    fn wait_listening(&mut self, pod: &TestPod) {
+        let deadline = Instant::now() + PROXY_START_TIMEOUT;
+        loop {
+            let listening = pod.exec(&["ss", "-Hltn"]);
+            let listens = |port: u16| {
+                listening
+                    .split_whitespace()
+                    .any(|field| field.ends_with(&format!(":{port}")))
+            };
+            if listens(INBOUND_PORT) && listens(OUTBOUND_PORT) {
+                return;
+            }
+            let errors =
+                || fs::read_to_string(self.dir.path.join("stderr.log")).unwrap_or_default();
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "HAProxy in {} exited ({status}):\n{}",
+                    pod.netns_name,
+                    errors()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "HAProxy in {} does not listen:\n{}",
+                pod.netns_name,
+                errors()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for PlainProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn plain_proxy_config() -> String {
+    format!(
+        "global
+    uid {PROXY_UID}
+    gid {PROXY_UID}
+
+defaults
+    mode tcp
+    option nolinger
+    retries 0
+    timeout connect 1s
+    timeout client 5s
+    timeout server 5s
+
+frontend inbound
+    bind :{INBOUND_PORT}
+    default_backend to_local_app
+
+backend to_local_app
+    server local 127.0.0.1
+
+frontend outbound
+    bind :{OUTBOUND_PORT}
+    default_backend to_original_dst
+
+backend to_original_dst
+    server orig 0.0.0.0:0
+"
+    )
+}
+
+/// The app of a pod: this binary in the `app` role, in the pod's namespace and the test cgroup.
+struct AppProcess {
+    child: Child,
+    _stdout: ChildStdout,
+}
+
+impl AppProcess {
+    fn start(cgroup: &TestCgroup, pod: &TestPod) -> Self {
+        let exe = env::current_exe().expect("the benchmark's own path");
+        let exe = exe.to_str().expect("a UTF-8 path");
+        let mut child = cgroup
+            .command("ip", &["netns", "exec", &pod.netns_name, exe])
+            .env(ROLE, "app")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the app");
+        let mut stdout = BufReader::new(child.stdout.take().expect("the app's stdout"));
+        let mut line = String::new();
+        let read = stdout.read_line(&mut line);
+        let app = Self {
+            child,
+            _stdout: stdout.into_inner(),
+        };
+        assert!(
+            read.is_ok() && line.trim() == "ready",
+            "the app in {} did not start: {read:?} {line:?}",
+            pod.netns_name
+        );
+        app
+    }
+}
+
+impl Drop for AppProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a connection reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Byte,
+    Mib,
+}
+
+impl Kind {
+    fn port(self) -> u16 {
+        match self {
+            Self::Byte => BYTE_PORT,
+            Self::Mib => MIB_PORT,
+        }
+    }
+
+    fn bytes(self) -> usize {
+        match self {
+            Self::Byte => 1,
+            Self::Mib => MIB,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Byte => "byte",
+            Self::Mib => "mib",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Self> {
+        [Self::Byte, Self::Mib]
+            .into_iter()
+            .find(|kind| kind.name() == name)
+    }
+}
+
+/// The result of one measurement, as the client reports it.
+struct Load {
+    done: usize,
+    asked: usize,
+    elapsed: Duration,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+    bytes: usize,
+}
+
+impl Load {
+    fn per_second(&self) -> f64 {
+        self.done as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn mib_per_second(&self) -> f64 {
+        (self.done * self.bytes) as f64 / MIB as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// One line: `done asked elapsed p50 p99 max bytes`, durations in nanoseconds.
+    fn encode(&self) -> String {
+        format!(
+            "ok {} {} {} {} {} {} {}",
+            self.done,
+            self.asked,
+            self.elapsed.as_nanos(),
+            self.p50.as_nanos(),
+            self.p99.as_nanos(),
+            self.max.as_nanos(),
+            self.bytes
+        )
+    }
+
+    fn decode(text: &str) -> Option<Self> {
+        let line = text.lines().find_map(|line| line.strip_prefix("ok "))?;
+        let numbers: Vec<u64> = line
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let &[done, asked, elapsed, p50, p99, max, bytes] = numbers.as_slice() else {
+            return None;
+        };
+        Some(Self {
+            done: usize::try_from(done).ok()?,
+            asked: usize::try_from(asked).ok()?,
+            elapsed: Duration::from_nanos(elapsed),
+            p50: Duration::from_nanos(p50),
+            p99: Duration::from_nanos(p99),
+            max: Duration::from_nanos(max),
+            bytes: usize::try_from(bytes).ok()?,
+        })
+    }
+}
+
+impl fmt::Display for Load {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:.0}/s, p50 {}, p99 {}, max {}",
+            self.per_second(),
+            micros(self.p50),
+            micros(self.p99),
+            micros(self.max)
+        )?;
+        if self.bytes > 1 {
+            write!(f, ", {:.0} MiB/s", self.mib_per_second())?;
+        }
+        if self.done < self.asked {
+            write!(
+                f,
+                " (stopped at the {MEASURE_LIMIT:?} bound after {} of {})",
+                self.done, self.asked
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The client role: `<addr> <byte|mib> <count> <warm-up> <threads>`. Warms up, measures, and
+/// prints one [`Load::encode`] line; on any failed connection it prints the first error and exits
+/// with 1.
+mod client {
+    use super::*;
+
+    pub fn main() {
+        let args: Vec<String> = env::args().skip(1).collect();
+        let [addr, kind, count, warm_up, threads] = args.as_slice() else {
+            panic!("client arguments: <addr> <byte|mib> <count> <warm-up> <threads>, got {args:?}");
+        };
+        let addr: SocketAddr = addr.parse().expect("an address");
+        let kind = Kind::parse(kind).expect("byte or mib");
+        let count: usize = count.parse().expect("a count");
+        let warm_up: usize = warm_up.parse().expect("a warm-up count");
+        let threads: usize = threads.parse().expect("a thread count");
+        let outcome =
+            run(addr, kind, warm_up, threads).and_then(|_| run(addr, kind, count, threads));
+        match outcome {
+            Ok(load) => println!("{}", load.encode()),
+            Err(error) => {
+                println!("{error}");
+                std::process::exit(1);
+            }
+        }
+    }
+
+    /// Makes `count` connections from `threads` threads, each timed from connect to the last byte
+    /// it expects.
+    fn run(addr: SocketAddr, kind: Kind, count: usize, threads: usize) -> Result<Load, String> {
+        let next = AtomicUsize::new(0);
+        let started = Instant::now();
+        let deadline = started + MEASURE_LIMIT;
+        let results: Vec<(Vec<Duration>, Vec<String>)> = thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        let mut latencies = Vec::with_capacity(count / threads + 1);
+                        let mut failures = Vec::new();
+                        while next.fetch_add(1, Ordering::Relaxed) < count
+                            && Instant::now() < deadline
+                        {
+                            let sent = Instant::now();
+                            match one(addr, kind, &mut buf) {
+                                Ok(()) => latencies.push(sent.elapsed()),
+                                Err(error) => failures.push(format!("{addr}: {error}")),
+                            }
+                        }
+                        (latencies, failures)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|worker| worker.join().expect("a client thread panicked"))
+                .collect()
+        });
+        let elapsed = started.elapsed();
+        let mut latencies: Vec<Duration> = Vec::with_capacity(count);
+        let mut failures: Vec<String> = Vec::new();
+        for (done, failed) in results {
+            latencies.extend(done);
+            failures.extend(failed);
+        }
+        if let Some(first) = failures.first() {
+            return Err(format!(
+                "{} of {count} connections failed; the first: {first}",
+                failures.len()
+            ));
+        }
+        if latencies.is_empty() {
+            return Err(format!("no connection completed within {MEASURE_LIMIT:?}"));
+        }
+        latencies.sort_unstable();
+        let percentile = |p: usize| {
+            let rank = (latencies.len() * p).div_ceil(100).max(1);
+            latencies[rank - 1]
+        };
+        Ok(Load {
+            done: latencies.len(),
+            asked: count,
+            elapsed,
+            p50: percentile(50),
+            p99: percentile(99),
+            max: percentile(100),
+            bytes: kind.bytes(),
+        })
+    }
+
+    /// One connection: connect, read what the app sends, and close with a reset (SO_LINGER 0), so
+    /// that no TIME_WAIT entry is left per connection.
+    fn one(addr: SocketAddr, kind: Kind, buf: &mut [u8]) -> io::Result<()> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_linger(Some(Duration::ZERO))?;
+        socket.connect_timeout(&addr.into(), CONNECT_TIMEOUT)?;
+        let mut stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(READ_TIMEOUT))?;
+        let mut left = kind.bytes();
+        while left > 0 {
+            let want = left.min(buf.len());
+            match stream.read(&mut buf[..want])? {
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("closed with {left} bytes still to come"),
+                    ));
+                }
+                n => left -= n,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The app role: listens on 0.0.0.0 (so both the pod IP and 127.0.0.1, where the inbound proxy
+/// goes, reach it) on [`BYTE_PORT`] and [`MIB_PORT`], prints `ready`, and for every connection
+/// writes its payload and waits for the client to close, so that the client's reset, not the
+/// app, ends it. Runs until killed.
+mod app {
+    use super::*;
+
+    pub fn main() {
+        let payload: Arc<Vec<u8>> = Arc::new(vec![b'x'; MIB]);
+        let mut threads = Vec::new();
+        for kind in [Kind::Byte, Kind::Mib] {
+            let listener = Arc::new(listen(kind.port()));
+            for _ in 0..APP_THREADS {
+                let listener = Arc::clone(&listener);
+                let payload = Arc::clone(&payload);
+                threads.push(thread::spawn(move || {
+                    while let Ok((connection, _)) = listener.accept() {
+                        serve(connection.into(), &payload[..kind.bytes()]);
+                    }
+                }));
+            }
+        }
+        println!("ready");
+        io::stdout().flush().expect("tell the benchmark");
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+
+    fn listen(port: u16) -> Socket {
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
+        let socket =
+            Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("an app socket");
+        socket.set_reuse_address(true).expect("SO_REUSEADDR");
+        socket
+            .bind(&addr.into())
+            .unwrap_or_else(|error| panic!("bind {addr}: {error}"));
+        socket.listen(1024).expect("listen");
+        socket
+    }
+
+    fn serve(mut stream: TcpStream, payload: &[u8]) {
+        if stream.write_all(payload).is_err() {
+            return;
+        }
+        let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+        let mut buf = [0u8; 512];
+        while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+    }
+}
+
+fn micros(duration: Duration) -> String {
+    format!("{} µs", duration.as_micros())
+}
+
+fn ratio(value: f64, baseline: Option<f64>) -> String {
+    baseline.map_or_else(String::new, |baseline| format!("{:.2}", value / baseline))
+}
+
+/// The rounds' measurements of one path in one configuration.
+struct Row<'a> {
+    config: Config,
+    loads: Vec<&'a Load>,
+}
+
+impl Row<'_> {
+    fn median(&self, of: impl Fn(&Load) -> f64) -> f64 {
+        let mut values: Vec<f64> = self.loads.iter().map(|load| of(load)).collect();
+        values.sort_by(f64::total_cmp);
+        let middle = values.len() / 2;
+        if values.len() % 2 == 1 {
+            values[middle]
+        } else {
+            (values[middle - 1] + values[middle]) / 2.0
+        }
+    }
+
+    fn rate(&self) -> f64 {
+        self.median(Load::per_second)
+    }
+
+    /// Half the range of the rounds' rates, as a share of their median.
+    fn spread(&self) -> String {
+        let rates = self.loads.iter().map(|load| load.per_second());
+        let (low, high) = rates.fold((f64::MAX, 0.0_f64), |(low, high), rate| {
+            (low.min(rate), high.max(rate))
+        });
+        format!("{:.0}%", (high - low) / 2.0 / self.rate() * 100.0)
+    }
+
+    fn p50(&self) -> String {
+        micros(Duration::from_secs_f64(
+            self.median(|load| load.p50.as_secs_f64()),
+        ))
+    }
+
+    fn p99(&self) -> String {
+        micros(Duration::from_secs_f64(
+            self.median(|load| load.p99.as_secs_f64()),
+        ))
+    }
+}
+
+/// The rows of `route`: direct first, then for each number of exclusions iptables and eBPF.
+fn rows_of(samples: &[Sample], route: Route) -> Vec<Row<'_>> {
+    let mut order = Config::all();
+    order.sort_by_key(|config| {
+        let kind = match config.interception {
+            Interception::Direct => 0,
+            Interception::Iptables => 1,
+            Interception::Ebpf { sk_msg } => 2 + usize::from(sk_msg),
+        };
+        (config.exclusions, kind)
+    });
+    order
+        .into_iter()
+        .map(|config| Row {
+            config,
+            loads: samples
+                .iter()
+                .filter(|sample| sample.route == route && sample.config == config)
+                .map(|sample| &sample.load)
+                .collect(),
+        })
+        .filter(|row| !row.loads.is_empty())
+        .collect()
+}
+
+/// The median rate of `route` in `config`, if it was measured.
+fn rate_of(samples: &[Sample], route: Route, config: Config) -> Option<f64> {
+    rows_of(samples, route)
+        .into_iter()
+        .find(|row| row.config == config)
+        .map(|row| row.rate())
+}
+
+const DIRECT: Config = Config {
+    interception: Interception::Direct,
+    exclusions: None,
+};
+
+/// The same configuration under iptables, for eBPF rows.
+fn iptables_twin(config: Config) -> Option<Config> {
+    matches!(config.interception, Interception::Ebpf { .. }).then_some(Config {
+        interception: Interception::Iptables,
+        ..config
+    })
+}
+
+fn print_report(plan: &Plan, samples: &[Sample], outside_load: &str) {
+    let skip = if env::var_os("AYA_BUILD_SKIP").is_some() {
+        "AYA_BUILD_SKIP=1 "
+    } else {
+        ""
+    };
+    let exclusions = |row: &Row<'_>| {
+        row.config
+            .exclusions
+            .map_or_else(|| "–".to_owned(), |n| n.to_string())
+    };
+    let twin_rate =
+        |route, config| iptables_twin(config).and_then(|twin| rate_of(samples, route, twin));
+    println!(
+        "command: `{skip}cargo bench -p probe-bypass --bench datapath` (`cargo xtask bench datapath`)"
+    );
+    println!(
+        "machine: {}; load average before the run {outside_load}",
+        machine()
+    );
+    println!(
+        "load: per path and configuration {ROUNDS} rounds of {} connections ({} for 1 MiB \
+         transfers, {} with mTLS), each after {WARM_UP} warm-up ones, from {CLIENTS} client \
+         threads that close with a reset; figures are the rounds' medians, ± half the range of \
+         their rates; the rounds alternate between configurations",
+        plan.connects, plan.transfers, plan.mtls
+    );
+    println!(
+        "proxies: HAProxy {} in each meshed pod (UID {PROXY_UID}, inbound {INBOUND_PORT}, \
+         outbound {OUTBOUND_PORT}), plain TCP unless stated",
+        haproxy_version()
+    );
+    println!(
+        "pods: C and S meshed (not in the direct rows), D never; S and D run the app. Exclusions \
+         N: per meshed pod N inbound ports + N outbound ports + N outbound CIDRs, none matching \
+         the traffic; under iptables {} nat rules per pod at N = {}, {} at N = {} (the fixture \
+         alone: {})",
+        fsm_rules(EXCLUSIONS[0]).1,
+        EXCLUSIONS[0],
+        fsm_rules(EXCLUSIONS[2]).1,
+        EXCLUSIONS[2],
+        fsm_rules(0).1
+    );
+    println!();
+    println!("Connect + first byte:");
+    println!();
+    println!(
+        "| path | interception | N | connects/s | ± | p50 | p99 | rate / direct | rate / iptables |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for route in Route::CONNECTS {
+        let direct = rate_of(samples, route, DIRECT);
+        for row in rows_of(samples, route) {
+            let rate = row.rate();
+            println!(
+                "| {} | {} | {} | {rate:.0} | {} | {} | {} | {} | {} |",
+                route.label(),
+                row.config.interception,
+                exclusions(&row),
+                row.spread(),
+                row.p50(),
+                row.p99(),
+                ratio(rate, direct),
+                ratio(rate, twin_rate(route, row.config)),
+            );
+        }
+    }
+    println!();
+    println!(
+        "1 MiB transfers, pod to pod (C → S), N = {}:",
+        EXCLUSIONS[0]
+    );
+    println!();
+    println!(
+        "| interception | transfers/s | ± | MiB/s | p50 | p99 | rate / direct | rate / iptables |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let direct = rate_of(samples, Route::Transfer, DIRECT);
+    for row in rows_of(samples, Route::Transfer) {
+        let rate = row.rate();
+        println!(
+            "| {} | {rate:.0} | {} | {:.0} | {} | {} | {} | {} |",
+            row.config.interception,
+            row.spread(),
+            row.median(Load::mib_per_second),
+            row.p50(),
+            row.p99(),
+            ratio(rate, direct),
+            ratio(rate, twin_rate(Route::Transfer, row.config)),
+        );
+    }
+    println!();
+    println!(
+        "Pod to pod with mTLS between the proxies (the sidecar of tests/support/sidecar.rs), N = {}:",
+        EXCLUSIONS[0]
+    );
+    println!();
+    println!(
+        "| interception | connects/s | ± | p50 | p99 | rate / same without TLS | rate / iptables |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for row in rows_of(samples, Route::PodToPodMtls) {
+        let rate = row.rate();
+        println!(
+            "| {} | {rate:.0} | {} | {} | {} | {} | {} |",
+            row.config.interception,
+            row.spread(),
+            row.p50(),
+            row.p99(),
+            ratio(rate, rate_of(samples, Route::PodToPod, row.config)),
+            ratio(rate, twin_rate(Route::PodToPodMtls, row.config)),
+        );
+    }
+}
+
+/// The machine's load averages (1, 5, 15 minutes): other work on the two cores moves every figure.
+fn load_average() -> String {
+    let text = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn haproxy_version() -> String {
+    Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .ok()
+        .and_then(|output| {
+            String::from_utf8_lossy(&output.stdout)
+                .split_whitespace()
+                .nth(2)
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "?".to_owned())
+}
+
+/// CPUs, CPU model and kernel, for reading the figures in context.
+fn machine() -> String {
+    let cpus = thread::available_parallelism().map_or(0, usize::from);
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let model = fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("model name"))
+        .and_then(|rest| rest.split_once(':'))
+        .map(|(_, model)| model.trim().to_owned())
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    format!("{cpus} CPUs (nproc), {model}, Linux {}", kernel.trim())
+}
