@@ -17,13 +17,8 @@ mod support;
 use std::{
     io::{BufRead as _, BufReader},
     net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicU32, Ordering},
-        mpsc,
-    },
+    sync::mpsc,
     thread,
     time::Duration,
 };
@@ -31,12 +26,13 @@ use std::{
 use probe_bypass::{
     datapath::{self, Counters, Datapath, PodRules, Settings},
     exclusions::Exclusions,
-    netns::{Netns, NetnsWorker, netns_cookie},
     preflight,
 };
-use support::{cgroup::TestCgroup, pod::TestPod};
-
-static NEXT_PINS: AtomicU32 = AtomicU32::new(0);
+use support::{
+    bpffs::TestPins,
+    cgroup::{TestCgroup, attached_programs},
+    pod::TestPod,
+};
 
 /// Prints `<port it accepted on> <SO_ORIGINAL_DST or none>` for each connection on the ports given
 /// as arguments, and `ready` once it listens.
@@ -133,31 +129,10 @@ fn routed_pod() -> TestPod {
     pod
 }
 
-/// A pin directory of its own for one test, uninstalled on drop (panics included).
-struct Pins(PathBuf);
-
-impl Pins {
-    fn new() -> Self {
-        let n = NEXT_PINS.fetch_add(1, Ordering::Relaxed);
-        Self(PathBuf::from(format!(
-            "/sys/fs/bpf/probe-bypass-test-{}-{n}",
-            std::process::id()
-        )))
-    }
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        if let Err(error) = datapath::uninstall(&self.0) {
-            eprintln!("uninstall {}: {error}", self.0.display());
-        }
-    }
-}
-
-/// The datapath installed under a test cgroup with its own pin directory; uninstalled on drop.
+/// The datapath installed under a test cgroup, pinned on a bpffs of its own; uninstalled on drop.
 struct Node {
     datapath: Option<Datapath>,
-    pins: Pins,
+    pins: TestPins,
     // Last: the cgroup goes once nothing is attached to it.
     cgroup: TestCgroup,
 }
@@ -166,7 +141,7 @@ impl Node {
     fn new() -> Self {
         let mut node = Self {
             datapath: None,
-            pins: Pins::new(),
+            pins: TestPins::new(),
             cgroup: TestCgroup::new(),
         };
         node.install(settings());
@@ -175,10 +150,9 @@ impl Node {
 
     /// Installs (or, the second time, re-installs over the pins, as a restarted agent does).
     fn install(&mut self, settings: Settings) {
-        // Mounts bpffs at /sys/fs/bpf if it is missing, as the agent does.
-        preflight::check(Some(self.cgroup.path()), &self.pins.0).expect("host checks");
+        preflight::check(Some(self.cgroup.path()), self.pins.path()).expect("host checks");
         self.datapath = Some(
-            Datapath::install(self.cgroup.path(), &self.pins.0, settings)
+            Datapath::install(self.cgroup.path(), self.pins.path(), settings)
                 .unwrap_or_else(|error| panic!("install: {:?}", anyhow::Error::new(error))),
         );
     }
@@ -188,17 +162,11 @@ impl Node {
     }
 
     fn mesh(&mut self, pod: &TestPod, exclusions: Exclusions) {
-        let worker = NetnsWorker::spawn().expect("netns worker");
-        let netns = Arc::new(
-            Netns::open(&PathBuf::from("/run/netns").join(&pod.netns_name)).expect("open netns"),
-        );
-        let cookie = worker
-            .run_blocking(&netns, netns_cookie)
-            .expect("netns cookie");
+        let netns_cookie = pod.netns_cookie();
         self.datapath()
             .upsert_pod(&PodRules {
                 addrs: vec![IpAddr::V4(pod.ip)],
-                netns_cookie: cookie,
+                netns_cookie,
                 exclusions,
             })
             .expect("mesh the pod");
@@ -233,7 +201,7 @@ impl Node {
     }
 
     fn attached(&self) -> Vec<String> {
-        attached_programs(&self.cgroup)
+        attached_programs(self.cgroup.path()).unwrap_or_else(|error| panic!("{error}"))
     }
 }
 
@@ -249,32 +217,6 @@ fn settings() -> Settings {
     }
 }
 
-/// The programs attached to a cgroup itself (not inherited), as `bpftool` reports them.
-fn attached_programs(cgroup: &TestCgroup) -> Vec<String> {
-    let output = Command::new("bpftool")
-        .args(["--json", "cgroup", "show"])
-        .arg(cgroup.path())
-        .output()
-        .expect("run bpftool (cargo xtask setup installs it)");
-    assert!(
-        output.status.success(),
-        "bpftool cgroup show: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    // bpftool prints an empty line, not `[]`, when nothing is attached.
-    if output.stdout.trim_ascii().is_empty() {
-        return Vec::new();
-    }
-    let programs: Vec<serde_json::Value> =
-        serde_json::from_slice(&output.stdout).expect("parse bpftool's output");
-    let mut programs: Vec<String> = programs
-        .iter()
-        .map(|program| format!("{} {}", program["attach_type"], program["name"]))
-        .collect();
-    programs.sort();
-    programs
-}
-
 const ATTACHED: [&str; 4] = [
     "\"cgroup_getsockopt\" \"pb_getsockopt\"",
     "\"cgroup_inet4_connect\" \"pb_connect4\"",
@@ -287,16 +229,16 @@ fn install_attaches_each_program_once_and_uninstall_removes_everything() {
     require_privileges!();
     let mut node = Node::new();
     assert_eq!(node.attached(), ATTACHED);
-    assert!(node.pins.0.join("links/pb_connect4").exists());
+    assert!(node.pins.path().join("links/pb_connect4").exists());
 
     // A second install over the same pins (a restarted agent) swaps the programs in place.
     node.install(settings());
     assert_eq!(node.attached(), ATTACHED, "no second set of programs");
 
     node.datapath = None;
-    let report = datapath::uninstall(&node.pins.0).expect("uninstall");
+    let report = datapath::uninstall(node.pins.path()).expect("uninstall");
     assert!(report.left.is_empty(), "left behind: {:?}", report.left);
-    assert!(!node.pins.0.exists());
+    assert!(!node.pins.path().exists());
     assert_eq!(node.attached(), Vec::<String>::new());
 }
 
@@ -304,9 +246,9 @@ fn install_attaches_each_program_once_and_uninstall_removes_everything() {
 fn uninstall_leaves_what_is_not_the_agents() {
     require_privileges!();
     let node = Node::new();
-    let foreign = node.pins.0.join("someone-elses");
+    let foreign = node.pins.path().join("someone-elses");
     std::fs::create_dir(&foreign).expect("mkdir on bpffs");
-    let report = datapath::uninstall(&node.pins.0).expect("uninstall");
+    let report = datapath::uninstall(node.pins.path()).expect("uninstall");
     assert_eq!(report.left, vec![foreign.clone()]);
     assert_eq!(node.attached(), Vec::<String>::new(), "ours are detached");
     std::fs::remove_dir(&foreign).expect("clean up");
@@ -553,8 +495,8 @@ fn restarting_or_killing_the_agent_under_traffic_loses_no_redirect() {
     let cgroup = TestCgroup::new();
     // The agent serves the healthcheck on 15904 itself.
     let target = Listening::on(&cgroup, &PORTS[..3]);
-    let pin_guard = Pins::new();
-    let pins = pin_guard.0.to_string_lossy().into_owned();
+    let pin_guard = TestPins::new();
+    let pins = pin_guard.arg();
     let cgroup_root = cgroup.path().to_string_lossy().into_owned();
     let args = [
         "--datapath",
@@ -609,6 +551,6 @@ fn restarting_or_killing_the_agent_under_traffic_loses_no_redirect() {
     let _ = traffic.kill();
     let _ = traffic.wait();
     drop(agent);
-    let report = datapath::uninstall(&pin_guard.0).expect("uninstall");
+    let report = datapath::uninstall(pin_guard.path()).expect("uninstall");
     assert!(report.left.is_empty(), "left behind: {:?}", report.left);
 }

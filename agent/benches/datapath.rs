@@ -96,14 +96,16 @@ use ipnet::IpNet;
 use probe_bypass::{
     datapath::{self, Counters, Datapath, PodRules, Settings},
     exclusions::Exclusions,
-    netns::{Netns, NetnsWorker, netns_cookie},
     preflight,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 use support::{
+    bpffs::TestPins,
     cgroup::{TestCgroup, attached_programs},
     pod::TestPod,
-    sidecar::{Certificates, INBOUND_PORT, OUTBOUND_PORT, PROXY_UID, Sidecar, TempDir},
+    sidecar::{
+        Certificates, INBOUND_PORT, OUTBOUND_PORT, PROXY_UID, Sidecar, TempDir, start_haproxy,
+    },
 };
 
 /// Set in the environment of the benchmark's own children: `client` or `app`.
@@ -142,7 +144,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// A measurement that reaches this bound reports the connections it made, and says so.
 const MEASURE_LIMIT: Duration = Duration::from_secs(30);
-const PROXY_START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The mesh's rules, and the last rule of their outbound chain (outbound exclusions go before it).
 const FSM_INIT_RULES: &str = concat!(
@@ -603,7 +604,7 @@ impl Node {
                 ebpf.datapath()
                     .upsert_pod(&PodRules {
                         addrs: vec![IpAddr::V4(pod.ip)],
-                        netns_cookie: cookie_of(pod),
+                        netns_cookie: pod.netns_cookie(),
                         exclusions: exclusions.clone(),
                     })
                     .expect("mesh the pod");
@@ -712,17 +713,6 @@ impl Node {
             }
         }
     }
-}
-
-/// The netns cookie of a pod, as the datapath keys pods by it.
-fn cookie_of(pod: &TestPod) -> u64 {
-    let worker = NetnsWorker::spawn().expect("netns worker");
-    let netns = Arc::new(
-        Netns::open(&Path::new("/run/netns").join(&pod.netns_name)).expect("open the netns"),
-    );
-    worker
-        .run_blocking(&netns, netns_cookie)
-        .expect("the netns cookie")
 }
 
 /// Redirected connections (and, for eBPF, messages sk_msg moved).
@@ -873,23 +863,19 @@ fn exclusions(n: usize) -> Exclusions {
     }
 }
 
-/// The datapath installed under the node's cgroup, pinned under a directory of this run's own.
-/// On drop the handles go, [`datapath::uninstall`] removes the pins, and nothing may be left
-/// attached to the cgroup.
+/// The datapath installed under the node's cgroup, pinned on a bpffs of this run's own. On drop
+/// the handles go, the pins are uninstalled (with the bpffs), and nothing may be left attached to
+/// the cgroup.
 struct Ebpf {
     datapath: Option<Datapath>,
-    pins: PathBuf,
+    pins: TestPins,
     cgroup: PathBuf,
 }
 
 impl Ebpf {
     fn new(cgroup: &TestCgroup) -> Self {
-        let pins = PathBuf::from(format!(
-            "/sys/fs/bpf/probe-bypass-bench-{}",
-            std::process::id()
-        ));
-        // Mounts bpffs at /sys/fs/bpf if it is missing, as the agent does.
-        preflight::check(Some(cgroup.path()), &pins).expect("host checks");
+        let pins = TestPins::new();
+        preflight::check(Some(cgroup.path()), pins.path()).expect("host checks");
         Self {
             datapath: None,
             pins,
@@ -911,7 +897,7 @@ impl Ebpf {
             node: Exclusions::default(),
         };
         self.datapath = Some(
-            Datapath::install(&self.cgroup, &self.pins, settings)
+            Datapath::install(&self.cgroup, self.pins.path(), settings)
                 .unwrap_or_else(|error| panic!("install: {:?}", anyhow::Error::new(error))),
         );
     }
@@ -924,10 +910,10 @@ impl Ebpf {
 impl Drop for Ebpf {
     fn drop(&mut self) {
         self.datapath = None;
-        match datapath::uninstall(&self.pins) {
+        match datapath::uninstall(self.pins.path()) {
             Ok(report) if report.left.is_empty() => {}
             Ok(report) => eprintln!("uninstall left {:?} behind", report.left),
-            Err(error) => eprintln!("uninstall {}: {error}", self.pins.display()),
+            Err(error) => eprintln!("uninstall {}: {error}", self.pins.path().display()),
         }
         match attached_programs(&self.cgroup) {
             Ok(attached) if attached.is_empty() => {}
@@ -945,69 +931,15 @@ impl Drop for Ebpf {
 /// as the clients do and leave no TIME_WAIT behind.
 struct PlainProxy {
     child: Child,
-    dir: TempDir,
+    /// Its configuration and output; removed with it.
+    _dir: TempDir,
 }
 
 impl PlainProxy {
     fn start(cgroup: &TestCgroup, pod: &TestPod) -> Self {
         let dir = TempDir::new("bench-proxy");
-        let config = dir.path.join("haproxy.cfg");
-        fs::write(&config, plain_proxy_config())
-            .unwrap_or_else(|error| panic!("write {}: {error}", config.display()));
-        let errors = fs::File::create(dir.path.join("stderr.log")).expect("create the proxy's log");
-        let config = config.display().to_string();
-        let child = cgroup
-            .command(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &pod.netns_name,
-                    "haproxy",
-                    "-db",
-                    "-f",
-                    &config,
-                ],
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(errors)
-            .spawn()
-            .expect("start haproxy");
-        let mut proxy = Self { child, dir };
-        proxy.wait_listening(pod);
-        proxy
-    }
-
-    fn wait_listening(&mut self, pod: &TestPod) {
-        let deadline = Instant::now() + PROXY_START_TIMEOUT;
-        loop {
-            let listening = pod.exec(&["ss", "-Hltn"]);
-            let listens = |port: u16| {
-                listening
-                    .split_whitespace()
-                    .any(|field| field.ends_with(&format!(":{port}")))
-            };
-            if listens(INBOUND_PORT) && listens(OUTBOUND_PORT) {
-                return;
-            }
-            let errors =
-                || fs::read_to_string(self.dir.path.join("stderr.log")).unwrap_or_default();
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "HAProxy in {} exited ({status}):\n{}",
-                    pod.netns_name,
-                    errors()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "HAProxy in {} does not listen:\n{}",
-                pod.netns_name,
-                errors()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        let child = start_haproxy(cgroup, pod, &dir, &plain_proxy_config());
+        Self { child, _dir: dir }
     }
 }
 

@@ -16,13 +16,13 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::{Command, Output},
-    sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use super::{
     agent::{Agent, ManifestDir},
+    bpffs::TestPins,
     cgroup::{TestCgroup, attached_programs},
     pod::{App, TestPod},
     sidecar::{Certificates, PROXY_UID, ProxyEvent, ProxyLog, Sidecar},
@@ -45,13 +45,22 @@ const OUTBOUND_CATCH_ALL: &str = "-A FSM_PROXY_OUTBOUND -j FSM_PROXY_OUT_REDIREC
 /// The agent under test.
 const AGENT: &str = env!("CARGO_BIN_EXE_probe-bypass");
 
-/// Bound on every call, so a connection the datapath swallows fails the test instead of hanging it.
-const CALL_TIMEOUT_SECS: &str = "3";
+/// curl as every call runs it: `-q` first, so no ~/.curlrc; `--noproxy`, so no proxy from the
+/// environment either; and a bound on the call, so a connection the datapath swallows fails the
+/// test instead of hanging it.
+const CURL: [&str; 8] = [
+    "curl",
+    "-q",
+    "--silent",
+    "--show-error",
+    "--noproxy",
+    "*",
+    "--max-time",
+    "3",
+];
 
 /// A proxy's log is settled once it has not grown for this long after a call.
 const LOG_QUIET: Duration = Duration::from_millis(200);
-
-static NEXT_PIN: AtomicU32 = AtomicU32::new(0);
 
 /// How the meshed pods' traffic is made to go through their sidecars.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -330,23 +339,10 @@ impl Node {
             .map(str::to_owned)
             .to_vec(),
         };
-        // -q first: no ~/.curlrc; --noproxy: no proxy from the environment either.
         command.extend(
-            [
-                "curl",
-                "-q",
-                "--silent",
-                "--show-error",
-                "--noproxy",
-                "*",
-                "--max-time",
-                CALL_TIMEOUT_SECS,
-                "--output",
-                "-",
-                "--write-out",
-                "\n%{http_code}",
-            ]
-            .map(str::to_owned),
+            CURL.into_iter()
+                .chain(["--output", "-", "--write-out", "\n%{http_code}"])
+                .map(str::to_owned),
         );
         let url = match call {
             Call::Http { to, port } => {
@@ -496,17 +492,9 @@ fn assert_pods_reach_each_other(specs: &[PodSpec], pods: &[(&'static str, TestPo
             continue;
         };
         let url = format!("http://{}:{port}/", peer.ip);
-        let body = pod.exec(&[
-            "curl",
-            "-q",
-            "--silent",
-            "--show-error",
-            "--noproxy",
-            "*",
-            "--max-time",
-            CALL_TIMEOUT_SECS,
-            &url,
-        ]);
+        let mut curl = CURL.to_vec();
+        curl.push(&url);
+        let body = pod.exec(&curl);
         assert_eq!(
             body,
             format!("app {to}:{port}"),
@@ -649,31 +637,27 @@ fn start_agent(manifests: &ManifestDir, args: &[&str]) -> Agent {
 }
 
 /// The agent with its eBPF datapath attached to the test's cgroup (never the root) and pinned
-/// under a bpffs path of the test's own. On drop the agent is stopped and `probe-bypass
-/// uninstall` removes the pins, which detaches the programs: afterwards the pin directory must be
-/// gone and nothing attached to the cgroup.
+/// on a bpffs of the test's own. On drop the agent is stopped and `probe-bypass uninstall`
+/// removes the pins, which detaches the programs: afterwards the pin directory must be gone and
+/// nothing attached to the cgroup.
 struct EbpfAgent {
     agent: Option<Agent>,
-    pin_path: PathBuf,
+    // After the agent: unmounts the bpffs (and uninstalls what `probe-bypass uninstall` did not).
+    pins: TestPins,
     cgroup: PathBuf,
 }
 
 impl EbpfAgent {
     /// Starts the agent and waits until it serves every pod and has attached its programs.
     fn start(manifests: &ManifestDir, cgroup: &TestCgroup) -> Self {
-        let n = NEXT_PIN.fetch_add(1, Ordering::Relaxed);
-        let pin_path = PathBuf::from(format!(
-            "/sys/fs/bpf/probe-bypass-test-{}-{n}",
-            std::process::id()
-        ));
         // From here on, dropping the guard uninstalls whatever the agent pinned.
         let mut guard = Self {
             agent: None,
-            pin_path,
+            pins: TestPins::new(),
             cgroup: cgroup.path().to_owned(),
         };
         let cgroup_root = cgroup.path().display().to_string();
-        let pin_path = guard.pin_path.display().to_string();
+        let pin_path = guard.pins.arg();
         let agent = guard.agent.insert(start_agent(
             manifests,
             &[
@@ -705,7 +689,7 @@ impl EbpfAgent {
         let output = match Command::new(AGENT)
             .arg("uninstall")
             .arg("--pin-path")
-            .arg(&self.pin_path)
+            .arg(self.pins.path())
             .output()
         {
             Ok(output) => output,
@@ -714,15 +698,15 @@ impl EbpfAgent {
         if !output.status.success() {
             return Some(format!(
                 "`probe-bypass uninstall --pin-path {}` failed ({}): {}",
-                self.pin_path.display(),
+                self.pins.path().display(),
                 output.status,
                 String::from_utf8_lossy(&output.stderr)
             ));
         }
-        if self.pin_path.exists() {
+        if self.pins.path().exists() {
             return Some(format!(
                 "`probe-bypass uninstall` left {} behind",
-                self.pin_path.display()
+                self.pins.path().display()
             ));
         }
         match attached_programs(&self.cgroup) {

@@ -12,6 +12,7 @@
 )]
 
 pub mod agent;
+pub mod bpffs;
 pub mod cgroup;
 pub mod kubelet;
 pub mod mesh;

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use probe_bypass::netns::{Netns, NetnsWorker};
+use probe_bypass::netns::{Netns, NetnsWorker, netns_cookie};
 use socket2::{Domain, Protocol, Socket, Type};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -113,6 +113,13 @@ impl TestPod {
             self.ip,
             self.host_veth
         );
+    }
+
+    /// The cookie of the pod's network namespace, by which the datapath knows the pod.
+    pub fn netns_cookie(&self) -> u64 {
+        self.worker
+            .run_blocking(&self.netns, netns_cookie)
+            .expect("the netns cookie")
     }
 
     /// Address of the healthcheck as the kubelet reaches it.

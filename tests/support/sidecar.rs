@@ -190,68 +190,11 @@ impl Sidecar {
     /// waits until it listens on both of its ports.
     pub fn start(cgroup: &TestCgroup, pod: &TestPod, certs: &Certificates, pem: &str) -> Self {
         let dir = TempDir::new("sidecar");
-        let config = dir.path.join("haproxy.cfg");
-        fs::write(&config, haproxy_config(pem, &certs.ca()))
-            .unwrap_or_else(|error| panic!("write {}: {error}", config.display()));
-        let log = fs::File::create(dir.path.join("stdout.log")).expect("create the proxy's log");
-        let errors = fs::File::create(dir.path.join("stderr.log")).expect("create the proxy's log");
-        let config = config.display().to_string();
-        // `ip netns exec` execs the program, so the child is HAProxy itself (-db: in the
-        // foreground, no master process).
-        let child = cgroup
-            .command(
-                "ip",
-                &[
-                    "netns",
-                    "exec",
-                    &pod.netns_name,
-                    HAPROXY,
-                    "-db",
-                    "-f",
-                    &config,
-                ],
-            )
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(errors)
-            .spawn()
-            .unwrap_or_else(|error| panic!("start {HAPROXY}: {error}"));
-        let mut sidecar = Self {
+        let child = start_haproxy(cgroup, pod, &dir, &haproxy_config(pem, &certs.ca()));
+        Self {
             child,
             dir,
             netns: pod.netns_name.clone(),
-        };
-        sidecar.wait_listening(pod);
-        sidecar
-    }
-
-    /// Waits until both ports listen in the pod's namespace, or fails with HAProxy's own words.
-    fn wait_listening(&mut self, pod: &TestPod) {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let listening = pod.exec(&["ss", "-Hltn"]);
-            let listens = |port: u16| {
-                listening
-                    .split_whitespace()
-                    .any(|field| field.ends_with(&format!(":{port}")))
-            };
-            if listens(INBOUND_PORT) && listens(OUTBOUND_PORT) {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "HAProxy in {} exited at start ({status}):\n{}",
-                    self.netns,
-                    self.stderr_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "HAProxy in {} does not listen on {INBOUND_PORT} and {OUTBOUND_PORT}:\n{}",
-                self.netns,
-                self.stderr_text()
-            );
-            thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -280,8 +223,73 @@ impl Sidecar {
     }
 
     fn stderr_text(&self) -> String {
-        fs::read_to_string(self.dir.path.join("stderr.log")).unwrap_or_default()
+        stderr_text(&self.dir)
     }
+}
+
+/// Starts HAProxy with `config` in `pod`'s namespace and in `cgroup`, its stdout and stderr in
+/// `dir` (`stdout.log`, `stderr.log`), and waits until it listens on both proxy ports, or fails
+/// with HAProxy's own words. The caller owns the child; the cgroup kills it in any case.
+pub fn start_haproxy(cgroup: &TestCgroup, pod: &TestPod, dir: &TempDir, config: &str) -> Child {
+    let config_path = dir.path.join("haproxy.cfg");
+    fs::write(&config_path, config)
+        .unwrap_or_else(|error| panic!("write {}: {error}", config_path.display()));
+    let log = fs::File::create(dir.path.join("stdout.log")).expect("create the proxy's log");
+    let errors = fs::File::create(dir.path.join("stderr.log")).expect("create the proxy's log");
+    let config_path = config_path.display().to_string();
+    // `ip netns exec` execs the program, so the child is HAProxy itself (-db: in the foreground,
+    // no master process).
+    let mut child = cgroup
+        .command(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &pod.netns_name,
+                HAPROXY,
+                "-db",
+                "-f",
+                &config_path,
+            ],
+        )
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(errors)
+        .spawn()
+        .unwrap_or_else(|error| panic!("start {HAPROXY}: {error}"));
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let listening = pod.exec(&["ss", "-Hltn"]);
+        let listens = |port: u16| {
+            listening
+                .split_whitespace()
+                .any(|field| field.ends_with(&format!(":{port}")))
+        };
+        if listens(INBOUND_PORT) && listens(OUTBOUND_PORT) {
+            return child;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "HAProxy in {} exited at start ({status}):\n{}",
+                pod.netns_name,
+                stderr_text(dir)
+            );
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "HAProxy in {} does not listen on {INBOUND_PORT} and {OUTBOUND_PORT}:\n{}",
+                pod.netns_name,
+                stderr_text(dir)
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stderr_text(dir: &TempDir) -> String {
+    fs::read_to_string(dir.path.join("stderr.log")).unwrap_or_default()
 }
 
 impl Drop for Sidecar {
