@@ -34,23 +34,36 @@ use support::{
     pod::TestPod,
 };
 
-/// Prints `<port it accepted on> <SO_ORIGINAL_DST or none>` for each connection on the ports given
-/// as arguments, and `ready` once it listens.
+/// Prints `<port it accepted on> <original destination or none>` for each connection on the ports
+/// given as arguments, on IPv4 and IPv6, and `ready` once it listens. The original destination is
+/// what `getsockopt(SO_ORIGINAL_DST)` (IPv4) or `getsockopt(IP6T_SO_ORIGINAL_DST)` (IPv6) says,
+/// written `1.2.3.4:80` or `[2001:2::2]:80`.
 const ORIGDST_SERVER: &str = r#"
-use Socket; use IO::Select;
-$| = 1; my $sel = IO::Select->new; my %port;
-for my $p (@ARGV) {
-  socket(my $s, PF_INET, SOCK_STREAM, 0) or die "socket: $!";
+use Socket qw(:all); use IO::Select;
+$| = 1; my $sel = IO::Select->new; my (%port, %v6);
+sub listener { my ($family, $addr, $p) = @_;
+  socket(my $s, $family, SOCK_STREAM, 0) or die "socket: $!";
   setsockopt($s, SOL_SOCKET, SO_REUSEADDR, 1);
-  bind($s, pack_sockaddr_in($p, INADDR_ANY)) or die "bind $p: $!";
+  setsockopt($s, IPPROTO_IPV6, IPV6_V6ONLY, 1) if $family == PF_INET6;
+  bind($s, $addr) or die "bind $p: $!";
   listen($s, 64) or die "listen: $!";
-  $sel->add($s); $port{fileno $s} = $p;
+  $sel->add($s); $port{fileno $s} = $p; $v6{fileno $s} = $family == PF_INET6;
+}
+for my $p (@ARGV) {
+  listener(PF_INET, pack_sockaddr_in($p, INADDR_ANY), $p);
+  listener(PF_INET6, pack_sockaddr_in6($p, IN6ADDR_ANY), $p);
 }
 print "ready\n";
 while (1) { for my $s ($sel->can_read) {
   accept(my $c, $s) or next;
-  my $o = getsockopt($c, 0, 80); my $d = "none";
-  if (defined $o) { my ($p, $a) = unpack_sockaddr_in($o); $d = inet_ntoa($a) . ":$p"; }
+  my $d = "none";
+  if ($v6{fileno $s}) {
+    my $o = getsockopt($c, IPPROTO_IPV6, 80);
+    if (defined $o) { my ($p, $a) = unpack_sockaddr_in6($o); $d = "[" . inet_ntop(AF_INET6, $a) . "]:$p"; }
+  } else {
+    my $o = getsockopt($c, IPPROTO_IP, 80);
+    if (defined $o) { my ($p, $a) = unpack_sockaddr_in($o); $d = inet_ntoa($a) . ":$p"; }
+  }
   print "$port{fileno $s} $d\n"; close $c;
 } }
 "#;
@@ -162,10 +175,15 @@ impl Node {
     }
 
     fn mesh(&mut self, pod: &TestPod, exclusions: Exclusions) {
+        self.mesh_with_addrs(pod, vec![IpAddr::V4(pod.ip)], exclusions);
+    }
+
+    /// Meshes a pod known by these addresses (for example IPv4 and IPv6).
+    fn mesh_with_addrs(&mut self, pod: &TestPod, addrs: Vec<IpAddr>, exclusions: Exclusions) {
         let netns_cookie = pod.netns_cookie();
         self.datapath()
             .upsert_pod(&PodRules {
-                addrs: vec![IpAddr::V4(pod.ip)],
+                addrs,
                 netns_cookie,
                 exclusions,
             })
@@ -325,6 +343,42 @@ fn a_meshed_pods_own_connections_meet_its_outbound_port_but_not_the_proxys() {
     // The proxy calling its own pod's address meets the inbound redirect, as under iptables.
     assert!(node.connect(Some(&source.pod), Some(1500), own, 8080));
     assert_eq!(source.next(), format!("15003 {own}:8080"));
+}
+
+#[test]
+fn ipv6_connections_meet_the_proxy_and_learn_their_original_destination() {
+    require_privileges!();
+    let mut node = Node::new();
+    let target = Listening::new(&node.cgroup);
+    let source = Listening::new(&node.cgroup);
+    let (target_v6, source_v6) = (target.pod.add_ipv6(), source.pod.add_ipv6());
+    for (pod, v6) in [(&target.pod, target_v6), (&source.pod, source_v6)] {
+        let addrs = vec![IpAddr::V4(pod.ip), IpAddr::V6(v6)];
+        node.mesh_with_addrs(pod, addrs, Exclusions::default());
+    }
+    let target_v6 = IpAddr::V6(target_v6);
+
+    // Inbound: from the host to the pod's IPv6 address, through the inbound port, which learns
+    // the original address with IP6T_SO_ORIGINAL_DST.
+    assert!(node.connect(None, None, target_v6, 8080));
+    assert_eq!(target.next(), format!("15003 [{target_v6}]:8080"));
+    // The kubelet's bypass holds on IPv6 too.
+    assert!(node.connect(None, None, target_v6, 15904));
+    assert_eq!(target.next(), "15904 none");
+
+    // Outbound: the pod's own IPv6 call lands on its proxy's outbound port on ::1. The
+    // destination need not exist: the redirect happens before any packet leaves.
+    let away: IpAddr = "2001:db8::7".parse().expect("address");
+    assert!(node.connect(Some(&source.pod), None, away, 8080));
+    assert_eq!(source.next(), format!("15001 [{away}]:8080"));
+    // The pod's own IPv6 address stays inside the pod.
+    assert!(node.connect(Some(&source.pod), None, IpAddr::V6(source_v6), 8080));
+    assert_eq!(source.next(), "8080 none");
+
+    let counters = node.counters();
+    assert_eq!(counters.redirected_inbound, 1);
+    assert_eq!(counters.redirected_outbound, 1);
+    assert_eq!(counters.probe_bypassed, 1);
 }
 
 #[test]

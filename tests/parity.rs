@@ -244,11 +244,7 @@ const SCENARIOS: &[Scenario] = &[
             port: INBOUND_EXCLUDED,
         },
         iptables: (PLAINTEXT_TO_MTLS, &["A inbound: SSL handshake failure"]),
-        ebpf: Ebpf::Differs {
-            outcome: ("app A:9090", &[]),
-            why: "the mesh's rule for the proxy's own calls over lo jumps to the inbound redirect \
-                  before any exclusion is checked; the datapath honours the inbound exclusion",
-        },
+        ebpf: Ebpf::Same,
     },
     Scenario {
         what: "A calls non-meshed C: A's proxy speaks mTLS to a plaintext app",

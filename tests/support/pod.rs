@@ -1,12 +1,13 @@
 //! Test pods: a network namespace joined to the host by a veth, with apps listening inside.
 //!
 //! Addresses come from 198.18.0.0/15 (the benchmarking range), one /30 per pod: the host end is
-//! `.1`, the pod `.2`. Names and addresses carry the test process id, so parallel tests and
+//! `.1`, the pod `.2`. A pod asked for IPv6 also gets the same subnet number in 2001:2::/48 (the
+//! IPv6 benchmarking range), one /64 per pod, `::1` and `::2`. Names and addresses carry the test process id, so parallel tests and
 //! leftovers of an earlier run do not collide. Everything is deleted when the guard drops.
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream},
+    net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream},
     process::Command,
     sync::{
         Arc,
@@ -42,6 +43,8 @@ pub struct TestPod {
     /// The namespace's name under /run/netns.
     pub netns_name: String,
     pub ip: Ipv4Addr,
+    /// The pod's number in the address plan, which also numbers its IPv6 subnet.
+    subnet: u32,
     host_veth: String,
     netns: Arc<Netns>,
     worker: NetnsWorker,
@@ -69,6 +72,7 @@ impl TestPod {
         let pod = Self {
             netns_name,
             ip: pod_ip,
+            subnet,
             host_veth,
             netns,
             worker: NetnsWorker::spawn().expect("netns worker"),
@@ -113,6 +117,35 @@ impl TestPod {
             self.ip,
             self.host_veth
         );
+    }
+
+    /// Gives the pod an IPv6 address beside its IPv4 one, reachable from the host, and returns it.
+    /// Duplicate address detection is skipped so that the address is usable at once.
+    pub fn add_ipv6(&self) -> Ipv6Addr {
+        let subnet = u16::try_from(self.subnet).expect("the plan has 32768 subnets");
+        let host_ip = Ipv6Addr::new(0x2001, 2, 0, subnet, 0, 0, 0, 1);
+        let pod_ip = Ipv6Addr::new(0x2001, 2, 0, subnet, 0, 0, 0, 2);
+        let veth = self.host_veth.as_str();
+        ip(&[
+            "addr",
+            "add",
+            &format!("{host_ip}/64"),
+            "dev",
+            veth,
+            "nodad",
+        ]);
+        let ns = self.netns_name.as_str();
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{pod_ip}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        pod_ip
     }
 
     /// The cookie of the pod's network namespace, by which the datapath knows the pod.

@@ -190,7 +190,17 @@ fn decide(ctx: &SockAddrContext, dst: Addr, port: u16) -> Option<(Addr, u16)> {
     if let Some(caller) = unsafe { PODS_BY_NETNS.get(caller_netns) }.copied() {
         // The low half is the UID (in the initial user namespace).
         let uid = bpf_get_current_uid_gid() as u32;
-        if uid != config.proxy_uid {
+        if uid == config.proxy_uid {
+            // The proxy's own connections go on to the inbound rules of their destination. To
+            // its own pod's address they meet its inbound port whatever the port, exclusions
+            // included: the mesh's rule for the proxy's calls over `lo` jumps to the inbound
+            // redirect before any exclusion is looked at.
+            if !loopback && port != config.inbound_port && to_own_pod(&caller, dst) {
+                count(Counter::RedirectedInbound);
+                return remember(ctx, dst, port, redirect::INBOUND)
+                    .then_some((dst, config.inbound_port));
+            }
+        } else {
             if loopback || to_own_pod(&caller, dst) {
                 return None;
             }
@@ -202,8 +212,6 @@ fn decide(ctx: &SockAddrContext, dst: Addr, port: u16) -> Option<(Addr, u16)> {
             // Excluded from its own proxy, the connection still meets its destination's inbound
             // rules, as it does when it arrives at another pod under iptables.
         }
-        // The proxy's own connections go on to the inbound rules of their destination, its own
-        // pod included, as they do under iptables.
     }
     if loopback {
         return None;
