@@ -164,15 +164,7 @@ fn main() {
         Ok(other) => panic!("{ROLE}={other:?}: expected client or app"),
         Err(_) => {}
     }
-    // `can_run` names what it skips after the current thread, so ask from a thread named after
-    // the benchmark. A panic (no privileges and CI set) is passed on as the benchmark's own.
-    let allowed = thread::Builder::new()
-        .name("bench datapath".to_owned())
-        .spawn(support::privilege::can_run)
-        .expect("start the privilege check")
-        .join()
-        .unwrap_or_else(|payload| panic::resume_unwind(payload));
-    if !allowed {
+    if !support::privilege::bench_can_run("datapath") {
         return;
     }
     if let Some(missing) = missing_tools() {

@@ -83,15 +83,7 @@ const SETUP_THREADS: usize = 8;
 const READY_WITHIN: Duration = Duration::from_secs(60);
 
 fn main() {
-    // `can_run` names what it skips after the current thread, so ask from a thread named after
-    // the benchmark. A panic (no privileges and CI set) is passed on as the benchmark's own.
-    let allowed = thread::Builder::new()
-        .name("bench healthcheck".to_owned())
-        .spawn(support::privilege::can_run)
-        .expect("start the privilege check")
-        .join()
-        .unwrap_or_else(|payload| panic::resume_unwind(payload));
-    if !allowed {
+    if !support::privilege::bench_can_run("healthcheck") {
         return;
     }
     let requests = requests();

@@ -35,7 +35,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, MapError, PerCpuArray, SockHash,
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash,
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkMsg, SockOps},
@@ -267,7 +267,7 @@ impl Datapath {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::ObjectMissing);
         }
-        let maps_dir = pins.join(format!("maps-v{LAYOUT_VERSION}"));
+        let maps_dir = maps_dir(pins);
         let links_dir = pins.join("links");
         for dir in [pins, &links_dir, &maps_dir] {
             create_dir(dir)?;
@@ -596,6 +596,24 @@ fn attach_or_update(
             source,
         })?;
     sys::obj_pin(&link, &pin).map_err(|source| DatapathError::Pin { path: pin, source })
+}
+
+/// Where the maps of this layout are pinned under `pins`.
+fn maps_dir(pins: &Path) -> PathBuf {
+    pins.join(format!("maps-v{LAYOUT_VERSION}"))
+}
+
+/// The addresses of the pods in the maps pinned under `pins`, read from outside the agent that
+/// keeps them (by an operator's tool or a benchmark, while the agent runs).
+pub fn mapped_addrs(pins: &Path) -> Result<BTreeSet<IpAddr>, DatapathError> {
+    let data = MapData::from_pin(maps_dir(pins).join("PODS_BY_ADDR"))
+        .map_err(|source| map_error("PODS_BY_ADDR", "open the pin of", source))?;
+    let map: HashMap<MapData, Addr, PodEntry> = HashMap::try_from(Map::HashMap(data))
+        .map_err(|source| map_error("PODS_BY_ADDR", "open the pin of", source))?;
+    map.keys()
+        .map(|addr| addr.map(IpAddr::from))
+        .collect::<Result<_, _>>()
+        .map_err(|source| map_error("PODS_BY_ADDR", "read", source))
 }
 
 /// Removes the pinned maps of other layouts, which no program uses any more.

@@ -33,6 +33,17 @@ pub fn can_run() -> bool {
     false
 }
 
+/// [`can_run`] for a benchmark's `main`, which has no test thread to be named after: asks from a
+/// thread named `bench <name>`, and passes a panic (no privileges and CI set) on as its own.
+pub fn bench_can_run(name: &str) -> bool {
+    std::thread::Builder::new()
+        .name(format!("bench {name}"))
+        .spawn(can_run)
+        .unwrap_or_else(|error| panic!("start the privilege check: {error}"))
+        .join()
+        .unwrap_or_else(|payload| std::panic::resume_unwind(payload))
+}
+
 /// Returns early from a test that cannot run here (see [`can_run`]).
 #[macro_export]
 macro_rules! require_privileges {

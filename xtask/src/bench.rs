@@ -15,16 +15,20 @@ pub enum Which {
     /// the eBPF datapath (sk_msg off and on) against the mesh's iptables rules and no mesh, for 10,
     /// 100 and 1,000 exclusions per pod.
     Datapath,
+    /// Time from a pod's manifest appearing (or going) to its map entry and healthcheck listener
+    /// being there (or gone), against an inotify watcher's own latency on the same directory.
+    Reconcile,
 }
 
 impl Which {
-    const ALL: [Self; 2] = [Self::Healthcheck, Self::Datapath];
+    const ALL: [Self; 3] = [Self::Healthcheck, Self::Datapath, Self::Reconcile];
 
     /// The `[[bench]]` target's name in agent/Cargo.toml.
     fn target(self) -> &'static str {
         match self {
             Self::Healthcheck => "healthcheck",
             Self::Datapath => "datapath",
+            Self::Reconcile => "reconcile",
         }
     }
 }
