@@ -3,6 +3,7 @@
 //! The folder layout is the architecture:
 //! - [`datapath`]: the eBPF cgroup programs, embedded in this binary, and their loader.
 //! - [`source`]: where the node's meshed pods come from (a directory of pod manifests).
+//! - [`discovery`]: finds a Kubernetes pod's network namespace from the host's `/proc`.
 //! - [`reconcile`]: turns the wanted set of pods into per-pod listeners, retrying the ones that fail.
 //! - [`healthcheck`]: the HTTP-to-TCP healthcheck served inside each pod's network namespace.
 //! - [`admin`]: liveness, readiness and Prometheus metrics in the host network namespace.
@@ -12,6 +13,7 @@
 pub mod admin;
 pub mod cli;
 pub mod datapath;
+pub mod discovery;
 pub mod exclusions;
 pub mod healthcheck;
 pub mod metrics;

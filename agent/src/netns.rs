@@ -98,12 +98,24 @@ impl Eq for Netns {}
 pub enum NetnsError {
     #[error("cannot open network namespace {path}: {source}")]
     Open { path: PathBuf, source: io::Error },
-    #[error("{path} is not a network namespace (setns: {source})")]
+    #[error("cannot enter network namespace {path}: {}", enter_failure(*.source))]
     Enter { path: PathBuf, source: nix::Error },
     #[error("in network namespace {path}: {source}")]
     Op { path: PathBuf, source: io::Error },
     #[error("the netns worker thread is gone")]
     WorkerGone,
+}
+
+/// What a failed `setns` says about the agent or the file.
+fn enter_failure(errno: nix::Error) -> String {
+    match errno {
+        nix::Error::EPERM => {
+            "setns: EPERM: the agent lacks CAP_SYS_ADMIN, which entering a namespace needs"
+                .to_owned()
+        }
+        nix::Error::EINVAL => "not a network namespace (setns: EINVAL)".to_owned(),
+        errno => format!("setns: {errno}"),
+    }
 }
 
 impl Netns {
@@ -226,5 +238,27 @@ impl NetnsWorker {
         });
         self.jobs.send(job).map_err(|_| NetnsError::WorkerGone)?;
         Ok(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enter_error_names_the_missing_capability_on_eperm() {
+        let enter = |source| NetnsError::Enter {
+            path: PathBuf::from("/host/proc/42/ns/net"),
+            source,
+        };
+        let denied = enter(nix::Error::EPERM).to_string();
+        assert!(denied.contains("CAP_SYS_ADMIN"), "{denied}");
+        assert!(denied.contains("/host/proc/42/ns/net"), "{denied}");
+        assert!(!denied.contains("not a network namespace"), "{denied}");
+        let wrong_file = enter(nix::Error::EINVAL).to_string();
+        assert!(
+            wrong_file.contains("not a network namespace"),
+            "{wrong_file}"
+        );
     }
 }
