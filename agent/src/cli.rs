@@ -13,6 +13,7 @@ use crate::{
         DEFAULT_ADMIN_ADDR, DEFAULT_PROBE_PORTS, HEALTHCHECK_PORT, PROXY_INBOUND_PORT,
         PROXY_OUTBOUND_PORT, PROXY_UID,
     },
+    source::kube::{LabelMatch, MeshSelector, mesh::DEFAULT_MESH_LABELS},
 };
 
 /// Lets kubelet health probes past a service mesh's sidecar, for every meshed pod on the node.
@@ -40,6 +41,137 @@ pub struct UninstallArgs {
     pub pin_path: PathBuf,
 }
 
+/// Where the node's pods come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PodSource {
+    /// Watch this node's pods on the Kubernetes API server.
+    Kube,
+    /// Read Pod manifests from a directory (`--pod-manifests`).
+    Manifests,
+}
+
+/// Which pods the agent serves, and where it learns of them.
+#[derive(Clone, Debug, Args)]
+pub struct PodSourceArgs {
+    /// Where the node's pods come from. Default: `kube` in a pod (KUBERNETES_SERVICE_HOST is set),
+    /// else `manifests`. `kube` finds the API server through the kubeconfig (KUBECONFIG or
+    /// ~/.kube/config) or, when there is none, the pod's service account.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "SOURCE",
+        env = "PROBE_BYPASS_POD_SOURCE"
+    )]
+    pub pod_source: Option<PodSource>,
+
+    /// With `--pod-source manifests`: directory of Pod manifests (YAML or JSON), one pod per
+    /// file, each with `status.podIP` and the annotation `probe-bypass/netns` (a name under
+    /// /run/netns or an absolute path). Files added, changed and removed while the agent runs are
+    /// picked up.
+    #[arg(long, value_name = "DIR", env = "PROBE_BYPASS_POD_MANIFESTS")]
+    pub pod_manifests: Option<PathBuf>,
+
+    /// With `--pod-source kube`: this node's name, as in its pods' `spec.nodeName`. In a
+    /// DaemonSet, set NODE_NAME from the downward API (fieldRef `spec.nodeName`).
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// With `--pod-source kube`: the host's /proc, where a pod's network namespace is found from
+    /// its UID and IP. An agent in a container gets it as a mount of the host's /proc (for
+    /// example at /host/proc).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/proc",
+        env = "PROBE_BYPASS_PROC_ROOT"
+    )]
+    pub proc_root: PathBuf,
+
+    /// With `--pod-source kube`: a label that marks a pod as meshed, `KEY` (any value) or
+    /// `KEY=VALUE`. Repeat the flag or separate labels with commas; giving it replaces the
+    /// default, the labels FSM's and OSM's injectors put on every pod they inject.
+    #[arg(long = "mesh-label", value_name = "KEY[=VALUE]", value_delimiter = ',',
+          default_value = DEFAULT_MESH_LABELS, env = "PROBE_BYPASS_MESH_LABELS")]
+    pub mesh_labels: Vec<LabelMatch>,
+
+    /// With `--pod-source kube`: the name of the mesh's sidecar container (FSM's is `sidecar`,
+    /// OSM's `envoy`), which then marks a pod as meshed too. Repeat the flag or separate names
+    /// with commas. None by default: an application may have a container of that name without
+    /// a mesh, and redirecting a pod that has no proxy would cut it off. hostNetwork pods are
+    /// never served, whatever marks them.
+    #[arg(
+        long = "mesh-sidecar-name",
+        value_name = "NAME",
+        value_delimiter = ',',
+        env = "PROBE_BYPASS_MESH_SIDECAR_NAMES"
+    )]
+    pub mesh_sidecar_names: Vec<String>,
+}
+
+/// The pod source to run, with what it needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SelectedSource {
+    Manifests { dir: PathBuf },
+    Kube { node_name: String },
+}
+
+/// A pod source without what it needs.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PodSourceError {
+    #[error(
+        "the pod source is manifests ({why}), which needs --pod-manifests DIR (or \
+         PROBE_BYPASS_POD_MANIFESTS)"
+    )]
+    NoManifestsDir { why: &'static str },
+    #[error(
+        "the pod source is kube ({why}), which needs --node-name NAME (or NODE_NAME, which a \
+         DaemonSet sets from the downward API's spec.nodeName)"
+    )]
+    NoNodeName { why: &'static str },
+}
+
+impl PodSourceArgs {
+    /// The source `--pod-source` names, or the default for where the agent runs.
+    pub fn select(&self) -> Result<SelectedSource, PodSourceError> {
+        self.select_in(std::env::var_os("KUBERNETES_SERVICE_HOST").is_some())
+    }
+
+    fn select_in(&self, in_a_pod: bool) -> Result<SelectedSource, PodSourceError> {
+        let (source, why) = match self.pod_source {
+            Some(PodSource::Kube) => (PodSource::Kube, "--pod-source kube"),
+            Some(PodSource::Manifests) => (PodSource::Manifests, "--pod-source manifests"),
+            None if in_a_pod => (
+                PodSource::Kube,
+                "the default in a pod: KUBERNETES_SERVICE_HOST is set",
+            ),
+            None => (
+                PodSource::Manifests,
+                "the default outside a cluster: KUBERNETES_SERVICE_HOST is not set",
+            ),
+        };
+        match source {
+            PodSource::Manifests => match &self.pod_manifests {
+                Some(dir) => Ok(SelectedSource::Manifests { dir: dir.clone() }),
+                None => Err(PodSourceError::NoManifestsDir { why }),
+            },
+            PodSource::Kube => match self.node_name.as_deref().map(str::trim) {
+                Some(name) if !name.is_empty() => Ok(SelectedSource::Kube {
+                    node_name: name.to_owned(),
+                }),
+                _ => Err(PodSourceError::NoNodeName { why }),
+            },
+        }
+    }
+
+    /// Which pods are meshed, for `--pod-source kube`.
+    pub fn mesh(&self) -> MeshSelector {
+        MeshSelector {
+            labels: self.mesh_labels.clone(),
+            sidecar_names: self.mesh_sidecar_names.clone(),
+        }
+    }
+}
+
 /// Which datapath the agent runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DatapathMode {
@@ -61,11 +193,8 @@ pub enum ProbeBypassFrom {
 
 #[derive(Clone, Debug, Args)]
 pub struct RunArgs {
-    /// Directory of Pod manifests (YAML or JSON), one pod per file, each with `status.podIP` and
-    /// the annotation `probe-bypass/netns` (a name under /run/netns or an absolute path).
-    /// Files added, changed and removed while the agent runs are picked up.
-    #[arg(long, value_name = "DIR", env = "PROBE_BYPASS_POD_MANIFESTS")]
-    pub pod_manifests: PathBuf,
+    #[command(flatten)]
+    pub pods: PodSourceArgs,
 
     /// Address of the admin endpoints (/health/alive, /health/ready, /metrics), in the host network
     /// namespace.
@@ -116,48 +245,58 @@ pub struct DatapathArgs {
     pub pin_path: PathBuf,
 
     /// UID of the sidecar proxy: its own connections are not sent back to it.
-    #[arg(long, value_name = "UID", default_value_t = PROXY_UID)]
+    #[arg(long, value_name = "UID", default_value_t = PROXY_UID,
+          env = "PROBE_BYPASS_PROXY_UID")]
     pub proxy_uid: u32,
 
     /// The proxy's inbound port: where connections to a meshed pod are sent.
     #[arg(long, value_name = "PORT", default_value_t = PROXY_INBOUND_PORT,
-          value_parser = clap::value_parser!(u16).range(1..))]
+          value_parser = clap::value_parser!(u16).range(1..),
+          env = "PROBE_BYPASS_PROXY_INBOUND_PORT")]
     pub proxy_inbound_port: u16,
 
     /// The proxy's outbound port: where a meshed pod's own connections are sent.
     #[arg(long, value_name = "PORT", default_value_t = PROXY_OUTBOUND_PORT,
-          value_parser = clap::value_parser!(u16).range(1..))]
+          value_parser = clap::value_parser!(u16).range(1..),
+          env = "PROBE_BYPASS_PROXY_OUTBOUND_PORT")]
     pub proxy_outbound_port: u16,
 
     /// Ports of a meshed pod that the kubelet reaches without the proxy: the probe ports, the
     /// healthcheck and the proxy's metrics port.
-    #[arg(long, value_name = "PORTS", default_value = DEFAULT_PROBE_PORTS, value_parser = parse_port_list)]
+    #[arg(long, value_name = "PORTS", default_value = DEFAULT_PROBE_PORTS,
+          value_parser = parse_port_list, env = "PROBE_BYPASS_PROBE_PORTS")]
     pub probe_ports: BTreeSet<u16>,
 
     /// `host`: only the host network namespace (the kubelet) gets past the proxy on the probe
     /// ports. `any`: every caller does, as under the mesh's iptables rules.
-    #[arg(long, value_enum, default_value_t = ProbeBypassFrom::Host)]
+    #[arg(long, value_enum, default_value_t = ProbeBypassFrom::Host,
+          env = "PROBE_BYPASS_PROBE_BYPASS_FROM")]
     pub probe_bypass_from: ProbeBypassFrom,
 
     /// Short-circuit connections between sockets on this node with sk_msg (`--sk-msg=false` to
     /// turn it off).
-    #[arg(long, value_name = "BOOL", default_value_t = true, action = ArgAction::Set)]
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = ArgAction::Set,
+          env = "PROBE_BYPASS_SK_MSG")]
     pub sk_msg: bool,
 
     /// Inbound ports that skip the proxy on every meshed pod.
-    #[arg(long, value_name = "PORTS", default_value = "", value_parser = parse_port_list)]
+    #[arg(long, value_name = "PORTS", default_value = "", value_parser = parse_port_list,
+          env = "PROBE_BYPASS_INBOUND_PORT_EXCLUSION_LIST")]
     pub inbound_port_exclusion_list: BTreeSet<u16>,
 
     /// Outbound ports that skip the proxy on every meshed pod.
-    #[arg(long, value_name = "PORTS", default_value = "", value_parser = parse_port_list)]
+    #[arg(long, value_name = "PORTS", default_value = "", value_parser = parse_port_list,
+          env = "PROBE_BYPASS_OUTBOUND_PORT_EXCLUSION_LIST")]
     pub outbound_port_exclusion_list: BTreeSet<u16>,
 
     /// Outbound destinations (CIDRs) that skip the proxy on every meshed pod.
-    #[arg(long, value_name = "CIDRS", default_value = "", value_parser = parse_cidr_list)]
+    #[arg(long, value_name = "CIDRS", default_value = "", value_parser = parse_cidr_list,
+          env = "PROBE_BYPASS_OUTBOUND_IP_RANGE_EXCLUSION_LIST")]
     pub outbound_ip_range_exclusion_list: BTreeSet<IpNet>,
 
     /// When set, the only outbound destinations (CIDRs) that go through the proxy, on every pod.
-    #[arg(long, value_name = "CIDRS", default_value = "", value_parser = parse_cidr_list)]
+    #[arg(long, value_name = "CIDRS", default_value = "", value_parser = parse_cidr_list,
+          env = "PROBE_BYPASS_OUTBOUND_IP_RANGE_INCLUSION_LIST")]
     pub outbound_ip_range_inclusion_list: BTreeSet<IpNet>,
 }
 
@@ -253,5 +392,85 @@ mod tests {
                 .expect("valid"),
             (TcpTarget::Either, Duration::from_millis(250))
         );
+    }
+
+    fn parse_only(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let argv = ["probe-bypass", "run"].iter().chain(args);
+        Cli::try_parse_from(argv).map(|cli| match cli.command {
+            Command::Run(args) => *args,
+            Command::Uninstall(_) => panic!("parsed as uninstall"),
+        })
+    }
+
+    #[test]
+    fn pod_source_defaults_to_kube_in_a_pod_and_to_manifests_elsewhere() {
+        let args = parse_only(&["--node-name", "node-a"]).expect("valid");
+        assert_eq!(
+            args.pods.select_in(true),
+            Ok(SelectedSource::Kube {
+                node_name: "node-a".into()
+            })
+        );
+        let error = args.pods.select_in(false).expect_err("no manifests dir");
+        assert_eq!(
+            error.to_string(),
+            "the pod source is manifests (the default outside a cluster: KUBERNETES_SERVICE_HOST \
+             is not set), which needs --pod-manifests DIR (or PROBE_BYPASS_POD_MANIFESTS)"
+        );
+        let args = parse(&[]).expect("valid");
+        assert_eq!(
+            args.pods.select_in(false),
+            Ok(SelectedSource::Manifests {
+                dir: "/pods".into()
+            })
+        );
+        assert!(matches!(
+            args.pods.select_in(true),
+            Err(PodSourceError::NoNodeName { .. })
+        ));
+    }
+
+    #[test]
+    fn kube_source_needs_a_node_name() {
+        let args = parse_only(&["--pod-source", "kube"]).expect("valid");
+        let error = args.pods.select_in(false).expect_err("no node name");
+        assert!(
+            error.to_string().starts_with(
+                "the pod source is kube (--pod-source kube), which needs --node-name NAME"
+            ),
+            "{error}"
+        );
+        let args = parse_only(&["--pod-source", "kube", "--node-name", " "]).expect("valid");
+        assert!(args.pods.select_in(true).is_err());
+        assert!(parse_only(&["--pod-source", "apiserver"]).is_err());
+    }
+
+    #[test]
+    fn meshed_pods_are_the_injected_ones_unless_told_otherwise() {
+        let args = parse(&[]).expect("valid");
+        assert_eq!(args.pods.mesh(), MeshSelector::default());
+        assert_eq!(args.pods.proc_root, PathBuf::from("/proc"));
+        let labels = |args: &RunArgs| -> Vec<String> {
+            args.pods
+                .mesh_labels
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(labels(&args), ["fsm-proxy-uuid", "osm-proxy-uuid"]);
+        let args = parse(&[
+            "--mesh-label",
+            "mesh=blue,team",
+            "--mesh-label",
+            "injected=true",
+            "--mesh-sidecar-name",
+            "sidecar",
+            "--mesh-sidecar-name",
+            "envoy",
+        ])
+        .expect("valid");
+        assert_eq!(labels(&args), ["mesh=blue", "team", "injected=true"]);
+        assert_eq!(args.pods.mesh().sidecar_names, ["sidecar", "envoy"]);
+        assert!(parse(&["--mesh-label", "=x"]).is_err());
     }
 }

@@ -32,7 +32,7 @@ use nix::{
         statfs::{
             BPF_FS_MAGIC, BTRFS_SUPER_MAGIC, CGROUP_SUPER_MAGIC, CGROUP2_SUPER_MAGIC,
             EXT4_SUPER_MAGIC, FsType, OVERLAYFS_SUPER_MAGIC, PROC_SUPER_MAGIC, SYSFS_MAGIC,
-            TMPFS_MAGIC, XFS_SUPER_MAGIC, statfs,
+            TMPFS_MAGIC, statfs,
         },
         utsname::uname,
     },
@@ -140,14 +140,16 @@ impl Capability {
 }
 
 /// Something the agent does that needs privilege: any one of `any_of` allows it.
-struct Need {
-    any_of: &'static [Capability],
-    for_what: &'static str,
+#[derive(Clone, Copy, Debug)]
+pub struct Need {
+    pub any_of: &'static [Capability],
+    pub for_what: &'static str,
 }
 
 /// What the agent needs, in the order a missing one is reported. The kernel accepts
 /// `CAP_SYS_ADMIN` in place of `CAP_BPF` (it did before `CAP_BPF` existed, and still does).
-const NEEDS: [Need; 3] = [
+/// Public so that a deployment's grant can be checked against it (`tests/deploy.rs`).
+pub const NEEDS: [Need; 3] = [
     Need {
         any_of: &[CAP_SYS_ADMIN],
         for_what: "to enter pods' network namespaces (setns) and to mount bpffs",
@@ -300,6 +302,10 @@ fn directory_fs_type(path: &Path) -> Result<FsType, String> {
         .map(|stat| stat.filesystem_type())
         .map_err(|e| format!("statfs: {e}"))
 }
+
+/// XFS's magic number: nix leaves it out on musl, whose libc lacks it, and the agent's image is
+/// built for musl.
+const XFS_SUPER_MAGIC: FsType = FsType(0x5846_5342);
 
 /// A readable name for the filesystem types an operator is likely to meet, else the magic number.
 fn fs_type_name(fs_type: FsType) -> String {

@@ -3,6 +3,7 @@
 use std::{
     io,
     net::SocketAddr,
+    pin::pin,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -12,7 +13,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin::{self, Admin},
-    cli::{DatapathArgs, DatapathMode, ProbeBypassFrom, RunArgs},
+    cli::{DatapathArgs, DatapathMode, PodSourceError, ProbeBypassFrom, RunArgs, SelectedSource},
     datapath::{self, Datapath, DatapathError},
     exclusions::Exclusions,
     healthcheck::{Context, Settings},
@@ -21,7 +22,10 @@ use crate::{
     preflight::{self, PreflightFailed},
     reconcile::{NodeStatus, Reconciler, SharedDatapath},
     signal,
-    source::manifests::{self, SourceError},
+    source::{
+        kube::{self, ProcLookup},
+        manifests::{self, SourceError},
+    },
 };
 
 /// How long probes in flight may take to finish after SIGTERM; the agent exits within 5 s.
@@ -32,7 +36,13 @@ pub enum RunError {
     #[error("cannot listen on the admin address {addr}: {source}")]
     AdminBind { addr: SocketAddr, source: io::Error },
     #[error(transparent)]
+    PodSource(#[from] PodSourceError),
+    #[error(transparent)]
     Source(#[from] SourceError),
+    #[error(transparent)]
+    Kube(#[from] kube::SourceError),
+    #[error("the Kubernetes pod source stopped before it listed this node's pods")]
+    KubeSourceStopped,
     #[error("cannot enter network namespaces (the agent needs CAP_SYS_ADMIN; run it as root): {0}")]
     Netns(#[from] NetnsError),
     #[error("cannot install the SIGTERM/SIGINT handler: {0}")]
@@ -93,6 +103,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         "probe-bypass {} starting with {args:?}",
         env!("CARGO_PKG_VERSION")
     );
+    let source = args.pods.select()?;
     let worker = NetnsWorker::spawn()?;
     let admin_listener =
         TcpListener::bind(args.admin_addr)
@@ -101,14 +112,55 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 addr: args.admin_addr,
                 source,
             })?;
-    let pods = manifests::watch(&args.pod_manifests)?;
-    let shutdown = signal::shutdown_requested();
-    let datapath = install_datapath(&args.datapath)?;
     let mut metrics = Metrics::default();
+    let (mut pods, listing) = match source {
+        SelectedSource::Manifests { dir } => (manifests::watch(&dir)?, false),
+        SelectedSource::Kube { node_name } => {
+            let client = kube::client().await?;
+            let lookup = Arc::new(ProcLookup::new(args.pods.proc_root.clone(), worker.clone()));
+            let settings = kube::Settings {
+                node_name,
+                mesh: args.pods.mesh(),
+            };
+            log::info!(
+                "watching the pods of node {}; meshed: {}",
+                settings.node_name,
+                settings.mesh
+            );
+            let pods = kube::watch(client, settings, lookup, metrics.register_kube());
+            (pods, true)
+        }
+    };
+    let mut shutdown = pin!(signal::shutdown_requested());
+    let datapath = install_datapath(&args.datapath)?;
     if let Some(datapath) = &datapath {
         metrics.register_datapath(Arc::clone(datapath));
     }
     let metrics = Arc::new(metrics);
+    let stop = CancellationToken::new();
+    let (status_tx, status) = watch::channel(NodeStatus::default());
+    tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::new(Admin {
+            metrics: Arc::clone(&metrics),
+            status,
+        }),
+        stop.clone(),
+    ));
+    log::info!("admin endpoints on http://{}", args.admin_addr);
+    if listing {
+        // Until the first list is in, the pods an earlier agent left in the datapath would look
+        // gone; the agent stays not ready meanwhile, and may be stopped.
+        tokio::select! {
+            listed = pods.changed() => listed.map_err(|_| RunError::KubeSourceStopped)?,
+            signal = &mut shutdown => {
+                let signal = signal.map_err(RunError::Signal)?;
+                log::info!("{signal} before the first list of this node's pods: stopping");
+                stop.cancel();
+                return Ok(());
+            }
+        }
+    }
     let ctx = Arc::new(Context {
         settings: Settings {
             port: args.healthcheck_port,
@@ -121,17 +173,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         worker,
         tracker: TaskTracker::new(),
     });
-    let stop = CancellationToken::new();
-    let (status_tx, status) = watch::channel(NodeStatus::default());
     let reconciler = tokio::spawn(
         Reconciler::new(Arc::clone(&ctx), datapath, status_tx).run(pods, stop.clone()),
     );
-    tokio::spawn(admin::serve(
-        admin_listener,
-        Arc::new(Admin { metrics, status }),
-        stop.clone(),
-    ));
-    log::info!("admin endpoints on http://{}", args.admin_addr);
 
     let signal = shutdown.await.map_err(RunError::Signal)?;
     log::info!("{signal}: closing listeners; letting probes in flight finish");

@@ -1,0 +1,976 @@
+//! The node's pods as the watch reports them, and which of them are served.
+//!
+//! Every pod on the node has an entry, meshed or not, so that what is logged about a pod is logged
+//! when its state changes, not on every event. A meshed pod keeps only the fields
+//! [`Pod::from_k8s`] reads; the rest of the object (managed fields, environment, volumes, status
+//! conditions) is dropped as it arrives, so a node's pods take little memory.
+//!
+//! A meshed pod is published once it has an IP and its network namespace is known. The namespace
+//! is looked up by UID and IP, again whenever the IP changes or the namespace file disappears;
+//! failures are retried with backoff, one pod at a time.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+    time::Duration,
+};
+
+use k8s_openapi::{
+    api::core::v1::{Container, Pod as K8sPod, PodSpec, PodStatus},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::runtime::watcher::Event;
+use tokio::time::Instant;
+
+use super::{NetnsQuery, mesh::MeshSelector};
+use crate::{
+    exclusions,
+    metrics::KubeMetrics,
+    pod::{NetnsRef, Pod, PodKey},
+    source::PodSet,
+};
+
+/// First retry of a namespace lookup that failed; doubled on each failure up to [`MAX_RETRY`].
+/// The CNI plugin sets the pod's IP up inside its namespace before the kubelet reports the IP, so
+/// a lookup usually succeeds at once; when it does not, the pod is probably just being set up.
+const FIRST_RETRY: Duration = Duration::from_millis(200);
+const MAX_RETRY: Duration = Duration::from_secs(10);
+
+/// Phases after which no container runs again, so no probe comes.
+const FINISHED_PHASES: [&str; 2] = ["Succeeded", "Failed"];
+
+/// The node's pods, from the watch's events.
+pub struct NodePods {
+    node: String,
+    mesh: MeshSelector,
+    metrics: KubeMetrics,
+    /// The annotations a served pod keeps: the mesh's exclusion lists.
+    exclusion_keys: BTreeSet<String>,
+    pods: BTreeMap<PodKey, Entry>,
+    /// The pods of a relist in progress, applied all at once when it completes.
+    relist: Option<Vec<Observed>>,
+}
+
+struct Entry {
+    uid: String,
+    state: State,
+}
+
+enum State {
+    Ignored(Ignored),
+    Meshed(Box<Meshed>),
+}
+
+/// Why a pod on the node is not served.
+#[derive(Debug, PartialEq, Eq)]
+enum Ignored {
+    NotMeshed,
+    HostNetwork { marker: String },
+    Finished { phase: String },
+    OtherNode { node: String },
+}
+
+struct Meshed {
+    /// The fields [`Pod::from_k8s`] reads, nothing else.
+    pod: K8sPod,
+    ip: PodIp,
+    netns: Netns,
+    /// What is published: set once the IP and the namespace are known.
+    served: Option<Arc<Pod>>,
+    /// The problem last logged for this pod, so that it is logged once.
+    problem: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum PodIp {
+    Missing,
+    Invalid(String),
+    Known(IpAddr),
+}
+
+enum Netns {
+    Unknown {
+        attempts: u32,
+        retry_at: Instant,
+        error: Option<String>,
+    },
+    Known(NetnsRef),
+}
+
+impl Netns {
+    fn unknown(now: Instant) -> Self {
+        Self::Unknown {
+            attempts: 0,
+            retry_at: now,
+            error: None,
+        }
+    }
+}
+
+/// One pod of an event, classified.
+struct Observed {
+    key: PodKey,
+    uid: String,
+    verdict: Verdict,
+}
+
+enum Verdict {
+    Ignored(Ignored),
+    Meshed { pod: Box<K8sPod>, marker: String },
+}
+
+impl NodePods {
+    pub fn new(node: String, mesh: MeshSelector, metrics: KubeMetrics) -> Self {
+        Self {
+            node,
+            mesh,
+            metrics,
+            exclusion_keys: exclusions::annotation_keys().collect(),
+            pods: BTreeMap::new(),
+            relist: None,
+        }
+    }
+
+    /// Applies one event of the watch. A relist (`Init`, `InitApply`…, `InitDone`) takes effect
+    /// whole at `InitDone`: until then the pods known before stay as they were.
+    pub fn handle(&mut self, event: Event<K8sPod>, now: Instant) {
+        match event {
+            Event::Apply(pod) => {
+                if let Some(observed) = self.observe(pod) {
+                    self.apply(observed, now);
+                }
+            }
+            Event::Delete(pod) => {
+                if let Some((key, uid)) = identity(&pod) {
+                    self.delete(&key, &uid);
+                }
+            }
+            Event::Init => self.relist = Some(Vec::new()),
+            Event::InitApply(pod) => {
+                if let Some(observed) = self.observe(pod) {
+                    match &mut self.relist {
+                        Some(listed) => listed.push(observed),
+                        None => self.apply(observed, now),
+                    }
+                }
+            }
+            Event::InitDone => {
+                let listed = self.relist.take().unwrap_or_default();
+                self.replace_all(listed, now);
+            }
+        }
+    }
+
+    /// The pods to publish: meshed, with an IP and a known network namespace.
+    pub fn pod_set(&self) -> PodSet {
+        self.meshed()
+            .filter_map(|(key, meshed)| Some((key.clone(), Arc::clone(meshed.served.as_ref()?))))
+            .collect()
+    }
+
+    /// Meshed pods not served yet: (waiting for an IP, waiting for their network namespace).
+    pub fn pending(&self) -> (usize, usize) {
+        let mut no_ip = 0;
+        let mut no_netns = 0;
+        for (_, meshed) in self.meshed() {
+            match (&meshed.ip, &meshed.netns, &meshed.served) {
+                (PodIp::Missing, _, _) => no_ip += 1,
+                (PodIp::Known(_), Netns::Unknown { .. }, None) => no_netns += 1,
+                _ => {}
+            }
+        }
+        (no_ip, no_netns)
+    }
+
+    /// The pods whose network namespace is to be looked up now.
+    pub fn due_lookups(&self, now: Instant) -> Vec<(PodKey, NetnsQuery)> {
+        self.pods
+            .iter()
+            .filter_map(|(key, entry)| {
+                let State::Meshed(meshed) = &entry.state else {
+                    return None;
+                };
+                match (&meshed.ip, &meshed.netns) {
+                    (PodIp::Known(ip), Netns::Unknown { retry_at, .. }) if *retry_at <= now => {
+                        let query = NetnsQuery {
+                            uid: entry.uid.clone(),
+                            ip: *ip,
+                        };
+                        Some((key.clone(), query))
+                    }
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    /// When the next lookup is due, if any pod waits for one.
+    pub fn next_lookup(&self) -> Option<Instant> {
+        self.meshed()
+            .filter_map(|(_, meshed)| match (&meshed.ip, &meshed.netns) {
+                (PodIp::Known(_), Netns::Unknown { retry_at, .. }) => Some(*retry_at),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Takes the answer of a lookup of `query`, made for `key`. An answer for a pod that has
+    /// changed since (deleted, replaced, a new IP) is dropped.
+    pub fn looked_up(
+        &mut self,
+        key: &PodKey,
+        query: &NetnsQuery,
+        answer: Result<NetnsRef, String>,
+        now: Instant,
+    ) {
+        let Some(entry) = self.pods.get_mut(key) else {
+            return;
+        };
+        let State::Meshed(meshed) = &mut entry.state else {
+            return;
+        };
+        if entry.uid != query.uid || meshed.ip != PodIp::Known(query.ip) {
+            return;
+        }
+        let Netns::Unknown {
+            attempts, error, ..
+        } = &meshed.netns
+        else {
+            return;
+        };
+        match answer {
+            Ok(netns) => {
+                if *attempts > 0 {
+                    log::info!(
+                        "pod {key}: network namespace {netns} found after {attempts} failed lookups"
+                    );
+                } else {
+                    log::debug!("pod {key}: network namespace {netns}");
+                }
+                meshed.netns = Netns::Known(netns);
+                meshed.refresh(key, &self.metrics);
+            }
+            Err(reason) => {
+                self.metrics.netns_lookup_failures.inc();
+                let attempts = attempts.saturating_add(1);
+                let backoff = retry_after(attempts);
+                if error.as_ref() == Some(&reason) {
+                    log::debug!(
+                        "pod {key} ({}): network namespace still not found: {reason}; next try in {backoff:?}",
+                        query.ip
+                    );
+                } else {
+                    log::warn!(
+                        "pod {key} ({}): network namespace not found: {reason}; retrying (other pods are not held up)",
+                        query.ip
+                    );
+                }
+                meshed.netns = Netns::Unknown {
+                    attempts,
+                    retry_at: now + backoff,
+                    error: Some(reason),
+                };
+            }
+        }
+    }
+
+    /// Looks the namespace up again for every pod whose namespace file is gone (the process that
+    /// named it exited). The pod stays published with the old one until the new one is found.
+    pub fn revalidate(&mut self, now: Instant) {
+        for (key, entry) in &mut self.pods {
+            let State::Meshed(meshed) = &mut entry.state else {
+                continue;
+            };
+            if let Netns::Known(netns) = &meshed.netns
+                && !netns.path().exists()
+            {
+                log::info!("pod {key}: its network namespace file {netns} is gone; looking again");
+                meshed.netns = Netns::unknown(now);
+            }
+        }
+    }
+
+    fn meshed(&self) -> impl Iterator<Item = (&PodKey, &Meshed)> {
+        self.pods
+            .iter()
+            .filter_map(|(key, entry)| match &entry.state {
+                State::Meshed(meshed) => Some((key, &**meshed)),
+                State::Ignored(_) => None,
+            })
+    }
+
+    /// Classifies a pod of an event, keeping only what the agent uses of it.
+    fn observe(&self, pod: K8sPod) -> Option<Observed> {
+        let Some((key, uid)) = identity(&pod) else {
+            log::warn!("a pod without metadata.name in the watch; ignored");
+            return None;
+        };
+        let spec = pod.spec.as_ref();
+        let node = spec.and_then(|s| s.node_name.as_deref()).unwrap_or("");
+        let phase = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .unwrap_or("");
+        let verdict = if node != self.node {
+            Verdict::Ignored(Ignored::OtherNode {
+                node: node.to_owned(),
+            })
+        } else if FINISHED_PHASES.contains(&phase) {
+            Verdict::Ignored(Ignored::Finished {
+                phase: phase.to_owned(),
+            })
+        } else {
+            match self.mesh.marker(&pod) {
+                None => Verdict::Ignored(Ignored::NotMeshed),
+                Some(marker) if spec.and_then(|s| s.host_network) == Some(true) => {
+                    Verdict::Ignored(Ignored::HostNetwork { marker })
+                }
+                Some(marker) => Verdict::Meshed {
+                    pod: Box::new(trim(pod, &self.exclusion_keys)),
+                    marker,
+                },
+            }
+        };
+        Some(Observed { key, uid, verdict })
+    }
+
+    fn apply(&mut self, observed: Observed, now: Instant) {
+        let Observed { key, uid, verdict } = observed;
+        let old = self.pods.remove(&key).filter(|entry| entry.uid == uid);
+        let state = match (old.map(|entry| entry.state), verdict) {
+            (Some(State::Meshed(mut meshed)), Verdict::Meshed { pod, .. }) => {
+                meshed.update(&key, *pod, now, &self.metrics);
+                State::Meshed(meshed)
+            }
+            (_, Verdict::Meshed { pod, marker }) => {
+                log::debug!("pod {key} is meshed ({marker})");
+                let mut meshed = Meshed {
+                    ip: pod_ip(&pod),
+                    pod: *pod,
+                    netns: Netns::unknown(now),
+                    served: None,
+                    problem: None,
+                };
+                meshed.refresh(&key, &self.metrics);
+                State::Meshed(Box::new(meshed))
+            }
+            (old, Verdict::Ignored(why)) => {
+                self.log_ignored(&key, old.as_ref(), &why);
+                State::Ignored(why)
+            }
+        };
+        self.pods.insert(key, Entry { uid, state });
+    }
+
+    fn log_ignored(&self, key: &PodKey, old: Option<&State>, why: &Ignored) {
+        let was_served = matches!(old, Some(State::Meshed(_)));
+        if let Some(State::Ignored(old)) = old
+            && old == why
+        {
+            return;
+        }
+        match why {
+            Ignored::HostNetwork { marker } => log::info!(
+                "pod {key} has the mesh's {marker} but uses the host's network: not served, as \
+                 the agent never redirects or listens in the host's network namespace"
+            ),
+            Ignored::OtherNode { node } => log::warn!(
+                "pod {key} is on node {node:?}, not {:?}: ignored",
+                self.node
+            ),
+            Ignored::Finished { phase } if was_served => {
+                log::info!("pod {key} has finished ({phase}): no longer served");
+            }
+            Ignored::NotMeshed if was_served => {
+                log::info!("pod {key} is no longer marked as meshed: no longer served");
+            }
+            Ignored::Finished { .. } | Ignored::NotMeshed => {}
+        }
+    }
+
+    /// Forgets a deleted pod; a delete of an earlier pod of the same name changes nothing.
+    fn delete(&mut self, key: &PodKey, uid: &str) {
+        if self.pods.get(key).is_some_and(|entry| entry.uid == uid) {
+            self.pods.remove(key);
+            log::debug!("pod {key} deleted");
+        }
+    }
+
+    /// Makes the listed pods the node's pods: the ones missing from the list are gone.
+    fn replace_all(&mut self, listed: Vec<Observed>, now: Instant) {
+        let keys: BTreeSet<&PodKey> = listed.iter().map(|observed| &observed.key).collect();
+        let gone: Vec<PodKey> = self
+            .pods
+            .keys()
+            .filter(|key| !keys.contains(key))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(Entry {
+                state: State::Meshed(_),
+                ..
+            }) = self.pods.remove(&key)
+            {
+                log::info!("pod {key} is gone (missing from a new list of the node's pods)");
+            }
+        }
+        for observed in listed {
+            self.apply(observed, now);
+        }
+    }
+}
+
+impl Meshed {
+    /// Takes a new version of the pod; a new IP means a new namespace lookup.
+    fn update(&mut self, key: &PodKey, pod: K8sPod, now: Instant, metrics: &KubeMetrics) {
+        if pod == self.pod {
+            return;
+        }
+        let ip = pod_ip(&pod);
+        self.pod = pod;
+        self.problem = None;
+        if ip != self.ip {
+            if let (PodIp::Known(old), PodIp::Known(new)) = (&self.ip, &ip) {
+                log::info!("pod {key}: IP changed from {old} to {new}; looking up its namespace");
+            }
+            self.ip = ip;
+            self.netns = Netns::unknown(now);
+            self.served = None;
+        }
+        self.refresh(key, metrics);
+    }
+
+    /// Rebuilds what is served from the pod, once its IP and namespace are known.
+    fn refresh(&mut self, key: &PodKey, metrics: &KubeMetrics) {
+        match &self.ip {
+            PodIp::Missing => {
+                self.served = None;
+                return;
+            }
+            PodIp::Invalid(value) => {
+                self.served = None;
+                let problem = format!("status.podIP {value:?} is not an IP address");
+                self.report(key, problem, metrics);
+                return;
+            }
+            PodIp::Known(_) => {}
+        }
+        let Netns::Known(netns) = &self.netns else {
+            return;
+        };
+        match Pod::from_k8s(&self.pod, netns.clone()) {
+            Ok(parsed) => {
+                let pod = Arc::new(parsed.pod);
+                if self.served.as_ref() != Some(&pod) {
+                    for warning in parsed.warnings {
+                        log::warn!("pod {key}: {warning}");
+                    }
+                }
+                self.problem = None;
+                self.served = Some(pod);
+            }
+            Err(error) => {
+                self.served = None;
+                self.report(key, error.to_string(), metrics);
+            }
+        }
+    }
+
+    fn report(&mut self, key: &PodKey, problem: String, metrics: &KubeMetrics) {
+        if self.problem.as_ref() != Some(&problem) {
+            log::error!("pod {key}: cannot serve it: {problem}");
+            metrics.pod_errors.inc();
+            self.problem = Some(problem);
+        }
+    }
+}
+
+fn retry_after(attempts: u32) -> Duration {
+    FIRST_RETRY
+        .saturating_mul(1 << attempts.saturating_sub(1).min(16))
+        .min(MAX_RETRY)
+}
+
+/// A pod's key and UID.
+fn identity(pod: &K8sPod) -> Option<(PodKey, String)> {
+    let name = pod.metadata.name.clone()?;
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    Some((PodKey { namespace, name }, uid))
+}
+
+fn pod_ip(pod: &K8sPod) -> PodIp {
+    let Some(text) = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .filter(|ip| !ip.is_empty())
+    else {
+        return PodIp::Missing;
+    };
+    match text.parse() {
+        Ok(ip) => PodIp::Known(ip),
+        Err(_) => PodIp::Invalid(text.to_owned()),
+    }
+}
+
+/// The pod with only the fields [`Pod::from_k8s`] reads: name, namespace, the mesh's exclusion
+/// annotations, the containers' names, ports and probes, and the pod IP.
+fn trim(pod: K8sPod, exclusion_keys: &BTreeSet<String>) -> K8sPod {
+    let K8sPod {
+        metadata,
+        spec,
+        status,
+    } = pod;
+    let annotations = metadata
+        .annotations
+        .map(|all| {
+            all.into_iter()
+                .filter(|(key, _)| exclusion_keys.contains(key))
+                .collect::<BTreeMap<_, _>>()
+        })
+        .filter(|kept| !kept.is_empty());
+    K8sPod {
+        metadata: ObjectMeta {
+            name: metadata.name,
+            namespace: metadata.namespace,
+            annotations,
+            ..ObjectMeta::default()
+        },
+        spec: spec.map(|spec| PodSpec {
+            containers: spec.containers.into_iter().map(trim_container).collect(),
+            init_containers: spec
+                .init_containers
+                .map(|all| all.into_iter().map(trim_container).collect()),
+            ..PodSpec::default()
+        }),
+        status: status.map(|status| PodStatus {
+            pod_ip: status.pod_ip,
+            ..PodStatus::default()
+        }),
+    }
+}
+
+fn trim_container(container: Container) -> Container {
+    Container {
+        name: container.name,
+        ports: container.ports,
+        liveness_probe: container.liveness_probe,
+        readiness_probe: container.readiness_probe,
+        startup_probe: container.startup_probe,
+        ..Container::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::HashMap,
+        path::PathBuf,
+        sync::atomic::{AtomicUsize, Ordering},
+    };
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::{metrics::PendingLabels, source::kube::NetnsLookup};
+
+    /// An FSM-injected pod as the API server returns it.
+    const POD: &str = include_str!("../../../../tests/support/kube_pod.json");
+    const NODE: &str = "worker-1";
+
+    /// The fixture pod named `name` (its UID derived from it), changed by `edit`.
+    fn pod(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> K8sPod {
+        let mut value: serde_json::Value = serde_json::from_str(POD).expect("fixture");
+        value["metadata"]["name"] = json!(name);
+        value["metadata"]["uid"] = json!(format!("uid-{name}"));
+        edit(&mut value);
+        serde_json::from_value(value).expect("a valid Pod")
+    }
+
+    fn with_ip(ip: &'static str) -> impl FnOnce(&mut serde_json::Value) {
+        move |pod| {
+            pod["status"]["podIP"] = json!(ip);
+            pod["status"]["podIPs"] = json!([{ "ip": ip }]);
+        }
+    }
+
+    /// A pod just scheduled: no IP yet.
+    fn pending(pod: &mut serde_json::Value) {
+        let status = pod["status"].as_object_mut().expect("status");
+        status.remove("podIP");
+        status.remove("podIPs");
+        status.remove("containerStatuses");
+        status.insert("phase".into(), json!("Pending"));
+    }
+
+    fn unchanged(_: &mut serde_json::Value) {}
+
+    /// Knows the namespaces of some pods by UID, and counts how often it is asked.
+    #[derive(Default)]
+    struct FakeLookup {
+        known: HashMap<String, NetnsRef>,
+        asked: AtomicUsize,
+    }
+
+    impl FakeLookup {
+        fn knowing(pods: &[(&str, &str)]) -> Self {
+            Self {
+                known: pods
+                    .iter()
+                    .map(|(name, netns)| (format!("uid-{name}"), NetnsRef::Named((*netns).into())))
+                    .collect(),
+                asked: AtomicUsize::new(0),
+            }
+        }
+    }
+
+    impl NetnsLookup for FakeLookup {
+        fn lookup(&self, pods: &[NetnsQuery]) -> Vec<Result<NetnsRef, String>> {
+            self.asked.fetch_add(pods.len(), Ordering::Relaxed);
+            pods.iter()
+                .map(|q| {
+                    self.known
+                        .get(&q.uid)
+                        .cloned()
+                        .ok_or_else(|| format!("no process of pod {}", q.uid))
+                })
+                .collect()
+        }
+    }
+
+    fn node_pods() -> (NodePods, KubeMetrics) {
+        let metrics = KubeMetrics::default();
+        let pods = NodePods::new(NODE.into(), MeshSelector::default(), metrics.clone());
+        (pods, metrics)
+    }
+
+    /// Does the lookups due at `now`, as the source does after each event.
+    fn resolve(pods: &mut NodePods, lookup: &FakeLookup, now: Instant) {
+        let due = pods.due_lookups(now);
+        let queries: Vec<NetnsQuery> = due.iter().map(|(_, q)| q.clone()).collect();
+        for ((key, query), answer) in due.iter().zip(lookup.lookup(&queries)) {
+            pods.looked_up(key, query, answer, now);
+        }
+    }
+
+    fn served(pods: &NodePods) -> Vec<(String, String, String)> {
+        pods.pod_set()
+            .values()
+            .map(|p| (p.key.name.clone(), p.ip.to_string(), p.netns.to_string()))
+            .collect()
+    }
+
+    fn key(name: &str) -> PodKey {
+        PodKey {
+            namespace: "bookstore".into(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn injected_pod_is_served_with_its_probe_ports_once_its_netns_is_found() {
+        let (mut pods, metrics) = node_pods();
+        let lookup = FakeLookup::knowing(&[("a", "cni-a")]);
+        let now = Instant::now();
+        pods.handle(Event::Apply(pod("a", unchanged)), now);
+        assert!(pods.pod_set().is_empty(), "not before its netns is known");
+        assert_eq!(pods.pending(), (0, 1));
+        resolve(&mut pods, &lookup, now);
+        let set = pods.pod_set();
+        let served = set.get(&key("a")).expect("pod a served");
+        assert_eq!(served.ip.to_string(), "10.244.1.17");
+        assert_eq!(served.netns, NetnsRef::Named("cni-a".into()));
+        assert_eq!(served.probe_ports, BTreeSet::from([14001]));
+        assert_eq!(served.exclusions.inbound_ports, BTreeSet::from([9090]));
+        assert_eq!(pods.pending(), (0, 0));
+        assert_eq!(metrics.netns_lookup_failures.get(), 0);
+    }
+
+    #[test]
+    fn pod_without_an_ip_is_held_until_the_ip_appears() {
+        let (mut pods, metrics) = node_pods();
+        let lookup = FakeLookup::knowing(&[("a", "cni-a")]);
+        let now = Instant::now();
+        pods.handle(Event::Apply(pod("a", pending)), now);
+        assert_eq!(pods.pending(), (1, 0));
+        assert!(
+            pods.due_lookups(now).is_empty(),
+            "nothing to look up without an IP"
+        );
+        assert_eq!(pods.next_lookup(), None);
+        pods.handle(Event::Apply(pod("a", with_ip("10.244.1.23"))), now);
+        resolve(&mut pods, &lookup, now);
+        assert_eq!(
+            served(&pods),
+            [("a".into(), "10.244.1.23".into(), "/run/netns/cni-a".into())]
+        );
+        pods.handle(Event::Apply(pod("a", unchanged)), now);
+        metrics.set_pending(pods.pending().0, pods.pending().1);
+        let gauge = |reason| {
+            metrics
+                .pods_pending
+                .get_or_create(&PendingLabels { reason })
+                .get()
+        };
+        assert_eq!(
+            (gauge("no_ip"), gauge("no_netns")),
+            (0, 1),
+            "new IP, new lookup"
+        );
+    }
+
+    #[test]
+    fn terminating_pod_is_served_until_its_delete_event() {
+        let (mut pods, _) = node_pods();
+        let lookup = FakeLookup::knowing(&[("a", "cni-a"), ("b", "cni-b")]);
+        let now = Instant::now();
+        pods.handle(Event::Apply(pod("a", unchanged)), now);
+        pods.handle(Event::Apply(pod("b", with_ip("10.244.1.18"))), now);
+        resolve(&mut pods, &lookup, now);
+        pods.handle(
+            Event::Apply(pod("a", |p| {
+                p["metadata"]["deletionTimestamp"] = json!("2025-03-11T10:00:00Z");
+                p["metadata"]["deletionGracePeriodSeconds"] = json!(30);
+            })),
+            now,
+        );
+        assert_eq!(
+            pods.pod_set().len(),
+            2,
+            "probes run during the grace period"
+        );
+        pods.handle(Event::Delete(pod("a", unchanged)), now);
+        assert_eq!(served(&pods).len(), 1);
+        assert_eq!(served(&pods)[0].0, "b");
+    }
+
+    #[test]
+    fn relist_replaces_the_set_whole_and_drops_the_pods_it_misses() {
+        let (mut pods, _) = node_pods();
+        let lookup = FakeLookup::knowing(&[("a", "cni-a"), ("b", "cni-b")]);
+        let now = Instant::now();
+        pods.handle(Event::Init, now);
+        pods.handle(Event::InitApply(pod("a", unchanged)), now);
+        pods.handle(Event::InitApply(pod("b", with_ip("10.244.1.18"))), now);
+        assert!(
+            pods.due_lookups(now).is_empty(),
+            "nothing before the list is complete"
+        );
+        pods.handle(Event::InitDone, now);
+        resolve(&mut pods, &lookup, now);
+        assert_eq!(served(&pods).len(), 2);
+        assert_eq!(
+            lookup.asked.load(Ordering::Relaxed),
+            2,
+            "one lookup per pod"
+        );
+
+        // The watch restarts (410 Gone); b was deleted meanwhile, its Deleted event lost.
+        pods.handle(Event::Init, now);
+        pods.handle(Event::InitApply(pod("a", unchanged)), now);
+        assert_eq!(
+            served(&pods).len(),
+            2,
+            "the old set stays until the list is complete"
+        );
+        pods.handle(Event::InitDone, now);
+        resolve(&mut pods, &lookup, now);
+        assert_eq!(
+            served(&pods),
+            [("a".into(), "10.244.1.17".into(), "/run/netns/cni-a".into())]
+        );
+        assert_eq!(
+            lookup.asked.load(Ordering::Relaxed),
+            2,
+            "a pod that did not change keeps its netns"
+        );
+
+        // A relist of a node without pods empties the set.
+        pods.handle(Event::Init, now);
+        pods.handle(Event::InitDone, now);
+        assert!(pods.pod_set().is_empty());
+    }
+
+    #[test]
+    fn host_network_unmeshed_finished_and_other_nodes_pods_are_not_served() {
+        let (mut pods, _) = node_pods();
+        let lookup =
+            FakeLookup::knowing(&[("host", "x"), ("plain", "x"), ("done", "x"), ("far", "x")]);
+        let now = Instant::now();
+        let events = [
+            pod("host", |p| {
+                p["spec"]["hostNetwork"] = json!(true);
+                with_ip("172.18.0.3")(p);
+            }),
+            // A container named `sidecar` alone does not make a pod meshed.
+            pod("plain", |p| {
+                p["metadata"]["labels"]
+                    .as_object_mut()
+                    .expect("labels")
+                    .remove("fsm-proxy-uuid");
+            }),
+            pod("done", |p| p["status"]["phase"] = json!("Succeeded")),
+            pod("far", |p| p["spec"]["nodeName"] = json!("worker-2")),
+        ];
+        for event in events {
+            pods.handle(Event::Apply(event), now);
+        }
+        resolve(&mut pods, &lookup, now);
+        assert!(pods.pod_set().is_empty());
+        assert_eq!(lookup.asked.load(Ordering::Relaxed), 0);
+        assert_eq!(pods.pending(), (0, 0));
+    }
+
+    #[test]
+    fn pod_that_finishes_or_loses_its_mesh_label_is_dropped() {
+        let (mut pods, _) = node_pods();
+        let lookup = FakeLookup::knowing(&[("a", "cni-a"), ("b", "cni-b")]);
+        let now = Instant::now();
+        pods.handle(Event::Apply(pod("a", unchanged)), now);
+        pods.handle(Event::Apply(pod("b", with_ip("10.244.1.18"))), now);
+        resolve(&mut pods, &lookup, now);
+        pods.handle(
+            Event::Apply(pod("a", |p| p["status"]["phase"] = json!("Failed"))),
+            now,
+        );
+        pods.handle(
+            Event::Apply(pod("b", |p| {
+                with_ip("10.244.1.18")(p);
+                p["metadata"]["labels"] = json!({"app": "bookstore"});
+            })),
+            now,
+        );
+        assert!(pods.pod_set().is_empty());
+    }
+
+    #[test]
+    fn unresolved_netns_is_retried_with_backoff_and_holds_no_other_pod() {
+        let (mut pods, metrics) = node_pods();
+        let mut lookup = FakeLookup::knowing(&[("b", "cni-b")]);
+        let now = Instant::now();
+        pods.handle(Event::Apply(pod("a", unchanged)), now);
+        pods.handle(Event::Apply(pod("b", with_ip("10.244.1.18"))), now);
+        resolve(&mut pods, &lookup, now);
+        assert_eq!(served(&pods)[0].0, "b");
+        assert_eq!(pods.pending(), (0, 1));
+        assert_eq!(metrics.netns_lookup_failures.get(), 1);
+        assert_eq!(pods.next_lookup(), Some(now + FIRST_RETRY));
+        assert!(pods.due_lookups(now).is_empty());
+        let later = now + FIRST_RETRY;
+        resolve(&mut pods, &lookup, later);
+        assert_eq!(
+            pods.next_lookup(),
+            Some(later + FIRST_RETRY * 2),
+            "backoff doubles"
+        );
+        lookup
+            .known
+            .insert("uid-a".into(), NetnsRef::Named("cni-a".into()));
+        resolve(&mut pods, &lookup, later + FIRST_RETRY * 2);
+        assert_eq!(served(&pods).len(), 2);
+        assert_eq!(metrics.netns_lookup_failures.get(), 2);
+        assert_eq!(retry_after(40), MAX_RETRY);
+    }
+
+    /// A file standing for a namespace file, removed on drop.
+    struct TempFile(PathBuf);
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn netns_is_looked_up_again_when_its_file_is_gone_or_the_pod_is_replaced() {
+        let file =
+            TempFile(std::env::temp_dir().join(format!("pb-kube-netns-{}", std::process::id())));
+        let first = file.0.clone();
+        std::fs::write(&first, "").expect("netns stand-in");
+        let (mut pods, _) = node_pods();
+        let mut lookup = FakeLookup::default();
+        lookup
+            .known
+            .insert("uid-a".into(), NetnsRef::Path(first.clone()));
+        let now = Instant::now();
+        pods.handle(Event::Apply(pod("a", unchanged)), now);
+        resolve(&mut pods, &lookup, now);
+        pods.revalidate(now);
+        assert!(pods.due_lookups(now).is_empty(), "the file is there");
+
+        std::fs::remove_file(&first).expect("remove");
+        lookup
+            .known
+            .insert("uid-a".into(), NetnsRef::Named("cni-a2".into()));
+        pods.revalidate(now);
+        assert_eq!(
+            served(&pods)[0].2,
+            first.display().to_string(),
+            "served meanwhile"
+        );
+        resolve(&mut pods, &lookup, now);
+        assert_eq!(served(&pods)[0].2, "/run/netns/cni-a2");
+
+        // Deleted and created again under the same name: a new UID, a new sandbox.
+        pods.handle(
+            Event::Apply(pod("a", |p| p["metadata"]["uid"] = json!("uid-a-2"))),
+            now,
+        );
+        assert!(pods.pod_set().is_empty());
+        lookup
+            .known
+            .insert("uid-a-2".into(), NetnsRef::Named("cni-a3".into()));
+        resolve(&mut pods, &lookup, now);
+        assert_eq!(served(&pods)[0].2, "/run/netns/cni-a3");
+    }
+
+    #[test]
+    fn invalid_pod_ip_is_reported_once_per_change() {
+        let (mut pods, metrics) = node_pods();
+        let now = Instant::now();
+        pods.handle(Event::Apply(pod("a", with_ip("10.244.1.300"))), now);
+        pods.handle(
+            Event::Apply(pod("a", |p| {
+                with_ip("10.244.1.300")(p);
+                p["metadata"]["resourceVersion"] = json!("418300");
+                p["status"]["conditions"] = json!([]);
+            })),
+            now,
+        );
+        assert_eq!(metrics.pod_errors.get(), 1);
+        assert!(pods.due_lookups(now).is_empty());
+        assert!(pods.pod_set().is_empty());
+    }
+
+    #[test]
+    fn only_the_fields_the_agent_serves_from_are_kept() {
+        let (pods, _) = node_pods();
+        let kept = trim(pod("a", unchanged), &pods.exclusion_keys);
+        assert!(kept.metadata.managed_fields.is_none());
+        assert!(kept.metadata.labels.is_none());
+        assert_eq!(
+            kept.metadata
+                .annotations
+                .map(|a| a.into_keys().collect::<Vec<_>>()),
+            Some(vec!["flomesh.io/inbound-port-exclusion-list".to_owned()])
+        );
+        let spec = kept.spec.expect("spec");
+        assert!(spec.volumes.is_none() && spec.node_name.is_none());
+        assert!(
+            spec.containers
+                .iter()
+                .all(|c| c.env.is_none() && c.image.is_none())
+        );
+        assert!(spec.containers[0].liveness_probe.is_some());
+        let status = kept.status.expect("status");
+        assert_eq!(status.pod_ip.as_deref(), Some("10.244.1.17"));
+        assert!(status.conditions.is_none() && status.container_statuses.is_none());
+    }
+}
