@@ -6,6 +6,7 @@
 mod bench;
 mod build_ebpf;
 mod demo;
+mod image;
 mod setup;
 mod test;
 
@@ -36,6 +37,13 @@ enum Task {
     Demo,
     /// Run every test, the privileged ones included (needs root for those).
     Test,
+    /// Build the agent's container image: an OCI archive for `kind load image-archive` or
+    /// `skopeo copy`, holding the agent as a static binary and nothing else.
+    Image {
+        /// Where to write the archive [default: <target dir>/image/probe-bypass-<version>.oci.tar].
+        #[arg(long, value_name = "PATH")]
+        output: Option<PathBuf>,
+    },
     /// Measure the agent against a baseline run in the same invocation (every benchmark when
     /// none is named).
     Bench {
@@ -57,6 +65,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => build_ebpf::run(),
         Task::Demo => demo::run(),
         Task::Test => test::run(),
+        Task::Image { output } => image::run(output),
         Task::Bench { which } => bench::run(which),
         Task::DemoApp { listen } => demo::app(listen),
     }
@@ -66,6 +75,17 @@ fn main() -> Result<()> {
 pub fn workspace_root() -> PathBuf {
     let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
     xtask.parent().unwrap_or(xtask).to_path_buf()
+}
+
+/// Where cargo puts what it builds: CARGO_TARGET_DIR (relative to where we were started), else
+/// the workspace's target/.
+pub fn target_dir() -> Result<PathBuf> {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => Ok(std::env::current_dir()
+            .context("failed to read the current directory")?
+            .join(dir)),
+        None => Ok(workspace_root().join("target")),
+    }
 }
 
 /// Runs a command to the end and fails, naming it, unless it succeeds.

@@ -23,8 +23,18 @@ const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 /// The toolchain aya-build compiles the kernel programs with (`Toolchain::default()`).
 pub const NIGHTLY: &str = "nightly";
 
+/// The target of the agent's container image: musl links statically, so the image needs no base
+/// image with a C library (`cargo xtask image`).
+pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
+
 /// The Debian package of that LLVM, and why the project needs it.
 const LLVM_PACKAGE: (&str, &str) = ("llvm-22-dev", "the LLVM bpf-linker is built against");
+
+/// The C compiler for [`STATIC_TARGET`], and why the image build needs it.
+const MUSL_PACKAGE: (&str, &str) = (
+    "musl-tools",
+    "compiles the C code of dependencies (ring) for the static target",
+);
 
 /// The other Debian packages the project uses, and why.
 const TOOL_PACKAGES: [(&str, &str); 7] = [
@@ -43,12 +53,17 @@ const TOOL_PACKAGES: [(&str, &str); 7] = [
     ),
 ];
 
-/// Everything the project needs: apt packages, the nightly toolchain with rust-src, bpf-linker.
+/// Everything the project needs: apt packages, the nightly toolchain with rust-src, bpf-linker,
+/// the static target.
 pub fn ensure() -> Result<()> {
-    let packages: Vec<_> = std::iter::once(LLVM_PACKAGE).chain(TOOL_PACKAGES).collect();
+    let packages: Vec<_> = [LLVM_PACKAGE, MUSL_PACKAGE]
+        .into_iter()
+        .chain(TOOL_PACKAGES)
+        .collect();
     apt_packages(&packages)?;
     nightly_with_rust_src()?;
-    bpf_linker()
+    bpf_linker()?;
+    static_target()
 }
 
 /// Only what building the kernel programs needs.
@@ -56,6 +71,15 @@ pub fn ebpf_toolchain() -> Result<()> {
     apt_packages(&[LLVM_PACKAGE])?;
     nightly_with_rust_src()?;
     bpf_linker()
+}
+
+/// What building the agent's container image needs: the kernel programs' toolchain, which the
+/// agent's build script uses, and the static target with its C compiler.
+pub fn image_toolchain() -> Result<()> {
+    apt_packages(&[LLVM_PACKAGE, MUSL_PACKAGE])?;
+    nightly_with_rust_src()?;
+    bpf_linker()?;
+    static_target()
 }
 
 fn apt_packages(packages: &[(&str, &str)]) -> Result<()> {
@@ -162,6 +186,23 @@ fn nightly_with_rust_src() -> Result<()> {
         }
     }
     check_nightly_llvm()
+}
+
+/// The standard library for [`STATIC_TARGET`], added to the toolchain that runs xtask (rustup's
+/// cargo passes it on in `RUSTUP_TOOLCHAIN`), which is the one that builds the agent.
+fn static_target() -> Result<()> {
+    let installed = command_stdout(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if installed
+        .lines()
+        .any(|target| target.trim() == STATIC_TARGET)
+    {
+        println!("setup: {STATIC_TARGET} target: already present");
+        return Ok(());
+    }
+    println!("setup: adding the {STATIC_TARGET} target");
+    run(Command::new("rustup").args(["target", "add", STATIC_TARGET]))?;
+    println!("setup: {STATIC_TARGET} target: installed");
+    Ok(())
 }
 
 /// Fails clearly when the nightly has moved to an LLVM that bpf-linker was not built for; the
