@@ -2,15 +2,20 @@
 //!
 //! Addresses come from 198.18.0.0/15 (the benchmarking range), one /30 per pod: the host end is
 //! `.1`, the pod `.2`. A pod asked for IPv6 also gets the same subnet number in 2001:2::/48 (the
-//! IPv6 benchmarking range), one /64 per pod, `::1` and `::2`. Names and addresses carry the test process id, so parallel tests and
-//! leftovers of an earlier run do not collide. Everything is deleted when the guard drops.
+//! IPv6 benchmarking range), one /64 per pod, `::1` and `::2`. Names carry the test process id, and
+//! each process takes its addresses from a block no other running process holds, so test binaries
+//! and benchmarks that run at once do not collide. Everything is deleted when the guard drops.
 
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream},
+    os::{
+        linux::net::SocketAddrExt as _,
+        unix::net::{SocketAddr as UnixSocketAddr, UnixListener},
+    },
     process::Command,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU32, Ordering},
     },
     thread,
@@ -22,9 +27,33 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// Pods one test process may create: the address plan gives each process 1024 /30 subnets, and
-/// 32 processes (by pid) share the 32768 subnets of 198.18.0.0/15. Test binaries run one at a time.
+/// Pods one test process may create: the address plan gives each process a block of 1024 /30
+/// subnets, and the 32768 subnets of 198.18.0.0/15 make [`BLOCKS`] blocks.
 const PODS_PER_PROCESS: u32 = 1024;
+const BLOCKS: u32 = 32;
+
+/// The block of the address plan this process holds. Test processes that run at once (two test
+/// binaries, a benchmark beside a test) must not make pods with the same addresses, whose routes
+/// would then go to the other's veth. A block is held by binding an abstract Unix socket named
+/// after it, which the kernel releases when the process ends however it ends, and which leaves no
+/// file behind.
+fn address_block() -> u32 {
+    static HELD: OnceLock<(u32, UnixListener)> = OnceLock::new();
+    let (block, _socket) = HELD.get_or_init(|| {
+        let first = std::process::id() % BLOCKS;
+        (0..BLOCKS)
+            .map(|i| (first + i) % BLOCKS)
+            .find_map(|block| {
+                let name = format!("probe-bypass-test-address-block-{block}");
+                let addr = UnixSocketAddr::from_abstract_name(name).expect("abstract name");
+                UnixListener::bind_addr(&addr)
+                    .ok()
+                    .map(|socket| (block, socket))
+            })
+            .unwrap_or_else(|| panic!("all {BLOCKS} address blocks are held by other processes"))
+    });
+    *block
+}
 
 /// Runs `ip` with `args` and returns what it printed, panicking with its stderr on failure.
 pub fn ip(args: &[&str]) -> String {
@@ -58,7 +87,7 @@ impl TestPod {
             n < PODS_PER_PROCESS,
             "a test process may create {PODS_PER_PROCESS} pods"
         );
-        let subnet = (pid % 32) * PODS_PER_PROCESS + n;
+        let subnet = address_block() * PODS_PER_PROCESS + n;
         let base = u32::from(Ipv4Addr::new(198, 18, 0, 0)) + subnet * 4;
         let host_ip = Ipv4Addr::from(base + 1);
         let pod_ip = Ipv4Addr::from(base + 2);
