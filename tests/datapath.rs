@@ -163,7 +163,12 @@ impl Node {
 
     /// Installs (or, the second time, re-installs over the pins, as a restarted agent does).
     fn install(&mut self, settings: Settings) {
-        preflight::check(Some(self.cgroup.path()), self.pins.path()).expect("host checks");
+        preflight::check(
+            &preflight::DATAPATH_NEEDS,
+            Some(self.cgroup.path()),
+            self.pins.path(),
+        )
+        .expect("host checks");
         self.datapath = Some(
             Datapath::install(self.cgroup.path(), self.pins.path(), settings)
                 .unwrap_or_else(|error| panic!("install: {:?}", anyhow::Error::new(error))),

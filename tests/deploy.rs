@@ -1,7 +1,8 @@
 //! The manifests in `deploy/`, checked without a cluster: every object is a valid Kubernetes object
 //! with no field the API server would drop, the DaemonSet runs the agent the way the agent reads
-//! its command line and environment, its probes reach what the real agent serves, and it grants
-//! the privileges the agent's start-up check asks for and no more. Needs no privileges.
+//! its command line and environment, its probes ask the real agent (each agent its own, also while
+//! a rolling update runs two on a node), and it grants the privileges the agent's start-up check
+//! asks for and no more. Needs no privileges.
 #![expect(
     clippy::expect_used,
     reason = "the helpers read test fixtures: a missing piece fails the test, naming it"
@@ -12,10 +13,13 @@ use std::{
     fs,
     io::{ErrorKind, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::unix::process::CommandExt as _,
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Mutex, MutexGuard, PoisonError},
+    sync::{
+        Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -24,17 +28,16 @@ use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
         batch::v1::Job,
-        core::v1::{
-            ConfigMap, Container, HTTPGetAction, Namespace, PodSpec, Probe, ServiceAccount,
-            VolumeMount,
-        },
+        core::v1::{ConfigMap, Container, Namespace, PodSpec, Probe, ServiceAccount, VolumeMount},
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use probe_bypass::{
-    admin::{ALIVE_PATH, READY_PATH},
-    cli::{Cli, Command as AgentCommand, DatapathMode, RunArgs, SelectedSource},
+    admin::{ALIVE_PATH, METRICS_PATH, READY_PATH},
+    cli::{
+        Cli, Command as AgentCommand, DatapathMode, HealthArgs, PodSource, RunArgs, SelectedSource,
+    },
     ports::DEFAULT_ADMIN_ADDR,
     preflight,
 };
@@ -47,11 +50,6 @@ const KUSTOMIZATION: &str = "kustomization.yaml";
 const UNINSTALL_JOB: &str = "uninstall-job.yaml";
 /// The node name the tests give the downward API's `spec.nodeName`.
 const NODE: &str = "node-a";
-
-/// Capabilities the DaemonSet may add beyond what `preflight::NEEDS` checks, and why. Pod discovery
-/// opens `/host/proc/<pid>/ns/net` of processes that belong to other users or hold capabilities the
-/// agent lacks, which the kernel's ptrace access check allows only with it.
-const BEYOND_PREFLIGHT: [&str; 1] = ["SYS_PTRACE"];
 
 /// Environment variables are process-wide and clap reads them when the command is built: every
 /// test that sets them, builds the agent's command, or starts a process holds this lock.
@@ -312,7 +310,7 @@ fn parse_agent(args: &[String], env: &BTreeMap<String, String>) -> Result<Cli, c
 fn run_args(cli: Cli) -> RunArgs {
     match cli.command {
         AgentCommand::Run(args) => *args,
-        AgentCommand::Uninstall(_) => panic!("expected `run`"),
+        other => panic!("expected `run`, not {other:?}"),
     }
 }
 
@@ -667,8 +665,11 @@ fn the_daemonset_grants_what_the_start_up_check_needs_and_nothing_more() {
         .map(String::as_str)
         .collect();
 
+    // Everything the agent checks for with the DaemonSet's pod source and either datapath (the
+    // ConfigMap chooses it; `ebpf` needs the most).
+    let needs = preflight::needs(DatapathMode::Ebpf, PodSource::Kube);
     let name = |cap: preflight::Capability| cap.name.trim_start_matches("CAP_");
-    for need in preflight::NEEDS {
+    for need in &needs {
         assert!(
             need.any_of.iter().any(|cap| added.contains(name(*cap))),
             "the agent needs one of {:?} {}; the DaemonSet adds {added:?}",
@@ -676,10 +677,9 @@ fn the_daemonset_grants_what_the_start_up_check_needs_and_nothing_more() {
             need.for_what
         );
     }
-    let documented: BTreeSet<&str> = preflight::NEEDS
+    let documented: BTreeSet<&str> = needs
         .iter()
         .flat_map(|need| need.any_of.iter().map(|cap| name(*cap)))
-        .chain(BEYOND_PREFLIGHT)
         .collect();
     let extra: Vec<&&str> = added.difference(&documented).collect();
     assert!(extra.is_empty(), "capabilities nothing asks for: {extra:?}");
@@ -755,13 +755,14 @@ fn the_images_are_this_version_of_the_agent() {
     }
 }
 
-/// The HTTP GET of a probe: the status, or None if nothing answered.
+/// The HTTP GET of a person or Prometheus on the admin port: the status, or None if nothing
+/// answered.
 fn http_get(addr: SocketAddr, path: &str) -> Option<u16> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: kube-probe/1.34\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut response = String::new();
@@ -769,16 +770,24 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<u16> {
     response.get(9..12)?.parse().ok()
 }
 
-fn probe_path(probe: Option<&Probe>) -> (&HTTPGetAction, &str) {
-    let get = probe
-        .and_then(|p| p.http_get.as_ref())
-        .expect("an httpGet probe");
+/// The command of an exec probe, and the `health` arguments the agent reads from it.
+fn probe_command(probe: Option<&Probe>) -> (Vec<String>, HealthArgs) {
+    let probe = probe.expect("a probe");
     assert!(
-        get.host.is_none(),
-        "the kubelet probes the pod's (the node's) address"
+        probe.http_get.is_none() && probe.tcp_socket.is_none() && probe.grpc.is_none(),
+        "an exec probe: under a surge another agent may answer on the shared admin port"
     );
-    assert!(matches!(get.scheme.as_deref(), None | Some("HTTP")));
-    (get, get.path.as_deref().expect("path"))
+    let command = probe
+        .exec
+        .as_ref()
+        .and_then(|exec| exec.command.clone())
+        .expect("an exec probe's command");
+    let parsed = Cli::try_parse_from(&command)
+        .unwrap_or_else(|error| panic!("the probe's command {command:?} does not parse:\n{error}"));
+    let AgentCommand::Health(args) = parsed.command else {
+        panic!("the probe must run `health`: {command:?}");
+    };
+    (command, args)
 }
 
 fn free_loopback_port() -> SocketAddr {
@@ -786,73 +795,165 @@ fn free_loopback_port() -> SocketAddr {
     listener.local_addr().expect("addr")
 }
 
+/// The agent's binary with `args`. Without the datapath and without pods the agent needs no
+/// privilege at all: prove it by running it, and its probes, as nobody when the test runs as root.
+fn agent_command(args: &[String]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_probe-bypass"));
+    command.args(args);
+    if nix::unistd::geteuid().is_root() {
+        command.uid(65534).gid(65534);
+    }
+    command
+}
+
 /// The agent started with the DaemonSet's command line and environment, changed only so that it
-/// runs here: no API server (pods from an empty directory), no eBPF datapath, a free loopback port.
+/// runs here: no API server (pods from a directory), no eBPF datapath, a free loopback port, and
+/// its admin socket in a directory of its own, as the DaemonSet's emptyDir is.
 struct Agent {
     child: Child,
     log: PathBuf,
     pods: PathBuf,
+    run_dir: PathBuf,
 }
 
 impl Agent {
     fn start(admin: SocketAddr) -> Self {
+        Self::start_with_pods(admin, &[])
+    }
+
+    /// The agent, with `pods` (file name, manifest) in its pod manifests directory.
+    fn start_with_pods(admin: SocketAddr, pods: &[(&str, &str)]) -> Self {
         let container = only_container(pod_spec(&agent_daemon_set())).clone();
-        let unique = format!("pb-deploy-test-{}-{}", std::process::id(), admin.port());
-        let pods = std::env::temp_dir().join(&unique);
-        fs::create_dir_all(&pods).expect("pods dir");
+        static STARTED: AtomicU32 = AtomicU32::new(0);
+        let unique = format!(
+            "pb-deploy-test-{}-{}",
+            std::process::id(),
+            STARTED.fetch_add(1, Ordering::Relaxed)
+        );
+        let pods_dir = std::env::temp_dir().join(&unique);
+        fs::create_dir_all(&pods_dir).expect("pods dir");
+        for (file, manifest) in pods {
+            fs::write(pods_dir.join(file), manifest).expect("pod manifest");
+        }
+        // Open to every user, as an emptyDir is: the agent may run as nobody, and replaces a
+        // socket the test left there.
+        let run_dir = std::env::temp_dir().join(format!("{unique}.run"));
+        fs::create_dir_all(&run_dir).expect("socket dir");
+        fs::set_permissions(&run_dir, fs::Permissions::from_mode(0o777)).expect("chmod");
         let log = std::env::temp_dir().join(format!("{unique}.log"));
         let admin = admin.to_string();
+        let socket = run_dir.join("admin.sock");
         let args = with_overrides(
             &args_of(&container),
             &[
                 ("--pod-source", "manifests"),
-                ("--pod-manifests", pods.to_str().expect("utf-8 path")),
+                ("--pod-manifests", pods_dir.to_str().expect("utf-8 path")),
                 ("--datapath", "none"),
                 ("--admin-addr", &admin),
+                ("--admin-socket", socket.to_str().expect("utf-8 path")),
             ],
         );
-        let mut command = Command::new(env!("CARGO_BIN_EXE_probe-bypass"));
+        let mut command = agent_command(&args);
         command
-            .args(&args)
             .env_clear()
             .envs(container_env(&container))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("log file"));
-        // Without the datapath and without pods the agent needs no privilege at all: prove it by
-        // running it as nobody when the test runs as root.
-        if nix::unistd::geteuid().is_root() {
-            command.uid(65534).gid(65534);
-        }
         let child = {
             let _env = env_lock();
             command.spawn().expect("start the agent")
         };
-        Self { child, log, pods }
+        Self {
+            child,
+            log,
+            pods: pods_dir,
+            run_dir,
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.run_dir.join("admin.sock")
+    }
+
+    /// Runs a probe's `command` against this agent's socket, as the kubelet runs it in the
+    /// agent's container: the exit code and what it printed.
+    fn run_probe(&self, command: &[String]) -> (Option<i32>, String) {
+        let socket = self.socket();
+        let args = with_overrides(
+            &command[1..],
+            &[("--socket", socket.to_str().expect("utf-8 path"))],
+        );
+        let output = {
+            let _env = env_lock();
+            agent_command(&args)
+                .env_clear()
+                .output()
+                .expect("run the probe")
+        };
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.code(), printed)
     }
 
     fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Polls `path` until it answers 200, or fails the test after `within`.
-    fn wait_for_200(&mut self, addr: SocketAddr, path: &str, within: Duration) {
+    /// Polls `check` until it is `Ok`, or fails the test after `within`, with the last `Err`.
+    fn poll<T>(
+        &mut self,
+        within: Duration,
+        mut check: impl FnMut(&Self) -> Result<T, String>,
+    ) -> T {
         let deadline = Instant::now() + within;
         loop {
-            let status = http_get(addr, path);
-            if status == Some(200) {
-                return;
-            }
+            let last = match check(self) {
+                Ok(value) => return value,
+                Err(last) => last,
+            };
             if let Ok(Some(exit)) = self.child.try_wait() {
                 panic!("the agent exited ({exit}):\n{}", self.log_text());
             }
             assert!(
                 Instant::now() < deadline,
-                "{path} answered {status:?}, not 200, within {within:?}:\n{}",
+                "{last}, within {within:?}:\n{}",
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Polls `path` until it answers 200, or fails the test after `within`.
+    fn wait_for_200(&mut self, addr: SocketAddr, path: &str, within: Duration) {
+        self.poll(within, |_| match http_get(addr, path) {
+            Some(200) => Ok(()),
+            status => Err(format!("{path} answered {status:?}, not 200")),
+        });
+    }
+
+    /// Runs the probe's `command` until it exits `code` and prints `saying`, or fails the test
+    /// after `within`; what it printed.
+    fn wait_for_probe(
+        &mut self,
+        command: &[String],
+        code: i32,
+        saying: &str,
+        within: Duration,
+    ) -> String {
+        self.poll(within, |agent| {
+            let (got, printed) = agent.run_probe(command);
+            if got == Some(code) && printed.contains(saying) {
+                Ok(printed)
+            } else {
+                Err(format!(
+                    "{command:?} exited {got:?} ({printed:?}), not {code} saying {saying:?}"
+                ))
+            }
+        })
     }
 
     /// Resident memory, from /proc/<pid>/status.
@@ -894,6 +995,7 @@ impl Drop for Agent {
         }
         let _ = fs::remove_file(&self.log);
         let _ = fs::remove_dir_all(&self.pods);
+        let _ = fs::remove_dir_all(&self.run_dir);
     }
 }
 
@@ -908,29 +1010,61 @@ fn quantity_bytes(quantity: &str) -> u64 {
 }
 
 #[test]
-fn the_probes_reach_what_the_agent_serves_and_it_stops_within_the_grace_period() {
+fn the_probes_ask_the_agent_on_its_socket_and_it_stops_within_the_grace_period() {
     let daemon_set = agent_daemon_set();
     let spec = pod_spec(&daemon_set);
     let container = only_container(spec);
+    let run = daemon_set_run_args();
 
-    // The probes name the agent's own endpoints on the port it listens on.
+    // Prometheus and people use the admin port, 9091 as FSM's controller.
     let default_port = DEFAULT_ADMIN_ADDR
         .parse::<SocketAddr>()
         .expect("default admin address")
         .port();
-    assert_eq!(daemon_set_run_args().admin_addr.port(), default_port);
-    let (liveness, alive) = probe_path(container.liveness_probe.as_ref());
-    let (readiness, ready) = probe_path(container.readiness_probe.as_ref());
-    assert_eq!((alive, ready), (ALIVE_PATH, READY_PATH));
-    for get in [liveness, readiness] {
-        assert_eq!(get.port, IntOrString::Int(i32::from(default_port)));
+    assert_eq!(run.admin_addr.port(), default_port);
+
+    // The probes run the image's binary, which asks for liveness, then readiness, on the socket
+    // the agent serves.
+    let (liveness, alive) = probe_command(container.liveness_probe.as_ref());
+    let (readiness, ready) = probe_command(container.readiness_probe.as_ref());
+    assert_eq!((alive.ready, ready.ready), (false, true));
+    for command in [&liveness, &readiness] {
+        assert_eq!(command[0], "/probe-bypass", "the image's entrypoint");
     }
+    let socket = run
+        .admin_socket
+        .clone()
+        .expect("the DaemonSet's args give --admin-socket");
+    assert_eq!((&alive.socket, &ready.socket), (&socket, &socket));
+
+    // The socket's directory is the pod's own (each agent of a surge has one) and writable under
+    // the read-only root filesystem: an emptyDir, in memory.
+    let dir = socket.parent().expect("the socket's directory");
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|mount| Path::new(&mount.mount_path) == dir)
+        .unwrap_or_else(|| panic!("a volume mounted at {}", dir.display()));
+    assert_ne!(mount.read_only, Some(true), "the agent creates the socket");
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|volume| volume.name == mount.name)
+        .expect("the mount's volume");
+    let empty_dir = volume.empty_dir.as_ref().expect("an emptyDir");
+    assert_eq!(empty_dir.medium.as_deref(), Some("Memory"));
+    assert!(empty_dir.size_limit.is_some(), "a small sizeLimit");
 
     // And the real agent answers them.
     let admin = free_loopback_port();
     let mut agent = Agent::start(admin);
-    agent.wait_for_200(admin, alive, Duration::from_secs(10));
-    agent.wait_for_200(admin, ready, Duration::from_secs(10));
+    let printed = agent.wait_for_probe(&liveness, 0, "alive", Duration::from_secs(10));
+    assert_eq!(printed, "alive\n");
+    let printed = agent.wait_for_probe(&readiness, 0, "ready", Duration::from_secs(10));
+    assert_eq!(printed, "ready: 0 pods served\n");
+    agent.wait_for_200(admin, METRICS_PATH, Duration::from_secs(10));
 
     // What it needs at rest is well within what the DaemonSet requests.
     let resources = container.resources.as_ref().expect("resources");
@@ -950,6 +1084,17 @@ fn the_probes_reach_what_the_agent_serves_and_it_stops_within_the_grace_period()
     assert!(
         took < Duration::from_secs(u64::try_from(grace).expect("positive")),
         "the agent took {took:?} to stop; the kubelet kills it after {grace} s"
+    );
+
+    // With the agent gone, the probe fails and says why.
+    let (code, printed) = agent.run_probe(&liveness);
+    assert_eq!(code, Some(2), "{printed}");
+    assert!(
+        printed.starts_with(&format!(
+            "cannot reach the agent on {}: ",
+            agent.socket().display()
+        )),
+        "{printed}"
     );
 }
 
@@ -972,7 +1117,6 @@ fn requests_and_limits_are_set_and_consistent() {
 /// During a rolling update with maxSurge both agents of a node run at once, each binding the admin
 /// port in the host network namespace; the new one must come up beside the old one.
 #[test]
-#[ignore = "the admin listener is bound without SO_REUSEPORT (run.rs): the surge agent exits"]
 fn a_surge_agent_binds_the_admin_port_beside_the_old_one() {
     let admin = free_loopback_port();
     let mut old = Agent::start(admin);
@@ -987,4 +1131,87 @@ fn a_surge_agent_binds_the_admin_port_beside_the_old_one() {
     let (status, _) = old.terminate();
     assert!(status.success());
     new.wait_for_200(admin, READY_PATH, Duration::from_secs(10));
+}
+
+/// A pod the agent cannot serve: its network namespace does not exist.
+const UNSERVABLE_POD: &str = r#"{"apiVersion":"v1","kind":"Pod",
+  "metadata":{"name":"unservable","namespace":"surge",
+    "annotations":{"probe-bypass/netns":"/nonexistent/pb-deploy-test/netns"}},
+  "spec":{"containers":[{"name":"app","livenessProbe":{"tcpSocket":{"port":8080}}}]},
+  "status":{"podIP":"198.18.0.2"}}"#;
+
+/// Under a surge the two agents share the admin port, so a probe there could be answered by the
+/// other one; each agent's probe asks that agent. The new agent here cannot serve its pod and is
+/// not ready, while the old one is.
+#[test]
+fn under_a_surge_each_agents_probes_ask_that_agent() {
+    let container = only_container(pod_spec(&agent_daemon_set())).clone();
+    let (liveness, _) = probe_command(container.liveness_probe.as_ref());
+    let (readiness, _) = probe_command(container.readiness_probe.as_ref());
+    let admin = free_loopback_port();
+    let mut old = Agent::start(admin);
+    old.wait_for_probe(&readiness, 0, "ready", Duration::from_secs(10));
+    let mut new = Agent::start_with_pods(admin, &[("unservable.json", UNSERVABLE_POD)]);
+    new.wait_for_probe(&liveness, 0, "alive", Duration::from_secs(10));
+
+    let printed = new.wait_for_probe(&readiness, 1, "surge/unservable", Duration::from_secs(10));
+    assert!(
+        printed.starts_with("not ready: 1 of 1 pods have no healthcheck listener\n"),
+        "{printed}"
+    );
+    let (code, printed) = old.run_probe(&readiness);
+    assert_eq!(
+        (code, printed.as_str()),
+        (Some(0), "ready: 0 pods served\n")
+    );
+    assert_eq!(old.run_probe(&liveness).0, Some(0));
+}
+
+/// Pod discovery opens other users' /proc/<pid>/ns/net, which needs CAP_SYS_PTRACE: with the
+/// Kubernetes pod source the agent refuses to start without it, even with no eBPF datapath, rather
+/// than never finding pods.
+#[test]
+fn the_kube_source_without_cap_sys_ptrace_is_refused_at_start_naming_why() {
+    let container = only_container(pod_spec(&agent_daemon_set())).clone();
+    let admin = free_loopback_port().to_string();
+    let args = with_overrides(
+        &args_of(&container),
+        &[("--datapath", "none"), ("--admin-addr", &admin)],
+    );
+    let log = std::env::temp_dir().join(format!("pb-deploy-test-{}-kube.log", std::process::id()));
+    let mut command = agent_command(&args);
+    command
+        .env_clear()
+        .envs(container_env(&container))
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).expect("log file"));
+    let mut child = {
+        let _env = env_lock();
+        command.spawn().expect("start the agent")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    let _ = fs::remove_file(&log);
+    assert!(
+        status.is_some_and(|status| !status.success()),
+        "the agent started ({status:?}):\n{text}"
+    );
+    assert!(
+        text.contains(
+            "missing capabilities: CAP_SYS_PTRACE (to open pods' /proc/<pid>/ns/net with \
+             --pod-source kube"
+        ),
+        "{text}"
+    );
 }

@@ -867,7 +867,8 @@ struct Ebpf {
 impl Ebpf {
     fn new(cgroup: &TestCgroup) -> Self {
         let pins = TestPins::new();
-        preflight::check(Some(cgroup.path()), pins.path()).expect("host checks");
+        preflight::check(&preflight::DATAPATH_NEEDS, Some(cgroup.path()), pins.path())
+            .expect("host checks");
         Self {
             datapath: None,
             pins,

@@ -1,6 +1,14 @@
-//! The agent's own endpoints in the host network namespace: liveness, readiness and metrics.
+//! The agent's own endpoints: liveness, readiness and metrics.
+//!
+//! Served on a TCP address in the host network namespace, for Prometheus and people, and on a
+//! Unix socket private to the agent's container, for its probes (`probe-bypass health`). During a
+//! rolling update two agents share the TCP port (SO_REUSEPORT), so a request there may reach
+//! either one; the socket reaches this one only (issue 4).
 
-use std::{convert::Infallible, fmt::Write as _, sync::Arc};
+use std::{
+    convert::Infallible, fmt::Write as _, fs, io, os::unix::fs::FileTypeExt as _, path::Path,
+    sync::Arc,
+};
 
 use http_body_util::Full;
 use hyper::{
@@ -11,7 +19,11 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream, UnixListener, UnixStream},
+    sync::watch,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{metrics::Metrics, reconcile::NodeStatus};
@@ -29,15 +41,51 @@ pub struct Admin {
     pub status: watch::Receiver<NodeStatus>,
 }
 
+/// A listener the admin endpoints are served on.
+pub trait Listener: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    fn accept(&self) -> impl Future<Output = io::Result<Self::Io>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Io = TcpStream;
+
+    async fn accept(&self) -> io::Result<TcpStream> {
+        Self::accept(self).await.map(|(stream, _)| stream)
+    }
+}
+
+impl Listener for UnixListener {
+    type Io = UnixStream;
+
+    async fn accept(&self) -> io::Result<UnixStream> {
+        Self::accept(self).await.map(|(stream, _)| stream)
+    }
+}
+
+/// Listens on the Unix socket `path`, first removing the socket an earlier run of the agent left
+/// there (a restarted container keeps its emptyDir). Anything else at `path` is left alone, and
+/// the bind fails.
+pub fn bind_socket(path: &Path) -> io::Result<UnixListener> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => fs::remove_file(path)?,
+        Ok(_) => {}
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    UnixListener::bind(path)
+}
+
 /// Serves the admin endpoints on `listener` until `stop` fires.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
+pub async fn serve(listener: impl Listener, admin: Arc<Admin>, stop: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         let stream = match accepted {
-            Ok((stream, _)) => stream,
+            Ok(stream) => stream,
             Err(error) => {
                 log::warn!("admin endpoint: accept failed: {error}");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;

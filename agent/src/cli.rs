@@ -10,8 +10,8 @@ use crate::{
     exclusions::{parse_cidr_list, parse_port_list},
     healthcheck::TcpTarget,
     ports::{
-        DEFAULT_ADMIN_ADDR, DEFAULT_PROBE_PORTS, HEALTHCHECK_PORT, PROXY_INBOUND_PORT,
-        PROXY_OUTBOUND_PORT, PROXY_UID,
+        DEFAULT_ADMIN_ADDR, DEFAULT_ADMIN_SOCKET, DEFAULT_PROBE_PORTS, HEALTHCHECK_PORT,
+        PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT, PROXY_UID,
     },
     source::kube::{LabelMatch, MeshSelector, mesh::DEFAULT_MESH_LABELS},
 };
@@ -32,6 +32,21 @@ pub enum Command {
     /// tools attached to the same cgroup are not touched. Pods' traffic then flows without a proxy
     /// in the way (as before the mesh), so stop the mesh's sidecars' users first.
     Uninstall(UninstallArgs),
+    /// Ask the agent of this container, over its admin socket, whether it is alive (or, with
+    /// `--ready`, ready); for the container's probes. Prints the answer; exits 0 on 200, 1 on any
+    /// other answer, 2 when the agent cannot be reached.
+    Health(HealthArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct HealthArgs {
+    /// Ask whether the agent is ready (/health/ready) rather than alive (/health/alive).
+    #[arg(long)]
+    pub ready: bool,
+
+    /// The agent's admin socket (`run --admin-socket`).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_ADMIN_SOCKET)]
+    pub socket: PathBuf,
 }
 
 #[derive(Clone, Debug, Args)]
@@ -130,6 +145,16 @@ pub enum PodSourceError {
     NoNodeName { why: &'static str },
 }
 
+impl SelectedSource {
+    /// Which source this is.
+    pub fn kind(&self) -> PodSource {
+        match self {
+            Self::Manifests { .. } => PodSource::Manifests,
+            Self::Kube { .. } => PodSource::Kube,
+        }
+    }
+}
+
 impl PodSourceArgs {
     /// The source `--pod-source` names, or the default for where the agent runs.
     pub fn select(&self) -> Result<SelectedSource, PodSourceError> {
@@ -201,26 +226,36 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADMIN_ADDR, env = "PROBE_BYPASS_ADMIN_ADDR")]
     pub admin_addr: SocketAddr,
 
+    /// Also serve the admin endpoints on this Unix socket, for the container's own probes
+    /// (`probe-bypass health`): while a rolling update runs two agents on the admin port, only
+    /// the socket is sure to reach this agent. A socket left at the path by an earlier run is
+    /// replaced. None by default.
+    #[arg(long, value_name = "PATH", env = "PROBE_BYPASS_ADMIN_SOCKET")]
+    pub admin_socket: Option<PathBuf>,
+
     /// Port of the healthcheck listener inside each pod.
     #[arg(long, value_name = "PORT", default_value_t = HEALTHCHECK_PORT,
-          value_parser = clap::value_parser!(u16).range(1..))]
+          value_parser = clap::value_parser!(u16).range(1..),
+          env = "PROBE_BYPASS_HEALTHCHECK_PORT")]
     pub healthcheck_port: u16,
 
     /// Dial any port a request names, not only the ports the pod's probes name. This is FSM's and
     /// OSM's behaviour; it lets anyone who reaches the healthcheck probe every port of the pod.
-    #[arg(long)]
+    #[arg(long, env = "PROBE_BYPASS_ALLOW_ANY_PORT")]
     pub allow_any_port: bool,
 
     /// Which address of the pod a probe connects to.
-    #[arg(long, value_enum, default_value_t = TcpTarget::PodIp)]
+    #[arg(long, value_enum, default_value_t = TcpTarget::PodIp, env = "PROBE_BYPASS_TCP_TARGET")]
     pub tcp_target: TcpTarget,
 
     /// Bound on the connect a probe makes (for example 500ms, 2s).
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = positive_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = positive_duration,
+          env = "PROBE_BYPASS_DIAL_TIMEOUT")]
     pub dial_timeout: Duration,
 
     /// Bound on reading a request's head; a slower client is disconnected.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = positive_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = positive_duration,
+          env = "PROBE_BYPASS_HEADER_READ_TIMEOUT")]
     pub header_read_timeout: Duration,
 
     #[command(flatten)]
@@ -319,7 +354,7 @@ mod tests {
         argv.extend_from_slice(args);
         Cli::try_parse_from(argv).map(|cli| match cli.command {
             Command::Run(args) => *args,
-            Command::Uninstall(_) => panic!("parsed as uninstall"),
+            other => panic!("parsed as {other:?}"),
         })
     }
 
@@ -328,6 +363,7 @@ mod tests {
         let args = parse(&[]).expect("defaults parse");
         assert_eq!(args.healthcheck_port, 15904);
         assert_eq!(args.admin_addr.to_string(), "0.0.0.0:9091");
+        assert_eq!(args.admin_socket, None);
         assert_eq!(args.tcp_target, TcpTarget::PodIp);
         assert_eq!(args.dial_timeout, Duration::from_secs(1));
         assert!(!args.allow_any_port);
@@ -398,7 +434,7 @@ mod tests {
         let argv = ["probe-bypass", "run"].iter().chain(args);
         Cli::try_parse_from(argv).map(|cli| match cli.command {
             Command::Run(args) => *args,
-            Command::Uninstall(_) => panic!("parsed as uninstall"),
+            other => panic!("parsed as {other:?}"),
         })
     }
 

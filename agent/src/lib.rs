@@ -2,11 +2,14 @@
 //!
 //! The folder layout is the architecture:
 //! - [`datapath`]: the eBPF cgroup programs, embedded in this binary, and their loader.
-//! - [`source`]: where the node's meshed pods come from (a directory of pod manifests).
+//! - [`source`]: where the node's meshed pods come from: the Kubernetes API server, or a
+//!   directory of pod manifests.
 //! - [`discovery`]: finds a Kubernetes pod's network namespace from the host's `/proc`.
 //! - [`reconcile`]: turns the wanted set of pods into per-pod listeners, retrying the ones that fail.
 //! - [`healthcheck`]: the HTTP-to-TCP healthcheck served inside each pod's network namespace.
-//! - [`admin`]: liveness, readiness and Prometheus metrics in the host network namespace.
+//! - [`admin`]: liveness, readiness and Prometheus metrics in the host network namespace, and on
+//!   a Unix socket private to the agent's container.
+//! - [`health`]: `probe-bypass health`, the container's probes, which ask the agent over that socket.
 //! - [`preflight`]: the start-up checks of the host (kernel, capabilities, cgroup v2, bpffs).
 //! - [`exclusions`]: the mesh's per-pod exclusion annotations and the node-wide defaults.
 
@@ -15,7 +18,9 @@ pub mod cli;
 pub mod datapath;
 pub mod discovery;
 pub mod exclusions;
+pub mod health;
 pub mod healthcheck;
+pub mod listen;
 pub mod metrics;
 pub mod netns;
 pub mod pod;

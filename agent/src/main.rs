@@ -1,11 +1,29 @@
 use std::{process::ExitCode, time::Duration};
 
 use clap::Parser as _;
-use probe_bypass::cli::{Cli, Command};
+use probe_bypass::{
+    cli::{Cli, Command, HealthArgs, RunArgs},
+    health::{self, HealthError},
+};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    match Cli::parse().command {
+        Command::Run(args) => run(*args),
+        Command::Uninstall(args) => {
+            init_log();
+            uninstall(&args.pin_path)
+        }
+        Command::Health(args) => ask_health(&args),
+    }
+}
+
+fn init_log() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+}
+
+/// `probe-bypass run`, until SIGTERM or SIGINT.
+fn run(args: RunArgs) -> ExitCode {
+    init_log();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -16,10 +34,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.command {
-        Command::Run(args) => runtime.block_on(probe_bypass::run::run(*args)),
-        Command::Uninstall(args) => return uninstall(&args.pin_path),
-    };
+    let result = runtime.block_on(probe_bypass::run::run(args));
     // Connections still open after the grace period are dropped here, not waited for.
     runtime.shutdown_timeout(Duration::from_millis(200));
     match result {
@@ -27,6 +42,29 @@ fn main() -> ExitCode {
         Err(error) => {
             log::error!("{error}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `probe-bypass health`: prints the agent's answer, which the kubelet puts in the probe's event;
+/// exits 0 on 200, 1 on any other answer, 2 when the agent cannot be reached. No log set-up: the
+/// output is the answer or the one problem.
+fn ask_health(args: &HealthArgs) -> ExitCode {
+    match health::ask(&args.socket, args.ready) {
+        Ok(answer) => {
+            print!("{}", answer.body);
+            if answer.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            match error {
+                HealthError::Connect { .. } => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

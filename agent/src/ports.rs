@@ -23,6 +23,10 @@ pub const NETNS_RUN_DIR: &str = "/run/netns";
 /// 9091 is the port FSM's controller uses for the same endpoints.
 pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:9091";
 
+/// The Unix socket the agent's container probes ask it on (`probe-bypass health`), in a directory
+/// private to the container (an emptyDir in the DaemonSet).
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/probe-bypass/admin.sock";
+
 /// UID the mesh's sidecar proxy runs as.
 pub const PROXY_UID: u32 = 1500;
 

@@ -1,8 +1,10 @@
-//! Start-up checks of the host, run before the eBPF datapath is installed.
+//! Start-up checks of the host, run before the agent starts its pod source and installs the eBPF
+//! datapath.
 //!
-//! The agent refuses to start, with one message naming every problem and changing nothing, when
-//! the kernel is too old, a capability is missing, there is no cgroup v2 hierarchy to attach to, or
-//! the pin directory is not on bpffs. The one thing it fixes itself: when the pin directory's
+//! The agent refuses to start, with one message naming every problem and changing nothing, when a
+//! capability it needs for what it is about to do is missing ([`needs`]: the Kubernetes pod source needs
+//! one, the eBPF datapath three) or, with the eBPF datapath, when the kernel is too old, there is
+//! no cgroup v2 hierarchy to attach to, or the pin directory is not on bpffs. The one thing it fixes itself: when the pin directory's
 //! parent is exactly [`BPFFS_DEFAULT_MOUNT`] and bpffs is not mounted there, it mounts it, and
 //! only once every other check has passed.
 //!
@@ -38,7 +40,10 @@ use nix::{
     },
 };
 
-use crate::datapath::{DatapathError, cgroup2_mount};
+use crate::{
+    cli::{DatapathMode, PodSource},
+    datapath::{DatapathError, cgroup2_mount},
+};
 
 /// The oldest kernel the datapath runs on.
 pub const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 15, 0);
@@ -123,6 +128,10 @@ pub const CAP_NET_ADMIN: Capability = Capability {
     bit: 12,
     name: "CAP_NET_ADMIN",
 };
+pub const CAP_SYS_PTRACE: Capability = Capability {
+    bit: 19,
+    name: "CAP_SYS_PTRACE",
+};
 pub const CAP_SYS_ADMIN: Capability = Capability {
     bit: 21,
     name: "CAP_SYS_ADMIN",
@@ -146,10 +155,9 @@ pub struct Need {
     pub for_what: &'static str,
 }
 
-/// What the agent needs, in the order a missing one is reported. The kernel accepts
+/// What the eBPF datapath needs, in the order a missing one is reported. The kernel accepts
 /// `CAP_SYS_ADMIN` in place of `CAP_BPF` (it did before `CAP_BPF` existed, and still does).
-/// Public so that a deployment's grant can be checked against it (`tests/deploy.rs`).
-pub const NEEDS: [Need; 3] = [
+pub const DATAPATH_NEEDS: [Need; 3] = [
     Need {
         any_of: &[CAP_SYS_ADMIN],
         for_what: "to enter pods' network namespaces (setns) and to mount bpffs",
@@ -163,6 +171,30 @@ pub const NEEDS: [Need; 3] = [
         for_what: "to load eBPF programs and create their maps",
     },
 ];
+
+/// What the Kubernetes pod source needs. A pod's network namespace is found by opening
+/// `/proc/<pid>/ns/net` of its processes, which the kernel's ptrace access check allows only for
+/// processes of the agent's own user holding no capability the agent lacks. The manifests source
+/// names each pod's namespace and reads no other process.
+pub const KUBE_SOURCE_NEEDS: [Need; 1] = [Need {
+    any_of: &[CAP_SYS_PTRACE],
+    for_what: "to open pods' /proc/<pid>/ns/net with --pod-source kube: without it, pods whose \
+               processes run as another user than the agent's are never found",
+}];
+
+/// What the agent needs to run `datapath` with pods from `source`, in the order a missing one is
+/// reported. Public so that a deployment's grant can be checked against it (`tests/deploy.rs`).
+pub fn needs(datapath: DatapathMode, source: PodSource) -> Vec<Need> {
+    let datapath: &[Need] = match datapath {
+        DatapathMode::Ebpf => &DATAPATH_NEEDS,
+        DatapathMode::None => &[],
+    };
+    let source: &[Need] = match source {
+        PodSource::Kube => &KUBE_SOURCE_NEEDS,
+        PodSource::Manifests => &[],
+    };
+    datapath.iter().chain(source).copied().collect()
+}
 
 /// A capability the agent lacks, and what it needs it for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,9 +218,9 @@ pub fn effective_capabilities(status: &str) -> Option<u64> {
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
 }
 
-/// Every capability the agent needs that the effective mask lacks.
-pub fn missing_capabilities(effective: u64) -> Vec<MissingCapability> {
-    NEEDS
+/// Every capability of `needs` that the effective mask lacks.
+pub fn missing_capabilities(needs: &[Need], effective: u64) -> Vec<MissingCapability> {
+    needs
         .iter()
         .filter(|need| !need.any_of.iter().any(|cap| cap.is_in(effective)))
         .map(|need| MissingCapability {
@@ -203,9 +235,9 @@ pub fn missing_capabilities(effective: u64) -> Vec<MissingCapability> {
         .collect()
 }
 
-/// Whether the effective mask has every capability the agent needs.
-pub fn check_capabilities(effective: u64) -> Result<(), PreflightError> {
-    let missing = missing_capabilities(effective);
+/// Whether the effective mask has every capability of `needs`.
+pub fn check_capabilities(needs: &[Need], effective: u64) -> Result<(), PreflightError> {
+    let missing = missing_capabilities(needs, effective);
     if missing.is_empty() {
         Ok(())
     } else {
@@ -409,7 +441,7 @@ fn list(items: &[impl fmt::Display]) -> String {
 /// Every problem the start-up checks found; the host was left as it was.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the host is not ready for the eBPF datapath, nothing was changed:{}",
+    "the host is not ready for the agent, nothing was changed:{}",
     self.problems.iter().map(|p| format!("\n  - {p}")).collect::<String>()
 )]
 pub struct PreflightFailed {
@@ -446,13 +478,31 @@ impl fmt::Display for Report {
     }
 }
 
-/// Runs every check, and reports every problem at once; changes nothing unless they all pass.
+/// Whether the agent has the capabilities of `needs`, for running without the eBPF datapath (with
+/// it, [`check`] tells this among its checks). Reads nothing when `needs` is empty.
+pub fn check_own_capabilities(needs: &[Need]) -> Result<(), PreflightFailed> {
+    if needs.is_empty() {
+        return Ok(());
+    }
+    own_capabilities()
+        .and_then(|effective| check_capabilities(needs, effective))
+        .map_err(|problem| PreflightFailed {
+            problems: vec![problem],
+        })
+}
+
+/// Runs every check the eBPF datapath needs, with the capabilities of `needs` (at least
+/// [`DATAPATH_NEEDS`]), and reports every problem at once; changes nothing unless they all pass.
 /// Then, if the pin directory's parent is [`BPFFS_DEFAULT_MOUNT`] without bpffs, mounts it.
 ///
 /// `cgroup_root` is the directory the programs will attach to; `None` means the cgroup v2 mount
 /// point from `/proc/mounts`. `pin_dir` is where links and maps will be pinned; it need not exist
 /// yet, but its parent must be on bpffs.
-pub fn check(cgroup_root: Option<&Path>, pin_dir: &Path) -> Result<Report, PreflightFailed> {
+pub fn check(
+    needs: &[Need],
+    cgroup_root: Option<&Path>,
+    pin_dir: &Path,
+) -> Result<Report, PreflightFailed> {
     let mut problems = Vec::new();
     let mut keep = |result| match result {
         Ok(()) => (),
@@ -465,7 +515,7 @@ pub fn check(cgroup_root: Option<&Path>, pin_dir: &Path) -> Result<Report, Prefl
     }
     let kernel = kernel.map_err(|problem| keep(Err(problem))).ok();
 
-    keep(own_capabilities().and_then(check_capabilities));
+    keep(own_capabilities().and_then(|effective| check_capabilities(needs, effective)));
 
     let cgroup_root = match cgroup_root {
         Some(path) => Ok(path.to_owned()),
@@ -583,23 +633,31 @@ mod tests {
     #[test]
     fn reports_every_missing_capability() {
         // Root on a current kernel: everything.
-        assert_eq!(missing_capabilities(0x1ff_ffff_ffff), vec![]);
+        assert_eq!(
+            missing_capabilities(&DATAPATH_NEEDS, 0x1ff_ffff_ffff),
+            vec![]
+        );
         // Docker's default set: none of the three.
         assert_eq!(
-            names(&missing_capabilities(0xa804_25fb)),
+            names(&missing_capabilities(&DATAPATH_NEEDS, 0xa804_25fb)),
             vec!["CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_BPF or CAP_SYS_ADMIN"]
         );
         // CAP_SYS_ADMIN covers loading programs without CAP_BPF.
         let sys_and_net = (1 << 21) | (1 << 12);
-        assert_eq!(missing_capabilities(sys_and_net), vec![]);
+        assert_eq!(missing_capabilities(&DATAPATH_NEEDS, sys_and_net), vec![]);
         // CAP_BPF does not cover entering namespaces.
         let bpf_and_net = (1 << 39) | (1 << 12);
         assert_eq!(
-            names(&missing_capabilities(bpf_and_net)),
+            names(&missing_capabilities(&DATAPATH_NEEDS, bpf_and_net)),
             vec!["CAP_SYS_ADMIN"]
         );
-        assert_eq!(names(&missing_capabilities(1 << 21)), vec!["CAP_NET_ADMIN"]);
-        let err = check_capabilities(0).unwrap_err().to_string();
+        assert_eq!(
+            names(&missing_capabilities(&DATAPATH_NEEDS, 1 << 21)),
+            vec!["CAP_NET_ADMIN"]
+        );
+        let err = check_capabilities(&DATAPATH_NEEDS, 0)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.starts_with(
                 "missing capabilities: CAP_SYS_ADMIN (to enter pods' network namespaces (setns)"
@@ -612,6 +670,39 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("securityContext.capabilities"), "{err}");
+    }
+
+    #[test]
+    fn only_the_kube_source_needs_cap_sys_ptrace_and_the_error_says_why() {
+        use PodSource::{Kube, Manifests};
+        let (ebpf, no_datapath) = (DatapathMode::Ebpf, DatapathMode::None);
+        assert!(needs(no_datapath, Manifests).is_empty());
+        assert_eq!(needs(ebpf, Manifests).len(), DATAPATH_NEEDS.len());
+        let kube_only = needs(no_datapath, Kube);
+        // Root in a container with the runtime's default capabilities, which lack CAP_SYS_PTRACE.
+        let err = check_capabilities(&kube_only, 0xa804_25fb)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "missing capabilities: CAP_SYS_PTRACE (to open pods' /proc/<pid>/ns/net with \
+                 --pod-source kube: without it, pods whose processes run as another user than the \
+                 agent's are never found)"
+            ),
+            "{err}"
+        );
+        let ptrace = 1 << 19;
+        assert!(check_capabilities(&kube_only, ptrace).is_ok());
+        let everything = needs(ebpf, Kube);
+        assert_eq!(
+            names(&missing_capabilities(&everything, ptrace)),
+            vec!["CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_BPF or CAP_SYS_ADMIN"]
+        );
+        assert_eq!(
+            names(&missing_capabilities(&everything, (1 << 21) | (1 << 12))),
+            vec!["CAP_SYS_PTRACE"]
+        );
+        assert!(check_own_capabilities(&needs(no_datapath, Manifests)).is_ok());
     }
 
     #[test]
@@ -715,7 +806,7 @@ mod tests {
         assert!(err.contains("is on tmpfs, not on bpffs"), "{err}");
 
         // The entry point reports both problems at once, and leaves the directory as it was.
-        let failed = check(Some(&dir.0), &pins).unwrap_err();
+        let failed = check(&DATAPATH_NEEDS, Some(&dir.0), &pins).unwrap_err();
         let message = failed.to_string();
         assert!(message.contains("nothing was changed"), "{message}");
         assert!(

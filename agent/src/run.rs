@@ -3,6 +3,7 @@
 use std::{
     io,
     net::SocketAddr,
+    path::PathBuf,
     pin::pin,
     sync::{Arc, Mutex},
     time::Duration,
@@ -13,13 +14,17 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin::{self, Admin},
-    cli::{DatapathArgs, DatapathMode, PodSourceError, ProbeBypassFrom, RunArgs, SelectedSource},
+    cli::{
+        DatapathArgs, DatapathMode, PodSource, PodSourceError, ProbeBypassFrom, RunArgs,
+        SelectedSource,
+    },
     datapath::{self, Datapath, DatapathError},
     exclusions::Exclusions,
     healthcheck::{Context, Settings},
+    listen,
     metrics::Metrics,
     netns::{NetnsError, NetnsWorker},
-    preflight::{self, PreflightFailed},
+    preflight::{self, PreflightFailed, Report},
     reconcile::{NodeStatus, Reconciler, SharedDatapath},
     signal,
     source::{
@@ -35,6 +40,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 pub enum RunError {
     #[error("cannot listen on the admin address {addr}: {source}")]
     AdminBind { addr: SocketAddr, source: io::Error },
+    #[error("cannot listen on the admin socket {}: {source}", path.display())]
+    AdminSocket { path: PathBuf, source: io::Error },
     #[error(transparent)]
     PodSource(#[from] PodSourceError),
     #[error(transparent)]
@@ -65,14 +72,29 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// Checks the host, then installs the datapath (or adopts the one a previous agent pinned).
-fn install_datapath(args: &DatapathArgs) -> Result<Option<SharedDatapath>, RunError> {
+/// Checks that the host allows what the agent is about to do: the capabilities the pod source
+/// needs and, with the eBPF datapath, everything the datapath needs (then mounting bpffs if
+/// needed). The report is the datapath's, `None` without it.
+fn check_host(args: &DatapathArgs, source: PodSource) -> Result<Option<Report>, RunError> {
+    let needs = preflight::needs(args.mode, source);
     if args.mode == DatapathMode::None {
-        log::info!("--datapath none: the mesh's own iptables rules stay in charge of redirects");
+        preflight::check_own_capabilities(&needs)?;
         return Ok(None);
     }
-    let report = preflight::check(args.cgroup_root.as_deref(), &args.pin_path)?;
+    let report = preflight::check(&needs, args.cgroup_root.as_deref(), &args.pin_path)?;
     log::info!("host checks passed: {report}");
+    Ok(Some(report))
+}
+
+/// Installs the datapath the host checks passed for (or adopts the one a previous agent pinned).
+fn install_datapath(
+    args: &DatapathArgs,
+    host: Option<Report>,
+) -> Result<Option<SharedDatapath>, RunError> {
+    let Some(report) = host else {
+        log::info!("--datapath none: the mesh's own iptables rules stay in charge of redirects");
+        return Ok(None);
+    };
     let settings = datapath::Settings {
         proxy_uid: args.proxy_uid,
         inbound_port: args.proxy_inbound_port,
@@ -104,14 +126,27 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         env!("CARGO_PKG_VERSION")
     );
     let source = args.pods.select()?;
+    let host = check_host(&args.datapath, source.kind())?;
     let worker = NetnsWorker::spawn()?;
-    let admin_listener =
-        TcpListener::bind(args.admin_addr)
-            .await
-            .map_err(|source| RunError::AdminBind {
-                addr: args.admin_addr,
+    // SO_REUSEPORT: during a rolling update the new agent binds the port beside the old one
+    // (issue 4); the probes ask each agent on its own socket instead.
+    let admin_listener = listen::shared(args.admin_addr)
+        .and_then(TcpListener::from_std)
+        .map_err(|source| RunError::AdminBind {
+            addr: args.admin_addr,
+            source,
+        })?;
+    let admin_socket = args
+        .admin_socket
+        .as_ref()
+        .map(|path| match admin::bind_socket(path) {
+            Ok(listener) => Ok((listener, path)),
+            Err(source) => Err(RunError::AdminSocket {
+                path: path.clone(),
                 source,
-            })?;
+            }),
+        })
+        .transpose()?;
     let mut metrics = Metrics::default();
     let (mut pods, listing) = match source {
         SelectedSource::Manifests { dir } => (manifests::watch(&dir)?, false),
@@ -132,22 +167,27 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         }
     };
     let mut shutdown = pin!(signal::shutdown_requested());
-    let datapath = install_datapath(&args.datapath)?;
+    let datapath = install_datapath(&args.datapath, host)?;
     if let Some(datapath) = &datapath {
         metrics.register_datapath(Arc::clone(datapath));
     }
     let metrics = Arc::new(metrics);
     let stop = CancellationToken::new();
     let (status_tx, status) = watch::channel(NodeStatus::default());
+    let admin = Arc::new(Admin {
+        metrics: Arc::clone(&metrics),
+        status,
+    });
     tokio::spawn(admin::serve(
         admin_listener,
-        Arc::new(Admin {
-            metrics: Arc::clone(&metrics),
-            status,
-        }),
+        Arc::clone(&admin),
         stop.clone(),
     ));
     log::info!("admin endpoints on http://{}", args.admin_addr);
+    if let Some((listener, path)) = admin_socket {
+        tokio::spawn(admin::serve(listener, admin, stop.clone()));
+        log::info!("and on the Unix socket {}", path.display());
+    }
     if listing {
         // Until the first list is in, the pods an earlier agent left in the datapath would look
         // gone; the agent stays not ready meanwhile, and may be stopped.

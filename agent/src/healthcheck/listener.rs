@@ -6,7 +6,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     io::AsyncReadExt,
     net::{TcpListener, TcpStream},
@@ -21,6 +20,7 @@ use super::{
     http::{ReadError, Response, read_request, write_response},
 };
 use crate::{
+    listen,
     metrics::Metrics,
     netns::{Netns, NetnsError, NetnsWorker},
     pod::Pod,
@@ -32,9 +32,6 @@ use crate::{
 /// for it keeps those entries out of the pod. A prober that waits for the server to close instead
 /// gets the close after this long.
 const LINGER: Duration = Duration::from_secs(1);
-
-/// Backlog of each pod's listener: enough for every probe of a pod arriving at once.
-const BACKLOG: i32 = 128;
 
 /// What every pod's listener shares.
 pub struct Context {
@@ -57,23 +54,7 @@ pub async fn bind(
         IpAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
         IpAddr::V6(_) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
     };
-    let listener = worker
-        .run(netns, move || {
-            let socket = Socket::new(
-                Domain::for_address(addr),
-                Type::STREAM.nonblocking().cloexec(),
-                Some(Protocol::TCP),
-            )?;
-            socket.set_reuse_address(true)?;
-            socket.set_reuse_port(true)?;
-            if addr.is_ipv6() {
-                socket.set_only_v6(false)?;
-            }
-            socket.bind(&addr.into())?;
-            socket.listen(BACKLOG)?;
-            Ok(std::net::TcpListener::from(socket))
-        })
-        .await?;
+    let listener = worker.run(netns, move || listen::shared(addr)).await?;
     TcpListener::from_std(listener).map_err(|source| NetnsError::Op {
         path: netns.path().to_owned(),
         source,
