@@ -15,6 +15,7 @@
 mod support;
 
 use std::{
+    collections::BTreeSet,
     io::{BufRead as _, BufReader},
     net::{IpAddr, Ipv4Addr},
     process::{Child, Command, Stdio},
@@ -302,6 +303,59 @@ fn connections_to_a_meshed_pod_meet_its_proxy_except_the_kubelets_probes() {
     assert_eq!(counters.bypass_refused, 1);
     assert_eq!(counters.orig_dst_lookups, 3);
     assert_eq!(counters.orig_dst_misses, 1, "the bypassed connection");
+}
+
+/// Issue 4: the kubelet's probes to a pod the agent knows but does not serve yet are counted, and
+/// go where they would have gone; nothing else is.
+#[test]
+fn host_probes_to_a_pending_pod_are_counted_until_its_count_is_taken() {
+    require_privileges!();
+    let mut node = Node::new();
+    let target = Listening::new(&node.cgroup);
+    let other = routed_pod();
+    let ip = target.ip();
+    node.datapath()
+        .set_pending_addrs(&[ip].into())
+        .expect("mark the pod pending");
+
+    // From the host to a probe port: counted, and not redirected.
+    for _ in 0..2 {
+        assert!(node.connect(None, None, ip, 15904));
+        assert_eq!(target.next(), "15904 none");
+    }
+    // Another port, or another pod's namespace: not the kubelet's probes.
+    assert!(node.connect(None, None, ip, 8080));
+    assert_eq!(target.next(), "8080 none");
+    assert!(node.connect(Some(&other), None, ip, 15904));
+    assert_eq!(target.next(), "15904 none");
+
+    // The count is pinned: a restarted agent finds it, and marking the pod pending again keeps it.
+    node.install(settings());
+    assert_eq!(node.datapath().pending_addrs(), [ip].into());
+    node.datapath()
+        .set_pending_addrs(&[ip].into())
+        .expect("mark the pod pending again");
+    assert_eq!(node.datapath().take_early_probes(ip).expect("take"), 2);
+    assert!(node.datapath().pending_addrs().is_empty());
+    assert_eq!(node.datapath().take_early_probes(ip).expect("take"), 0);
+
+    // Once the pod is meshed its probes take the usual bypass, uncounted.
+    node.datapath()
+        .set_pending_addrs(&[ip].into())
+        .expect("mark the pod pending");
+    node.mesh(&target.pod, Exclusions::default());
+    assert!(node.connect(None, None, ip, 15904));
+    assert_eq!(target.next(), "15904 none");
+    assert_eq!(node.datapath().take_early_probes(ip).expect("take"), 0);
+
+    // A pod that is no longer pending (deleted) loses its entry.
+    node.datapath()
+        .set_pending_addrs(&[ip].into())
+        .expect("mark the pod pending");
+    node.datapath()
+        .set_pending_addrs(&BTreeSet::new())
+        .expect("unmark it");
+    assert!(node.datapath().pending_addrs().is_empty());
 }
 
 #[test]

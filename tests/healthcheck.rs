@@ -482,6 +482,10 @@ fn startup_errors_are_clear_and_exit_nonzero() {
             "/nonexistent/pods",
             "--admin-addr",
             "127.0.0.1:0",
+            // Never the eBPF datapath in a test without a test cgroup (and its start-up check
+            // would mount bpffs on the machine's /sys/fs/bpf).
+            "--datapath",
+            "none",
         ])
         .output()
         .expect("run the agent");
@@ -510,7 +514,7 @@ fn admin_address_in_use_is_a_clear_error() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_probe-bypass"))
         .args(["run", "--pod-manifests"])
         .arg(&dir.path)
-        .args(["--admin-addr", &addr])
+        .args(["--admin-addr", &addr, "--datapath", "none"])
         .output()
         .expect("run the agent");
     assert!(!output.status.success());

@@ -1,42 +1,44 @@
 //! `--pod-source kube` against the Kubernetes API protocol over real HTTP: a stand-in API server
 //! (`support/kube_api.rs`) serves list and watch for `/api/v1/pods`, a real kube-rs client talks
 //! to it, and the agent's source follows this node's pods through adds, late IPs, deletes, refused
-//! lists and a relist after the watch expired. The last test runs the agent binary against it,
-//! with a pod's process in a real cgroup and network namespace, and probes the healthcheck the
-//! agent opens there.
+//! lists and a relist after the watch expired. The last tests run the agent binary against it,
+//! with a pod's process in a real cgroup and network namespace: one probes the healthcheck the
+//! agent opens there, one restarts an agent whose eBPF datapath serves the pod while the pod's
+//! namespace cannot be found, and checks that the pod keeps its datapath entry throughout; one
+//! probes a pod before its namespace is found and finds that probe counted in `/metrics` once the
+//! pod is served.
 #![expect(
     clippy::expect_used,
     reason = "a test fails by panicking, with a message naming the step that broke"
 )]
 
-#[path = "support/kube_api.rs"]
-mod kube_api;
-#[path = "support/kubepods.rs"]
-mod kubepods;
 mod support;
 
 use std::{
-    fs,
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener as StdTcpListener, TcpStream},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    net::{IpAddr, SocketAddr, TcpStream},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use kube_api::FakeApi;
-use kubepods::PodProcess;
 use probe_bypass::{
+    datapath,
     metrics::KubeMetrics,
     pod::NetnsRef,
     source::{
-        PodSet,
+        Snapshot,
         kube::{self, MeshSelector, NetnsLookup, NetnsQuery, Settings},
     },
 };
 use serde_json::{Value, json};
-use support::{kubelet, pod::TestPod};
+use support::{
+    agent::{Agent, ebpf_args},
+    bpffs::TestPins,
+    cgroup::TestCgroup,
+    kube_api::{FakeApi, Kubeconfig},
+    kubelet,
+    kubepods::PodProcess,
+    pod::TestPod,
+};
 use tokio::sync::watch;
 
 const NODE: &str = "worker-1";
@@ -80,7 +82,7 @@ fn client(api: &FakeApi) -> ::kube::Client {
     ::kube::Client::try_from(config).expect("a client")
 }
 
-fn start(api: &FakeApi, metrics: &KubeMetrics) -> watch::Receiver<Arc<PodSet>> {
+fn start(api: &FakeApi, metrics: &KubeMetrics) -> watch::Receiver<Arc<Snapshot>> {
     let settings = Settings {
         node_name: NODE.into(),
         mesh: MeshSelector::default(),
@@ -89,14 +91,16 @@ fn start(api: &FakeApi, metrics: &KubeMetrics) -> watch::Receiver<Arc<PodSet>> {
 }
 
 /// The served pods as `name@ip`.
-fn served(set: &PodSet) -> Vec<String> {
-    set.values()
+fn served(snapshot: &Snapshot) -> Vec<String> {
+    snapshot
+        .pods
+        .values()
         .map(|pod| format!("{}@{}", pod.key.name, pod.ip))
         .collect()
 }
 
 /// Waits until the source publishes `want`, and returns every set it published on the way.
-async fn wait_for(pods: &mut watch::Receiver<Arc<PodSet>>, want: &[&str]) -> Vec<Vec<String>> {
+async fn wait_for(pods: &mut watch::Receiver<Arc<Snapshot>>, want: &[&str]) -> Vec<Vec<String>> {
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -176,118 +180,6 @@ async fn refused_lists_are_retried_and_counted_until_the_api_server_answers() {
     assert_eq!(api.lists(), 1);
 }
 
-/// A temporary kubeconfig naming the stand-in API server; deleted on drop.
-struct Kubeconfig(PathBuf);
-
-impl Kubeconfig {
-    fn new(api: &FakeApi) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "pb-test-kubeconfig-{}-{}",
-            std::process::id(),
-            api.addr.port()
-        ));
-        let text = format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
-             clusters:\n- name: test\n  cluster:\n    server: {}\n\
-             contexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n\
-             users:\n- name: test\n  user:\n    token: test\n",
-            api.url()
-        );
-        fs::write(&path, text).expect("write the kubeconfig");
-        Self(path)
-    }
-}
-
-impl Drop for Kubeconfig {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
-}
-
-/// The agent binary with `--pod-source kube`, finding the API server through `KUBECONFIG`; killed
-/// on drop, its log printed if the test failed.
-struct KubeAgent {
-    child: Child,
-    admin: SocketAddr,
-    log: PathBuf,
-}
-
-impl KubeAgent {
-    fn start(kubeconfig: &Kubeconfig) -> Self {
-        let admin = StdTcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("a free port");
-        let log = std::env::temp_dir().join(format!(
-            "pb-test-kube-agent-{}-{}.log",
-            std::process::id(),
-            admin.port()
-        ));
-        let child = Command::new(env!("CARGO_BIN_EXE_probe-bypass"))
-            .args(["run", "--pod-source", "kube", "--node-name", NODE])
-            .args(["--admin-addr", &admin.to_string(), "--datapath", "none"])
-            .env("KUBECONFIG", &kubeconfig.0)
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .env("RUST_LOG", "probe_bypass=debug")
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).expect("agent log"))
-            .spawn()
-            .expect("start the agent");
-        Self { child, admin, log }
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// GET on the admin endpoint: status and body, or None if it does not answer.
-    fn get(&self, path: &str) -> Option<(u16, String)> {
-        let mut stream = TcpStream::connect_timeout(&self.admin, Duration::from_secs(1)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.admin
-        )
-        .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let status = response.get(9..12)?.parse().ok()?;
-        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-        Some((status, body))
-    }
-
-    /// Waits until `ready` holds, failing with the agent's log after `within`.
-    fn wait_until(&mut self, what: &str, within: Duration, mut ready: impl FnMut(&Self) -> bool) {
-        let deadline = Instant::now() + within;
-        while !ready(self) {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("the agent exited ({status}):\n{}", self.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what} did not happen:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for KubeAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- agent log ({}) ---\n{}",
-                self.log.display(),
-                self.log_text()
-            );
-        }
-        let _ = fs::remove_file(&self.log);
-    }
-}
-
 fn answers(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
 }
@@ -300,19 +192,11 @@ fn agent_serves_the_healthcheck_of_a_pod_it_learns_from_the_api_server() {
     let api = runtime.block_on(FakeApi::start(NODE));
     let test_pod = TestPod::new();
     let _app = test_pod.listen(SocketAddr::new(IpAddr::V4(test_pod.ip), APP_PORT));
-    let uid = format!(
-        "7d3f0a52-{:04x}-4b8e-9c61-2f8d5a0c7e14",
-        std::process::id() & 0xffff
-    );
+    let uid = meshed_pod(&api, &test_pod, "bookstore", APP_PORT);
     let _process = PodProcess::start(&test_pod, &uid);
-    let mut meshed = pod("bookstore", Some(&test_pod.ip.to_string()));
-    meshed["metadata"]["uid"] = json!(uid);
-    meshed["spec"]["containers"][0]["livenessProbe"]["httpGet"]["httpHeaders"] =
-        json!([{ "name": "Original-Tcp-Port", "value": APP_PORT.to_string() }]);
-    api.apply(meshed);
 
-    let kubeconfig = Kubeconfig::new(&api);
-    let mut agent = KubeAgent::start(&kubeconfig);
+    let kubeconfig = api.kubeconfig();
+    let mut agent = Agent::start_kube(&kubeconfig.path, NODE, &[], "probe_bypass=debug");
     let healthcheck = test_pod.healthcheck();
     agent.wait_until(
         "the healthcheck listener in the pod",
@@ -340,4 +224,218 @@ fn agent_serves_the_healthcheck_of_a_pod_it_learns_from_the_api_server() {
         |_| !answers(healthcheck),
     );
     assert_eq!(api.bad_requests(), Vec::<String>::new());
+}
+
+/// A meshed pod in the API server whose process is in `test_pod`'s namespace, under a UID of its
+/// own; `app_port` is what its liveness probe checks.
+fn meshed_pod(api: &FakeApi, test_pod: &TestPod, name: &str, app_port: u16) -> String {
+    let uid = format!(
+        "5c2e8b41-{:04x}-4a7d-8e90-{:012x}",
+        std::process::id() & 0xffff,
+        u32::from(test_pod.ip)
+    );
+    let mut meshed = pod(name, Some(&test_pod.ip.to_string()));
+    meshed["metadata"]["uid"] = json!(uid);
+    meshed["spec"]["containers"][0]["livenessProbe"]["httpGet"]["httpHeaders"] =
+        json!([{ "name": "Original-Tcp-Port", "value": app_port.to_string() }]);
+    api.apply(meshed);
+    uid
+}
+
+/// What the tests of the agent binary with its eBPF datapath share: the API server with the meshed
+/// pod `bookstore` in it (its liveness probe checking port 8080), the pod's namespace, a test
+/// cgroup for the programs and a bpffs for their pins. Fields drop in order: the pins (which
+/// detaches the programs) before the cgroup, the API server before its runtime.
+struct EbpfNode {
+    kubeconfig: Kubeconfig,
+    test_pod: TestPod,
+    uid: String,
+    pins: TestPins,
+    cgroup: TestCgroup,
+    api: FakeApi,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl EbpfNode {
+    const APP_PORT: u16 = 8080;
+
+    fn new() -> Self {
+        let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+        let api = runtime.block_on(FakeApi::start(NODE));
+        let test_pod = TestPod::new();
+        let uid = meshed_pod(&api, &test_pod, "bookstore", Self::APP_PORT);
+        Self {
+            kubeconfig: api.kubeconfig(),
+            test_pod,
+            uid,
+            pins: TestPins::new(),
+            cgroup: TestCgroup::new(),
+            api,
+            _runtime: runtime,
+        }
+    }
+
+    /// Starts the agent with the kube source and the eBPF datapath confined to the test cgroup.
+    fn agent(&self) -> Agent {
+        let cgroup_root = self.cgroup.path().display().to_string();
+        let pin_path = self.pins.arg();
+        let args = ebpf_args(&cgroup_root, &pin_path);
+        Agent::start_kube(&self.kubeconfig.path, NODE, &args, "probe_bypass=debug")
+    }
+
+    /// Whether the pod's address is in the datapath's pinned pod map.
+    fn mapped(&self) -> bool {
+        let ip = IpAddr::V4(self.test_pod.ip);
+        datapath::mapped_addrs(self.pins.path()).is_ok_and(|addrs| addrs.contains(&ip))
+    }
+}
+
+/// Whether `/health/ready` fails naming the pod `bookstore` as waiting for its network namespace.
+fn pending_in_readiness(agent: &Agent) -> bool {
+    agent.get("/health/ready").is_some_and(|(status, body)| {
+        status == 503 && body.contains("bookstore") && body.contains("network namespace")
+    })
+}
+
+/// Issue 4: "an agent that restarts rebuilds its state from the API and /proc without disturbing
+/// pods that are already served". The pod's process is gone when the new agent starts (as while a
+/// sandbox restarts), so its namespace cannot be found: the pod is not served yet, but it is not
+/// gone, and the entry the earlier agent left in the datapath for it must stay.
+#[test]
+fn restarted_agent_keeps_the_datapath_entry_of_a_pod_whose_netns_it_has_not_found_yet() {
+    require_privileges!();
+    let node = EbpfNode::new();
+    let test_pod = &node.test_pod;
+    let _app = test_pod.listen(SocketAddr::new(IpAddr::V4(test_pod.ip), EbpfNode::APP_PORT));
+    let mut process = PodProcess::start(test_pod, &node.uid);
+    let mapped = || node.mapped();
+    let healthcheck = test_pod.healthcheck();
+
+    let mut first = node.agent();
+    first.wait_until("serving the pod", Duration::from_secs(20), |_| {
+        answers(healthcheck) && mapped()
+    });
+    process.stop();
+    let (status, _) = first.terminate();
+    assert!(status.success(), "the first agent exits cleanly");
+    assert!(mapped(), "the entry outlives the agent (pinned)");
+
+    let mut second = node.agent();
+    second.wait_until(
+        "readiness naming the pod and why it is not served",
+        Duration::from_secs(20),
+        pending_in_readiness,
+    );
+    // The namespace lookup fails and is retried meanwhile; the entry stays all along.
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        assert!(
+            mapped(),
+            "the pod's datapath entry was removed while its netns was pending:\n{}",
+            second.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    process.enter(test_pod);
+    second.wait_until(
+        "serving the pod again once its process is back",
+        Duration::from_secs(20),
+        |_| answers(healthcheck),
+    );
+    assert!(mapped(), "{}", second.log_text());
+    let reply = kubelet::probe(healthcheck, &EbpfNode::APP_PORT.to_string());
+    assert_eq!(reply.status, 200, "{reply:?}\n{}", second.log_text());
+    second.wait_ready(200, Duration::from_secs(10));
+
+    // Gone from the API: gone from the datapath.
+    node.api.delete("bookstore");
+    second.wait_until(
+        "removing the deleted pod's entry",
+        Duration::from_secs(20),
+        |_| !mapped(),
+    );
+    assert_eq!(node.api.bad_requests(), Vec::<String>::new());
+}
+
+/// A pending pod that leaves the API while the restarted agent still looks for its namespace has
+/// its entry removed: carrying it ends with the pod.
+#[test]
+fn restarted_agent_removes_the_entry_of_a_pending_pod_deleted_from_the_api() {
+    require_privileges!();
+    let node = EbpfNode::new();
+    let mut process = PodProcess::start(&node.test_pod, &node.uid);
+    let mapped = || node.mapped();
+
+    let mut first = node.agent();
+    first.wait_until("mapping the pod", Duration::from_secs(20), |_| mapped());
+    process.stop();
+    first.terminate();
+
+    let mut second = node.agent();
+    second.wait_until(
+        "readiness naming the pending pod",
+        Duration::from_secs(20),
+        pending_in_readiness,
+    );
+    assert!(mapped(), "{}", second.log_text());
+    node.api.delete("bookstore");
+    second.wait_until(
+        "removing the deleted pending pod's entry",
+        Duration::from_secs(20),
+        |_| !mapped(),
+    );
+    second.wait_ready(200, Duration::from_secs(10));
+}
+
+/// Issue 4: the kubelet's probes that reach a pod the agent knows but cannot serve yet (its
+/// process has not entered its cgroup, so its namespace is not found) are refused, as in other
+/// meshes (istio#18505); the datapath counts them, and once the pod is served the count shows in
+/// `/metrics` under the pod's name.
+#[test]
+fn probes_refused_before_a_pod_is_served_show_in_the_metrics_once_it_is() {
+    require_privileges!();
+    let node = EbpfNode::new();
+    let mut process = PodProcess::cgroup(&node.uid);
+    let healthcheck = node.test_pod.healthcheck();
+    let mut agent = node.agent();
+    agent.wait_until(
+        "readiness naming the pending pod",
+        Duration::from_secs(20),
+        pending_in_readiness,
+    );
+
+    // The kubelet's probe, from the host network namespace (in the test cgroup, where the
+    // programs run): nothing listens yet.
+    let probe = format!(
+        "exec 3<>/dev/tcp/{}/{}",
+        healthcheck.ip(),
+        healthcheck.port()
+    );
+    let refused = node.cgroup.output("timeout", &["3", "bash", "-c", &probe]);
+    assert!(!refused.status.success(), "{}", agent.log_text());
+
+    process.enter(&node.test_pod);
+    agent.wait_until("serving the pod", Duration::from_secs(20), |_| {
+        answers(healthcheck)
+    });
+    let counted =
+        "probe_bypass_probes_before_served_total{namespace=\"bookstore\",pod=\"bookstore\"} 1";
+    agent.wait_until(
+        "the early probe in the metrics",
+        Duration::from_secs(10),
+        |agent| {
+            agent
+                .get("/metrics")
+                .is_some_and(|(_, body)| body.contains(counted))
+        },
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("pod bookstore/bookstore: 1 probes arrived before it was served"),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(node.api.bad_requests(), Vec::<String>::new());
 }

@@ -63,7 +63,7 @@ const CGROUP_PROGRAMS: [&str; 4] = ["pb_connect4", "pb_connect6", "pb_sockops", 
 const SK_MSG: &str = "pb_sk_msg";
 
 /// Every map of the object, each pinned under `maps-v<LAYOUT_VERSION>/` by its name.
-const MAPS: [&str; 9] = [
+const MAPS: [&str; 10] = [
     "CONFIG",
     "PODS_BY_ADDR",
     "PODS_BY_NETNS",
@@ -73,7 +73,11 @@ const MAPS: [&str; 9] = [
     "ORIG_DST",
     "SOCKETS",
     "COUNTERS",
+    "EARLY_PROBES",
 ];
+
+/// The flag of a map update that adds a key only if it is not there yet (`BPF_NOEXIST`).
+const BPF_NOEXIST: u64 = 1;
 
 /// Node-wide settings of the datapath.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -174,10 +178,13 @@ pub struct Datapath {
     port_rules: HashMap<MapData, PortRule, u8>,
     cidr_rules: LpmTrie<MapData, CidrRule, u8>,
     counters: PerCpuArray<MapData, u64>,
+    early_probes: HashMap<MapData, Addr, u64>,
     settings: Settings,
     node_rules: Rules,
     /// Pods by their primary address.
     pods: BTreeMap<Addr, Installed>,
+    /// The addresses in `EARLY_PROBES`.
+    early_addrs: BTreeSet<Addr>,
     pins: PathBuf,
 }
 
@@ -301,8 +308,10 @@ impl Datapath {
             port_rules: take_map(&mut ebpf, "PORT_RULES")?,
             cidr_rules: take_map(&mut ebpf, "CIDR_RULES")?,
             counters: take_map(&mut ebpf, "COUNTERS")?,
+            early_probes: take_map(&mut ebpf, "EARLY_PROBES")?,
             node_rules: Rules::default(),
             pods: BTreeMap::new(),
+            early_addrs: BTreeSet::new(),
             pins: pins.to_path_buf(),
             settings: settings.clone(),
         };
@@ -357,6 +366,11 @@ impl Datapath {
                 .cidrs
                 .insert((key.prefix_len(), rule));
         }
+        self.early_addrs = self
+            .early_probes
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|source| map_error("EARLY_PROBES", "read", source))?;
         Ok(())
     }
 
@@ -472,6 +486,55 @@ impl Datapath {
     /// The primary addresses of the pods in the maps, those an earlier agent left included.
     pub fn pods(&self) -> BTreeSet<IpAddr> {
         self.pods.keys().map(|&addr| IpAddr::from(addr)).collect()
+    }
+
+    /// Sets the addresses whose probes from the host network namespace are counted until their
+    /// pod is served (issue 4): meshed pods the agent knows but does not serve yet. A new address
+    /// starts at 0; one already there (an earlier agent's) keeps its count; the entries of the
+    /// addresses not given are removed with their counts. Only addresses that are not in the pod
+    /// maps count: a pod the datapath has keeps the probe bypass it always had.
+    pub fn set_pending_addrs(&mut self, addrs: &BTreeSet<IpAddr>) -> Result<(), DatapathError> {
+        let wanted: BTreeSet<Addr> = addrs.iter().map(|&ip| Addr::from(ip)).collect();
+        for addr in wanted.difference(&self.early_addrs) {
+            match self.early_probes.insert(addr, 0, BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(MapError::SyscallError(syscall))
+                    if syscall.io_error.kind() == ErrorKind::AlreadyExists => {}
+                Err(source) => return Err(map_error("EARLY_PROBES", "insert", source)),
+            }
+        }
+        for stale in self.early_addrs.difference(&wanted) {
+            absent_is_fine(self.early_probes.remove(stale))
+                .map_err(|source| map_error("EARLY_PROBES", "remove", source))?;
+        }
+        self.early_addrs = wanted;
+        Ok(())
+    }
+
+    /// The addresses [`Self::set_pending_addrs`] set, those an earlier agent left included.
+    pub fn pending_addrs(&self) -> BTreeSet<IpAddr> {
+        self.early_addrs
+            .iter()
+            .map(|&addr| IpAddr::from(addr))
+            .collect()
+    }
+
+    /// The probes counted for a pending address since it was set, for a pod that is now served;
+    /// the address is no longer pending. An address that is not there counts 0.
+    ///
+    /// Read, then removed: a probe that lands between the two is lost, but by then the pod is in
+    /// the pod maps, and probes to it are no longer counted.
+    pub fn take_early_probes(&mut self, addr: IpAddr) -> Result<u64, DatapathError> {
+        let key = Addr::from(addr);
+        let probes = match self.early_probes.get(&key, 0) {
+            Ok(probes) => probes,
+            Err(MapError::KeyNotFound) => 0,
+            Err(source) => return Err(map_error("EARLY_PROBES", "read", source)),
+        };
+        absent_is_fine(self.early_probes.remove(&key))
+            .map_err(|source| map_error("EARLY_PROBES", "remove", source))?;
+        self.early_addrs.remove(&key);
+        Ok(probes)
     }
 
     /// Adds the rules in `wanted` and then removes those only in `current`.

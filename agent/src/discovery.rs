@@ -31,9 +31,9 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
+pub use self::cgroup::normalize_uid;
 use self::{
     addresses::interface_addresses,
-    cgroup::normalize_uid,
     choose::choose,
     proc::{Process, Skipped, vanished},
 };

@@ -65,6 +65,7 @@ pub struct Metrics {
     pods_served: Gauge,
     listener_errors: Family<PodLabels, Counter>,
     annotation_errors: Family<AnnotationLabels, Counter>,
+    probes_before_served: Family<PodLabels, Counter>,
 }
 
 fn dial_histogram() -> Histogram {
@@ -112,6 +113,15 @@ impl Default for Metrics {
             "Malformed mesh exclusion annotations, ignored, by pod and annotation",
             annotation_errors.clone(),
         );
+        let probes_before_served = Family::<PodLabels, Counter>::default();
+        registry.register(
+            "probes_before_served",
+            "Probes from the host network namespace (the kubelet) that reached a meshed pod before \
+             the agent served it, when nothing listened on the probe port yet; a series appears \
+             once a pod is served with at least one. Counted by the eBPF datapath: always absent \
+             with --datapath none",
+            probes_before_served.clone(),
+        );
         Self {
             registry,
             probes,
@@ -120,6 +130,7 @@ impl Default for Metrics {
             pods_served,
             listener_errors,
             annotation_errors,
+            probes_before_served,
         }
     }
 }
@@ -275,6 +286,16 @@ impl Metrics {
         }
     }
 
+    /// Adds `probes` to `probe_bypass_probes_before_served_total{namespace,pod}`: the probes the
+    /// eBPF datapath counted for a pod while the agent knew it but did not serve it yet (issue 4).
+    /// Call it once the pod is served, and only with a count above 0, so that the pods that never
+    /// missed a probe (most of them) add no series. With `--datapath none` nothing counts them.
+    pub fn probes_before_served(&self, pod: &PodKey, probes: u64) {
+        self.probes_before_served
+            .get_or_create(&pod_labels(pod))
+            .inc_by(probes);
+    }
+
     pub fn set_pods(&self, known: usize, served: usize) {
         self.pods_known
             .set(i64::try_from(known).unwrap_or(i64::MAX));
@@ -292,6 +313,7 @@ impl Metrics {
             });
         }
         self.listener_errors.remove(&pod_labels(pod));
+        self.probes_before_served.remove(&pod_labels(pod));
         for annotation in exclusions::annotation_keys() {
             self.annotation_errors.remove(&AnnotationLabels {
                 namespace: pod.namespace.clone(),

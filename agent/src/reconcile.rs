@@ -5,8 +5,10 @@
 //! and retried with backoff; it never delays or stops the others.
 //!
 //! The datapath's maps outlive the agent (they are pinned), so a restarted agent starts with the
-//! pods the previous one left there. They keep their redirects until the first reading of the pod
-//! source says they are gone: no pod's traffic skips its proxy across a restart.
+//! pods the previous one left there. They keep their redirects until the pod source says they are
+//! gone: no pod's traffic skips its proxy across a restart. A pod the source knows but cannot serve
+//! yet (its network namespace not found again so far) is not gone, and keeps its entry until it is
+//! served again or leaves the source (issue 4).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -23,7 +25,7 @@ use crate::{
     healthcheck::{self, Context},
     netns::{Netns, NetnsError, NetnsId, netns_cookie},
     pod::{Pod, PodKey},
-    source::PodSet,
+    source::{Pending, PodSet, Snapshot},
 };
 
 /// The datapath, shared with the admin endpoint that reads its counters. Every operation on it is
@@ -56,7 +58,8 @@ pub struct NodeStatus {
     pub synced: bool,
     /// Pods with a listener.
     pub served: usize,
-    /// Pods without one, and why.
+    /// Pods without one, and why: pods whose listener failed, and pods with an IP whose network
+    /// namespace the source has not found.
     pub failing: BTreeMap<PodKey, String>,
 }
 
@@ -92,6 +95,11 @@ pub struct Reconciler {
     ctx: Arc<Context>,
     datapath: Option<SharedDatapath>,
     entries: HashMap<PodKey, Entry>,
+    /// Addresses an earlier agent left in the datapath for pods the source knows but does not
+    /// serve yet: kept until the pod is served (its entry is then rewritten) or leaves the source.
+    carried: BTreeSet<IpAddr>,
+    /// The source's pending pods, for readiness and the datapath's count of early probes.
+    pending: BTreeMap<PodKey, Pending>,
     status: watch::Sender<NodeStatus>,
 }
 
@@ -105,6 +113,8 @@ impl Reconciler {
             ctx,
             datapath,
             entries: HashMap::new(),
+            carried: BTreeSet::new(),
+            pending: BTreeMap::new(),
             status,
         }
     }
@@ -128,9 +138,9 @@ impl Reconciler {
         }
     }
 
-    /// Removes the pods an earlier agent left in the datapath that the pod source no longer has.
-    fn forget_stale(&self, pods: &PodSet) {
-        let wanted: BTreeSet<IpAddr> = pods.values().map(|pod| pod.ip).collect();
+    /// Sorts the pods an earlier agent left in the datapath: those the source serves are rewritten
+    /// by [`Self::apply`], those it knows but cannot serve yet are carried, the rest are gone.
+    fn adopt_left(&mut self, snapshot: &Snapshot) {
         let left = match self.with_datapath(|datapath| Ok(datapath.pods())) {
             Ok(Some(left)) => left,
             Ok(None) => return,
@@ -139,22 +149,49 @@ impl Reconciler {
                 return;
             }
         };
-        for ip in left.difference(&wanted) {
+        let served: BTreeSet<IpAddr> = snapshot.pods.values().map(|pod| pod.ip).collect();
+        self.carried = left.difference(&served).copied().collect();
+        if !self.carried.is_empty() {
+            log::info!(
+                "{} pods left in the datapath by an earlier agent are not served yet",
+                self.carried.len()
+            );
+        }
+        self.forget_carried(snapshot);
+    }
+
+    /// Removes the carried pods that the source no longer knows, and stops carrying the served
+    /// ones.
+    fn forget_carried(&mut self, snapshot: &Snapshot) {
+        let served: BTreeSet<IpAddr> = snapshot.pods.values().map(|pod| pod.ip).collect();
+        let pending: BTreeSet<IpAddr> = snapshot.pending.values().map(|pod| pod.ip).collect();
+        let gone: Vec<IpAddr> = self
+            .carried
+            .iter()
+            .filter(|ip| !pending.contains(ip))
+            .copied()
+            .collect();
+        for ip in gone {
+            self.carried.remove(&ip);
+            if served.contains(&ip) {
+                continue;
+            }
             log::info!("pod {ip} left in the datapath by an earlier agent is gone: removing it");
-            if let Err(error) = self.with_datapath(|datapath| datapath.remove_pod(*ip)) {
+            if let Err(error) = self.with_datapath(|datapath| datapath.remove_pod(ip)) {
                 log::error!("cannot remove pod {ip} from the datapath: {error}");
             }
         }
     }
 
     /// Follows `pods` until `stop` fires, then closes every listener.
-    pub async fn run(mut self, mut pods: watch::Receiver<Arc<PodSet>>, stop: CancellationToken) {
+    pub async fn run(mut self, mut pods: watch::Receiver<Arc<Snapshot>>, stop: CancellationToken) {
         let mut revalidate = tokio::time::interval(REVALIDATE);
         revalidate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let first = Arc::clone(&pods.borrow_and_update());
         self.apply(&first).await;
-        self.forget_stale(&first);
+        self.adopt_left(&first);
         loop {
+            self.count_early_probes();
             self.publish();
             let retry_at = self.next_retry();
             tokio::select! {
@@ -163,8 +200,9 @@ impl Reconciler {
                     if changed.is_err() {
                         break;
                     }
-                    let set = Arc::clone(&pods.borrow_and_update());
-                    self.apply(&set).await;
+                    let snapshot = Arc::clone(&pods.borrow_and_update());
+                    self.apply(&snapshot).await;
+                    self.forget_carried(&snapshot);
                 }
                 () = sleep_until(retry_at) => self.retry_due().await,
                 _ = revalidate.tick() => self.revalidate().await,
@@ -177,7 +215,9 @@ impl Reconciler {
         }
     }
 
-    async fn apply(&mut self, pods: &PodSet) {
+    async fn apply(&mut self, snapshot: &Snapshot) {
+        self.pending.clone_from(&snapshot.pending);
+        let pods: &PodSet = &snapshot.pods;
         let gone: Vec<PodKey> = self
             .entries
             .keys()
@@ -378,6 +418,62 @@ impl Reconciler {
         }
     }
 
+    /// Has the datapath count the probes that reach a pod before it is served (issue 4), and
+    /// reports them once it is: a pending pod, or one whose listener has not opened, has no
+    /// listener on its probe port, and the kubelet's probe to it is refused. The counts go to
+    /// `probe_bypass_probes_before_served_total`, the pod's and only above 0. Without the eBPF
+    /// datapath (`--datapath none`) nothing counts them.
+    ///
+    /// Runs after every change of the pods' states; the datapath's side is a diff, so a call that
+    /// changes nothing makes no syscall.
+    fn count_early_probes(&self) {
+        if self.datapath.is_none() {
+            return;
+        }
+        let mut served: BTreeMap<IpAddr, &PodKey> = BTreeMap::new();
+        let mut waiting: BTreeSet<IpAddr> = self.pending.values().map(|pod| pod.ip).collect();
+        for (key, entry) in &self.entries {
+            let ip = entry.pod.borrow().ip;
+            match entry.state {
+                State::Listening { .. } => {
+                    served.insert(ip, key);
+                }
+                State::Failing { .. } => {
+                    waiting.insert(ip);
+                }
+            }
+        }
+        waiting.retain(|ip| !served.contains_key(ip));
+        let now_served: Vec<(IpAddr, &PodKey)> = match self
+            .with_datapath(|datapath| Ok(datapath.pending_addrs()))
+        {
+            Ok(counted) => counted
+                .into_iter()
+                .flatten()
+                .filter_map(|ip| served.get(&ip).map(|&key| (ip, key)))
+                .collect(),
+            Err(error) => {
+                log::error!("cannot count the probes that arrive before pods are served: {error}");
+                return;
+            }
+        };
+        for (ip, key) in now_served {
+            match self.with_datapath(|datapath| datapath.take_early_probes(ip)) {
+                Ok(Some(probes)) if probes > 0 => {
+                    log::info!("pod {key}: {probes} probes arrived before it was served");
+                    self.ctx.metrics.probes_before_served(key, probes);
+                }
+                Ok(_) => {}
+                Err(error) => log::error!(
+                    "pod {key}: cannot read the probes that arrived before it was served: {error}"
+                ),
+            }
+        }
+        if let Err(error) = self.with_datapath(|datapath| datapath.set_pending_addrs(&waiting)) {
+            log::error!("cannot count the probes that arrive before pods are served: {error}");
+        }
+    }
+
     fn publish(&self) {
         let mut status = NodeStatus {
             synced: true,
@@ -390,6 +486,9 @@ impl Reconciler {
                     status.failing.insert(key.clone(), error.clone());
                 }
             }
+        }
+        for (key, pending) in &self.pending {
+            status.failing.insert(key.clone(), pending.reason.clone());
         }
         self.ctx.metrics.set_pods(self.entries.len(), status.served);
         self.status.send_replace(status);

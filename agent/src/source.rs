@@ -8,9 +8,38 @@
 pub mod kube;
 pub mod manifests;
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use crate::pod::{Pod, PodKey};
 
-/// Every meshed pod a source knows, by key.
+/// Every meshed pod a source can serve, by key.
 pub type PodSet = BTreeMap<PodKey, Arc<Pod>>;
+
+/// What a source publishes, as one value so that a pod moves from pending to served atomically.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The pods to serve.
+    pub pods: PodSet,
+    /// Meshed pods with an IP that cannot be served yet (their network namespace is not found).
+    /// They are not gone: a restarted agent keeps what an earlier one left in the datapath for
+    /// them (issue 4), and readiness counts them as failing.
+    pub pending: BTreeMap<PodKey, Pending>,
+}
+
+/// A meshed pod the source knows but cannot serve yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pending {
+    pub ip: IpAddr,
+    /// Why it is not served, for readiness and the log.
+    pub reason: String,
+}
+
+impl Snapshot {
+    /// A snapshot of pods that are all served.
+    pub fn served(pods: PodSet) -> Self {
+        Self {
+            pods,
+            pending: BTreeMap::new(),
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! The agent under test, run as its real binary, and a temporary pod manifests directory.
 
 use std::{
+    ffi::OsString,
     fs,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -74,6 +75,18 @@ fn datapath_args(args: &[&str]) -> &'static [&'static str] {
     &[]
 }
 
+/// The arguments that run the eBPF datapath confined to `cgroup_root`, pinned in `pin_path`.
+pub fn ebpf_args<'a>(cgroup_root: &'a str, pin_path: &'a str) -> [&'a str; 6] {
+    [
+        "--datapath",
+        "ebpf",
+        "--cgroup-root",
+        cgroup_root,
+        "--pin-path",
+        pin_path,
+    ]
+}
+
 impl Agent {
     /// Starts the agent on `dir` with extra `args` and waits until its admin endpoint answers. It
     /// logs at debug level, so the log of a failing test shows every request the agent answered.
@@ -84,22 +97,56 @@ impl Agent {
     /// Like [`Self::start`], with `rust_log` as the agent's log filter (`RUST_LOG`). The benchmark
     /// runs the agent at `info`: a debug line per probe would be part of what it measures.
     pub fn start_with_log_filter(dir: &Path, args: &[&str], rust_log: &str) -> Self {
+        let source = [OsString::from("--pod-manifests"), dir.into()];
+        Self::spawn(&source, args, &[], rust_log)
+    }
+
+    /// Starts the agent with `--pod-source kube` on node `node`, finding the API server through
+    /// the kubeconfig at `kubeconfig` (`KUBECONFIG`), with extra `args` and log filter `rust_log`.
+    pub fn start_kube(kubeconfig: &Path, node: &str, args: &[&str], rust_log: &str) -> Self {
+        let source = ["--pod-source", "kube", "--node-name", node].map(OsString::from);
+        // Not in-cluster, whatever the machine running the tests is.
+        let env = [
+            ("KUBECONFIG", Some(kubeconfig.into())),
+            ("KUBERNETES_SERVICE_HOST", None),
+        ];
+        Self::spawn(&source, args, &env, rust_log)
+    }
+
+    /// Starts `probe-bypass run` with the pod source's arguments `source`, `args`, and `env` set
+    /// (`None`: removed), and waits until its admin endpoint answers.
+    fn spawn(
+        source: &[OsString],
+        args: &[&str],
+        env: &[(&str, Option<OsString>)],
+        rust_log: &str,
+    ) -> Self {
         let admin = free_port();
-        let log = dir.with_extension(format!("agent-{}.log", admin.port()));
+        let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
+        let log = std::env::temp_dir().join(format!(
+            "pb-test-agent-{}-{n}-{}.log",
+            std::process::id(),
+            admin.port()
+        ));
         let log_file = fs::File::create(&log).expect("agent log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_probe-bypass"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_probe-bypass"));
+        command
             .arg("run")
-            .arg("--pod-manifests")
-            .arg(dir)
+            .args(source)
             .arg("--admin-addr")
             .arg(admin.to_string())
             .args(datapath_args(args))
             .args(args)
             .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("start the agent");
+            .stderr(log_file);
+        for (name, value) in env {
+            match value {
+                Some(value) => command.env(name, value),
+                None => command.env_remove(name),
+            };
+        }
+        let child = command.spawn().expect("start the agent");
         let mut agent = Self { child, admin, log };
         let deadline = Instant::now() + Duration::from_secs(10);
         while agent.get("/health/alive").is_none() {
@@ -144,12 +191,16 @@ impl Agent {
         Some((status, body))
     }
 
-    /// Waits until `/health/ready` answers `status`, returning its body.
+    /// Waits until `/health/ready` answers `status` about the pods (once the pod source is read),
+    /// returning its body.
     pub fn wait_ready(&self, status: u16, within: Duration) -> String {
         let deadline = Instant::now() + within;
         loop {
             if let Some((got, body)) = self.get("/health/ready") {
-                if got == status {
+                // Until the pod source is read the agent is not ready whatever the pods are;
+                // a test waiting for a 503 waits for the one about its pods.
+                let unread = body.starts_with("not ready: pod source not read yet");
+                if got == status && !unread {
                     return body;
                 }
                 assert!(
@@ -158,6 +209,27 @@ impl Agent {
                     self.log_text()
                 );
             }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until `done` holds, failing with the agent's log after `within` or if it exits.
+    pub fn wait_until(
+        &mut self,
+        what: &str,
+        within: Duration,
+        mut done: impl FnMut(&Self) -> bool,
+    ) {
+        let deadline = Instant::now() + within;
+        while !done(self) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the agent exited ({status}):\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not happen:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

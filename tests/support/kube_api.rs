@@ -11,7 +11,9 @@
 use std::{
     collections::{BTreeMap, HashMap},
     convert::Infallible,
+    fs,
     net::SocketAddr,
+    path::PathBuf,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
@@ -156,8 +158,37 @@ impl FakeApi {
         self.lock().bad_requests.clone()
     }
 
+    /// A kubeconfig naming this server, for the agent binary (`KUBECONFIG`).
+    pub fn kubeconfig(&self) -> Kubeconfig {
+        let path = std::env::temp_dir().join(format!(
+            "pb-test-kubeconfig-{}-{}",
+            std::process::id(),
+            self.addr.port()
+        ));
+        let text = format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+             clusters:\n- name: test\n  cluster:\n    server: {}\n\
+             contexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n\
+             users:\n- name: test\n  user:\n    token: test\n",
+            self.url()
+        );
+        fs::write(&path, text).expect("write the kubeconfig");
+        Kubeconfig { path }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A temporary kubeconfig file; deleted on drop.
+pub struct Kubeconfig {
+    pub path: PathBuf,
+}
+
+impl Drop for Kubeconfig {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
     }
 }
 

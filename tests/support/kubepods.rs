@@ -9,7 +9,7 @@
 use std::{
     fs,
     io::ErrorKind,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command},
     sync::atomic::{AtomicU32, Ordering},
     thread,
@@ -28,31 +28,39 @@ const REMOVAL_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct PodProcess {
     /// The cgroups made, parents first.
     dirs: Vec<PathBuf>,
-    child: Child,
+    child: Option<Child>,
 }
 
 impl PodProcess {
     /// Starts a long `sleep` in pod `uid`'s cgroup and in `pod`'s network namespace.
     pub fn start(pod: &TestPod, uid: &str) -> Self {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let root = cgroup2_mount()
-            .expect("find the cgroup v2 mount")
-            .join(format!("probe-bypass-test-{}-k{n}", std::process::id()));
-        let mut dirs = Vec::new();
-        let mut dir = root;
-        for part in [
-            String::new(),
-            "kubepods".into(),
-            "besteffort".into(),
-            format!("pod{uid}"),
-            "c0".into(),
-        ] {
-            if !part.is_empty() {
-                dir = dir.join(part);
-            }
-            fs::create_dir(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
-            dirs.push(dir.clone());
-        }
+        let mut process = Self::cgroup(uid);
+        process.enter(pod);
+        process
+    }
+
+    /// Makes pod `uid`'s cgroup, as the kubelet does before the runtime starts the sandbox, with
+    /// no process in it yet.
+    pub fn cgroup(uid: &str) -> Self {
+        let pod = format!("pod{uid}");
+        let dirs = make_cgroups(test_root(), &["kubepods", "besteffort", &pod, "c0"]);
+        Self { dirs, child: None }
+    }
+
+    /// The pod's own cgroup (`…/pod<uid>`), whose `cgroup.events` says whether it holds a process.
+    pub fn pod_cgroup(&self) -> &Path {
+        &self.dirs[self.dirs.len() - 2]
+    }
+
+    /// The process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Starts the process in the cgroup and in `pod`'s namespace (see [`Self::start`]).
+    pub fn enter(&mut self, pod: &TestPod) {
+        self.stop();
+        let dir = self.dirs.last().expect("the container's cgroup");
         // The shell moves itself into the cgroup, then becomes `ip netns exec`, which enters the
         // namespace and becomes the sleep: one pid throughout.
         let child = Command::new("sh")
@@ -62,23 +70,84 @@ impl PodProcess {
             .args(["ip", "netns", "exec", &pod.netns_name, "sleep", "600"])
             .spawn()
             .expect("start the pod's process");
-        Self { dirs, child }
+        self.child = Some(child);
+    }
+
+    /// Kills and reaps the process, leaving the cgroups (and the namespace) in place.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
 impl Drop for PodProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for dir in self.dirs.iter().rev() {
-            let deadline = Instant::now() + REMOVAL_TIMEOUT;
-            loop {
-                match fs::remove_dir(dir) {
-                    Err(e) if e.kind() != ErrorKind::NotFound && Instant::now() < deadline => {
-                        thread::sleep(Duration::from_millis(10));
-                    }
-                    _ => break,
+        self.stop();
+        remove_cgroups(&self.dirs);
+    }
+}
+
+/// A `kubepods` tree of the test's own (`probe-bypass-test-<pid>-k<n>/kubepods/besteffort`), for
+/// many pods' cgroups side by side, as on a node. Drop it after the pods made in it.
+pub struct Kubepods {
+    /// The cgroups made, parents first.
+    dirs: Vec<PathBuf>,
+}
+
+impl Kubepods {
+    pub fn new() -> Self {
+        Self {
+            dirs: make_cgroups(test_root(), &["kubepods", "besteffort"]),
+        }
+    }
+
+    /// Makes pod `uid`'s cgroup in this tree, with no process in it yet (see [`PodProcess::cgroup`]).
+    pub fn pod(&self, uid: &str) -> PodProcess {
+        let besteffort = self.dirs.last().expect("the QoS class's cgroup");
+        let dirs = make_cgroups(besteffort.join(format!("pod{uid}")), &["c0"]);
+        PodProcess { dirs, child: None }
+    }
+}
+
+impl Drop for Kubepods {
+    fn drop(&mut self) {
+        remove_cgroups(&self.dirs);
+    }
+}
+
+/// A cgroup of the test's own below the cgroup v2 mount, not made yet.
+fn test_root() -> PathBuf {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    cgroup2_mount()
+        .expect("find the cgroup v2 mount")
+        .join(format!("probe-bypass-test-{}-k{n}", std::process::id()))
+}
+
+/// Makes `top` and the cgroups `below` it, each in the one before; returns them parents first.
+fn make_cgroups(top: PathBuf, below: &[&str]) -> Vec<PathBuf> {
+    let mut dirs = vec![top];
+    for part in below {
+        let next = dirs[dirs.len() - 1].join(part);
+        dirs.push(next);
+    }
+    for dir in &dirs {
+        fs::create_dir(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    }
+    dirs
+}
+
+/// Removes cgroups given parents first, waiting for killed processes to leave them.
+fn remove_cgroups(dirs: &[PathBuf]) {
+    for dir in dirs.iter().rev() {
+        let deadline = Instant::now() + REMOVAL_TIMEOUT;
+        loop {
+            match fs::remove_dir(dir) {
+                Err(e) if e.kind() != ErrorKind::NotFound && Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(10));
                 }
+                _ => break,
             }
         }
     }

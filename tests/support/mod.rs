@@ -14,7 +14,9 @@
 pub mod agent;
 pub mod bpffs;
 pub mod cgroup;
+pub mod kube_api;
 pub mod kubelet;
+pub mod kubepods;
 pub mod mesh;
 pub mod pod;
 pub mod privilege;

@@ -12,6 +12,7 @@
 
 pub mod mesh;
 mod node_pods;
+mod pod_cgroups;
 mod proc_lookup;
 
 use std::{net::IpAddr, pin::pin, sync::Arc, time::Duration};
@@ -33,11 +34,15 @@ pub use self::{
     mesh::{LabelMatch, MeshSelector},
     proc_lookup::ProcLookup,
 };
-use super::PodSet;
+use super::Snapshot;
 use crate::{metrics::KubeMetrics, pod::NetnsRef};
 
 /// How often the namespace files of served pods are checked: the process that named one may exit.
 const REVALIDATE: Duration = Duration::from_secs(5);
+
+/// How often the cgroups of pods waiting for their namespace are checked for a first process
+/// ([`NetnsLookup::populated`]): a fifth of the 100 ms a new pod may wait to be served.
+const ARRIVAL_POLL: Duration = Duration::from_millis(20);
 
 /// A pod whose network namespace is wanted.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,6 +59,14 @@ pub struct NetnsQuery {
 pub trait NetnsLookup: Send + Sync + 'static {
     /// One answer per query, in the queries' order: the namespace, or why it was not found.
     fn lookup(&self, pods: &[NetnsQuery]) -> Vec<Result<NetnsRef, String>>;
+
+    /// Whether each pod has a process yet, in the queries' order: a cheap check, polled every
+    /// [`ARRIVAL_POLL`] for the pods waiting for their namespace, so that a pod is looked up as
+    /// soon as its sandbox starts rather than when its backoff ends. Without it (the default:
+    /// never), lookups are retried on their backoff alone.
+    fn populated(&self, pods: &[NetnsQuery]) -> Vec<bool> {
+        vec![false; pods.len()]
+    }
 }
 
 /// What the source watches.
@@ -85,7 +98,7 @@ pub async fn client() -> Result<Client, SourceError> {
 
 /// Starts watching this node's pods on a task of its own, which ends when the receiver is dropped.
 ///
-/// The receiver holds an empty set until the first complete list of the node's pods has been
+/// The receiver holds an empty snapshot until the first complete list of the node's pods has been
 /// read, and its `changed()` fires when that list is in: wait for it before acting on the set, or
 /// pods served by an earlier agent would look gone. From then on it always holds the current set.
 pub fn watch(
@@ -93,7 +106,7 @@ pub fn watch(
     settings: Settings,
     lookup: Arc<dyn NetnsLookup>,
     metrics: KubeMetrics,
-) -> watch::Receiver<Arc<PodSet>> {
+) -> watch::Receiver<Arc<Snapshot>> {
     let config = watcher::Config::default()
         .fields(&format!("spec.nodeName={}", settings.node_name))
         // Served from the API server's watch cache rather than a quorum read of etcd, as
@@ -101,19 +114,19 @@ pub fn watch(
         .any_semantic();
     let events = watcher::watcher(Api::<K8sPod>::all(client), config).default_backoff();
     let pods = NodePods::new(settings.node_name, settings.mesh, metrics.clone());
-    let (publish, receiver) = watch::channel(Arc::new(PodSet::new()));
+    let (publish, receiver) = watch::channel(Arc::new(Snapshot::default()));
     tokio::spawn(follow(events, pods, lookup, metrics, publish));
     receiver
 }
 
-/// Applies the watch's events to `pods` and publishes the served set after each, once the first
-/// list is complete.
+/// Applies the watch's events to `pods` and publishes the served and pending pods after each, once
+/// the first list is complete.
 async fn follow<S>(
     events: S,
     mut pods: NodePods,
     lookup: Arc<dyn NetnsLookup>,
     metrics: KubeMetrics,
-    publish: watch::Sender<Arc<PodSet>>,
+    publish: watch::Sender<Arc<Snapshot>>,
 ) where
     S: Stream<Item = Result<Event<K8sPod>, watcher::Error>>,
 {
@@ -123,8 +136,11 @@ async fn follow<S>(
     let mut published = false;
     let mut revalidate = tokio::time::interval(REVALIDATE);
     revalidate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut arrivals = tokio::time::interval(ARRIVAL_POLL);
+    arrivals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         let retry_at = pods.next_lookup();
+        let awaited = listed && pods.awaits_netns();
         tokio::select! {
             () = publish.closed() => return,
             event = events.next() => match event {
@@ -145,6 +161,7 @@ async fn follow<S>(
             },
             () = sleep_until(retry_at) => {}
             _ = revalidate.tick() => pods.revalidate(Instant::now()),
+            _ = arrivals.tick(), if awaited => check_arrivals(&mut pods, &lookup).await,
         }
         if !listed {
             continue;
@@ -152,12 +169,15 @@ async fn follow<S>(
         resolve_due(&mut pods, &lookup).await;
         let (no_ip, no_netns) = pods.pending();
         metrics.set_pending(no_ip, no_netns);
-        let set = pods.pod_set();
+        let set = Snapshot {
+            pods: pods.pod_set(),
+            pending: pods.pending_pods(),
+        };
         if !published {
             log::info!(
                 "listed this node's pods: {} meshed pods served, {no_ip} waiting for an IP, \
                  {no_netns} for their network namespace",
-                set.len()
+                set.pods.len()
             );
             publish.send_replace(Arc::new(set));
             published = true;
@@ -194,6 +214,20 @@ async fn resolve_due(pods: &mut NodePods, lookup: &Arc<dyn NetnsLookup>) {
             .next()
             .unwrap_or_else(|| Err("the lookup gave no answer".to_owned()));
         pods.looked_up(&key, &query, answer, now);
+    }
+}
+
+/// Makes the lookup of every pod whose first process just appeared due now.
+async fn check_arrivals(pods: &mut NodePods, lookup: &Arc<dyn NetnsLookup>) {
+    let waiting = pods.awaiting_netns();
+    let queries: Vec<NetnsQuery> = waiting.iter().map(|(_, query)| query.clone()).collect();
+    let lookup = Arc::clone(lookup);
+    let answers = tokio::task::spawn_blocking(move || lookup.populated(&queries))
+        .await
+        .unwrap_or_default();
+    let now = Instant::now();
+    for ((key, query), populated) in waiting.iter().zip(answers) {
+        pods.populated(key, query, populated, now);
     }
 }
 
@@ -291,12 +325,16 @@ mod tests {
         }
     }
 
-    fn names(pods: &watch::Receiver<Arc<PodSet>>) -> Vec<String> {
-        pods.borrow().keys().map(|key| key.name.clone()).collect()
+    fn names(pods: &watch::Receiver<Arc<Snapshot>>) -> Vec<String> {
+        pods.borrow()
+            .pods
+            .keys()
+            .map(|key| key.name.clone())
+            .collect()
     }
 
     /// Waits for the next publication, or fails after a while.
-    async fn next(pods: &mut watch::Receiver<Arc<PodSet>>) -> Vec<String> {
+    async fn next(pods: &mut watch::Receiver<Arc<Snapshot>>) -> Vec<String> {
         tokio::time::timeout(Duration::from_secs(5), pods.changed())
             .await
             .expect("a publication")
@@ -305,7 +343,7 @@ mod tests {
     }
 
     /// True when nothing is published for a while.
-    async fn quiet(pods: &mut watch::Receiver<Arc<PodSet>>) -> bool {
+    async fn quiet(pods: &mut watch::Receiver<Arc<Snapshot>>) -> bool {
         tokio::time::timeout(Duration::from_millis(200), pods.changed())
             .await
             .is_err()
@@ -340,7 +378,7 @@ mod tests {
         let (events, stream) = mpsc::unbounded();
         let metrics = KubeMetrics::default();
         let node_pods = NodePods::new("worker-1".into(), MeshSelector::default(), metrics.clone());
-        let (publish, mut pods) = watch::channel(Arc::new(PodSet::new()));
+        let (publish, mut pods) = watch::channel(Arc::new(Snapshot::default()));
         let source = tokio::spawn(follow(
             stream,
             node_pods,

@@ -18,7 +18,7 @@ use std::{
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::watch;
 
-use super::PodSet;
+use super::{PodSet, Snapshot};
 use crate::pod::{Pod, PodKey};
 
 /// Time to let a burst of file events settle before rescanning.
@@ -43,7 +43,7 @@ pub enum SourceError {
 
 /// Reads `dir` once, then watches it on a thread of its own. The returned receiver always holds
 /// the current pod set; the thread stops when the receiver is dropped.
-pub fn watch(dir: &Path) -> Result<watch::Receiver<Arc<PodSet>>, SourceError> {
+pub fn watch(dir: &Path) -> Result<watch::Receiver<Arc<Snapshot>>, SourceError> {
     let mut manifests = ManifestDir::new(dir);
     let first = manifests.scan().map_err(|source| SourceError::Dir {
         path: dir.to_owned(),
@@ -64,7 +64,7 @@ pub fn watch(dir: &Path) -> Result<watch::Receiver<Arc<PodSet>>, SourceError> {
             path: dir.to_owned(),
             source,
         })?;
-    let (publish, pods) = watch::channel(Arc::new(first));
+    let (publish, pods) = watch::channel(Arc::new(Snapshot::served(first)));
     thread::Builder::new()
         .name("pod-manifests".to_owned())
         .spawn(move || {
@@ -82,7 +82,7 @@ pub fn watch(dir: &Path) -> Result<watch::Receiver<Arc<PodSet>>, SourceError> {
 fn follow(
     mut manifests: ManifestDir,
     events: &mpsc::Receiver<()>,
-    publish: &watch::Sender<Arc<PodSet>>,
+    publish: &watch::Sender<Arc<Snapshot>>,
 ) {
     let mut dir_error: Option<String> = None;
     while !publish.is_closed() {
@@ -96,6 +96,7 @@ fn follow(
         }
         match manifests.scan() {
             Ok(pods) => {
+                let pods = Snapshot::served(pods);
                 if dir_error.take().is_some() {
                     log::info!(
                         "pod manifests directory {} is readable again",

@@ -17,11 +17,21 @@
 //! metrics port) skips the proxy only when it comes from the host network namespace, where the
 //! kubelet runs. From any other pod it meets the proxy, and mTLS, like any other port.
 //!
+//! They also count the kubelet's probes to a pod the agent knows but does not serve yet (issue 4):
+//! such a probe finds no listener and fails with "connection refused" (istio#18505).
+//!
 //! Built for the BPF target this is a `no_std`, `no_main` object. Workspace-wide commands such as
 //! `cargo clippy --workspace` also check it for the host, where it is an empty ordinary program:
 //! a `no_std` binary cannot be built there, since the host's `core` unwinds on panic.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The BPF target has no read-modify-write atomics in `core::sync::atomic` (it declares no
+// compare-and-swap), but it has an atomic add, which LLVM emits for the intrinsic.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(internal_features, reason = "core_intrinsics, for the BPF atomic add")
+)]
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -111,6 +121,13 @@ static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::with_max_entries(MAX
 /// to this map and runs for every message these sockets send.
 #[map]
 static SOCKETS: SockHash<ConnKey> = SockHash::with_max_entries(MAX_CONNECTIONS, 0);
+
+/// Probes from the host network namespace (the kubelet) to a meshed pod the agent knows but does
+/// not serve yet, by the pod's address (issue 4). The agent puts a pending pod's address in with
+/// a count of 0 and takes the count (reads and removes the entry) once it serves the pod; the
+/// programs only ever add to entries that are there.
+#[map]
+static EARLY_PROBES: HashMap<Addr, u64> = HashMap::with_max_entries(MAX_PODS, 0);
 
 /// Event counters, indexed by [`Counter`]. Per CPU so that counting needs no atomics; the agent sums them.
 #[map]
@@ -219,7 +236,10 @@ fn decide(ctx: &SockAddrContext, dst: Addr, port: u16) -> Option<(Addr, u16)> {
 
     // Inbound: the destination is a meshed pod.
     // SAFETY: as above.
-    let target = unsafe { PODS_BY_ADDR.get(dst) }.copied()?;
+    let Some(target) = (unsafe { PODS_BY_ADDR.get(dst) }).copied() else {
+        count_early_probe(caller_netns, dst, port);
+        return None;
+    };
     if port == config.inbound_port {
         // Already addressed to the proxy; rewriting it would only make the proxy loop to itself.
         return None;
@@ -239,6 +259,53 @@ fn decide(ctx: &SockAddrContext, dst: Addr, port: u16) -> Option<(Addr, u16)> {
     }
     count(Counter::RedirectedInbound);
     remember(ctx, dst, port, redirect::INBOUND).then_some((dst, config.inbound_port))
+}
+
+/// Counts a probe from the host network namespace to a pod in `EARLY_PROBES`: a meshed pod the
+/// agent does not serve yet, so that nothing listens on its probe port. The connection goes on
+/// as it would, unchanged.
+///
+/// This runs for every connection to an address that is not a meshed pod's, most of the node's
+/// traffic, so the cheapest test that rejects nearly all of it comes first: one `PORT_RULES`
+/// lookup (a hash of 20 bytes). Only a probe port goes on to a helper call (the host's netns
+/// cookie) and an `EARLY_PROBES` lookup, and only a pending pod to an atomic add.
+#[inline(always)]
+fn count_early_probe(caller_netns: u64, dst: Addr, port: u16) {
+    if !has_port_rule(Addr::UNSPECIFIED, port, port_rule::PROBE) {
+        return;
+    }
+    // SAFETY: NULL asks for the initial network namespace's cookie.
+    let host_netns = unsafe { bpf_get_netns_cookie(core::ptr::null_mut()) };
+    if caller_netns != host_netns {
+        return;
+    }
+    if let Some(probes) = EARLY_PROBES.get_ptr_mut(dst) {
+        // SAFETY: the pointer is to the entry's value, valid while the program runs (RCU), and
+        // aligned for a u64.
+        unsafe { atomic_add_one(probes) };
+    }
+}
+
+/// Adds one to a value that programs on other CPUs may update at the same moment (the kubelet
+/// probes pods concurrently), with the BPF atomic add (`lock xadd`, `__sync_fetch_and_add`).
+///
+/// # Safety
+///
+/// `value` must be valid for reads and writes and aligned for a u64.
+#[inline(always)]
+unsafe fn atomic_add_one(value: *mut u64) {
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: as the caller promises.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            value, 1,
+        );
+    }
+    // The host build only type-checks the programs; this keeps the function meaningful there.
+    #[cfg(not(target_arch = "bpf"))]
+    // SAFETY: as the caller promises.
+    unsafe { core::sync::atomic::AtomicU64::from_ptr(value) }
+        .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
 }
 
 /// Whether a meshed pod's connection goes to the pod's own address: it stays inside the pod (on

@@ -7,7 +7,8 @@
 //!
 //! A meshed pod is published once it has an IP and its network namespace is known. The namespace
 //! is looked up by UID and IP, again whenever the IP changes or the namespace file disappears;
-//! failures are retried with backoff, one pod at a time.
+//! failures are retried with backoff, one pod at a time, and at once when the pod's cgroup gets its
+//! first process (the source polls for it), then on a short backoff while its namespace is set up.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -28,7 +29,7 @@ use crate::{
     exclusions,
     metrics::KubeMetrics,
     pod::{NetnsRef, Pod, PodKey},
-    source::PodSet,
+    source::{Pending, PodSet},
 };
 
 /// First retry of a namespace lookup that failed; doubled on each failure up to [`MAX_RETRY`].
@@ -36,6 +37,10 @@ use crate::{
 /// a lookup usually succeeds at once; when it does not, the pod is probably just being set up.
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 const MAX_RETRY: Duration = Duration::from_secs(10);
+
+/// First retry of a lookup that failed after the pod's cgroup got its first process: the runtime
+/// moves the process into the pod's namespace, and the CNI plugin sets the IP up, moments later.
+const FIRST_RETRY_POPULATED: Duration = Duration::from_millis(20);
 
 /// Phases after which no container runs again, so no probe comes.
 const FINISHED_PHASES: [&str; 2] = ["Succeeded", "Failed"];
@@ -94,6 +99,8 @@ enum Netns {
         attempts: u32,
         retry_at: Instant,
         error: Option<String>,
+        /// The pod's cgroup held a process when last checked.
+        populated: bool,
     },
     Known(NetnsRef),
 }
@@ -104,6 +111,7 @@ impl Netns {
             attempts: 0,
             retry_at: now,
             error: None,
+            populated: false,
         }
     }
 }
@@ -183,6 +191,88 @@ impl NodePods {
         (no_ip, no_netns)
     }
 
+    /// Meshed pods with an IP that are not served, and why.
+    pub fn pending_pods(&self) -> BTreeMap<PodKey, Pending> {
+        self.meshed()
+            .filter_map(|(key, meshed)| {
+                let PodIp::Known(ip) = meshed.ip else {
+                    return None;
+                };
+                if meshed.served.is_some() {
+                    return None;
+                }
+                let reason = match (&meshed.netns, &meshed.problem) {
+                    (_, Some(problem)) => problem.clone(),
+                    (
+                        Netns::Unknown {
+                            error: Some(error), ..
+                        },
+                        None,
+                    ) => {
+                        format!("network namespace not found: {error}")
+                    }
+                    _ => "network namespace not looked up yet".to_owned(),
+                };
+                Some((key.clone(), Pending { ip, reason }))
+            })
+            .collect()
+    }
+
+    /// Whether a pod with an IP waits for its network namespace.
+    pub fn awaits_netns(&self) -> bool {
+        self.meshed().any(|(_, meshed)| meshed.awaits_netns())
+    }
+
+    /// The pods with an IP that wait for their network namespace, to check for a first process.
+    pub fn awaiting_netns(&self) -> Vec<(PodKey, NetnsQuery)> {
+        self.pods
+            .iter()
+            .filter_map(|(key, entry)| {
+                let State::Meshed(meshed) = &entry.state else {
+                    return None;
+                };
+                let PodIp::Known(ip) = meshed.ip else {
+                    return None;
+                };
+                meshed.awaits_netns().then(|| {
+                    let query = NetnsQuery {
+                        uid: entry.uid.clone(),
+                        ip,
+                    };
+                    (key.clone(), query)
+                })
+            })
+            .collect()
+    }
+
+    /// Takes whether the cgroup of the pod of `query` holds a process: when it just got its first,
+    /// the lookup is due now, and retried on a short backoff.
+    pub fn populated(
+        &mut self,
+        key: &PodKey,
+        query: &NetnsQuery,
+        now_populated: bool,
+        now: Instant,
+    ) {
+        let Some(meshed) = queried(&mut self.pods, key, query) else {
+            return;
+        };
+        if let Netns::Unknown {
+            attempts,
+            retry_at,
+            populated,
+            ..
+        } = &mut meshed.netns
+        {
+            if now_populated && !*populated {
+                log::debug!("pod {key}: its cgroup has a process; looking up its namespace");
+                *attempts = 0;
+                *retry_at = now;
+            }
+            *populated = now_populated;
+        }
+    }
+
     /// The pods whose network namespace is to be looked up now.
     pub fn due_lookups(&self, now: Instant) -> Vec<(PodKey, NetnsQuery)> {
         self.pods
@@ -224,21 +314,19 @@ impl NodePods {
         answer: Result<NetnsRef, String>,
         now: Instant,
     ) {
-        let Some(entry) = self.pods.get_mut(key) else {
+        let Some(meshed) = queried(&mut self.pods, key, query) else {
             return;
         };
-        let State::Meshed(meshed) = &mut entry.state else {
-            return;
-        };
-        if entry.uid != query.uid || meshed.ip != PodIp::Known(query.ip) {
-            return;
-        }
         let Netns::Unknown {
-            attempts, error, ..
+            attempts,
+            error,
+            populated,
+            ..
         } = &meshed.netns
         else {
             return;
         };
+        let populated = *populated;
         match answer {
             Ok(netns) => {
                 if *attempts > 0 {
@@ -254,7 +342,11 @@ impl NodePods {
             Err(reason) => {
                 self.metrics.netns_lookup_failures.inc();
                 let attempts = attempts.saturating_add(1);
-                let backoff = retry_after(attempts);
+                let backoff = if populated {
+                    retry_after_populated(attempts)
+                } else {
+                    retry_after(attempts)
+                };
                 if error.as_ref() == Some(&reason) {
                     log::debug!(
                         "pod {key} ({}): network namespace still not found: {reason}; next try in {backoff:?}",
@@ -270,6 +362,7 @@ impl NodePods {
                     attempts,
                     retry_at: now + backoff,
                     error: Some(reason),
+                    populated,
                 };
             }
         }
@@ -423,6 +516,13 @@ impl NodePods {
 }
 
 impl Meshed {
+    fn awaits_netns(&self) -> bool {
+        matches!(
+            (&self.ip, &self.netns, &self.served),
+            (PodIp::Known(_), Netns::Unknown { .. }, None)
+        )
+    }
+
     /// Takes a new version of the pod; a new IP means a new namespace lookup.
     fn update(&mut self, key: &PodKey, pod: K8sPod, now: Instant, metrics: &KubeMetrics) {
         if pod == self.pod {
@@ -487,8 +587,27 @@ impl Meshed {
     }
 }
 
+/// The pod `query` was made for, unless it changed since (deleted, replaced, a new IP).
+fn queried<'a>(
+    pods: &'a mut BTreeMap<PodKey, Entry>,
+    key: &PodKey,
+    query: &NetnsQuery,
+) -> Option<&'a mut Meshed> {
+    let entry = pods.get_mut(key)?;
+    let State::Meshed(meshed) = &mut entry.state else {
+        return None;
+    };
+    (entry.uid == query.uid && meshed.ip == PodIp::Known(query.ip)).then_some(&mut **meshed)
+}
+
 fn retry_after(attempts: u32) -> Duration {
     FIRST_RETRY
+        .saturating_mul(1 << attempts.saturating_sub(1).min(16))
+        .min(MAX_RETRY)
+}
+
+fn retry_after_populated(attempts: u32) -> Duration {
+    FIRST_RETRY_POPULATED
         .saturating_mul(1 << attempts.saturating_sub(1).min(16))
         .min(MAX_RETRY)
 }
@@ -877,6 +996,52 @@ mod tests {
         assert_eq!(served(&pods).len(), 2);
         assert_eq!(metrics.netns_lookup_failures.get(), 2);
         assert_eq!(retry_after(40), MAX_RETRY);
+    }
+
+    #[test]
+    fn pending_pod_is_looked_up_at_once_when_its_cgroup_gets_a_process_then_every_20_ms_doubling() {
+        let ms = Duration::from_millis;
+        let (mut pods, _) = node_pods();
+        let mut lookup = FakeLookup::default();
+        let listed = Instant::now();
+        pods.handle(Event::Apply(pod("a", unchanged)), listed);
+        resolve(&mut pods, &lookup, listed);
+        resolve(&mut pods, &lookup, listed + ms(200));
+        assert_eq!(
+            pods.next_lookup(),
+            Some(listed + ms(600)),
+            "without a process, the slow backoff: 200 ms, 400 ms…"
+        );
+        let [(key, query)] = &pods.awaiting_netns()[..] else {
+            panic!("pod a waits for its netns");
+        };
+        pods.populated(key, query, false, listed + ms(300));
+        assert_eq!(pods.next_lookup(), Some(listed + ms(600)));
+
+        let arrived = listed + ms(320);
+        pods.populated(key, query, true, arrived);
+        assert_eq!(pods.due_lookups(arrived).len(), 1, "looked up at once");
+        // The runtime has not moved the process into the pod's namespace yet.
+        resolve(&mut pods, &lookup, arrived);
+        assert_eq!(pods.next_lookup(), Some(arrived + ms(20)));
+        pods.populated(key, query, true, arrived + ms(10));
+        assert_eq!(
+            pods.next_lookup(),
+            Some(arrived + ms(20)),
+            "a cgroup still populated does not start the backoff again"
+        );
+        resolve(&mut pods, &lookup, arrived + ms(20));
+        assert_eq!(pods.next_lookup(), Some(arrived + ms(60)), "then 40 ms");
+        lookup
+            .known
+            .insert("uid-a".into(), NetnsRef::Named("cni-a".into()));
+        resolve(&mut pods, &lookup, arrived + ms(60));
+        assert_eq!(
+            served(&pods),
+            [("a".into(), "10.244.1.17".into(), "/run/netns/cni-a".into())],
+            "served 60 ms after its first process, not at the slow backoff's next try (600 ms)"
+        );
+        assert!(pods.awaiting_netns().is_empty());
     }
 
     /// A file standing for a namespace file, removed on drop.

@@ -3,22 +3,42 @@
 
 use std::path::PathBuf;
 
-use super::{NetnsLookup, NetnsQuery};
-use crate::{discovery::ProcScan, netns::NetnsWorker, pod::NetnsRef};
+use super::{NetnsLookup, NetnsQuery, pod_cgroups::PodCgroups};
+use crate::{datapath::cgroup2_mount, discovery::ProcScan, netns::NetnsWorker, pod::NetnsRef};
 
 pub struct ProcLookup {
     proc_root: PathBuf,
     worker: NetnsWorker,
+    cgroups: PodCgroups,
 }
 
 impl ProcLookup {
-    /// Looks in `proc_root` (the host's `/proc`), entering namespaces on `worker`'s thread.
+    /// Looks in `proc_root` (the host's `/proc`), entering namespaces on `worker`'s thread, and
+    /// watches pods' cgroups on the cgroup v2 mount for their first process.
     pub fn new(proc_root: PathBuf, worker: NetnsWorker) -> Self {
-        Self { proc_root, worker }
+        let mount = cgroup2_mount()
+            .inspect_err(|error| {
+                log::info!(
+                    "no cgroup v2 mount ({error}): pods waiting for their network namespace are \
+                     looked up on a backoff timer only"
+                );
+            })
+            .ok();
+        Self {
+            proc_root,
+            worker,
+            cgroups: PodCgroups::new(mount),
+        }
     }
 }
 
 impl NetnsLookup for ProcLookup {
+    fn populated(&self, pods: &[NetnsQuery]) -> Vec<bool> {
+        pods.iter()
+            .map(|pod| self.cgroups.populated(&pod.uid))
+            .collect()
+    }
+
     fn lookup(&self, pods: &[NetnsQuery]) -> Vec<Result<NetnsRef, String>> {
         match ProcScan::new(&self.proc_root) {
             Ok(scan) => pods
