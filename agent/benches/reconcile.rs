@@ -1,27 +1,46 @@
-//! How soon the agent serves a pod that appears and forgets one that goes (issue 3: "pods added or
-//! removed while running update the maps within 100 ms").
+//! How soon the agent serves a pod that appears and forgets one that goes, with each pod source:
+//! pod manifests (issue 3: "pods added or removed while running update the maps within 100 ms") and
+//! the Kubernetes API (issue 4: "the listener and the map entries must be in place within 100 ms
+//! of the pod's netns appearing").
 //!
-//! One release-built agent runs with the eBPF datapath under a test cgroup of this run's own, its
-//! pins on a bpffs of its own, and an empty pod manifests directory. Test pods (network namespace
-//! and veth each) are made beforehand. Then, one pod at a time, the benchmark writes the pod's
-//! manifest into the directory (atomically, as `tests/support/agent.rs` does) and polls until
+//! Test pods (network namespace and veth each) are made beforehand and serve both runs. Each run
+//! starts one release-built agent with the eBPF datapath under a test cgroup of the run's own, its
+//! pins on a bpffs of their own. Then, one pod at a time, the pod appears and the benchmark polls
+//! until
 //!
 //! - the pod's address is in the datapath's pinned `PODS_BY_ADDR` map (read with
 //!   [`datapath::mapped_addrs`], as an operator's tool would), and
 //! - the pod's healthcheck listener accepts a connection from the host;
 //!
-//! then deletes the manifest and polls until both are gone again. Each time is taken from just
-//! before the file is written or deleted.
+//! then the pod goes and the benchmark polls until both are gone again. Each time is taken from
+//! just before the change, and each is set against a baseline taken in the same run from the same
+//! instant: the floor for any agent that learns of the change the way this one does.
 //!
-//! The baseline, in the same run: a watcher of the benchmark's own on the same directory, with the
-//! same inotify library the agent uses, timed from the same instant to the moment the event reaches
-//! it. That is the floor for any agent that learns its pods from files; the agent adds its debounce
-//! (20 ms, so that a burst of writes is read once), a rescan of the directory, a netns switch to
-//! bind the listener, and the map writes.
+//! **Manifests.** The pod appears when its manifest is written into the agent's directory
+//! (atomically, as `tests/support/agent.rs` does), and goes when the file is deleted. Baseline: a
+//! watcher of the benchmark's own on the directory, with the same inotify library the agent uses,
+//! timed to the moment the event reaches it. The agent adds its debounce (20 ms, so that a burst
+//! of writes is read once), a rescan of the directory, a netns switch to bind the listener, and
+//! the map writes.
+//!
+//! **Kubernetes API** (`--pod-source kube` against the stand-in API server of
+//! `tests/support/kube_api.rs`, through `KUBECONFIG`). Every pod is in the API with its IP from the
+//! start, and its cgroup is in a `kubepods` tree with no process, so the agent holds them all as
+//! waiting for their network namespace (its lookups failing, their backoff growing to 10 s). A pod
+//! appears when its first process enters its cgroup inside its network namespace, as a sandbox's
+//! first process does: that is the pod's netns appearing as the agent can see it. Baseline: the
+//! benchmark itself seeing the process both in the pod's cgroup (`populated 1` in its
+//! `cgroup.events`, the signal the agent polls every 20 ms) and in the pod's namespace
+//! (`/proc/<pid>/ns/net`), polling at [`POLL`]: the moment from which a lookup can succeed. The
+//! agent adds its 20 ms poll of the cgroups, a scan of `/proc` (again 20, 40 ms later if the first
+//! ran before the process entered the namespace), the netns switch and the map writes. A pod goes
+//! when it is deleted from the API (a DELETED watch event). Baseline: a watch of the benchmark's own
+//! on the same API server, with the same client library the agent uses, timed to the moment the
+//! event reaches it.
 //!
 //! Needs root; without it the benchmark says why and exits successfully, unless `CI` is set. The
-//! pods, the cgroup, the pins and the agent are removed on exit and on a panic, by their guards.
-//! `PB_BENCH_PODS` sets how many pods come and go (default 100).
+//! pods, the cgroups, the pins, the processes and the agents are removed on exit and on a panic, by
+//! their guards. `PB_BENCH_PODS` sets how many pods come and go in each run (default 100).
 
 #![allow(
     clippy::expect_used,
@@ -32,23 +51,36 @@
 mod support;
 
 use std::{
+    fs,
     net::{IpAddr, SocketAddr, TcpStream},
     panic,
+    path::Path,
+    pin::pin,
     sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
 
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod as K8sPod;
+use kube::{
+    Api,
+    runtime::watcher::{self, Event},
+};
 use notify::{RecursiveMode, Watcher as _};
-use probe_bypass::datapath;
+use probe_bypass::{datapath, netns::NetnsId};
+use serde_json::{Value, json};
 use support::{
-    agent::{Agent, ManifestDir},
+    agent::{Agent, ManifestDir, ebpf_args},
     bpffs::TestPins,
     cgroup::TestCgroup,
+    kube_api::FakeApi,
+    kubepods::{Kubepods, PodProcess},
     pod::TestPod,
 };
+use tokio::runtime::Runtime;
 
-/// Pods that come and go, one at a time, unless `PB_BENCH_PODS` says otherwise.
+/// Pods that come and go in each run, one at a time, unless `PB_BENCH_PODS` says otherwise.
 const PODS: usize = 100;
 
 /// How often the state is polled; each poll costs a map read and a connect attempt.
@@ -60,6 +92,12 @@ const GIVE_UP: Duration = Duration::from_secs(5);
 /// The requirement the figures are read against.
 const TARGET: Duration = Duration::from_millis(100);
 
+/// The node the kube run's agent and pods are on.
+const NODE: &str = "worker-1";
+
+/// An FSM-injected pod as the API server returns it.
+const POD: &str = include_str!("../../tests/support/kube_pod.json");
+
 fn main() {
     if !support::privilege::bench_can_run("reconcile") {
         return;
@@ -67,46 +105,33 @@ fn main() {
     let count = pods();
     eprintln!("== making {count} pods");
     let pods: Vec<TestPod> = (0..count).map(|_| TestPod::new()).collect();
-    let cgroup = TestCgroup::new();
-    let pins = TestPins::new();
-    let dir = ManifestDir::new();
-    let (events, watcher) = watch(&dir);
-    let cgroup_root = cgroup.path().display().to_string();
-    let pin_path = pins.arg();
-    let agent = Agent::start_with_log_filter(
-        &dir.path,
-        &[
-            "--datapath",
-            "ebpf",
-            "--cgroup-root",
-            &cgroup_root,
-            "--pin-path",
-            &pin_path,
-        ],
-        "info",
+    eprintln!("== pod manifests: adding and removing them one at a time");
+    let manifests = manifests_run(&pods);
+    eprintln!("== Kubernetes API: starting and deleting them one at a time");
+    let kube = kube_run(&pods);
+    println!("command: `cargo xtask bench reconcile` (PB_BENCH_PODS={count})");
+    println!(
+        "{count} pods added and removed one at a time in each run; agent built for release, \
+         RUST_LOG=info, --datapath ebpf under a test cgroup; target: {}",
+        millis(TARGET)
     );
-    agent.wait_ready(200, Duration::from_secs(10));
-
-    eprintln!("== adding and removing them one at a time");
-    let mut timings = Timings::default();
-    for (i, pod) in pods.iter().enumerate() {
-        let file = format!("pod-{i}.json");
-        let manifest = pod.manifest(&format!("pod-{i}"), &[8080]);
-        drain(&events);
-        let started = Instant::now();
-        dir.write(&file, &manifest);
-        timings.added.push(until(pod, &pins, true, started));
-        timings.added_event.push(first_event(&events, started));
-
-        drain(&events);
-        let started = Instant::now();
-        dir.remove(&file);
-        timings.removed.push(until(pod, &pins, false, started));
-        timings.removed_event.push(first_event(&events, started));
-    }
-    drop(watcher);
-    drop(agent);
-    print_report(count, &timings);
+    print_table(
+        "--pod-manifests: manifest written, then deleted",
+        [
+            "baseline: inotify event, manifest written",
+            "baseline: inotify event, manifest deleted",
+        ],
+        &manifests,
+    );
+    print_table(
+        "--pod-source kube: pending pod's first process enters its cgroup and netns, then the pod \
+         is deleted from the API",
+        [
+            "baseline: process seen in the pod's cgroup and netns",
+            "baseline: DELETED event reaches a watch",
+        ],
+        &kube,
+    );
 }
 
 fn pods() -> usize {
@@ -120,9 +145,40 @@ fn pods() -> usize {
     }
 }
 
-/// The baseline: the benchmark's own inotify watcher on the directory, reporting when each event
-/// arrives.
-fn watch(dir: &ManifestDir) -> (mpsc::Receiver<Instant>, notify::RecommendedWatcher) {
+/// Writes each pod's manifest into the agent's directory, then deletes it.
+fn manifests_run(pods: &[TestPod]) -> Timings {
+    let cgroup = TestCgroup::new();
+    let pins = TestPins::new();
+    let dir = ManifestDir::new();
+    let (events, _watcher) = watch_dir(&dir);
+    let cgroup_root = cgroup.path().display().to_string();
+    let pin_path = pins.arg();
+    let agent =
+        Agent::start_with_log_filter(&dir.path, &ebpf_args(&cgroup_root, &pin_path), "info");
+    agent.wait_ready(200, Duration::from_secs(10));
+
+    let mut timings = Timings::default();
+    for (i, pod) in pods.iter().enumerate() {
+        let file = format!("pod-{i}.json");
+        let manifest = pod.manifest(&format!("pod-{i}"), &[8080]);
+        drain(&events);
+        let started = Instant::now();
+        dir.write(&file, &manifest);
+        timings.added.push(until(pod, &pins, true, started));
+        timings.added_baseline.push(first_event(&events, started));
+
+        drain(&events);
+        let started = Instant::now();
+        dir.remove(&file);
+        timings.removed.push(until(pod, &pins, false, started));
+        timings.removed_baseline.push(first_event(&events, started));
+    }
+    timings
+}
+
+/// The manifests' baseline: the benchmark's own inotify watcher on the directory, reporting when
+/// each event arrives.
+fn watch_dir(dir: &ManifestDir) -> (mpsc::Receiver<Instant>, notify::RecommendedWatcher) {
     let (send, events) = mpsc::channel();
     let mut watcher = notify::recommended_watcher(move |_event| {
         let _ = send.send(Instant::now());
@@ -134,11 +190,148 @@ fn watch(dir: &ManifestDir) -> (mpsc::Receiver<Instant>, notify::RecommendedWatc
     (events, watcher)
 }
 
+/// Puts every pod in the API, waiting for its network namespace; then, one at a time, starts its
+/// first process and deletes it from the API.
+fn kube_run(pods: &[TestPod]) -> Timings {
+    let runtime = Runtime::new().expect("a tokio runtime");
+    let api = runtime.block_on(FakeApi::start(NODE));
+    // Before the pods' cgroups, which it must outlive.
+    let kubepods = Kubepods::new();
+    let sandboxes: Vec<PodProcess> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, pod)| {
+            let uid = format!(
+                "7b3f0e52-{:04x}-4c1d-9a6e-{:012x}",
+                std::process::id() & 0xffff,
+                u32::from(pod.ip)
+            );
+            api.apply(kube_pod(i, &uid, pod.ip.into()));
+            kubepods.pod(&uid)
+        })
+        .collect();
+    let deletes = watch_api(&runtime, &api);
+    let cgroup = TestCgroup::new();
+    let pins = TestPins::new();
+    let kubeconfig = api.kubeconfig();
+    let cgroup_root = cgroup.path().display().to_string();
+    let pin_path = pins.arg();
+    let mut agent = Agent::start_kube(
+        &kubeconfig.path,
+        NODE,
+        &ebpf_args(&cgroup_root, &pin_path),
+        "info",
+    );
+    let all_pending = format!(
+        "probe_bypass_kube_pods_pending{{reason=\"no_netns\"}} {}",
+        pods.len()
+    );
+    agent.wait_until(
+        "listing the pods, all waiting for their network namespace",
+        Duration::from_secs(20),
+        |agent| {
+            agent
+                .get("/metrics")
+                .is_some_and(|(_, metrics)| metrics.contains(&all_pending))
+        },
+    );
+
+    let mut timings = Timings::default();
+    for (i, (pod, mut sandbox)) in pods.iter().zip(sandboxes).enumerate() {
+        let started = Instant::now();
+        sandbox.enter(pod);
+        timings
+            .added_baseline
+            .push(sandbox_seen(&sandbox, pod, started));
+        timings.added.push(until(pod, &pins, true, started));
+
+        drain(&deletes);
+        let started = Instant::now();
+        api.delete(&pod_name(i));
+        timings.removed.push(until(pod, &pins, false, started));
+        timings
+            .removed_baseline
+            .push(first_event(&deletes, started));
+    }
+    assert_eq!(api.bad_requests(), Vec::<String>::new());
+    timings
+}
+
+fn pod_name(i: usize) -> String {
+    format!("pod-{i}")
+}
+
+/// The fixture pod as pod `i` of the run, with UID `uid` and IP `ip`, on [`NODE`].
+fn kube_pod(i: usize, uid: &str, ip: IpAddr) -> Value {
+    let mut pod: Value = serde_json::from_str(POD).expect("the pod fixture");
+    pod["metadata"]["name"] = json!(pod_name(i));
+    pod["metadata"]["uid"] = json!(uid);
+    pod["spec"]["nodeName"] = json!(NODE);
+    pod["status"]["podIP"] = json!(ip.to_string());
+    pod["status"]["podIPs"] = json!([{ "ip": ip.to_string() }]);
+    pod
+}
+
+/// The API deletes' baseline: a watch of the benchmark's own on the stand-in API server, with the
+/// client library the agent uses, reporting when each DELETED event arrives. Returns once the
+/// watch has listed the pods.
+fn watch_api(runtime: &Runtime, api: &FakeApi) -> mpsc::Receiver<Instant> {
+    let (send, deletes) = mpsc::channel();
+    let (listed, ready) = mpsc::channel();
+    let url: hyper::Uri = api.url().parse().expect("the API server's URL");
+    runtime.spawn(async move {
+        let client = kube::Client::try_from(kube::Config::new(url)).expect("a client");
+        let config = watcher::Config::default().fields(&format!("spec.nodeName={NODE}"));
+        let mut events = pin!(watcher::watcher(Api::<K8sPod>::all(client), config));
+        // An error ends the watch: before the list, the benchmark fails at once; after it, one
+        // comes only when the API server stops at the end.
+        while let Some(Ok(event)) = events.next().await {
+            match event {
+                Event::InitDone => {
+                    let _ = listed.send(());
+                }
+                Event::Delete(_) => {
+                    let _ = send.send(Instant::now());
+                }
+                Event::Init | Event::InitApply(_) | Event::Apply(_) => {}
+            }
+        }
+    });
+    ready
+        .recv_timeout(GIVE_UP)
+        .expect("the baseline watch listed the pods");
+    deletes
+}
+
+/// The pod starts' baseline: polls until the sandbox's process is in the pod's cgroup (as its
+/// `cgroup.events` says) and in the pod's network namespace, and returns when, from `started`.
+fn sandbox_seen(sandbox: &PodProcess, pod: &TestPod, started: Instant) -> Duration {
+    let events = sandbox.pod_cgroup().join("cgroup.events");
+    let netns =
+        NetnsId::of(&Path::new("/run/netns").join(&pod.netns_name)).expect("the pod's netns");
+    let pid = sandbox.pid().expect("the pod's process");
+    let process_netns = format!("/proc/{pid}/ns/net");
+    loop {
+        let now = Instant::now();
+        let populated = fs::read_to_string(&events)
+            .is_ok_and(|events| events.lines().any(|line| line == "populated 1"));
+        if populated && NetnsId::of(Path::new(&process_netns)).is_ok_and(|id| id == netns) {
+            return now - started;
+        }
+        assert!(
+            now - started < GIVE_UP,
+            "pod {}: its process is not in its cgroup and netns after {GIVE_UP:?}",
+            pod.ip
+        );
+        thread::sleep(POLL);
+    }
+}
+
 fn drain(events: &mpsc::Receiver<Instant>) {
     while events.try_recv().is_ok() {}
 }
 
-/// Time from `started` to the first event the baseline watcher received after it.
+/// Time from `started` to the first event a baseline watcher received after it.
 fn first_event(events: &mpsc::Receiver<Instant>, started: Instant) -> Duration {
     let at = events
         .recv_timeout(GIVE_UP)
@@ -186,12 +379,13 @@ fn listening(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
 }
 
+/// One run's times, each change with its baseline.
 #[derive(Default)]
 struct Timings {
     added: Vec<Seen>,
-    added_event: Vec<Duration>,
+    added_baseline: Vec<Duration>,
     removed: Vec<Seen>,
-    removed_event: Vec<Duration>,
+    removed_baseline: Vec<Duration>,
 }
 
 /// p50, p99 and max of a set of durations.
@@ -205,46 +399,42 @@ fn millis(duration: Duration) -> String {
     format!("{:.1} ms", duration.as_secs_f64() * 1e3)
 }
 
-fn print_report(count: usize, timings: &Timings) {
-    println!("command: `cargo xtask bench reconcile` (PB_BENCH_PODS={count})");
-    println!(
-        "{count} pods added and removed one at a time; agent built for release, RUST_LOG=info, \
-         --datapath ebpf under a test cgroup; target: {}",
-        millis(TARGET)
-    );
+/// One run's table, titled `title`, with its baselines named `[added, removed]`.
+fn print_table(title: &str, baselines: [&str; 2], timings: &Timings) {
+    let Timings {
+        added,
+        added_baseline,
+        removed,
+        removed_baseline,
+    } = timings;
+    let [added_name, removed_name] = baselines;
+    println!();
+    println!("{title}");
     println!();
     println!("| change | p50 | p99 | max | p50 / baseline p50 | max within target |");
     println!("|---|---:|---:|---:|---:|---|");
     let rows: [(&str, Vec<Duration>, &[Duration]); 6] = [
-        (
-            "baseline: inotify event, manifest written",
-            timings.added_event.clone(),
-            &timings.added_event,
-        ),
+        (added_name, added_baseline.clone(), added_baseline),
         (
             "added: address in PODS_BY_ADDR",
-            timings.added.iter().map(|seen| seen.map).collect(),
-            &timings.added_event,
+            added.iter().map(|seen| seen.map).collect(),
+            added_baseline,
         ),
         (
             "added: healthcheck listener accepts",
-            timings.added.iter().map(|seen| seen.listener).collect(),
-            &timings.added_event,
+            added.iter().map(|seen| seen.listener).collect(),
+            added_baseline,
         ),
-        (
-            "baseline: inotify event, manifest deleted",
-            timings.removed_event.clone(),
-            &timings.removed_event,
-        ),
+        (removed_name, removed_baseline.clone(), removed_baseline),
         (
             "removed: address gone from PODS_BY_ADDR",
-            timings.removed.iter().map(|seen| seen.map).collect(),
-            &timings.removed_event,
+            removed.iter().map(|seen| seen.map).collect(),
+            removed_baseline,
         ),
         (
             "removed: healthcheck listener closed",
-            timings.removed.iter().map(|seen| seen.listener).collect(),
-            &timings.removed_event,
+            removed.iter().map(|seen| seen.listener).collect(),
+            removed_baseline,
         ),
     ];
     for (what, values, baseline) in rows {
