@@ -104,16 +104,19 @@ pub struct PodSourceArgs {
 
     /// With `--pod-source kube`: a label that marks a pod as meshed, `KEY` (any value) or
     /// `KEY=VALUE`. Repeat the flag or separate labels with commas; giving it replaces the
-    /// default, the labels FSM's and OSM's injectors put on every pod they inject.
+    /// default, the labels FSM's and OSM's injectors put on every pod they inject. The injectors'
+    /// other marks count as well: the pod's `flomesh.io/` or `openservicemesh.io/`
+    /// `sidecar-injection` annotation set to enabled, and their sidecar container (`sidecar`,
+    /// `envoy`) running as `--proxy-uid`.
     #[arg(long = "mesh-label", value_name = "KEY[=VALUE]", value_delimiter = ',',
           default_value = DEFAULT_MESH_LABELS, env = "PROBE_BYPASS_MESH_LABELS")]
     pub mesh_labels: Vec<LabelMatch>,
 
-    /// With `--pod-source kube`: the name of the mesh's sidecar container (FSM's is `sidecar`,
-    /// OSM's `envoy`), which then marks a pod as meshed too. Repeat the flag or separate names
-    /// with commas. None by default: an application may have a container of that name without
-    /// a mesh, and redirecting a pod that has no proxy would cut it off. hostNetwork pods are
-    /// never served, whatever marks them.
+    /// With `--pod-source kube`: a container name that marks a pod as meshed whatever UID the
+    /// container runs as. Repeat the flag or separate names with commas. None by default: an
+    /// application may have a container called `sidecar` without a mesh, and redirecting a pod
+    /// that has no proxy would cut it off. hostNetwork pods are never served, whatever marks
+    /// them.
     #[arg(
         long = "mesh-sidecar-name",
         value_name = "NAME",
@@ -188,11 +191,13 @@ impl PodSourceArgs {
         }
     }
 
-    /// Which pods are meshed, for `--pod-source kube`.
-    pub fn mesh(&self) -> MeshSelector {
+    /// Which pods are meshed, for `--pod-source kube`; `proxy_uid` is the sidecar's
+    /// (`--proxy-uid`), by which the injectors' sidecar container is told.
+    pub fn mesh(&self, proxy_uid: u32) -> MeshSelector {
         MeshSelector {
             labels: self.mesh_labels.clone(),
             sidecar_names: self.mesh_sidecar_names.clone(),
+            proxy_uid,
         }
     }
 }
@@ -484,7 +489,7 @@ mod tests {
     #[test]
     fn meshed_pods_are_the_injected_ones_unless_told_otherwise() {
         let args = parse(&[]).expect("valid");
-        assert_eq!(args.pods.mesh(), MeshSelector::default());
+        assert_eq!(args.pods.mesh(PROXY_UID), MeshSelector::default());
         assert_eq!(args.pods.proc_root, PathBuf::from("/proc"));
         let labels = |args: &RunArgs| -> Vec<String> {
             args.pods
@@ -506,7 +511,10 @@ mod tests {
         ])
         .expect("valid");
         assert_eq!(labels(&args), ["mesh=blue", "team", "injected=true"]);
-        assert_eq!(args.pods.mesh().sidecar_names, ["sidecar", "envoy"]);
+        assert_eq!(
+            args.pods.mesh(PROXY_UID).sidecar_names,
+            ["sidecar", "envoy"]
+        );
         assert!(parse(&["--mesh-label", "=x"]).is_err());
     }
 }

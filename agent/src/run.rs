@@ -155,7 +155,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             let lookup = Arc::new(ProcLookup::new(args.pods.proc_root.clone(), worker.clone()));
             let settings = kube::Settings {
                 node_name,
-                mesh: args.pods.mesh(),
+                mesh: args.pods.mesh(args.datapath.proxy_uid),
             };
             log::info!(
                 "watching the pods of node {}; meshed: {}",

@@ -1,19 +1,36 @@
 //! Which of the node's pods are meshed.
 //!
-//! FSM's and OSM's injectors label every pod they inject with the proxy's unique ID
-//! (`fsm-proxy-uuid`, `osm-proxy-uuid`; `SidecarUniqueIDLabelName` / `EnvoyUniqueIDLabelName` in
-//! their `pkg/constants`), and the meshes' own tools tell a meshed pod by that label alone. So does
-//! the agent by default. A container's name is a weaker sign (many pods have a container called
-//! `sidecar`), and the `sidecar-injection` annotation only asks for injection, which may not
-//! have happened; redirecting a pod that has no proxy would cut it off, so neither counts unless
-//! asked for.
+//! By default, a pod the FSM or OSM injector has marked, with any of the marks it leaves:
+//! - the label with the proxy's unique ID it puts on every pod it injects (`fsm-proxy-uuid`,
+//!   `osm-proxy-uuid`; `SidecarUniqueIDLabelName` / `EnvoyUniqueIDLabelName` in their
+//!   `pkg/constants`), by which the meshes' own tools tell a meshed pod;
+//! - the injection annotation on the pod itself, `flomesh.io/sidecar-injection` or
+//!   `openservicemesh.io/sidecar-injection`, set to `enabled` (or `yes`, `true`, as the injectors
+//!   accept);
+//! - its sidecar container: named as the injector names it (FSM `sidecar`, OSM `envoy`) *and*
+//!   running as the proxy's UID. The name alone is too weak a sign (many pods have a container
+//!   called `sidecar`), and redirecting a pod that has no proxy would cut it off.
+//!
+//! `--mesh-label` replaces the labels; `--mesh-sidecar-name` adds container names that count
+//! whatever their UID.
 
 use std::{fmt, str::FromStr};
 
-use k8s_openapi::api::core::v1::Pod as K8sPod;
+use k8s_openapi::api::core::v1::{Container, Pod as K8sPod};
+
+use crate::ports::{MESH_ANNOTATION_PREFIXES, PROXY_UID};
 
 /// The labels FSM's and OSM's injectors put on every pod they inject.
 pub const DEFAULT_MESH_LABELS: &str = "fsm-proxy-uuid,osm-proxy-uuid";
+
+/// The injection annotation, after a [`MESH_ANNOTATION_PREFIXES`] prefix.
+const INJECTION_ANNOTATION: &str = "sidecar-injection";
+
+/// Values of the injection annotation that ask for a sidecar.
+const INJECTION_ENABLED: [&str; 3] = ["enabled", "yes", "true"];
+
+/// The names FSM's and OSM's injectors give their sidecar container.
+const INJECTED_SIDECAR_NAMES: [&str; 2] = ["sidecar", "envoy"];
 
 /// A label a meshed pod carries: `KEY` (any value) or `KEY=VALUE`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,11 +68,14 @@ impl fmt::Display for LabelMatch {
     }
 }
 
-/// A pod is meshed when it carries any of `labels` or has a container named in `sidecar_names`.
+/// A pod is meshed when it carries any of `labels`, has a container named in `sidecar_names`, or
+/// bears the injectors' other marks: the injection annotation enabled, or their sidecar container
+/// running as `proxy_uid`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MeshSelector {
     pub labels: Vec<LabelMatch>,
     pub sidecar_names: Vec<String>,
+    pub proxy_uid: u32,
 }
 
 impl MeshSelector {
@@ -71,13 +91,33 @@ impl MeshSelector {
                 }
             }
         }
+        if let Some(annotations) = &pod.metadata.annotations {
+            for prefix in MESH_ANNOTATION_PREFIXES {
+                let key = format!("{prefix}{INJECTION_ANNOTATION}");
+                let enabled = annotations.get(&key).is_some_and(|value| {
+                    INJECTION_ENABLED.contains(&value.trim().to_ascii_lowercase().as_str())
+                });
+                if enabled {
+                    return Some(format!("annotation {key}"));
+                }
+            }
+        }
         let spec = pod.spec.as_ref()?;
         // A native sidecar (an init container with restartPolicy Always) counts as well.
         spec.containers
             .iter()
             .chain(spec.init_containers.iter().flatten())
-            .find(|c| self.sidecar_names.contains(&c.name))
+            .find(|c| self.sidecar_names.contains(&c.name) || self.is_injected_sidecar(c))
             .map(|c| format!("container {}", c.name))
+    }
+
+    fn is_injected_sidecar(&self, container: &Container) -> bool {
+        let uid = container
+            .security_context
+            .as_ref()
+            .and_then(|context| context.run_as_user);
+        INJECTED_SIDECAR_NAMES.contains(&container.name.as_str())
+            && uid == Some(i64::from(self.proxy_uid))
     }
 }
 
@@ -95,9 +135,11 @@ impl fmt::Display for MeshSelector {
                 self.sidecar_names.join(" or ")
             ));
         }
-        if parts.is_empty() {
-            return f.write_str("no pods (no --mesh-label, no --mesh-sidecar-name)");
-        }
+        parts.push(format!(
+            "the injection annotation enabled, or an injected {} container running as UID {}",
+            INJECTED_SIDECAR_NAMES.join("/"),
+            self.proxy_uid
+        ));
         write!(f, "pods with {}", parts.join(", or "))
     }
 }
@@ -110,6 +152,7 @@ impl Default for MeshSelector {
                 .filter_map(|label| label.parse().ok())
                 .collect(),
             sidecar_names: Vec::new(),
+            proxy_uid: PROXY_UID,
         }
     }
 }
@@ -155,6 +198,7 @@ mod tests {
         let mesh = MeshSelector {
             labels: vec!["mesh=blue".parse().expect("label")],
             sidecar_names: vec!["envoy".to_owned()],
+            ..MeshSelector::default()
         };
         assert!(mesh.marker(&pod(&[("mesh", "blue")], &["app"])).is_some());
         assert_eq!(mesh.marker(&pod(&[("mesh", "green")], &["app"])), None);
@@ -168,16 +212,62 @@ mod tests {
     fn the_log_says_which_pods_are_meshed() {
         assert_eq!(
             MeshSelector::default().to_string(),
-            "pods with label fsm-proxy-uuid or osm-proxy-uuid"
+            "pods with label fsm-proxy-uuid or osm-proxy-uuid, or the injection annotation \
+             enabled, or an injected sidecar/envoy container running as UID 1500"
         );
         let mesh = MeshSelector {
             labels: vec!["mesh=blue".parse().expect("label")],
             sidecar_names: vec!["sidecar".to_owned(), "envoy".to_owned()],
+            proxy_uid: 1337,
         };
         assert_eq!(
             mesh.to_string(),
-            "pods with label mesh=blue, or a container named sidecar or envoy"
+            "pods with label mesh=blue, or a container named sidecar or envoy, or the injection \
+             annotation enabled, or an injected sidecar/envoy container running as UID 1337"
         );
+    }
+
+    #[test]
+    fn the_injection_annotation_and_the_injected_sidecar_mark_a_pod_too() {
+        let mesh = MeshSelector::default();
+        let annotated = |key: &str, value: &str| -> K8sPod {
+            let mut pod = pod(&[], &["app"]);
+            pod.metadata.annotations = Some([(key.to_owned(), value.to_owned())].into());
+            pod
+        };
+        assert_eq!(
+            mesh.marker(&annotated("flomesh.io/sidecar-injection", "enabled")),
+            Some("annotation flomesh.io/sidecar-injection".to_owned())
+        );
+        assert!(
+            mesh.marker(&annotated("openservicemesh.io/sidecar-injection", "Yes"))
+                .is_some()
+        );
+        assert_eq!(
+            mesh.marker(&annotated("flomesh.io/sidecar-injection", "disabled")),
+            None
+        );
+
+        let with_sidecar = |name: &str, uid: Option<i64>| -> K8sPod {
+            let mut pod = pod(&[], &["app", name]);
+            if let Some(spec) = pod.spec.as_mut() {
+                spec.containers[1].security_context =
+                    Some(k8s_openapi::api::core::v1::SecurityContext {
+                        run_as_user: uid,
+                        ..Default::default()
+                    });
+            }
+            pod
+        };
+        assert_eq!(
+            mesh.marker(&with_sidecar("envoy", Some(1500))),
+            Some("container envoy".to_owned())
+        );
+        assert!(mesh.marker(&with_sidecar("sidecar", Some(1500))).is_some());
+        // The name alone, or the UID on another name, is not the injector's mark.
+        assert_eq!(mesh.marker(&with_sidecar("sidecar", Some(1000))), None);
+        assert_eq!(mesh.marker(&with_sidecar("sidecar", None)), None);
+        assert_eq!(mesh.marker(&with_sidecar("proxy", Some(1500))), None);
     }
 
     #[test]

@@ -731,6 +731,25 @@ mod tests {
 
     fn unchanged(_: &mut serde_json::Value) {}
 
+    /// The pod without any of the injector's marks: its proxy label, its injection annotation,
+    /// and its sidecar's run as the proxy's UID.
+    fn unmarked(pod: &mut serde_json::Value) {
+        let labels = pod["metadata"]["labels"].as_object_mut().expect("labels");
+        labels.remove("fsm-proxy-uuid");
+        let annotations = pod["metadata"]["annotations"]
+            .as_object_mut()
+            .expect("annotations");
+        annotations.remove("flomesh.io/sidecar-injection");
+        for container in pod["spec"]["containers"]
+            .as_array_mut()
+            .expect("containers")
+        {
+            if let Some(context) = container["securityContext"].as_object_mut() {
+                context.remove("runAsUser");
+            }
+        }
+    }
+
     /// Knows the namespaces of some pods by UID, and counts how often it is asked.
     #[derive(Default)]
     struct FakeLookup {
@@ -928,13 +947,9 @@ mod tests {
                 p["spec"]["hostNetwork"] = json!(true);
                 with_ip("172.18.0.3")(p);
             }),
-            // A container named `sidecar` alone does not make a pod meshed.
-            pod("plain", |p| {
-                p["metadata"]["labels"]
-                    .as_object_mut()
-                    .expect("labels")
-                    .remove("fsm-proxy-uuid");
-            }),
+            // A container named `sidecar` alone, not running as the proxy's UID, does not make a
+            // pod meshed.
+            pod("plain", unmarked),
             pod("done", |p| p["status"]["phase"] = json!("Succeeded")),
             pod("far", |p| p["spec"]["nodeName"] = json!("worker-2")),
         ];
@@ -948,7 +963,7 @@ mod tests {
     }
 
     #[test]
-    fn pod_that_finishes_or_loses_its_mesh_label_is_dropped() {
+    fn pod_that_finishes_or_loses_its_mesh_marks_is_dropped() {
         let (mut pods, _) = node_pods();
         let lookup = FakeLookup::knowing(&[("a", "cni-a"), ("b", "cni-b")]);
         let now = Instant::now();
@@ -962,7 +977,7 @@ mod tests {
         pods.handle(
             Event::Apply(pod("b", |p| {
                 with_ip("10.244.1.18")(p);
-                p["metadata"]["labels"] = json!({"app": "bookstore"});
+                unmarked(p);
             })),
             now,
         );
