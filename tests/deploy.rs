@@ -198,9 +198,9 @@ fn pod_spec(daemon_set: &DaemonSet) -> &PodSpec {
         .expect("DaemonSet pod spec")
 }
 
+/// The pod's one long-running container (init containers aside).
 fn only_container(spec: &PodSpec) -> &Container {
     assert_eq!(spec.containers.len(), 1, "one container");
-    assert!(spec.init_containers.is_none(), "no init containers");
     &spec.containers[0]
 }
 
@@ -596,20 +596,92 @@ fn the_agent_paths_point_into_the_host_mounts() {
         ("DaemonSet", spec.clone()),
         ("uninstall Job", uninstall_pod_spec()),
     ] {
-        let container = only_container(&spec);
-        let privileged = container
-            .security_context
-            .as_ref()
-            .and_then(|sc| sc.privileged)
-            .unwrap_or(false);
-        for mount in container.volume_mounts.iter().flatten() {
-            assert!(
-                privileged || mount.mount_propagation.as_deref() != Some("Bidirectional"),
-                "{what}: Bidirectional {} needs a privileged container",
-                mount.mount_path
-            );
+        let containers = spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten());
+        for container in containers {
+            let privileged = container
+                .security_context
+                .as_ref()
+                .and_then(|sc| sc.privileged)
+                .unwrap_or(false);
+            for mount in container.volume_mounts.iter().flatten() {
+                assert!(
+                    privileged || mount.mount_propagation.as_deref() != Some("Bidirectional"),
+                    "{what}: Bidirectional {} needs a privileged container",
+                    mount.mount_path
+                );
+            }
         }
     }
+}
+
+/// The one privileged container only mounts bpffs on the host's /sys/fs/bpf, where the agent pins,
+/// and the command it runs really does that.
+#[test]
+fn the_init_container_mounts_bpffs_where_the_agent_pins_and_nothing_else() {
+    let daemon_set = agent_daemon_set();
+    let spec = pod_spec(&daemon_set);
+    let inits = spec.init_containers.as_deref().unwrap_or_default();
+    assert_eq!(inits.len(), 1, "one init container");
+    let init = &inits[0];
+    let parsed = parse_agent(&args_of(init), &BTreeMap::new())
+        .unwrap_or_else(|error| panic!("the init container's args do not parse:\n{error}"));
+    let AgentCommand::MountBpffs(mount_args) = parsed.command else {
+        panic!("the init container must run `mount-bpffs`");
+    };
+    let pin_path = daemon_set_run_args().datapath.pin_path;
+    assert_eq!(Some(mount_args.at.as_path()), pin_path.parent());
+    let bpffs = mount(init, "/sys/fs/bpf", spec);
+    assert_eq!(bpffs.mount_path, mount_args.at.display().to_string());
+    assert_eq!(bpffs.mount_propagation.as_deref(), Some("Bidirectional"));
+    assert_eq!(
+        init.volume_mounts.as_ref().map(Vec::len),
+        Some(1),
+        "bpffs only"
+    );
+    let agent_mount = mount(only_container(spec), "/sys/fs/bpf", spec);
+    assert_eq!(agent_mount.mount_path, bpffs.mount_path);
+    assert_eq!(
+        agent_mount.mount_propagation.as_deref(),
+        Some("HostToContainer")
+    );
+
+    // The command itself, on a directory of the test's own: it mounts bpffs, then finds it there.
+    if !nix::unistd::geteuid().is_root() {
+        if std::env::var_os("CI").is_some() {
+            panic!("mounting bpffs needs root, and CI is set");
+        }
+        eprintln!("SKIPPED running mount-bpffs: not root");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("pb-deploy-bpffs-{}", std::process::id()));
+    fs::create_dir_all(&dir).expect("create the mount point");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_probe-bypass"))
+            .args(["mount-bpffs", "--at"])
+            .arg(&dir)
+            .output()
+            .expect("run mount-bpffs")
+    };
+    let first = run();
+    let second = run();
+    let is_bpffs = nix::sys::statfs::statfs(&dir)
+        .map(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+        .unwrap_or(false);
+    let _ = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH);
+    let _ = fs::remove_dir(&dir);
+    assert!(first.status.success(), "{first:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&first.stdout),
+        format!("mounted bpffs on {}\n", dir.display())
+    );
+    assert!(is_bpffs, "{} is bpffs after the command", dir.display());
+    assert_eq!(
+        String::from_utf8_lossy(&second.stdout),
+        format!("{} is bpffs already\n", dir.display())
+    );
 }
 
 #[test]

@@ -13,6 +13,7 @@ use crate::{
         DEFAULT_ADMIN_ADDR, DEFAULT_ADMIN_SOCKET, DEFAULT_PROBE_PORTS, HEALTHCHECK_PORT,
         PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT, PROXY_UID,
     },
+    preflight::BPFFS_DEFAULT_MOUNT,
     source::kube::{LabelMatch, MeshSelector, mesh::DEFAULT_MESH_LABELS},
 };
 
@@ -36,6 +37,16 @@ pub enum Command {
     /// `--ready`, ready); for the container's probes. Prints the answer; exits 0 on 200, 1 on any
     /// other answer, 2 when the agent cannot be reached.
     Health(HealthArgs),
+    /// Mount bpffs at a directory unless it is bpffs already (for the DaemonSet's init container,
+    /// which mounts it on the host's /sys/fs/bpf with bidirectional propagation).
+    MountBpffs(MountBpffsArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct MountBpffsArgs {
+    /// The directory to mount bpffs on.
+    #[arg(long, value_name = "PATH", default_value = BPFFS_DEFAULT_MOUNT)]
+    pub at: PathBuf,
 }
 
 #[derive(Clone, Debug, Args)]

@@ -14,6 +14,25 @@ fn main() -> ExitCode {
             uninstall(&args.pin_path)
         }
         Command::Health(args) => ask_health(&args),
+        Command::MountBpffs(args) => mount_bpffs(&args.at),
+    }
+}
+
+/// `probe-bypass mount-bpffs`: mounts bpffs unless it is there, and says which it was.
+fn mount_bpffs(at: &std::path::Path) -> ExitCode {
+    match probe_bypass::preflight::mount_bpffs(at) {
+        Ok(true) => {
+            println!("mounted bpffs on {}", at.display());
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            println!("{} is bpffs already", at.display());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{}", probe_bypass::run::error_chain(&error));
+            ExitCode::FAILURE
+        }
     }
 }
 

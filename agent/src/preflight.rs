@@ -324,6 +324,28 @@ fn bpffs_plan(pin_dir: &Path, parent: &Path, fs_type: FsType) -> Result<BpffsPla
     }
 }
 
+/// Mounts bpffs at `at` unless it is bpffs already; returns whether it mounted. For the
+/// DaemonSet's init container (`probe-bypass mount-bpffs`): a mount made there, on the host's
+/// `/sys/fs/bpf` with bidirectional propagation, reaches the host, where the agent's pins must
+/// live to outlast its container. The agent itself then needs no propagation back to the host.
+pub fn mount_bpffs(at: &Path) -> Result<bool, PreflightError> {
+    let fs_type = directory_fs_type(at).map_err(|problem| PreflightError::PinParent {
+        pin_dir: at.to_owned(),
+        parent: at.to_owned(),
+        problem,
+    })?;
+    if fs_type == BPF_FS_MAGIC {
+        return Ok(false);
+    }
+    mount(Some("bpf"), at, Some("bpf"), MsFlags::empty(), None::<&str>).map_err(|source| {
+        PreflightError::MountBpffs {
+            at: at.to_owned(),
+            source,
+        }
+    })?;
+    Ok(true)
+}
+
 /// The filesystem type of a directory; an error message when it is missing or not a directory.
 fn directory_fs_type(path: &Path) -> Result<FsType, String> {
     let meta = fs::metadata(path).map_err(|e| e.to_string())?;
