@@ -1280,9 +1280,13 @@ fn the_kube_source_without_cap_sys_ptrace_is_refused_at_start_naming_why() {
         "the agent started ({status:?}):\n{text}"
     );
     assert!(
+        text.contains("missing capabilities: CAP_SYS_ADMIN (to enter pods' network namespaces"),
+        "{text}"
+    );
+    assert!(
         text.contains(
-            "missing capabilities: CAP_SYS_PTRACE (to open pods' /proc/<pid>/ns/net with \
-             --pod-source kube"
+            "CAP_SYS_PTRACE (to open pods' /proc/<pid>/ns/net with --pod-source kube: without it, \
+             pods whose processes run as another user than the agent's are never found)"
         ),
         "{text}"
     );

@@ -495,6 +495,11 @@ impl Datapath {
     /// maps count: a pod the datapath has keeps the probe bypass it always had.
     pub fn set_pending_addrs(&mut self, addrs: &BTreeSet<IpAddr>) -> Result<(), DatapathError> {
         let wanted: BTreeSet<Addr> = addrs.iter().map(|&ip| Addr::from(ip)).collect();
+        // Removals first: a full map must still drain.
+        for stale in self.early_addrs.difference(&wanted) {
+            absent_is_fine(self.early_probes.remove(stale))
+                .map_err(|source| map_error("EARLY_PROBES", "remove", source))?;
+        }
         for addr in wanted.difference(&self.early_addrs) {
             match self.early_probes.insert(addr, 0, BPF_NOEXIST) {
                 Ok(()) => {}
@@ -502,10 +507,6 @@ impl Datapath {
                     if syscall.io_error.kind() == ErrorKind::AlreadyExists => {}
                 Err(source) => return Err(map_error("EARLY_PROBES", "insert", source)),
             }
-        }
-        for stale in self.early_addrs.difference(&wanted) {
-            absent_is_fine(self.early_probes.remove(stale))
-                .map_err(|source| map_error("EARLY_PROBES", "remove", source))?;
         }
         self.early_addrs = wanted;
         Ok(())

@@ -326,7 +326,10 @@ impl ProcScan {
         })?;
         Ok(Found {
             pid: chosen.pid,
-            netns: NetnsRef::Path(self.netns_path(chosen.pid)),
+            netns: NetnsRef::Process {
+                path: self.netns_path(chosen.pid),
+                id: chosen.id,
+            },
             netns_id: chosen.id,
         })
     }

@@ -12,6 +12,7 @@ use k8s_openapi::{
 
 use crate::{
     exclusions::{AnnotationError, Exclusions},
+    netns::NetnsId,
     ports::{NETNS_ANNOTATION, NETNS_RUN_DIR, ORIGINAL_TCP_PORT_HEADER},
 };
 
@@ -28,11 +29,19 @@ impl fmt::Display for PodKey {
     }
 }
 
-/// Where a pod's network namespace is: a name under `/run/netns` or a path to an nsfs file.
+/// Where a pod's network namespace is: a name under `/run/netns`, a path to an nsfs file, or the
+/// nsfs file of one of the pod's processes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NetnsRef {
     Named(String),
     Path(PathBuf),
+    /// `<proc>/<pid>/ns/net` of a process found in the pod, which names the pod's namespace only
+    /// while it is `id`: once the process exits, its pid can be reused by a process in another
+    /// namespace (another pod's, or the host's), which must never be taken for the pod's.
+    Process {
+        path: PathBuf,
+        id: NetnsId,
+    },
 }
 
 impl NetnsRef {
@@ -60,7 +69,26 @@ impl NetnsRef {
     pub fn path(&self) -> PathBuf {
         match self {
             Self::Named(name) => PathBuf::from(NETNS_RUN_DIR).join(name),
-            Self::Path(path) => path.clone(),
+            Self::Path(path) | Self::Process { path, .. } => path.clone(),
+        }
+    }
+
+    /// The namespace this reference must name, when it is known: a namespace of another identity
+    /// at the path is not the pod's.
+    pub fn expected(&self) -> Option<NetnsId> {
+        match self {
+            Self::Process { id, .. } => Some(*id),
+            Self::Named(_) | Self::Path(_) => None,
+        }
+    }
+
+    /// Whether the path still leads to the pod's namespace: it exists and, for a process's file,
+    /// still names the namespace found through it.
+    pub fn is_current(&self) -> bool {
+        let found = NetnsId::of(&self.path());
+        match self.expected() {
+            Some(id) => found.is_ok_and(|found| found == id),
+            None => found.is_ok(),
         }
     }
 }
@@ -266,6 +294,34 @@ fn resolve_port(container: &Container, port: &IntOrString) -> Result<u16, String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_namespace_reference_holds_only_while_it_names_the_same_namespace() {
+        let path = PathBuf::from("/proc/self/ns/net");
+        let id = NetnsId::of(&path).expect("our own namespace");
+        let current = NetnsRef::Process {
+            path: path.clone(),
+            id,
+        };
+        assert!(current.is_current());
+        assert_eq!(current.expected(), Some(id));
+        // The same path naming another namespace: what a reused pid looks like.
+        let reused = NetnsRef::Process {
+            path: path.clone(),
+            id: NetnsId {
+                dev: id.dev,
+                ino: id.ino.wrapping_add(1),
+            },
+        };
+        assert!(!reused.is_current());
+        let gone = NetnsRef::Process {
+            path: PathBuf::from("/proc/0/ns/net"),
+            id,
+        };
+        assert!(!gone.is_current());
+        assert!(NetnsRef::Path(path).is_current());
+        assert_eq!(NetnsRef::Named("x".into()).expected(), None);
+    }
 
     fn manifest(yaml: &str) -> serde_json::Value {
         serde_norway::from_str(yaml).unwrap_or_else(|e| panic!("test manifest: {e}"))

@@ -182,12 +182,21 @@ pub const KUBE_SOURCE_NEEDS: [Need; 1] = [Need {
                processes run as another user than the agent's are never found",
 }];
 
+/// What serving pods needs whatever the datapath: entering their network namespaces. Checked at
+/// start with the Kubernetes pod source (a cluster's agent); the manifests source, for
+/// development, meets it only when it has a pod to serve.
+pub const NETNS_NEEDS: [Need; 1] = [Need {
+    any_of: &[CAP_SYS_ADMIN],
+    for_what: "to enter pods' network namespaces (setns), to listen and dial inside them",
+}];
+
 /// What the agent needs to run `datapath` with pods from `source`, in the order a missing one is
 /// reported. Public so that a deployment's grant can be checked against it (`tests/deploy.rs`).
 pub fn needs(datapath: DatapathMode, source: PodSource) -> Vec<Need> {
-    let datapath: &[Need] = match datapath {
-        DatapathMode::Ebpf => &DATAPATH_NEEDS,
-        DatapathMode::None => &[],
+    let datapath: &[Need] = match (datapath, source) {
+        (DatapathMode::Ebpf, _) => &DATAPATH_NEEDS,
+        (DatapathMode::None, PodSource::Kube) => &NETNS_NEEDS,
+        (DatapathMode::None, PodSource::Manifests) => &[],
     };
     let source: &[Need] = match source {
         PodSource::Kube => &KUBE_SOURCE_NEEDS,
@@ -707,14 +716,15 @@ mod tests {
             .to_string();
         assert!(
             err.starts_with(
-                "missing capabilities: CAP_SYS_PTRACE (to open pods' /proc/<pid>/ns/net with \
-                 --pod-source kube: without it, pods whose processes run as another user than the \
-                 agent's are never found)"
+                "missing capabilities: CAP_SYS_ADMIN (to enter pods' network namespaces (setns), \
+                 to listen and dial inside them), CAP_SYS_PTRACE (to open pods' /proc/<pid>/ns/net \
+                 with --pod-source kube: without it, pods whose processes run as another user \
+                 than the agent's are never found)"
             ),
             "{err}"
         );
-        let ptrace = 1 << 19;
-        assert!(check_capabilities(&kube_only, ptrace).is_ok());
+        let (ptrace, sys_admin) = (1 << 19, 1 << 21);
+        assert!(check_capabilities(&kube_only, ptrace | sys_admin).is_ok());
         let everything = needs(ebpf, Kube);
         assert_eq!(
             names(&missing_capabilities(&everything, ptrace)),

@@ -41,6 +41,11 @@ enum ServeError {
     Datapath(#[from] DatapathError),
     #[error("the datapath lock is poisoned")]
     Poisoned,
+    #[error(
+        "{netns} now names another network namespace (the process it belonged to exited); \
+         waiting for the pod source to find the pod's namespace again"
+    )]
+    Replaced { netns: String },
 }
 
 /// First retry delay of a failing pod; doubled on each failure up to [`MAX_BACKOFF`].
@@ -325,6 +330,13 @@ impl Reconciler {
     /// wait for the listener.
     async fn open(&self, pod: &Pod, sender: &watch::Sender<Arc<Pod>>) -> Result<State, ServeError> {
         let netns = Arc::new(Netns::open(&pod.netns.path())?);
+        if let Some(expected) = pod.netns.expected()
+            && netns.id() != expected
+        {
+            return Err(ServeError::Replaced {
+                netns: pod.netns.to_string(),
+            });
+        }
         let cookie = if self.datapath.is_some() {
             let cookie = self.ctx.worker.run(&netns, netns_cookie).await?;
             self.with_datapath(|datapath| datapath.upsert_pod(&pod_rules(pod, cookie)))?;

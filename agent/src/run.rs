@@ -152,7 +152,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         SelectedSource::Manifests { dir } => (manifests::watch(&dir)?, false),
         SelectedSource::Kube { node_name } => {
             let client = kube::client().await?;
-            let lookup = Arc::new(ProcLookup::new(args.pods.proc_root.clone(), worker.clone()));
+            let lookup = Arc::new(ProcLookup::new(
+                args.pods.proc_root.clone(),
+                args.datapath.cgroup_root.clone(),
+                worker.clone(),
+            ));
             let settings = kube::Settings {
                 node_name,
                 mesh: args.pods.mesh(args.datapath.proxy_uid),

@@ -368,17 +368,19 @@ impl NodePods {
         }
     }
 
-    /// Looks the namespace up again for every pod whose namespace file is gone (the process that
-    /// named it exited). The pod stays published with the old one until the new one is found.
+    /// Looks the namespace up again for every pod whose namespace file is gone or names another
+    /// namespace (the process that named it exited, and its pid may have been reused). The pod
+    /// stays published with the old reference until the new one is found; the reconciler will not
+    /// serve it through a path that names another namespace.
     pub fn revalidate(&mut self, now: Instant) {
         for (key, entry) in &mut self.pods {
             let State::Meshed(meshed) = &mut entry.state else {
                 continue;
             };
             if let Netns::Known(netns) = &meshed.netns
-                && !netns.path().exists()
+                && !netns.is_current()
             {
-                log::info!("pod {key}: its network namespace file {netns} is gone; looking again");
+                log::info!("pod {key}: {netns} is gone or names another namespace; looking again");
                 meshed.netns = Netns::unknown(now);
             }
         }
@@ -516,10 +518,19 @@ impl NodePods {
 }
 
 impl Meshed {
+    /// Whether the pod's cgroup is worth polling: it has an IP, no namespace yet, and no process
+    /// in its cgroup so far. Once it has one, the lookup's own backoff takes over.
     fn awaits_netns(&self) -> bool {
         matches!(
             (&self.ip, &self.netns, &self.served),
-            (PodIp::Known(_), Netns::Unknown { .. }, None)
+            (
+                PodIp::Known(_),
+                Netns::Unknown {
+                    populated: false,
+                    ..
+                },
+                None
+            )
         )
     }
 

@@ -14,9 +14,12 @@ pub struct ProcLookup {
 
 impl ProcLookup {
     /// Looks in `proc_root` (the host's `/proc`), entering namespaces on `worker`'s thread, and
-    /// watches pods' cgroups on the cgroup v2 mount for their first process.
-    pub fn new(proc_root: PathBuf, worker: NetnsWorker) -> Self {
-        let mount = cgroup2_mount()
+    /// watches pods' cgroups for their first process under `cgroup_root`: the host's cgroup v2
+    /// root (`--cgroup-root`; in a container its own `/sys/fs/cgroup` is a cgroup namespace of
+    /// its own, with no pods in it), or by default the cgroup v2 mount.
+    pub fn new(proc_root: PathBuf, cgroup_root: Option<PathBuf>, worker: NetnsWorker) -> Self {
+        let mount = cgroup_root
+            .map_or_else(cgroup2_mount, Ok)
             .inspect_err(|error| {
                 log::info!(
                     "no cgroup v2 mount ({error}): pods waiting for their network namespace are \
