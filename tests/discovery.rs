@@ -258,7 +258,13 @@ fn assert_found(found: &Found, pod: &TestPod, pid: u32) {
     assert_eq!(found.netns_id, netns_id(pod), "{found:?}");
     assert_eq!(found.pid, pid, "{found:?}");
     let path = PathBuf::from(format!("{PROC}/{pid}/ns/net"));
-    assert_eq!(found.netns, NetnsRef::Path(path.clone()));
+    assert_eq!(
+        found.netns,
+        NetnsRef::Process {
+            path: path.clone(),
+            id: netns_id(pod),
+        }
+    );
     assert_eq!(NetnsId::of(&path).expect("stat"), netns_id(pod));
 }
 
