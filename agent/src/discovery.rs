@@ -415,16 +415,6 @@ impl ProcScan {
     }
 }
 
-/// Finds one pod's network namespace with a scan of its own; see [`ProcScan`] for many pods.
-pub fn find_pod_netns(
-    worker: &NetnsWorker,
-    proc_root: &Path,
-    pod_uid: &str,
-    pod_ip: IpAddr,
-) -> Result<Found, DiscoveryError> {
-    ProcScan::new(proc_root)?.find(worker, pod_uid, pod_ip)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,7 @@ use crate::{
     healthcheck::{self, Context},
     netns::{Netns, NetnsError, NetnsId, netns_cookie},
     pod::{Pod, PodKey},
+    run::sleep_until,
     source::{Pending, PodSet, Snapshot},
 };
 
@@ -520,13 +521,6 @@ fn backoff(attempts: u32) -> Duration {
     FIRST_BACKOFF
         .saturating_mul(2u32.saturating_pow(attempts))
         .min(MAX_BACKOFF)
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

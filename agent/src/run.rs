@@ -60,16 +60,31 @@ pub enum RunError {
     Datapath(#[from] DatapathError),
 }
 
-/// An error and its causes on one line, for the log.
+/// An error and those of its causes that its message does not already tell, on one line, for
+/// the log. Some errors repeat their cause in their own message (kube's); others keep it to
+/// themselves (hyper's "client error (Connect)" is caused by "tcp connect error", caused by
+/// "Connection refused").
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut cause = error.source();
     while let Some(error) = cause {
-        text.push_str(": ");
-        text.push_str(&error.to_string());
+        let more = error.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
         cause = error.source();
     }
     text
+}
+
+/// Sleeps until `deadline`, or forever when there is none: for a `select!` branch of a loop
+/// that has a retry due only sometimes.
+pub async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Checks that the host allows what the agent is about to do: the capabilities the pod source

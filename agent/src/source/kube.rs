@@ -35,7 +35,11 @@ pub use self::{
     proc_lookup::ProcLookup,
 };
 use super::Snapshot;
-use crate::{metrics::KubeMetrics, pod::NetnsRef};
+use crate::{
+    metrics::KubeMetrics,
+    pod::NetnsRef,
+    run::{error_chain, sleep_until},
+};
 
 /// How often the namespace files of served pods are checked: the process that named one may exit.
 const REVALIDATE: Duration = Duration::from_secs(5);
@@ -81,10 +85,10 @@ pub struct Settings {
 pub enum SourceError {
     #[error(
         "cannot find the Kubernetes API server (in a pod: its service account; elsewhere: \
-         KUBECONFIG or ~/.kube/config): {}", describe(.0)
+         KUBECONFIG or ~/.kube/config): {}", error_chain(.0)
     )]
     Config(#[from] InferConfigError),
-    #[error("cannot set up the Kubernetes client: {}", describe(.0))]
+    #[error("cannot set up the Kubernetes client: {}", error_chain(.0))]
     Client(#[from] kube::Error),
 }
 
@@ -231,30 +235,6 @@ async fn check_arrivals(pods: &mut NodePods, lookup: &Arc<dyn NetnsLookup>) {
     }
 }
 
-/// An error and those of its causes that its message does not already tell, on one line. kube's
-/// errors repeat their cause in their own message; hyper's keep it to themselves ("client error
-/// (Connect)" is caused by "tcp connect error", caused by "Connection refused").
-fn describe(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(error) = cause {
-        let more = error.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        cause = error.source();
-    }
-    text
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Logs a run of API errors once, not on every retry.
 #[derive(Default)]
 struct ErrorStreak {
@@ -275,7 +255,7 @@ impl ErrorStreak {
         }
         metrics.watch_errors.inc();
         self.errors += 1;
-        let text = describe(error);
+        let text = error_chain(error);
         if self.last.as_ref() == Some(&text) {
             log::debug!("watching this node's pods: {text} (again)");
         } else {
@@ -353,7 +333,7 @@ mod tests {
     fn api_errors_are_described_once_with_their_causes() {
         let refused = Status::failure("pods is forbidden", "Forbidden").with_code(403);
         let error = watcher::Error::InitialListFailed(kube::Error::Api(refused.boxed()));
-        let text = describe(&error);
+        let text = error_chain(&error);
         assert!(
             text.starts_with(
                 "failed to perform initial object list: ApiError: pods is forbidden: Forbidden"
@@ -368,7 +348,7 @@ mod tests {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
         let error = watcher::Error::WatchFailed(kube::Error::ReadEvents(io));
         assert_eq!(
-            describe(&error),
+            error_chain(&error),
             "watch stream failed: Error reading events stream: Connection refused"
         );
     }

@@ -343,9 +343,9 @@ impl NodePods {
                 self.metrics.netns_lookup_failures.inc();
                 let attempts = attempts.saturating_add(1);
                 let backoff = if populated {
-                    retry_after_populated(attempts)
+                    retry_after(FIRST_RETRY_POPULATED, attempts)
                 } else {
-                    retry_after(attempts)
+                    retry_after(FIRST_RETRY, attempts)
                 };
                 if error.as_ref() == Some(&reason) {
                     log::debug!(
@@ -611,14 +611,9 @@ fn queried<'a>(
     (entry.uid == query.uid && meshed.ip == PodIp::Known(query.ip)).then_some(&mut **meshed)
 }
 
-fn retry_after(attempts: u32) -> Duration {
-    FIRST_RETRY
-        .saturating_mul(1 << attempts.saturating_sub(1).min(16))
-        .min(MAX_RETRY)
-}
-
-fn retry_after_populated(attempts: u32) -> Duration {
-    FIRST_RETRY_POPULATED
+/// The delay before retry number `attempts`: `first`, doubling, at most [`MAX_RETRY`].
+fn retry_after(first: Duration, attempts: u32) -> Duration {
+    first
         .saturating_mul(1 << attempts.saturating_sub(1).min(16))
         .min(MAX_RETRY)
 }
@@ -1021,7 +1016,7 @@ mod tests {
         resolve(&mut pods, &lookup, later + FIRST_RETRY * 2);
         assert_eq!(served(&pods).len(), 2);
         assert_eq!(metrics.netns_lookup_failures.get(), 2);
-        assert_eq!(retry_after(40), MAX_RETRY);
+        assert_eq!(retry_after(FIRST_RETRY, 40), MAX_RETRY);
     }
 
     #[test]
