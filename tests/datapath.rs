@@ -25,13 +25,14 @@ use std::{
 };
 
 use probe_bypass::{
-    datapath::{self, Counters, Datapath, PodRules, Settings},
+    datapath::{self, Counters, Datapath, PodRules, Settings, listeners},
     exclusions::Exclusions,
+    netns::NetnsWorker,
     preflight,
 };
 use support::{
     bpffs::TestPins,
-    cgroup::{TestCgroup, attached_programs},
+    cgroup::{TestCgroup, attached_programs, netns_links},
     pod::TestPod,
 };
 
@@ -153,10 +154,15 @@ struct Node {
 
 impl Node {
     fn new() -> Self {
+        Self::with_cgroup(TestCgroup::new())
+    }
+
+    /// A node whose programs are attached to `cgroup`, which may already hold processes.
+    fn with_cgroup(cgroup: TestCgroup) -> Self {
         let mut node = Self {
             datapath: None,
             pins: TestPins::new(),
-            cgroup: TestCgroup::new(),
+            cgroup,
         };
         node.install(settings());
         node
@@ -199,6 +205,55 @@ impl Node {
     /// Connects from a process in the cgroup, in `netns` (or the host's), as `uid` (or root), and
     /// closes at once. Returns whether the connection was made.
     fn connect(&self, netns: Option<&TestPod>, uid: Option<u32>, to: IpAddr, port: u16) -> bool {
+        let args = connect_command(netns, uid, to, port);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.cgroup.output(args[0], &args[1..]).status.success()
+    }
+
+    /// Like [`Self::connect`], from a process outside the cgroup: none of the cgroup programs
+    /// runs for it, as for a connection made on another node. Only the receiving pod's sk_lookup
+    /// program sees it.
+    fn connect_from_another_node(
+        &self,
+        netns: Option<&TestPod>,
+        uid: Option<u32>,
+        to: IpAddr,
+        port: u16,
+    ) -> bool {
+        let args = connect_command(netns, uid, to, port);
+        Command::new(&args[0])
+            .args(&args[1..])
+            .status()
+            .expect("run the client")
+            .success()
+    }
+
+    /// Attaches sk_lookup to a meshed pod's namespace, as the agent does when it serves the pod.
+    fn guard_inbound(&mut self, pod: &TestPod) {
+        let cookie = pod.netns_cookie();
+        self.datapath()
+            .attach_netns(cookie, pod.netns().file())
+            .expect("attach sk_lookup");
+    }
+
+    fn counters(&mut self) -> Counters {
+        self.datapath().counters().expect("read the counters")
+    }
+
+    fn attached(&self) -> Vec<String> {
+        attached_programs(self.cgroup.path()).unwrap_or_else(|error| panic!("{error}"))
+    }
+}
+
+/// The command line of a client that connects to `to`:`port` in `netns` (or the host's), as `uid`
+/// (or root), and closes at once.
+fn connect_command(
+    netns: Option<&TestPod>,
+    uid: Option<u32>,
+    to: IpAddr,
+    port: u16,
+) -> Vec<String> {
+    {
         let script = format!("exec 3<>/dev/tcp/{to}/{port}");
         let mut args: Vec<String> = Vec::new();
         if let Some(pod) = netns {
@@ -216,16 +271,7 @@ impl Node {
             );
         }
         args.extend(["timeout", "3", "bash", "-c", &script].map(str::to_owned));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.cgroup.output(args[0], &args[1..]).status.success()
-    }
-
-    fn counters(&mut self) -> Counters {
-        self.datapath().counters().expect("read the counters")
-    }
-
-    fn attached(&self) -> Vec<String> {
-        attached_programs(self.cgroup.path()).unwrap_or_else(|error| panic!("{error}"))
+        args
     }
 }
 
@@ -238,6 +284,7 @@ fn settings() -> Settings {
         probe_bypass_from_any: false,
         sk_msg: true,
         node: Exclusions::default(),
+        proc_root: "/proc".into(),
     }
 }
 
@@ -666,4 +713,144 @@ fn restarting_or_killing_the_agent_under_traffic_loses_no_redirect() {
     drop(agent);
     let report = datapath::uninstall(pin_guard.path()).expect("uninstall");
     assert!(report.left.is_empty(), "left behind: {:?}", report.left);
+}
+
+#[test]
+fn connections_from_another_node_meet_the_proxy_and_learn_their_original_destination() {
+    require_privileges!();
+    let mut node = Node::new();
+    let target = Listening::on(&node.cgroup, &["8080", "9090", "15003", "15904"]);
+    let target_v6 = target.pod.add_ipv6();
+    node.mesh_with_addrs(
+        &target.pod,
+        vec![target.ip(), IpAddr::V6(target_v6)],
+        Exclusions {
+            inbound_ports: [9090].into(),
+            ..Exclusions::default()
+        },
+    );
+    node.guard_inbound(&target.pod);
+    let (ip, ip_v6) = (target.ip(), IpAddr::V6(target_v6));
+
+    // An app port, from an app and from a proxy's UID: the proxy's inbound port, which learns the
+    // original destination (IPv4 and IPv6 alike).
+    assert!(node.connect_from_another_node(None, None, ip, 8080));
+    assert_eq!(target.next(), format!("15003 {ip}:8080"));
+    assert!(node.connect_from_another_node(None, Some(1500), ip, 8080));
+    assert_eq!(target.next(), format!("15003 {ip}:8080"));
+    assert!(node.connect_from_another_node(None, None, ip_v6, 8080));
+    assert_eq!(target.next(), format!("15003 [{ip_v6}]:8080"));
+    // A probe port: not the kubelet, so the proxy.
+    assert!(node.connect_from_another_node(None, None, ip, 15904));
+    assert_eq!(target.next(), format!("15003 {ip}:15904"));
+    // The inbound-excluded port and the proxy's own port: straight through.
+    assert!(node.connect_from_another_node(None, None, ip, 9090));
+    assert_eq!(target.next(), "9090 none");
+    assert!(node.connect_from_another_node(None, None, ip_v6, 15003));
+    assert_eq!(target.next(), "15003 none");
+
+    // Connections made on this node keep the path connect() chose for them: no second redirect.
+    assert!(node.connect(None, None, ip, 15904));
+    assert_eq!(target.next(), "15904 none");
+    assert!(node.connect(None, None, ip_v6, 8080));
+    assert_eq!(target.next(), format!("15003 [{ip_v6}]:8080"));
+
+    let counters = node.counters();
+    assert_eq!(counters.remote_redirected, 4);
+    assert_eq!(counters.remote_excluded, 1);
+    assert_eq!(counters.remote_refused, 0);
+    assert_eq!(counters.probe_bypassed, 1);
+    assert_eq!(counters.redirected_inbound, 1);
+}
+
+#[test]
+fn a_proxy_listening_before_the_programs_is_found_and_a_pod_without_one_refuses() {
+    require_privileges!();
+    // The proxy listens first; the datapath is installed afterwards, so sockops never saw it.
+    let cgroup = TestCgroup::new();
+    let target = Listening::on(&cgroup, &["8080", "15003"]);
+    let mut node = Node::with_cgroup(cgroup);
+    node.mesh(&target.pod, Exclusions::default());
+    let ip = target.ip();
+    let cookie = target.pod.netns_cookie();
+
+    // Without a listener the datapath knows, a connection from another node is refused, as the
+    // mesh's redirect to a port nobody listens on is; it never reaches the app.
+    assert!(
+        !node
+            .datapath()
+            .has_listener(cookie)
+            .expect("read LISTENERS")
+    );
+    node.guard_inbound(&target.pod);
+    assert!(!node.connect_from_another_node(None, None, ip, 8080));
+    assert_eq!(node.counters().remote_refused, 1);
+
+    // Found among the processes of the pod's namespace, and taken over.
+    let worker = NetnsWorker::spawn().expect("netns worker");
+    let found = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(listeners::find(
+            &worker,
+            target.pod.netns(),
+            15003,
+            std::path::Path::new("/proc"),
+        ))
+        .expect("find the listener");
+    assert_eq!(
+        found.iter().map(|l| l.family).collect::<BTreeSet<_>>(),
+        [2, 10].into(),
+        "the IPv4 and the IPv6 listener"
+    );
+    for listener in &found {
+        node.datapath()
+            .add_listener(cookie, listener)
+            .expect("add the listener");
+    }
+    assert!(node.connect_from_another_node(None, None, ip, 8080));
+    assert_eq!(target.next(), format!("15003 {ip}:8080"));
+}
+
+#[test]
+fn detaching_a_pod_leaves_its_namespace_as_it_was_and_a_reinstall_keeps_the_rest() {
+    require_privileges!();
+    let mut node = Node::new();
+    let kept = Listening::new(&node.cgroup);
+    let removed = Listening::new(&node.cgroup);
+    for pod in [&kept.pod, &removed.pod] {
+        node.mesh(pod, Exclusions::default());
+        node.guard_inbound(pod);
+    }
+    let links =
+        |pod: &TestPod| netns_links(pod.netns().id().ino).unwrap_or_else(|error| panic!("{error}"));
+    assert_eq!(links(&kept.pod).len(), 1, "one sk_lookup link per pod");
+
+    // The agent goes away: the links stay, and so does the interception.
+    node.datapath = None;
+    assert!(node.connect_from_another_node(None, None, kept.ip(), 8080));
+    assert_eq!(kept.next(), format!("15003 {}:8080", kept.ip()));
+
+    // The next agent takes the links over and swaps in its own program.
+    let before = links(&kept.pod);
+    node.install(settings());
+    assert_eq!(links(&kept.pod).len(), 1);
+    assert_ne!(
+        links(&kept.pod),
+        before,
+        "the new agent's program runs in the link"
+    );
+
+    // A removed pod's namespace has nothing attached any more, and its app is reached directly.
+    node.datapath().remove_pod(removed.ip()).expect("remove");
+    assert!(links(&removed.pod).is_empty());
+    assert!(node.connect_from_another_node(None, None, removed.ip(), 8080));
+    assert_eq!(removed.next(), "8080 none");
+
+    // Uninstalling detaches the rest.
+    node.datapath = None;
+    let report = datapath::uninstall(node.pins.path()).expect("uninstall");
+    assert!(report.left.is_empty(), "{report:?}");
+    assert!(links(&kept.pod).is_empty());
+    assert!(node.connect_from_another_node(None, None, kept.ip(), 8080));
+    assert_eq!(kept.next(), "8080 none");
 }

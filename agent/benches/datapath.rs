@@ -888,6 +888,7 @@ impl Ebpf {
             probe_bypass_from_any: false,
             sk_msg,
             node: Exclusions::default(),
+            proc_root: "/proc".into(),
         };
         self.datapath = Some(
             Datapath::install(&self.cgroup, self.pins.path(), settings)

@@ -4,21 +4,26 @@
 //! agent and its programs always agree on the layout of the maps (`probe-bypass-common`).
 //!
 //! [`Datapath::install`] attaches them to a cgroup v2 directory through bpf_links and pins links and
-//! maps on bpffs, so that they keep working when the agent exits, crashes or restarts:
+//! maps on bpffs, so that they keep working when the agent exits, crashes or restarts. Each meshed
+//! pod's network namespace gets the sk_lookup program the same way, when the pod is served
+//! ([`Datapath::attach_netns`]):
 //!
 //! ```text
 //! <pins>/links/pb_connect4, pb_connect6, pb_sockops, pb_getsockopt   the cgroup attachments
+//! <pins>/netns/<netns cookie>                                         a pod's sk_lookup attachment
 //! <pins>/maps-v<LAYOUT_VERSION>/CONFIG, PODS_BY_ADDR, ...             the state, sk_msg included
 //! ```
 //!
 //! A restarted agent loads its programs against the pinned maps (so nothing is lost) and swaps them
-//! into the pinned links with `BPF_LINK_UPDATE`, which never leaves the cgroup without a program.
+//! into the pinned links with `BPF_LINK_UPDATE`, which never leaves a cgroup or a pod without a
+//! program.
 //! Maps of an older layout are replaced the same way: the new programs come with new maps, and
 //! the old maps are removed once no link uses them. [`uninstall`] removes exactly these pins,
 //! which detaches everything; other tools' programs on the same cgroup are never touched.
 
 mod cgroup;
 mod error;
+pub mod listeners;
 mod sys;
 
 use sys::AttachType;
@@ -28,7 +33,10 @@ use std::{
     fmt, fs,
     io::{self, ErrorKind},
     net::IpAddr,
-    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
+    os::{
+        fd::{AsFd, AsRawFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -38,12 +46,12 @@ use aya::{
         Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash,
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
-    programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkMsg, SockOps},
+    programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps},
 };
 use ipnet::IpNet;
 use probe_bypass_common::{
-    Addr, CidrRule, Config, ConnKey, Counter, LAYOUT_VERSION, PodEntry, PortRule, RULE_PRESENT,
-    cidr_rule, port_rule,
+    Addr, CidrRule, Config, ConnKey, Counter, LAYOUT_VERSION, ListenerKey, PodEntry, PortRule,
+    RULE_PRESENT, cidr_rule, port_rule,
 };
 
 pub use cgroup::cgroup2_mount;
@@ -61,9 +69,13 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/probe-bypass";
 /// The cgroup programs, each pinned as a link under `links/` by its name.
 const CGROUP_PROGRAMS: [&str; 4] = ["pb_connect4", "pb_connect6", "pb_sockops", "pb_getsockopt"];
 const SK_MSG: &str = "pb_sk_msg";
+const SK_LOOKUP: &str = "pb_sk_lookup";
+
+/// Where each meshed pod's sk_lookup link is pinned, under its namespace's cookie.
+const NETNS_LINKS: &str = "netns";
 
 /// Every map of the object, each pinned under `maps-v<LAYOUT_VERSION>/` by its name.
-const MAPS: [&str; 10] = [
+const MAPS: [&str; 12] = [
     "CONFIG",
     "PODS_BY_ADDR",
     "PODS_BY_NETNS",
@@ -74,6 +86,8 @@ const MAPS: [&str; 10] = [
     "SOCKETS",
     "COUNTERS",
     "EARLY_PROBES",
+    "LISTENERS",
+    "LOCAL_CONNECTS",
 ];
 
 /// The flag of a map update that adds a key only if it is not there yet (`BPF_NOEXIST`).
@@ -96,6 +110,9 @@ pub struct Settings {
     pub sk_msg: bool,
     /// Exclusions for every meshed pod, on top of each pod's own.
     pub node: Exclusions,
+    /// The host's /proc, where the proxies' inbound listeners that predate the programs are found
+    /// (see [`listeners`]).
+    pub proc_root: PathBuf,
 }
 
 /// What the datapath knows about one meshed pod.
@@ -179,6 +196,11 @@ pub struct Datapath {
     cidr_rules: LpmTrie<MapData, CidrRule, u8>,
     counters: PerCpuArray<MapData, u64>,
     early_probes: HashMap<MapData, Addr, u64>,
+    listeners: SockHash<MapData, ListenerKey>,
+    /// The loaded sk_lookup program, which [`Self::attach_netns`] attaches to pods' namespaces.
+    sk_lookup: OwnedFd,
+    /// The cookies of the namespaces with a pinned sk_lookup link.
+    netns_links: BTreeSet<u64>,
     settings: Settings,
     node_rules: Rules,
     /// Pods by their primary address.
@@ -200,6 +222,9 @@ pub struct Counters {
     pub orig_dst_lookups: u64,
     pub orig_dst_misses: u64,
     pub sk_msg_redirected: u64,
+    pub remote_redirected: u64,
+    pub remote_excluded: u64,
+    pub remote_refused: u64,
 }
 
 impl Counters {
@@ -213,11 +238,14 @@ impl Counters {
             Counter::OrigDstLookups => &mut self.orig_dst_lookups,
             Counter::OrigDstMisses => &mut self.orig_dst_misses,
             Counter::SkMsgRedirected => &mut self.sk_msg_redirected,
+            Counter::RemoteRedirected => &mut self.remote_redirected,
+            Counter::RemoteExcluded => &mut self.remote_excluded,
+            Counter::RemoteRefused => &mut self.remote_refused,
         }
     }
 
     /// Each counter with its metric name suffix and help text.
-    pub fn describe(&self) -> [(&'static str, &'static str, u64); 8] {
+    pub fn describe(&self) -> [(&'static str, &'static str, u64); 11] {
         [
             (
                 "connects",
@@ -259,6 +287,21 @@ impl Counters {
                 "Messages handed straight to a same-node peer socket",
                 self.sk_msg_redirected,
             ),
+            (
+                "remote_redirected",
+                "Connections from other nodes to meshed pods, handed to their proxy's inbound listener",
+                self.remote_redirected,
+            ),
+            (
+                "remote_excluded",
+                "Connections from other nodes to an excluded port of a meshed pod, let through",
+                self.remote_excluded,
+            ),
+            (
+                "remote_refused",
+                "Connections from other nodes to meshed pods refused: no known proxy listener",
+                self.remote_refused,
+            ),
         ]
     }
 }
@@ -276,7 +319,8 @@ impl Datapath {
         }
         let maps_dir = maps_dir(pins);
         let links_dir = pins.join("links");
-        for dir in [pins, &links_dir, &maps_dir] {
+        let netns_dir = pins.join(NETNS_LINKS);
+        for dir in [pins, &links_dir, &netns_dir, &maps_dir] {
             create_dir(dir)?;
         }
         let cgroup_dir = fs::File::open(cgroup).map_err(|source| DatapathError::OpenCgroup {
@@ -301,6 +345,20 @@ impl Datapath {
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Object)?;
 
+        let sk_lookup: &mut SkLookup = program(&mut ebpf, SK_LOOKUP)?;
+        sk_lookup
+            .load()
+            .map_err(|error| load_error(SK_LOOKUP, error))?;
+        let sk_lookup = sk_lookup
+            .fd()
+            .map_err(|source| program_error(SK_LOOKUP, "get its fd", source))?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| DatapathError::Pin {
+                path: netns_dir.clone(),
+                source,
+            })?;
+
         let mut datapath = Self {
             config: take_map(&mut ebpf, "CONFIG")?,
             pods_by_addr: take_map(&mut ebpf, "PODS_BY_ADDR")?,
@@ -309,6 +367,9 @@ impl Datapath {
             cidr_rules: take_map(&mut ebpf, "CIDR_RULES")?,
             counters: take_map(&mut ebpf, "COUNTERS")?,
             early_probes: take_map(&mut ebpf, "EARLY_PROBES")?,
+            listeners: take_map(&mut ebpf, "LISTENERS")?,
+            sk_lookup,
+            netns_links: BTreeSet::new(),
             node_rules: Rules::default(),
             pods: BTreeMap::new(),
             early_addrs: BTreeSet::new(),
@@ -335,8 +396,107 @@ impl Datapath {
         for name in CGROUP_PROGRAMS {
             attach_or_update(&mut ebpf, name, &cgroup_dir, cgroup, cgroup_id, &links_dir)?;
         }
+        datapath.adopt_netns_links()?;
         remove_other_layouts(pins, &maps_dir);
         Ok(datapath)
+    }
+
+    /// Takes over the sk_lookup links an earlier agent pinned: each pod's namespace runs this
+    /// agent's program from now on, swapped in place. A link whose namespace is gone, or whose pod
+    /// is no longer in the maps, is removed.
+    fn adopt_netns_links(&mut self) -> Result<(), DatapathError> {
+        let dir = self.pins.join(NETNS_LINKS);
+        let entries = fs::read_dir(&dir).map_err(|source| DatapathError::Pin {
+            path: dir.clone(),
+            source,
+        })?;
+        let known: BTreeSet<u64> = self.pods.values().map(|pod| pod.netns_cookie).collect();
+        for entry in entries.flatten() {
+            let pin = entry.path();
+            let Some(cookie) = netns_link_cookie(&entry.file_name()) else {
+                continue;
+            };
+            let adopted = if known.contains(&cookie) {
+                sys::obj_get(&pin).and_then(|link| sys::link_update(link, &self.sk_lookup))
+            } else {
+                Err(io::Error::other("its pod is not in the maps"))
+            };
+            match adopted {
+                Ok(()) => {
+                    self.netns_links.insert(cookie);
+                }
+                // ENOLINK: the namespace is gone, and the link with it.
+                Err(error) => {
+                    log::info!(
+                        "removing the sk_lookup link of network namespace {cookie} ({}): {error}",
+                        pin.display()
+                    );
+                    remove_pin(&pin)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches the sk_lookup program to the network namespace `netns`, whose cookie is `cookie`,
+    /// and pins the link: connections from other nodes to the pod in it meet its proxy from now on,
+    /// until [`Self::detach_netns`], also across restarts of the agent. Nothing is attached to
+    /// the pod's interfaces. Attaching a namespace that has its link already does nothing.
+    pub fn attach_netns(&mut self, cookie: u64, netns: impl AsFd) -> Result<(), DatapathError> {
+        if self.netns_links.contains(&cookie) {
+            return Ok(());
+        }
+        let pin = self.netns_pin(cookie);
+        let link = sys::link_create(&self.sk_lookup, netns, sys::AttachType::SkLookup)
+            .map_err(|source| DatapathError::AttachNetns { cookie, source })?;
+        sys::obj_pin(&link, &pin).map_err(|source| DatapathError::Pin { path: pin, source })?;
+        self.netns_links.insert(cookie);
+        Ok(())
+    }
+
+    /// Detaches the sk_lookup program from a namespace by removing its link's pin (the only
+    /// reference to the link): the namespace is left as it was before [`Self::attach_netns`].
+    pub fn detach_netns(&mut self, cookie: u64) -> Result<(), DatapathError> {
+        if self.netns_links.remove(&cookie) {
+            remove_pin(&self.netns_pin(cookie))?;
+        }
+        Ok(())
+    }
+
+    fn netns_pin(&self, cookie: u64) -> PathBuf {
+        self.pins.join(NETNS_LINKS).join(cookie.to_string())
+    }
+
+    /// Whether the datapath knows an inbound listener of the proxy in the namespace `cookie`.
+    pub fn has_listener(&self, cookie: u64) -> Result<bool, DatapathError> {
+        for key in self.listeners.keys() {
+            let key = key.map_err(|source| map_error("LISTENERS", "read", source))?;
+            if key.netns == cookie {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Adds a proxy's inbound listener in the namespace `cookie`, found by [`listeners::find`].
+    pub fn add_listener(
+        &mut self,
+        cookie: u64,
+        listener: &listeners::Listener,
+    ) -> Result<(), DatapathError> {
+        let key = ListenerKey {
+            netns: cookie,
+            family: listener.family,
+            _reserved: 0,
+        };
+        self.listeners
+            .insert(key, listener.socket.as_raw_fd(), 0)
+            .map_err(|source| map_error("LISTENERS", "insert", source))
+    }
+
+    /// The node-wide settings the datapath runs with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// Reads back what an earlier agent left in the pinned maps, so that updates are diffs.
@@ -447,6 +607,7 @@ impl Datapath {
         }
         if current.netns_cookie != 0 && current.netns_cookie != pod.netns_cookie {
             self.remove_netns_entry(current.netns_cookie, id)?;
+            self.detach_netns(current.netns_cookie)?;
         }
         self.pods.insert(
             id,
@@ -471,6 +632,7 @@ impl Datapath {
                 .map_err(|source| map_error("PODS_BY_ADDR", "remove", source))?;
         }
         self.remove_netns_entry(current.netns_cookie, id)?;
+        self.detach_netns(current.netns_cookie)?;
         self.sync_rules(&current.rules, &Rules::default())
     }
 
@@ -723,13 +885,19 @@ pub fn uninstall(pins: &Path) -> Result<Uninstalled, DatapathError> {
             source,
         })?;
     // Links first, so the programs stop running before their maps go.
-    names.sort_by_key(|name| name != "links");
+    names.sort_by_key(|name| !(name == "links" || name == NETNS_LINKS));
     for name in names {
         let path = pins.join(&name);
         if name == "links" {
             report
                 .left
                 .extend(remove_known(&path, &CGROUP_PROGRAMS, &mut report.removed));
+        } else if name == NETNS_LINKS {
+            report.left.extend(remove_matching(
+                &path,
+                |name| netns_link_cookie(name).is_some(),
+                &mut report.removed,
+            ));
         } else if name.starts_with("maps-v") {
             report
                 .left
@@ -750,6 +918,20 @@ pub fn uninstall(pins: &Path) -> Result<Uninstalled, DatapathError> {
 
 /// Removes the entries of `dir` named in `known`, then `dir` if it is empty. Returns what it left.
 fn remove_known(dir: &Path, known: &[&str], removed: &mut Vec<PathBuf>) -> Vec<PathBuf> {
+    remove_matching(
+        dir,
+        |name| known.iter().any(|known| name == *known),
+        removed,
+    )
+}
+
+/// Removes the entries of `dir` whose names `ours` accepts, then `dir` if it is empty. Returns
+/// what it left.
+fn remove_matching(
+    dir: &Path,
+    ours: impl Fn(&std::ffi::OsStr) -> bool,
+    removed: &mut Vec<PathBuf>,
+) -> Vec<PathBuf> {
     let mut left = Vec::new();
     let Ok(entries) = fs::read_dir(dir) else {
         return vec![dir.to_path_buf()];
@@ -757,10 +939,7 @@ fn remove_known(dir: &Path, known: &[&str], removed: &mut Vec<PathBuf>) -> Vec<P
     let mut paths: Vec<PathBuf> = entries.flatten().map(|entry| entry.path()).collect();
     paths.sort();
     for path in paths {
-        let ours = path
-            .file_name()
-            .is_some_and(|name| known.iter().any(|known| name == *known));
-        if ours && fs::remove_file(&path).is_ok() {
+        if path.file_name().is_some_and(&ours) && fs::remove_file(&path).is_ok() {
             removed.push(path);
         } else {
             left.push(path);
@@ -772,6 +951,23 @@ fn remove_known(dir: &Path, known: &[&str], removed: &mut Vec<PathBuf>) -> Vec<P
         left.push(dir.to_path_buf());
     }
     left
+}
+
+/// The namespace cookie a pin under `netns/` is named after, if it is one of ours.
+fn netns_link_cookie(name: &std::ffi::OsStr) -> Option<u64> {
+    name.to_str()?.parse().ok()
+}
+
+/// Removes a pin; one already gone is fine.
+fn remove_pin(pin: &Path) -> Result<(), DatapathError> {
+    match fs::remove_file(pin) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DatapathError::Pin {
+            path: pin.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 fn create_dir(dir: &Path) -> Result<(), DatapathError> {

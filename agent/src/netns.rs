@@ -147,6 +147,11 @@ impl Netns {
         &self.path
     }
 
+    /// The namespace's nsfs file, which is what attaches a program to the namespace.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Moves the calling thread into this namespace.
     fn enter(&self) -> Result<(), NetnsError> {
         setns(&self.file, CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {

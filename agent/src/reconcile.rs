@@ -21,7 +21,7 @@ use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    datapath::{Datapath, DatapathError, PodRules},
+    datapath::{Datapath, DatapathError, PodRules, listeners},
     healthcheck::{self, Context},
     netns::{Netns, NetnsError, NetnsId, netns_cookie},
     pod::{Pod, PodKey},
@@ -341,6 +341,7 @@ impl Reconciler {
         let cookie = if self.datapath.is_some() {
             let cookie = self.ctx.worker.run(&netns, netns_cookie).await?;
             self.with_datapath(|datapath| datapath.upsert_pod(&pod_rules(pod, cookie)))?;
+            self.guard_inbound(pod, &netns, cookie).await?;
             cookie
         } else {
             0
@@ -361,6 +362,55 @@ impl Reconciler {
             cookie,
             stop,
         })
+    }
+
+    /// Has the datapath hand the connections that arrive at the pod from other nodes to its proxy
+    /// (issue 5): makes sure it knows the proxy's inbound listener, then attaches sk_lookup to the
+    /// pod's namespace. In that order, so that a proxy already listening never sees a connection
+    /// refused for want of a listener the datapath had not found yet.
+    ///
+    /// A listener that cannot be found is not the pod's failure: connections from other nodes are
+    /// refused, as behind the mesh's rules when the proxy does not listen, until the proxy listens
+    /// again (sockops then files it). It is logged with the reason.
+    async fn guard_inbound(
+        &self,
+        pod: &Pod,
+        netns: &Arc<Netns>,
+        cookie: u64,
+    ) -> Result<(), ServeError> {
+        let Some((known, port, proc_root)) = self.with_datapath(|datapath| {
+            let settings = datapath.settings();
+            Ok((
+                datapath.has_listener(cookie)?,
+                settings.inbound_port,
+                settings.proc_root.clone(),
+            ))
+        })?
+        else {
+            return Ok(());
+        };
+        if !known {
+            match listeners::find(&self.ctx.worker, netns, port, &proc_root).await {
+                Ok(found) => {
+                    for listener in &found {
+                        self.with_datapath(|datapath| datapath.add_listener(cookie, listener))?;
+                    }
+                    if !found.is_empty() {
+                        log::info!(
+                            "pod {}: took over its proxy's inbound listener on port {port}",
+                            pod.key
+                        );
+                    }
+                }
+                Err(error) => log::warn!(
+                    "pod {}: cannot find its proxy's inbound listener on port {port}: {error}; \
+                     connections from other nodes are refused until the proxy listens anew",
+                    pod.key
+                ),
+            }
+        }
+        self.with_datapath(|datapath| datapath.attach_netns(cookie, netns.file()))?;
+        Ok(())
     }
 
     /// Replaces the listener of `key`: the new one is bound before the old one closes (SO_REUSEPORT),

@@ -3,7 +3,7 @@
 use std::{
     io,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     pin::pin,
     sync::{Arc, Mutex},
     time::Duration,
@@ -104,6 +104,7 @@ fn check_host(args: &DatapathArgs, source: PodSource) -> Result<Option<Report>, 
 /// Installs the datapath the host checks passed for (or adopts the one a previous agent pinned).
 fn install_datapath(
     args: &DatapathArgs,
+    proc_root: &Path,
     host: Option<Report>,
 ) -> Result<Option<SharedDatapath>, RunError> {
     let Some(report) = host else {
@@ -123,6 +124,7 @@ fn install_datapath(
             outbound_ip_ranges: args.outbound_ip_range_exclusion_list.clone(),
             outbound_ip_range_inclusions: args.outbound_ip_range_inclusion_list.clone(),
         },
+        proc_root: proc_root.to_path_buf(),
     };
     let datapath = Datapath::install(&report.cgroup_root, &args.pin_path, settings)?;
     log::info!(
@@ -186,7 +188,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         }
     };
     let mut shutdown = pin!(signal::shutdown_requested());
-    let datapath = install_datapath(&args.datapath, host)?;
+    let datapath = install_datapath(&args.datapath, &args.pods.proc_root, host)?;
     if let Some(datapath) = &datapath {
         metrics.register_datapath(Arc::clone(datapath));
     }

@@ -127,6 +127,28 @@ pub fn attached_programs(path: &Path) -> Result<Vec<String>, String> {
     Ok(programs)
 }
 
+/// The programs attached through bpf_links to the network namespace with inode `netns_ino`
+/// (sk_lookup, for the datapath), as `<attach type> <program id>`, read with bpftool.
+pub fn netns_links(netns_ino: u64) -> Result<Vec<String>, String> {
+    let output = Command::new("bpftool")
+        .args(["--json", "link", "show"])
+        .output()
+        .map_err(|error| format!("run bpftool (cargo xtask setup installs it): {error}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "bpftool link show: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    let links: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout)
+        .map_err(|error| format!("parse bpftool's output: {error}"))?;
+    Ok(links
+        .iter()
+        .filter(|link| link["type"] == "netns" && link["netns_ino"] == netns_ino)
+        .map(|link| format!("{} {}", link["attach_type"], link["prog_id"]))
+        .collect())
+}
+
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         for child in &mut self.children {

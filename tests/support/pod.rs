@@ -75,12 +75,27 @@ pub struct TestPod {
     /// The pod's number in the address plan, which also numbers its IPv6 subnet.
     subnet: u32,
     host_veth: String,
+    /// For a pod on another node ([`Self::behind`]): the host's route to it, through that node.
+    host_route: Option<String>,
     netns: Arc<Netns>,
     worker: NetnsWorker,
 }
 
 impl TestPod {
     pub fn new() -> Self {
+        Self::create(None)
+    }
+
+    /// A pod on another node: its veth joins it to `node` (a pod that stands for that node's host
+    /// network namespace, which routes for it) instead of to this host, and this host reaches it
+    /// through `node`. Its traffic arrives at this node's pods from outside, as from another node.
+    pub fn behind(node: &TestPod) -> Self {
+        node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        node.route_to_other_pods();
+        Self::create(Some(node))
+    }
+
+    fn create(node: Option<&TestPod>) -> Self {
         let pid = std::process::id();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         assert!(
@@ -98,21 +113,33 @@ impl TestPod {
         let netns = Arc::new(
             Netns::open(&std::path::Path::new("/run/netns").join(&netns_name)).expect("open netns"),
         );
-        let pod = Self {
+        let mut pod = Self {
             netns_name,
             ip: pod_ip,
             subnet,
             host_veth,
+            host_route: None,
             netns,
             worker: NetnsWorker::spawn().expect("netns worker"),
         };
-        let ns = pod.netns_name.as_str();
-        let veth = pod.host_veth.as_str();
-        ip(&[
+        let ns = pod.netns_name.clone();
+        let ns = ns.as_str();
+        let veth = pod.host_veth.clone();
+        let veth = veth.as_str();
+        // The other end of the veth: in this host's namespace, or in the other node's.
+        let on_node = |args: &[&str]| match node {
+            None => ip(args),
+            Some(node) => {
+                let mut all = vec!["-n", node.netns_name.as_str()];
+                all.extend_from_slice(args);
+                ip(&all)
+            }
+        };
+        on_node(&[
             "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
         ]);
-        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", veth]);
-        ip(&["link", "set", veth, "up"]);
+        on_node(&["addr", "add", &format!("{host_ip}/30"), "dev", veth]);
+        on_node(&["link", "set", veth, "up"]);
         ip(&[
             "-n",
             ns,
@@ -133,18 +160,22 @@ impl TestPod {
             "via",
             &host_ip.to_string(),
         ]);
-        pod.assert_routed_through_own_veth();
+        if let Some(node) = node {
+            let route = format!("{pod_ip}/32");
+            ip(&["route", "add", &route, "via", &node.ip.to_string()]);
+            pod.host_route = Some(route);
+        }
+        pod.assert_routed_through(node.map_or(veth, |node| node.host_veth.as_str()));
         pod
     }
 
-    /// Traffic to test pods must only ever leave through the veth this test made.
-    fn assert_routed_through_own_veth(&self) {
+    /// Traffic to test pods must only ever leave through a veth this test made.
+    fn assert_routed_through(&self, veth: &str) {
         let route = ip(&["route", "get", &self.ip.to_string()]);
         assert!(
-            route.contains(&format!("dev {} ", self.host_veth)),
-            "route to test pod {} does not go through {}: {route}",
+            route.contains(&format!("dev {veth} ")),
+            "route to test pod {} does not go through {veth}: {route}",
             self.ip,
-            self.host_veth
         );
     }
 
@@ -175,6 +206,11 @@ impl TestPod {
             "nodad",
         ]);
         pod_ip
+    }
+
+    /// The pod's network namespace, held open.
+    pub fn netns(&self) -> &Arc<Netns> {
+        &self.netns
     }
 
     /// The cookie of the pod's network namespace, by which the datapath knows the pod.
@@ -290,6 +326,12 @@ impl TestPod {
 
 impl Drop for TestPod {
     fn drop(&mut self) {
+        if let Some(route) = &self.host_route {
+            let _ = Command::new("ip")
+                .args(["route", "del", route])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
         // Deleting the namespace deletes its end of the veth, and with it the host end.
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns_name])

@@ -70,6 +70,16 @@ pub enum DatapathError {
         source: io::Error,
     },
 
+    /// The kernel refused to attach the sk_lookup program to a pod's network namespace.
+    #[error("failed to attach program `pb_sk_lookup` to network namespace {cookie}")]
+    AttachNetns {
+        /// The namespace's cookie.
+        cookie: u64,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+
     /// Reading or writing a map failed.
     #[error("map `{map}`: failed to {action}")]
     Map {

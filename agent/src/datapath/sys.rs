@@ -1,9 +1,10 @@
-//! The `bpf()` commands for cgroup links that aya 0.14 does not offer whole: create one for any
-//! cgroup hook (aya cannot turn a getsockopt link into a pinnable one), pin it, open a pinned one,
-//! read which cgroup it is attached to, and swap its program in place.
+//! The `bpf()` commands for links that aya 0.14 does not offer whole: create one for any cgroup
+//! hook (aya cannot turn a getsockopt link into a pinnable one) or a network namespace's
+//! sk_lookup hook, pin it, open a pinned one, read which cgroup it is attached to, and swap its
+//! program in place.
 //!
 //! `BPF_LINK_UPDATE` is what lets a restarted or upgraded agent replace its programs with no moment
-//! in which none is attached (Linux 5.7+ for cgroup links).
+//! in which none is attached (Linux 5.7+ for cgroup links, 5.9+ for network namespace links).
 
 use std::{
     ffi::CString,
@@ -46,7 +47,7 @@ struct LinkCreateAttr {
     flags: u32,
 }
 
-/// `enum bpf_attach_type` values of the cgroup hooks the datapath uses.
+/// `enum bpf_attach_type` values of the hooks the datapath uses.
 #[derive(Clone, Copy, Debug)]
 #[repr(u32)]
 pub enum AttachType {
@@ -54,6 +55,8 @@ pub enum AttachType {
     Connect4 = 10,
     Connect6 = 11,
     GetSockopt = 21,
+    /// A network namespace's socket lookup (the target is the namespace's nsfs file).
+    SkLookup = 36,
 }
 
 /// `union bpf_attr` for `BPF_LINK_UPDATE`.
@@ -141,16 +144,17 @@ pub fn obj_pin(object: impl AsFd, path: &Path) -> io::Result<()> {
     bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
 }
 
-/// Attaches `program` to the cgroup whose directory `cgroup` is, through a new bpf_link. The link
-/// is multi-attach: programs other tools attached to the same cgroup keep running.
+/// Attaches `program` to `target` (a cgroup's directory, or a network namespace for
+/// [`AttachType::SkLookup`]) through a new bpf_link. Both kinds of link are multi-attach: programs
+/// other tools attached to the same cgroup or namespace keep running.
 pub fn link_create(
     program: impl AsFd,
-    cgroup: impl AsFd,
+    target: impl AsFd,
     attach_type: AttachType,
 ) -> io::Result<OwnedFd> {
     let mut attr = LinkCreateAttr {
         prog_fd: program.as_fd().as_raw_fd() as u32,
-        target_fd: cgroup.as_fd().as_raw_fd() as u32,
+        target_fd: target.as_fd().as_raw_fd() as u32,
         attach_type: attach_type as u32,
         flags: 0,
     };

@@ -12,7 +12,7 @@
 
 /// Bumped whenever a map's key or value layout, or a map's meaning, changes. The agent keeps its
 /// pins in a directory named after it, so a new layout never reads an old one's bytes.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// An IPv4 or IPv6 address in one 16-byte form, so that a single map serves both families: an IPv4
 /// address is stored IPv4-mapped (`::ffff:a.b.c.d`), which is also how connect6 sees an IPv4
@@ -251,6 +251,19 @@ pub struct ConnKey {
     pub _reserved: u32,
 }
 
+/// A proxy's inbound listener: the key of the `LISTENERS` sockhash, from which sk_lookup hands a
+/// meshed pod the connections that arrive from other nodes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerKey {
+    /// The cookie of the listener's network namespace.
+    pub netns: u64,
+    /// The listener's address family: `AF_INET` (2) or `AF_INET6` (10). An IPv6 listener that is
+    /// not IPv6-only also takes IPv4 connections.
+    pub family: u32,
+    pub _reserved: u32,
+}
+
 /// The per-CPU counters of the `COUNTERS` array, by index.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -271,11 +284,20 @@ pub enum Counter {
     OrigDstMisses = 6,
     /// Messages handed straight to the peer socket by sk_msg.
     SkMsgRedirected = 7,
+    /// A connection that arrived at a meshed pod from another node, handed to its proxy's
+    /// inbound listener by sk_lookup.
+    RemoteRedirected = 8,
+    /// One from another node to an inbound-excluded port, or a probe port under
+    /// `--probe-bypass-from any`, let through to the app.
+    RemoteExcluded = 9,
+    /// One from another node refused because the pod's proxy has no inbound listener the
+    /// datapath knows of (as the mesh's redirect to a port nobody listens on is refused).
+    RemoteRefused = 10,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 11] = [
         Self::Connects,
         Self::RedirectedOutbound,
         Self::RedirectedInbound,
@@ -284,6 +306,9 @@ impl Counter {
         Self::OrigDstLookups,
         Self::OrigDstMisses,
         Self::SkMsgRedirected,
+        Self::RemoteRedirected,
+        Self::RemoteExcluded,
+        Self::RemoteRefused,
     ];
 
     /// The number of counters: the size of the `COUNTERS` array.
@@ -313,6 +338,7 @@ const _: () = {
     assert!(core::mem::size_of::<CidrRule>() == 36);
     assert!(core::mem::size_of::<OrigDst>() == 24);
     assert!(core::mem::size_of::<ConnKey>() == 48);
+    assert!(core::mem::size_of::<ListenerKey>() == 16);
 };
 
 // SAFETY (all below): `#[repr(C)]` structs of integers whose sizes add up to the struct's size (see
@@ -328,6 +354,7 @@ mod pod_impls {
     unsafe impl aya::Pod for CidrRule {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for ListenerKey {}
 }
 
 #[cfg(test)]

@@ -8,10 +8,16 @@
 //!   a meshed pod's own connections to its proxy's outbound port, connections to a meshed pod to
 //!   its proxy's inbound port. They remember the destination that was asked for.
 //! - **sockops** files that destination under the connection's addresses once it is established,
-//!   and puts the sockets of mesh connections into the `SOCKETS` sockhash for sk_msg.
+//!   and puts the sockets of mesh connections into the `SOCKETS` sockhash for sk_msg. It also
+//!   notes which connections to meshed pods start on this node, and which sockets are proxies'
+//!   inbound listeners, for sk_lookup.
 //! - **getsockopt** answers the proxy's `SO_ORIGINAL_DST` from that record.
 //! - **sk_msg** hands data between two sockets of the same node straight to the peer's receive
 //!   queue, skipping the rest of the TCP/IP stack.
+//! - **sk_lookup**, attached to each meshed pod's network namespace rather than to the cgroup,
+//!   hands the connections that arrive from other nodes (where no hook of this node ran at
+//!   connect()) to the pod's proxy, as the mesh's PREROUTING rule did (issue 5). See
+//!   [`pb_sk_lookup`] for why this hook and not tc.
 //!
 //! The one rule iptables cannot express: a connection to a probe port (15901-15904 and the mesh's
 //! metrics port) skips the proxy only when it comes from the host network namespace, where the
@@ -38,16 +44,17 @@ use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        sk_action::SK_PASS,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        sk_action::{SK_DROP, SK_PASS},
     },
     helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_msg, sock_ops},
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key as LpmKey},
-    programs::{SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use probe_bypass_common::{
-    Addr, CidrRule, Config, ConnKey, Counter, OrigDst, PodEntry, PortRule, cidr_rule, port_rule,
-    redirect,
+    Addr, CidrRule, Config, ConnKey, Counter, ListenerKey, OrigDst, PodEntry, PortRule, cidr_rule,
+    port_rule, redirect,
 };
 
 /// Room for every pod of a large node twice over (dual-stack pods have an entry per family).
@@ -73,6 +80,9 @@ const SO_ORIGINAL_DST: i32 = 80;
 /// A getsockopt buffer the kernel would refuse to hand a program (more than a page).
 const MAX_OPTLEN: i32 = 4096;
 const TCP_CLOSE: u32 = 7;
+const IPPROTO_TCP: u32 = 6;
+/// The loopback device's index, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 /// Reads a field of a kernel context (or `bpf_sock`) with a load at the field's own offset.
 ///
@@ -128,6 +138,19 @@ static SOCKETS: SockHash<ConnKey> = SockHash::with_max_entries(MAX_CONNECTIONS, 
 /// programs only ever add to entries that are there.
 #[map]
 static EARLY_PROBES: HashMap<Addr, u64> = HashMap::with_max_entries(MAX_PODS, 0);
+
+/// The proxies' inbound listeners, by network namespace and family. sockops puts every socket that
+/// starts listening on the inbound port here (the agent adds those that listened before its
+/// programs were attached); the kernel takes a socket out when it closes. sk_lookup hands the
+/// connections that arrive from other nodes to these.
+#[map]
+static LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(MAX_PODS * 2, 0);
+
+/// Connections to a meshed pod made on this node, by their addresses (client first), from the
+/// client's connect() until the entry ages out. Their path was decided at connect(); sk_lookup
+/// leaves them alone (issue 5: the two paths never both act on one connection).
+#[map]
+static LOCAL_CONNECTS: LruHashMap<ConnKey, u8> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
 
 /// Event counters, indexed by [`Counter`]. Per CPU so that counting needs no atomics; the agent sums them.
 #[map]
@@ -360,8 +383,9 @@ fn remember(ctx: &SockAddrContext, dst: Addr, port: u16, kind: u16) -> bool {
     PENDING.insert(cookie, orig, u64::from(BPF_ANY)).is_ok()
 }
 
-/// Runs on TCP events of sockets in the cgroup: a connection established (either end), and the
-/// state changes of the sockets that asked for them.
+/// Runs on TCP events of sockets in the cgroup: a connection started (for sk_lookup) and
+/// established (either end), a socket starting to listen (the proxies' inbound listeners, for
+/// sk_lookup), and the state changes of the sockets that asked for them.
 #[sock_ops]
 pub fn pb_sockops(ctx: SockOpsContext) -> u32 {
     let ops = ctx.ops;
@@ -422,9 +446,163 @@ pub fn pb_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             let _ = ORIG_DST.remove(client_view);
         }
+        BPF_SOCK_OPS_TCP_CONNECT_CB => note_local_connect(own_view),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => track_listener(&ctx, family, local_port, netns),
         _ => {}
     }
     1
+}
+
+/// Records a connection made on this node to a meshed pod's port other than its proxy's, before
+/// its SYN leaves: connect() has decided its path, and sk_lookup must not send it to the proxy
+/// on arrival. `conn` is the client's view (its own end first). A connection already sent to the
+/// proxy's inbound port needs no record: sk_lookup never touches that port.
+#[inline(always)]
+fn note_local_connect(conn: ConnKey) {
+    let Some(config) = CONFIG.get(0) else { return };
+    if conn.b_port != config.inbound_port && PODS_BY_ADDR.get_ptr(conn.b).is_some() {
+        let _ = LOCAL_CONNECTS.insert(conn, 1, u64::from(BPF_ANY));
+    }
+}
+
+/// Puts a socket that starts listening on the proxy's inbound port in `LISTENERS`, whichever
+/// namespace it is in: the proxy may listen before the agent knows its pod (Linux 5.10+ for
+/// listening sockets in a sockhash).
+#[inline(always)]
+fn track_listener(ctx: &SockOpsContext, family: u32, local_port: u16, netns: u64) {
+    let Some(config) = CONFIG.get(0) else { return };
+    if local_port != config.inbound_port {
+        return;
+    }
+    let mut key = ListenerKey {
+        netns,
+        family,
+        _reserved: 0,
+    };
+    // SAFETY: `ops` is the context the kernel passed, valid for the duration of the call.
+    let _ = LISTENERS.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY));
+}
+
+/// Runs in a meshed pod's network namespace when the kernel looks for the socket of a new
+/// connection (a SYN) arriving there (Linux 5.9+; 5.17+ for the ingress interface). Connections
+/// from another node, for which no hook on this node ran at connect(), go to the pod's proxy as
+/// the mesh's PREROUTING rule sent them: to its inbound listener, with the same exclusions as the
+/// same-node path, and with their original destination filed for `SO_ORIGINAL_DST`.
+///
+/// Why sk_lookup and not tc on the pod's interface: tc would have to rewrite the destination port
+/// of every packet in and the source port of every packet out, and keep per-connection NAT state
+/// to do so, which is conntrack written again. sk_lookup only chooses the listening socket: the
+/// packets are untouched, the accepted socket keeps the address the client asked for (so the
+/// original destination is simply its local address), nothing is attached to any interface, and
+/// one attachment per namespace covers every interface of the pod.
+///
+/// The probe ports get no exception here unless `--probe-bypass-from any`: the kubelet runs on
+/// this node, so a probe-port connection from another node is not the kubelet's.
+#[sk_lookup]
+pub fn pb_sk_lookup(ctx: SkLookupContext) -> u32 {
+    let lk = ctx.lookup;
+    let (family, protocol, ifindex) = (
+        field!(lk, family),
+        field!(lk, protocol),
+        field!(lk, ingress_ifindex),
+    );
+    let (local, remote) = addresses(
+        family,
+        [field!(lk, local_ip4), field!(lk, remote_ip4)],
+        [
+            ip6(|i| field!(lk, local_ip6[i])),
+            ip6(|i| field!(lk, remote_ip6[i])),
+        ],
+    );
+    // `local_port` is in host byte order, `remote_port` in network byte order.
+    let local_port = field!(lk, local_port) as u16;
+    let remote_port = u16::from_be(field!(lk, remote_port));
+    // A connection over `lo` was made inside the pod, where the mesh's PREROUTING rule never acts
+    // on it either.
+    if protocol != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX {
+        return SK_PASS;
+    }
+    let conn = ConnKey {
+        netns: 0,
+        a: remote,
+        b: local,
+        a_port: remote_port,
+        b_port: local_port,
+        _reserved: 0,
+    };
+    steer_remote(&ctx, family, conn)
+}
+
+/// Whether `client` is an address of `pod` itself: the connection was made inside the pod. It
+/// arrives over `lo` but, for the pod's own IP, carries the index of the interface with that IP.
+#[inline(always)]
+fn from_own_pod(pod: &PodEntry, client: Addr) -> bool {
+    // SAFETY: as in `decide`.
+    unsafe { PODS_BY_ADDR.get(client) }.is_some_and(|entry| entry.netns_cookie == pod.netns_cookie)
+}
+
+/// The decision of [`pb_sk_lookup`] for a TCP connection `conn` (client first) arriving in a pod's
+/// namespace from outside it.
+#[inline(always)]
+fn steer_remote(ctx: &SkLookupContext, family: u32, conn: ConnKey) -> u32 {
+    let Some(config) = CONFIG.get(0) else {
+        return SK_PASS;
+    };
+    let port = conn.b_port;
+    if port == config.inbound_port {
+        return SK_PASS;
+    }
+    // SAFETY: as in `decide`.
+    let Some(pod) = (unsafe { PODS_BY_ADDR.get(conn.b) }).copied() else {
+        return SK_PASS;
+    };
+    if LOCAL_CONNECTS.get_ptr(conn).is_some() || from_own_pod(&pod, conn.a) {
+        return SK_PASS;
+    }
+    let excluded = if has_port_rule(Addr::UNSPECIFIED, port, port_rule::PROBE) {
+        config.flags & Config::PROBE_BYPASS_FROM_ANY != 0
+    } else {
+        has_port_rule(pod.id, port, port_rule::INBOUND_EXCLUDED)
+            || has_port_rule(Addr::UNSPECIFIED, port, port_rule::INBOUND_EXCLUDED)
+    };
+    if excluded {
+        count(Counter::RemoteExcluded);
+        return SK_PASS;
+    }
+    let orig = OrigDst {
+        addr: conn.b,
+        port,
+        redirect: redirect::INBOUND,
+        _reserved: 0,
+    };
+    // Filed before the proxy can accept the connection and ask for it.
+    if ORIG_DST.insert(conn, orig, u64::from(BPF_ANY)).is_err() {
+        count(Counter::RemoteRefused);
+        return SK_DROP;
+    }
+    let listener = |family| ListenerKey {
+        netns: pod.netns_cookie,
+        family,
+        _reserved: 0,
+    };
+    // An IPv4 connection may also go to an IPv6 listener that takes both families.
+    let assigned = LISTENERS
+        .redirect_sk_lookup(ctx, listener(family), 0)
+        .is_ok()
+        || (family == AF_INET
+            && LISTENERS
+                .redirect_sk_lookup(ctx, listener(AF_INET6), 0)
+                .is_ok());
+    if assigned {
+        count(Counter::RemoteRedirected);
+        SK_PASS
+    } else {
+        // No proxy to take it: refused, as the mesh's redirect to a port nobody listens on is,
+        // rather than let through to the app past the proxy.
+        let _ = ORIG_DST.remove(conn);
+        count(Counter::RemoteRefused);
+        SK_DROP
+    }
 }
 
 /// Adds an established socket to `SOCKETS` when sk_msg is on and the connection is the mesh's: it
