@@ -6,7 +6,9 @@
 //! HAProxy as its sidecar; non-meshed pods C and D with only the app. Every app answers
 //! `app <pod>:<port>`. A's outbound exclusions: port 9091 and D's address; A's and B's inbound
 //! exclusion: port 9090. The callers are the kubelet (host network namespace), the pods' apps and
-//! A's proxy UID; see [`SCENARIOS`].
+//! A's proxy UID, and a client pod R on a second node (a namespace routed to this node's pods
+//! through veths, outside the test's cgroup) calling as an app and as a proxy's UID (issue 5);
+//! see [`SCENARIOS`].
 //!
 //! `iptables_mode_matches_the_expected_table` checks the mesh's rules against outcomes written out
 //! by hand, so that the comparison cannot pass by both modes being broken the same way;
@@ -14,10 +16,10 @@
 
 mod support;
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, net::IpAddr};
 
 use support::{
-    mesh::{Call, Caller, MeshSpec, Mode, Node, Outcome, PodSpec, Target},
+    mesh::{Call, Caller, MeshSpec, Mode, Node, Outcome, PodSpec, REMOTE_POD, Target},
     sidecar::{ProxyEvent, ProxyLog},
 };
 
@@ -276,6 +278,81 @@ const SCENARIOS: &[Scenario] = &[
         iptables: ("app D:8080", &[]),
         ebpf: Ebpf::Same,
     },
+    // From the other node: no hook of this node ran at connect() (issue 5).
+    Scenario {
+        what: "a client on another node calls B's app: B's proxy demands mTLS",
+        from: Caller::Remote,
+        call: Call::Http {
+            to: Target::Pod("B"),
+            port: APP_PORT,
+        },
+        iptables: (PLAINTEXT_TO_MTLS, &["B inbound: SSL handshake failure"]),
+        ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "a client on another node calls A's app",
+        from: Caller::Remote,
+        call: Call::Http {
+            to: Target::Pod("A"),
+            port: APP_PORT,
+        },
+        iptables: (PLAINTEXT_TO_MTLS, &["A inbound: SSL handshake failure"]),
+        ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "a client on another node probes B's healthcheck",
+        from: Caller::Remote,
+        call: Call::Healthcheck {
+            pod: "B",
+            port: APP_PORT,
+        },
+        iptables: ("healthcheck 200", &[]),
+        ebpf: Ebpf::Differs {
+            outcome: (PLAINTEXT_TO_MTLS, &["B inbound: SSL handshake failure"]),
+            why: "the kubelet runs on the pod's own node: a probe port reached from another node \
+                  goes through the sidecar",
+        },
+    },
+    Scenario {
+        what: "a client on another node calls B's inbound-excluded port",
+        from: Caller::Remote,
+        call: Call::Http {
+            to: Target::Pod("B"),
+            port: INBOUND_EXCLUDED,
+        },
+        iptables: ("app B:9090", &[]),
+        ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "a client on another node calls non-meshed C",
+        from: Caller::Remote,
+        call: Call::Http {
+            to: Target::Pod("C"),
+            port: APP_PORT,
+        },
+        iptables: ("app C:8080", &[]),
+        ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "a proxy on another node calls B's app over mTLS: B's proxy forwards it",
+        from: Caller::RemoteProxy,
+        call: Call::Mtls {
+            pod: "B",
+            port: APP_PORT,
+        },
+        iptables: ("app B:8080", &["B inbound B:8080"]),
+        ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "a proxy on another node calls B's app in plaintext",
+        from: Caller::RemoteProxy,
+        call: Call::Http {
+            to: Target::Pod("B"),
+            port: APP_PORT,
+        },
+        iptables: (PLAINTEXT_TO_MTLS, &["B inbound: SSL handshake failure"]),
+        ebpf: Ebpf::Same,
+    },
 ];
 
 fn outcome((answered, proxies): (&str, &[&str])) -> Outcome {
@@ -426,4 +503,91 @@ fn proxy_log_keeps_a_line_it_does_not_know() {
     let log = ProxyLog::parse("[WARNING]  (1) : something else");
     assert_eq!(log.event, ProxyEvent::Unparsed);
     assert_eq!(log.raw, "[WARNING]  (1) : something else");
+}
+
+/// Issue 5: nothing from the other node reaches a meshed pod's app except through its sidecar, on
+/// every app port that is not excluded, whoever calls and however. The apps note every client they
+/// accept: behind the sidecar that is the sidecar (on 127.0.0.1), never the other node's pod. The
+/// excluded port shows that a direct connection would be noticed.
+#[test]
+fn no_connection_from_another_node_reaches_an_app_port_past_the_sidecar() {
+    require_privileges!();
+    const ROUNDS: usize = 5;
+    let specs = node_spec();
+    let node = Node::start(Mode::Ebpf, &specs);
+    let remote = IpAddr::V4(node.remote_pod().ip);
+    let meshed = ["A", "B"];
+    let intercepted = [APP_PORT, OUTBOUND_EXCLUDED];
+    // The node's set-up checked that R reaches the apps before anything intercepted; only what
+    // the apps accept from here on counts.
+    let mut accepted_before = Vec::new();
+    for pod in meshed {
+        for port in intercepted {
+            accepted_before.push(node.app_peers(pod, port).len());
+        }
+    }
+
+    let mut calls = 0;
+    for _ in 0..ROUNDS {
+        for pod in meshed {
+            for port in intercepted {
+                let plaintext = Call::Http {
+                    to: Target::Pod(pod),
+                    port,
+                };
+                for (from, call) in [
+                    (Caller::Remote, plaintext),
+                    (Caller::RemoteProxy, plaintext),
+                    (Caller::RemoteProxy, Call::Mtls { pod, port }),
+                ] {
+                    let observed = node.call(from, call);
+                    calls += 1;
+                    let through_sidecar = observed
+                        .outcome
+                        .proxies
+                        .iter()
+                        .any(|line| line.starts_with(&format!("{pod} inbound")));
+                    assert!(
+                        through_sidecar,
+                        "{from} → {call} did not meet {pod}'s sidecar: {}\n  $ {}",
+                        observed.outcome, observed.command
+                    );
+                }
+            }
+        }
+    }
+    let mut before = accepted_before.into_iter();
+    for pod in meshed {
+        for port in intercepted {
+            let skip = before.next().unwrap_or_default();
+            let direct: Vec<_> = node
+                .app_peers(pod, port)
+                .into_iter()
+                .skip(skip)
+                .filter(|peer| peer.ip() == remote)
+                .collect();
+            assert!(
+                direct.is_empty(),
+                "{pod}'s app on {port} accepted {} connections straight from {REMOTE_POD} \
+                 ({remote}) out of {calls} calls",
+                direct.len()
+            );
+        }
+    }
+
+    // The excluded port is reached directly, and the app sees the other node's pod: the check
+    // above would have seen a connection that skipped the sidecar.
+    let observed = node.call(
+        Caller::Remote,
+        Call::Http {
+            to: Target::Pod("B"),
+            port: INBOUND_EXCLUDED,
+        },
+    );
+    assert_eq!(observed.outcome, outcome(("app B:9090", &[])));
+    assert!(
+        node.app_peers("B", INBOUND_EXCLUDED)
+            .iter()
+            .any(|peer| peer.ip() == remote)
+    );
 }

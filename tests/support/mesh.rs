@@ -10,6 +10,10 @@
 //! with `curl` from inside the test's cgroup, from the host (as the kubelet calls) or from a pod,
 //! as its app or as its proxy's UID, and each comes back as the [`Outcome`] a user would observe:
 //! what answered, and which proxies the connection went through.
+//!
+//! A second node stands beside it ([`OtherNode`]): a network namespace routed to this node's pods
+//! through veths, with a client pod of its own behind it, all outside the test's cgroup, so that
+//! no hook of this node runs when its clients connect (issue 5).
 
 use std::{
     fmt, fs,
@@ -105,6 +109,19 @@ pub enum Caller {
     App(&'static str),
     /// A process in the named pod running as the proxy's UID: the proxy's own connections.
     Proxy(&'static str),
+    /// An app in the client pod of the other node ([`REMOTE_POD`]), outside the test's cgroup.
+    Remote,
+    /// A process there running as the proxy's UID: a proxy on another node.
+    RemoteProxy,
+}
+
+/// The name of the other node's client pod in outcomes and tables.
+pub const REMOTE_POD: &str = "R";
+
+impl Caller {
+    fn is_remote(self) -> bool {
+        matches!(self, Self::Remote | Self::RemoteProxy)
+    }
 }
 
 impl fmt::Display for Caller {
@@ -113,6 +130,8 @@ impl fmt::Display for Caller {
             Self::Host => f.write_str("host"),
             Self::App(pod) => f.write_str(pod),
             Self::Proxy(pod) => write!(f, "{pod} uid {PROXY_UID}"),
+            Self::Remote => write!(f, "node 2 {REMOTE_POD}"),
+            Self::RemoteProxy => write!(f, "node 2 {REMOTE_POD} uid {PROXY_UID}"),
         }
     }
 }
@@ -134,6 +153,9 @@ pub enum Call {
     /// The kubelet's rewritten tcpSocket probe of `port`: `GET /fsm-healthcheck` on the pod's
     /// [`HEALTHCHECK_PORT`] with `Original-Tcp-Port: <port>`.
     Healthcheck { pod: &'static str, port: u16 },
+    /// `GET /` on `port` of the named pod over mTLS, with the caller's mesh certificate: what a
+    /// peer proxy sends.
+    Mtls { pod: &'static str, port: u16 },
 }
 
 impl fmt::Display for Call {
@@ -150,6 +172,7 @@ impl fmt::Display for Call {
             Self::Healthcheck { pod, port } => {
                 write!(f, "{pod}:{HEALTHCHECK_PORT} healthcheck of {port}")
             }
+            Self::Mtls { pod, port } => write!(f, "{pod}:{port} over mTLS"),
         }
     }
 }
@@ -204,11 +227,30 @@ pub struct Node {
     // redirects, those before the cgroup that holds them, and that before the namespaces.
     interception: Interception,
     sidecars: Vec<(&'static str, Sidecar)>,
-    _apps: Vec<App>,
+    /// Each app with the pod and port it serves.
+    apps: Vec<(&'static str, u16, App)>,
     cgroup: TestCgroup,
+    other_node: OtherNode,
     pods: Vec<(&'static str, TestPod)>,
     _manifests: ManifestDir,
-    _certs: Certificates,
+    certs: Certificates,
+    /// The other node's client certificate (PEM with its key), for [`Call::Mtls`].
+    remote_pem: String,
+}
+
+/// The second node: a namespace standing for its host network namespace, which forwards, and a
+/// client pod behind it. Fields drop in order: the pod, then the node.
+pub struct OtherNode {
+    pub pod: TestPod,
+    pub node: TestPod,
+}
+
+impl OtherNode {
+    fn new() -> Self {
+        let node = TestPod::new();
+        let pod = TestPod::behind(&node);
+        Self { pod, node }
+    }
 }
 
 /// What intercepts the meshed pods' traffic, besides rules that live and die with the namespaces.
@@ -238,14 +280,21 @@ impl Node {
             .flat_map(|(spec, (name, pod))| {
                 spec.app_ports.iter().map(move |&port| {
                     let addr = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
-                    pod.serve_http(addr, &format!("app {name}:{port}"))
+                    (
+                        *name,
+                        port,
+                        pod.serve_http(addr, &format!("app {name}:{port}")),
+                    )
                 })
             })
             .collect();
         assert_pods_reach_each_other(specs, &pods);
+        let other_node = OtherNode::new();
+        assert_other_node_reaches_the_pods(&other_node, specs, &pods);
 
         let cgroup = TestCgroup::new();
         let certs = Certificates::new();
+        let remote_pem = certs.issue(REMOTE_POD);
         let manifests = ManifestDir::new();
         let mut sidecars = Vec::new();
         for (spec, (name, pod)) in specs.iter().zip(&pods) {
@@ -279,12 +328,28 @@ impl Node {
         Self {
             interception,
             sidecars,
-            _apps: apps,
+            apps,
             cgroup,
+            other_node,
             pods,
             _manifests: manifests,
-            _certs: certs,
+            certs,
+            remote_pem,
         }
+    }
+
+    /// The addresses of the clients that `pod`'s app on `port` accepted so far.
+    pub fn app_peers(&self, pod: &str, port: u16) -> Vec<SocketAddr> {
+        self.apps
+            .iter()
+            .find(|(name, app_port, _)| *name == pod && *app_port == port)
+            .map(|(_, _, app)| app.peers())
+            .unwrap_or_else(|| panic!("pod {pod} has no app on port {port}"))
+    }
+
+    /// The other node's client pod.
+    pub fn remote_pod(&self) -> &TestPod {
+        &self.other_node.pod
     }
 
     /// Makes `call` as `caller` and returns what came of it.
@@ -295,10 +360,18 @@ impl Node {
             .map(|(_, sidecar)| sidecar.log_mark())
             .collect();
         let (program, args) = self.curl(caller, call);
-        let output = self.cgroup.output(
-            &program,
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        );
+        let output = if caller.is_remote() {
+            // Outside the cgroup: no hook of this node runs for the other node's clients.
+            Command::new(&program)
+                .args(&args)
+                .output()
+                .unwrap_or_else(|error| panic!("run {program}: {error}"))
+        } else {
+            self.cgroup.output(
+                &program,
+                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            )
+        };
         self.wait_for_quiet_logs();
 
         let mut proxies = Vec::new();
@@ -321,23 +394,21 @@ impl Node {
 
     /// The curl command line for `call` from `caller`.
     fn curl(&self, caller: Caller, call: Call) -> (String, Vec<String>) {
+        let in_netns = |netns: &str| ["ip", "netns", "exec", netns].map(str::to_owned).to_vec();
+        let as_proxy = [
+            "setpriv",
+            &format!("--reuid={PROXY_UID}"),
+            &format!("--regid={PROXY_UID}"),
+            "--clear-groups",
+        ]
+        .map(str::to_owned);
+        let remote_netns = self.other_node.pod.netns_name.as_str();
         let mut command: Vec<String> = match caller {
             Caller::Host => Vec::new(),
-            Caller::App(pod) => ["ip", "netns", "exec", self.pod(pod).netns_name.as_str()]
-                .map(str::to_owned)
-                .to_vec(),
-            Caller::Proxy(pod) => [
-                "ip",
-                "netns",
-                "exec",
-                self.pod(pod).netns_name.as_str(),
-                "setpriv",
-                &format!("--reuid={PROXY_UID}"),
-                &format!("--regid={PROXY_UID}"),
-                "--clear-groups",
-            ]
-            .map(str::to_owned)
-            .to_vec(),
+            Caller::App(pod) => in_netns(&self.pod(pod).netns_name),
+            Caller::Proxy(pod) => [in_netns(&self.pod(pod).netns_name), as_proxy.to_vec()].concat(),
+            Caller::Remote => in_netns(remote_netns),
+            Caller::RemoteProxy => [in_netns(remote_netns), as_proxy.to_vec()].concat(),
         };
         command.extend(
             CURL.into_iter()
@@ -366,6 +437,21 @@ impl Node {
                     "http://{}:{HEALTHCHECK_PORT}{HEALTHCHECK_PATH}",
                     self.pod(pod).ip
                 )
+            }
+            Call::Mtls { pod, port } => {
+                // The peer's certificate is checked against the mesh's CA but not its name:
+                // a proxy names its peer by its service identity, not by the address it dials.
+                command.extend(
+                    [
+                        "--cacert",
+                        &self.certs.ca(),
+                        "--cert",
+                        &self.remote_pem,
+                        "--insecure",
+                    ]
+                    .map(str::to_owned),
+                );
+                format!("https://{}:{port}/", self.pod(pod).ip)
             }
         };
         command.push(url);
@@ -503,6 +589,28 @@ fn assert_pods_reach_each_other(specs: &[PodSpec], pods: &[(&'static str, TestPo
     }
 }
 
+/// Traffic from the other node's client pod must reach this node's pods through the veths before
+/// any interception, or the cross-node scenarios would fail for a reason that is not the mesh's.
+fn assert_other_node_reaches_the_pods(
+    other: &OtherNode,
+    specs: &[PodSpec],
+    pods: &[(&'static str, TestPod)],
+) {
+    for (spec, (name, pod)) in specs.iter().zip(pods) {
+        let Some(port) = spec.app_ports.first() else {
+            continue;
+        };
+        let url = format!("http://{}:{port}/", pod.ip);
+        let mut curl = CURL.to_vec();
+        curl.push(&url);
+        assert_eq!(
+            other.pod.exec(&curl),
+            format!("app {name}:{port}"),
+            "the other node's pod cannot reach pod {name}: is forwarding blocked?"
+        );
+    }
+}
+
 /// What the caller saw, from curl's exit status and output (the body, then the status code on a
 /// line of its own).
 fn answered(call: Call, output: &Output) -> String {
@@ -518,7 +626,7 @@ fn answered(call: Call, output: &Output) -> String {
     match call {
         _ if body.starts_with("app ") && status == "200" => body.to_owned(),
         Call::Healthcheck { .. } => format!("healthcheck {status}"),
-        Call::Http { .. } => format!("HTTP {status} {body}"),
+        Call::Http { .. } | Call::Mtls { .. } => format!("HTTP {status} {body}"),
     }
 }
 

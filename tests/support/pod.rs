@@ -15,7 +15,7 @@ use std::{
     },
     process::Command,
     sync::{
-        Arc, OnceLock,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU32, Ordering},
     },
     thread,
@@ -238,13 +238,21 @@ impl TestPod {
     }
 
     /// Starts an HTTP app on `addr` inside the pod that answers every request with 200 and `body`.
+    /// It notes the address of every client it accepts ([`App::peers`]).
     pub fn serve_http(&self, addr: SocketAddr, body: &str) -> App {
         let body = body.to_owned();
-        App::accepting(self.bind(addr), 1, move |connection| {
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let noted = Arc::clone(&peers);
+        let mut app = App::accepting(self.bind(addr), 1, move |connection| {
+            if let Ok(Some(peer)) = connection.peer_addr().map(|peer| peer.as_socket()) {
+                noted.lock().expect("peers").push(peer);
+            }
             let body = body.clone();
             // A client that is slow to close must not hold up the next one.
             thread::spawn(move || answer_http(connection.into(), &body));
-        })
+        });
+        app.peers = peers;
+        app
     }
 
     /// A listening socket on `addr`, made inside the pod's namespace.
@@ -348,6 +356,7 @@ impl Drop for TestPod {
 pub struct App {
     socket: Arc<Socket>,
     acceptors: Vec<thread::JoinHandle<()>>,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
 }
 
 impl App {
@@ -368,7 +377,16 @@ impl App {
                 })
             })
             .collect();
-        Self { socket, acceptors }
+        Self {
+            socket,
+            acceptors,
+            peers: Arc::default(),
+        }
+    }
+
+    /// The addresses of the clients an HTTP app accepted, in order.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().expect("peers").clone()
     }
 }
 
