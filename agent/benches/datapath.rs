@@ -13,6 +13,10 @@
 //!   which connects, as UID 1500, to D.
 //! - **pod to pod**: a client in C connects to `S:8080` (or `S:8081` for the transfer): C's proxy,
 //!   then S's proxy, then the app, all on this node.
+//! - **cross-node inbound** (issue 5): a client in pod R of a second node (a namespace routed to
+//!   the node's pods through veths, outside the cgroup, so no hook of this node runs at its
+//!   connect()) connects to `S:8080`; the mesh's PREROUTING rule, or the datapath's sk_lookup
+//!   program in S's namespace, sends it to S's proxy.
 //!
 //! Each path is measured under four interceptions, each on a node of its own, so that no rule,
 //! program or conntrack state of one touches another: **direct** (nothing meshed: no rules, no
@@ -94,8 +98,9 @@ use std::{
 
 use ipnet::IpNet;
 use probe_bypass::{
-    datapath::{self, Counters, Datapath, PodRules, Settings},
+    datapath::{self, Counters, Datapath, PodRules, Settings, listeners},
     exclusions::Exclusions,
+    netns::NetnsWorker,
     preflight,
 };
 use socket2::{Domain, Protocol, Socket, Type};
@@ -258,7 +263,7 @@ impl Plan {
         match route {
             Route::Transfer => self.transfers,
             Route::PodToPodMtls => self.mtls,
-            Route::Inbound | Route::Outbound | Route::PodToPod => self.connects,
+            Route::Inbound | Route::Outbound | Route::PodToPod | Route::CrossNode => self.connects,
         }
     }
 }
@@ -361,10 +366,17 @@ enum Route {
     Transfer,
     /// C → S:8080 with the mTLS sidecar of `tests/support/sidecar.rs`.
     PodToPodMtls,
+    /// R (on the second node) → S:8080, through S's proxy.
+    CrossNode,
 }
 
 impl Route {
-    const CONNECTS: [Self; 3] = [Self::Inbound, Self::Outbound, Self::PodToPod];
+    const CONNECTS: [Self; 4] = [
+        Self::Inbound,
+        Self::Outbound,
+        Self::PodToPod,
+        Self::CrossNode,
+    ];
 
     fn label(self) -> &'static str {
         match self {
@@ -373,13 +385,14 @@ impl Route {
             Self::PodToPod => "pod to pod: C → S",
             Self::Transfer => "pod to pod: C → S, 1 MiB",
             Self::PodToPodMtls => "pod to pod: C → S, mTLS between proxies",
+            Self::CrossNode => "cross-node inbound: node 2 → S",
         }
     }
 
     /// Whether the path passes S's inbound redirect and C's outbound redirect.
     fn redirects(self) -> (bool, bool) {
         match self {
-            Self::Inbound => (true, false),
+            Self::Inbound | Self::CrossNode => (true, false),
             Self::Outbound => (false, true),
             Self::PodToPod | Self::Transfer | Self::PodToPodMtls => (true, true),
         }
@@ -470,6 +483,9 @@ struct Node {
     c: TestPod,
     s: TestPod,
     d: TestPod,
+    /// The second node's client pod, then the namespace standing for that node.
+    r: TestPod,
+    _node2: TestPod,
     /// What the interception is set up for now.
     current: Option<Config>,
 }
@@ -479,6 +495,8 @@ struct Node {
 enum Caller<'a> {
     Host,
     Pod(&'a TestPod),
+    /// A pod on the second node, outside the cgroup.
+    Remote(&'a TestPod),
 }
 
 impl Node {
@@ -489,6 +507,8 @@ impl Node {
             pod.route_to_other_pods();
             pod
         });
+        let node2 = TestPod::new();
+        let r = TestPod::behind(&node2);
         let cgroup = TestCgroup::new();
         let mut node = Self {
             ebpf: None,
@@ -500,6 +520,8 @@ impl Node {
             c,
             s,
             d,
+            r,
+            _node2: node2,
             current: None,
         };
         let apps = [&node.s, &node.d].map(|pod| AppProcess::start(&node.cgroup, pod));
@@ -600,6 +622,7 @@ impl Node {
                         exclusions: exclusions.clone(),
                     })
                     .expect("mesh the pod");
+                guard_inbound(ebpf.datapath(), pod);
             }
         }
     }
@@ -613,6 +636,7 @@ impl Node {
             Route::Outbound => (Caller::Pod(&self.c), &self.d, Kind::Byte),
             Route::PodToPod | Route::PodToPodMtls => (Caller::Pod(&self.c), &self.s, Kind::Byte),
             Route::Transfer => (Caller::Pod(&self.c), &self.s, Kind::Mib),
+            Route::CrossNode => (Caller::Remote(&self.r), &self.s, Kind::Byte),
         };
         let before = self.redirects(config.interception);
         let load = self.run_client(
@@ -649,15 +673,22 @@ impl Node {
         let mut args: Vec<&str> = Vec::new();
         let program = match caller {
             Caller::Host => exe,
-            Caller::Pod(pod) => {
+            Caller::Pod(pod) | Caller::Remote(pod) => {
                 args.extend(["netns", "exec", &pod.netns_name, exe]);
                 "ip"
             }
         };
         args.extend(client_args.iter().map(String::as_str));
-        let output = self
-            .cgroup
-            .command(program, &args)
+        let mut command = match caller {
+            // No hook of this node may run for the other node's client.
+            Caller::Remote(_) => {
+                let mut command = Command::new(program);
+                command.args(&args).stdin(Stdio::null());
+                command
+            }
+            Caller::Host | Caller::Pod(_) => self.cgroup.command(program, &args),
+        };
+        let output = command
             .env(ROLE, "client")
             .stderr(Stdio::inherit())
             .output()
@@ -687,6 +718,7 @@ impl Node {
                     redirected_inbound,
                     redirected_outbound,
                     sk_msg_redirected,
+                    remote_redirected,
                     ..
                 } = self
                     .ebpf
@@ -698,13 +730,43 @@ impl Node {
                     .counters()
                     .expect("read the datapath's counters");
                 Some(Redirects {
-                    inbound: redirected_inbound,
+                    // Same-node at connect(), cross-node at sk_lookup: both meet S's proxy.
+                    inbound: redirected_inbound + remote_redirected,
                     outbound: redirected_outbound,
                     sk_msg: Some(sk_msg_redirected),
                 })
             }
         }
     }
+}
+
+/// Has the datapath hand `pod`'s connections from other nodes to its proxy, as the agent does
+/// when it serves a pod: its proxy's listener (started before the datapath, so sockops never saw
+/// it listen) is taken over, then sk_lookup is attached to its namespace.
+fn guard_inbound(datapath: &mut Datapath, pod: &TestPod) {
+    let cookie = pod.netns_cookie();
+    if !datapath.has_listener(cookie).expect("read LISTENERS") {
+        let worker = NetnsWorker::spawn().expect("netns worker");
+        let found = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime")
+            .block_on(listeners::find(
+                &worker,
+                pod.netns(),
+                INBOUND_PORT,
+                Path::new("/proc"),
+            ))
+            .expect("find the proxy's listener");
+        assert!(!found.is_empty(), "no proxy listens in {}", pod.netns_name);
+        for listener in &found {
+            datapath
+                .add_listener(cookie, listener)
+                .expect("add the listener");
+        }
+    }
+    datapath
+        .attach_netns(cookie, pod.netns().file())
+        .expect("attach sk_lookup");
 }
 
 /// Redirected connections (and, for eBPF, messages sk_msg moved).

@@ -19,7 +19,8 @@
 //! | `CAP_BPF` | 5.8 | loading programs without more than the capabilities below |
 //! | BPF memory charged to the memory cgroup | 5.11 | no `RLIMIT_MEMLOCK` to raise |
 //! | `SO_NETNS_COOKIE` | 5.14 | learning a pod's netns cookie from a socket made inside it |
-//! | `bpf_get_netns_cookie()` in `sock_ops` and `sk_msg` programs | 5.15 | keying per-connection state by pod; sets [`MIN_KERNEL`] |
+//! | `bpf_get_netns_cookie()` in `sock_ops` and `sk_msg` programs | 5.15 | keying per-connection state by pod |
+//! | `ingress_ifindex` in `sk_lookup` programs | 5.17 | telling a pod's own connections over `lo` from other nodes' (issue 5); sets [`MIN_KERNEL`] |
 //!
 //! The newest of them sets the minimum, so one version check covers the whole table.
 
@@ -46,11 +47,11 @@ use crate::{
 };
 
 /// The oldest kernel the datapath runs on.
-pub const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 15, 0);
+pub const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 17, 0);
 
 /// Why [`MIN_KERNEL`] is what it is: the newest feature in the table of the module documentation.
 pub const MIN_KERNEL_REASON: &str =
-    "bpf_get_netns_cookie() in sock_ops and sk_msg programs needs Linux 5.15";
+    "the sk_lookup program's ingress interface (ingress_ifindex) needs Linux 5.17";
 
 /// Where bpffs is mounted on a usual node, and the one place the agent mounts it itself.
 pub const BPFFS_DEFAULT_MOUNT: &str = "/sys/fs/bpf";
@@ -626,15 +627,16 @@ mod tests {
     }
 
     #[test]
-    fn kernel_minimum_is_5_15_and_the_error_says_why() {
-        assert!(check_kernel(KernelVersion::new(5, 15, 0)).is_ok());
+    fn kernel_minimum_is_5_17_and_the_error_says_why() {
+        assert!(check_kernel(KernelVersion::new(5, 17, 0)).is_ok());
+        assert!(check_kernel(KernelVersion::new(5, 16, 20)).is_err());
         assert!(check_kernel(KernelVersion::new(6, 18, 0)).is_ok());
         let old = KernelVersion::parse("5.14.21-150400-default").unwrap();
         let err = check_kernel(old).unwrap_err().to_string();
         assert_eq!(
             err,
-            "Linux 5.14.21 is too old: bpf_get_netns_cookie() in sock_ops and sk_msg programs \
-             needs Linux 5.15 or later; upgrade the node's kernel"
+            "Linux 5.14.21 is too old: the sk_lookup program's ingress interface \
+             (ingress_ifindex) needs Linux 5.17 or later; upgrade the node's kernel"
         );
         assert!(check_kernel(KernelVersion::new(5, 4, 0)).is_err());
         assert!(check_kernel(KernelVersion::new(4, 19, 300)).is_err());

@@ -13,7 +13,7 @@ pub enum Which {
     Healthcheck,
     /// Connects/s, p50/p99 connect + first byte and 1 MiB transfers through HAProxy sidecars, with
     /// the eBPF datapath (sk_msg off and on) against the mesh's iptables rules and no mesh, for 10,
-    /// 100 and 1,000 exclusions per pod.
+    /// 100 and 1,000 exclusions per pod; same node and from a second node.
     Datapath,
     /// Time from a pod's manifest appearing (or going) to its map entry and healthcheck listener
     /// being there (or gone), against an inotify watcher's own latency on the same directory.
