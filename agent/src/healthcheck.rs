@@ -14,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+pub use dial::{StreamError, connect_stream};
 pub use listener::{Context, bind, serve};
 
 /// Which address of the pod a probe connects to.

@@ -6,7 +6,7 @@
 use std::{collections::BTreeSet, fmt, net::IpAddr, path::PathBuf};
 
 use k8s_openapi::{
-    api::core::v1::{Container, Probe},
+    api::core::v1::{Container, ContainerPort, Probe},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
@@ -235,7 +235,7 @@ fn collect_probe_ports(
     for (kind, probe) in probes {
         let Some(probe) = probe else { continue };
         for port in probe_ports(probe) {
-            match resolve_port(container, &port) {
+            match resolve_port(container.ports.as_deref().unwrap_or_default(), &port) {
                 Ok(port) => {
                     ports.insert(port);
                 }
@@ -264,16 +264,14 @@ fn probe_ports(probe: &Probe) -> Vec<IntOrString> {
     ports
 }
 
-/// Resolves a probe port as the kubelet does: a name is looked up in the container's ports,
+/// Resolves a probe port as the kubelet does: a name is looked up in the container's `ports`,
 /// otherwise the string must be a number from 1 to 65535.
-fn resolve_port(container: &Container, port: &IntOrString) -> Result<u16, String> {
+pub fn resolve_port(ports: &[ContainerPort], port: &IntOrString) -> Result<u16, String> {
     let number = match port {
         IntOrString::Int(n) => i64::from(*n),
         IntOrString::String(text) => {
-            let named = container
-                .ports
+            let named = ports
                 .iter()
-                .flatten()
                 .find(|p| p.name.as_deref() == Some(text.as_str()));
             match named {
                 Some(p) => i64::from(p.container_port),
