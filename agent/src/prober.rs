@@ -70,7 +70,7 @@ pub struct Outcome {
 }
 
 /// Which of a container's probes an outcome belongs to, as counted in metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ProbeKind {
     Liveness,
     Readiness,
@@ -92,7 +92,7 @@ impl ProbeKind {
 }
 
 /// What a probe speaks, as counted in metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
     Http,
     Https,
