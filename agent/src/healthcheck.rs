@@ -2,9 +2,12 @@
 //!
 //! One listener per pod, inside the pod's network namespace, all served by this process. A request
 //! names the original probe's port in `Original-Tcp-Port`; the agent connects to that port from
-//! inside the pod, as the kubelet's own tcpSocket probe would, and answers 200 or 503.
+//! inside the pod, as the kubelet's own tcpSocket probe would, and answers 200 or 503. A rewritten
+//! gRPC probe asks `/probe-bypass-grpc` with `Original-Grpc-Port` (and `Original-Grpc-Service`);
+//! the agent runs the gRPC health check from inside the pod ([`grpc`]) and answers 200 or 503.
 
 mod dial;
+mod grpc;
 mod handler;
 pub mod http;
 mod listener;
@@ -14,6 +17,7 @@ use std::{
     time::Duration,
 };
 
+pub use dial::{StreamError, connect_stream};
 pub use listener::{Context, bind, serve};
 
 /// Which address of the pod a probe connects to.
@@ -53,7 +57,7 @@ pub struct Settings {
     /// Dial any port asked for, not only those the pod's probes name (the peers' behaviour).
     pub allow_any_port: bool,
     pub tcp_target: TcpTarget,
-    /// Bound on the whole connect, over every address tried.
+    /// Bound on the whole connect, over every address tried; and on a whole gRPC health check.
     pub dial_timeout: Duration,
     /// Bound on reading a request head.
     pub header_timeout: Duration,
@@ -70,6 +74,9 @@ pub enum Outcome {
     Timeout,
     /// The connect failed otherwise, or the pod's namespace could not be used: 503.
     Error,
+    /// The gRPC health check failed: the app is not SERVING, answered an error, or could not be
+    /// reached: 503.
+    Failed,
     BadRequest,
     Forbidden,
     NotFound,
@@ -77,11 +84,12 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Success,
         Self::Refused,
         Self::Timeout,
         Self::Error,
+        Self::Failed,
         Self::BadRequest,
         Self::Forbidden,
         Self::NotFound,
@@ -94,6 +102,7 @@ impl Outcome {
             Self::Refused => "refused",
             Self::Timeout => "timeout",
             Self::Error => "error",
+            Self::Failed => "failed",
             Self::BadRequest => "bad_request",
             Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",

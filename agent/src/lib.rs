@@ -7,6 +7,7 @@
 //! - [`discovery`]: finds a Kubernetes pod's network namespace from the host's `/proc`.
 //! - [`reconcile`]: turns the wanted set of pods into per-pod listeners, retrying the ones that fail.
 //! - [`healthcheck`]: the HTTP-to-TCP healthcheck served inside each pod's network namespace.
+//! - [`prober`]: the pod's original httpGet and gRPC probes, run by the agent from inside the pod.
 //! - [`admin`]: liveness, readiness and Prometheus metrics in the host network namespace, and on
 //!   a Unix socket private to the agent's container.
 //! - [`health`]: `probe-bypass health`, the container's probes, which ask the agent over that socket.
@@ -26,6 +27,7 @@ pub mod netns;
 pub mod pod;
 pub mod ports;
 pub mod preflight;
+pub mod prober;
 pub mod reconcile;
 pub mod run;
 pub mod signal;

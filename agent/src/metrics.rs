@@ -1,6 +1,10 @@
 //! The agent's Prometheus metrics, served on the admin endpoint's `/metrics`.
 
-use std::time::Duration;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Mutex, PoisonError},
+    time::Duration,
+};
 
 use prometheus_client::{
     collector::Collector,
@@ -19,6 +23,7 @@ use crate::{
     exclusions::{self, AnnotationError},
     healthcheck::Outcome,
     pod::PodKey,
+    prober::{self, ProbeKind, Protocol, Verdict},
     reconcile::SharedDatapath,
 };
 
@@ -26,6 +31,27 @@ use crate::{
 pub struct ProbeLabels {
     pub namespace: String,
     pub pod: String,
+    pub result: &'static str,
+}
+
+/// One probe the agent ran itself: which pod, container and probe, and what it speaks.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProberLabels {
+    pub namespace: String,
+    pub pod: String,
+    /// Empty when the probe's request does not say (a gRPC probe on the healthcheck port).
+    pub container: String,
+    /// liveness, readiness, startup, or unknown.
+    pub probe: &'static str,
+    /// http, https or grpc.
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProberResultLabels {
+    #[prometheus(flatten)]
+    pub probe: ProberLabels,
+    /// success, warning, failure or timeout: [`Verdict::label`].
     pub result: &'static str,
 }
 
@@ -54,6 +80,9 @@ pub struct PendingLabels {
     pub reason: &'static str,
 }
 
+/// The labels of a pod's prober series other than the pod's: container, probe kind and protocol.
+type ProberSeries = (String, ProbeKind, Protocol);
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Every metric the agent exports.
@@ -66,6 +95,17 @@ pub struct Metrics {
     listener_errors: Family<PodLabels, Counter>,
     annotation_errors: Family<AnnotationLabels, Counter>,
     probes_before_served: Family<PodLabels, Counter>,
+    prober_results: Family<ProberResultLabels, Counter>,
+    prober_seconds: HistogramFamily<ProberLabels>,
+    /// The prober's series of each pod, so that [`Metrics::forget_pod`] can remove them: their
+    /// container names are known only from the probes that ran.
+    prober_series: Mutex<BTreeMap<PodKey, BTreeSet<ProberSeries>>>,
+}
+
+fn prober_histogram() -> Histogram {
+    // 1 ms to about 16 s in 8 buckets: one histogram per probe of every pod, so few buckets. A
+    // probe on the pod's own interface takes a millisecond or two; timeouts are whole seconds.
+    Histogram::new(exponential_buckets(0.001, 4.0, 8))
 }
 
 fn dial_histogram() -> Histogram {
@@ -122,6 +162,22 @@ impl Default for Metrics {
              with --datapath none",
             probes_before_served.clone(),
         );
+        let prober_results = Family::<ProberResultLabels, Counter>::default();
+        registry.register(
+            "prober_probes",
+            "Probes the agent ran itself from inside the pod (the original httpGet and gRPC probes), \
+             by pod, container, probe, protocol and result (warning: a redirect the kubelet does not \
+             follow, a success to it)",
+            prober_results.clone(),
+        );
+        let prober_seconds: HistogramFamily<ProberLabels> =
+            Family::new_with_constructor(prober_histogram);
+        registry.register(
+            "prober_probe_seconds",
+            "Time the agent's own probes took, from the connect to the verdict, by pod, container, \
+             probe and protocol",
+            prober_seconds.clone(),
+        );
         Self {
             registry,
             probes,
@@ -131,6 +187,9 @@ impl Default for Metrics {
             listener_errors,
             annotation_errors,
             probes_before_served,
+            prober_results,
+            prober_seconds,
+            prober_series: Mutex::default(),
         }
     }
 }
@@ -199,6 +258,21 @@ fn pod_labels(pod: &PodKey) -> PodLabels {
     }
 }
 
+fn prober_labels(
+    pod: &PodKey,
+    container: &str,
+    kind: ProbeKind,
+    protocol: Protocol,
+) -> ProberLabels {
+    ProberLabels {
+        namespace: pod.namespace.clone(),
+        pod: pod.name.clone(),
+        container: container.to_owned(),
+        probe: kind.label(),
+        protocol: protocol.label(),
+    }
+}
+
 impl Metrics {
     /// Exports the Kubernetes pod source's metrics and returns them for the source to update.
     pub fn register_kube(&mut self) -> KubeMetrics {
@@ -261,6 +335,35 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// Counts a probe the agent ran itself: its result in `probe_bypass_prober_probes_total` and
+    /// its latency in `probe_bypass_prober_probe_seconds`, by pod, `container`, `kind` and
+    /// `protocol`.
+    pub fn prober(
+        &self,
+        pod: &PodKey,
+        container: &str,
+        kind: ProbeKind,
+        protocol: Protocol,
+        outcome: &prober::Outcome,
+    ) {
+        let probe = prober_labels(pod, container, kind, protocol);
+        self.prober_seconds
+            .get_or_create(&probe)
+            .observe(outcome.latency.as_secs_f64());
+        self.prober_results
+            .get_or_create(&ProberResultLabels {
+                probe,
+                result: outcome.verdict.label(),
+            })
+            .inc();
+        self.prober_series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(pod.clone())
+            .or_default()
+            .insert((container.to_owned(), kind, protocol));
+    }
+
     pub fn listener_error(&self, pod: &PodKey) {
         self.listener_errors.get_or_create(&pod_labels(pod)).inc();
     }
@@ -314,6 +417,21 @@ impl Metrics {
         }
         self.listener_errors.remove(&pod_labels(pod));
         self.probes_before_served.remove(&pod_labels(pod));
+        let series = self
+            .prober_series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(pod);
+        for (container, kind, protocol) in series.into_iter().flatten() {
+            let probe = prober_labels(pod, &container, kind, protocol);
+            for verdict in Verdict::ALL {
+                self.prober_results.remove(&ProberResultLabels {
+                    probe: probe.clone(),
+                    result: verdict.label(),
+                });
+            }
+            self.prober_seconds.remove(&probe);
+        }
         for annotation in exclusions::annotation_keys() {
             self.annotation_errors.remove(&AnnotationLabels {
                 namespace: pod.namespace.clone(),
@@ -337,6 +455,66 @@ mod tests {
 
     use super::*;
     use crate::exclusions::Exclusions;
+
+    #[test]
+    fn prober_outcomes_are_counted_by_probe_and_forgotten_with_the_pod() {
+        let metrics = Metrics::default();
+        let pod = PodKey {
+            namespace: "shop".into(),
+            name: "bookstore".into(),
+        };
+        let outcome = |verdict, millis| prober::Outcome {
+            verdict,
+            status: Some(200),
+            message: String::new(),
+            latency: Duration::from_millis(millis),
+        };
+        let (http, grpc) = (Protocol::Http, Protocol::Grpc);
+        metrics.prober(
+            &pod,
+            "app",
+            ProbeKind::Readiness,
+            http,
+            &outcome(Verdict::Success, 2),
+        );
+        metrics.prober(
+            &pod,
+            "app",
+            ProbeKind::Readiness,
+            http,
+            &outcome(Verdict::Success, 3),
+        );
+        metrics.prober(
+            &pod,
+            "app",
+            ProbeKind::Readiness,
+            http,
+            &outcome(Verdict::Timeout, 1000),
+        );
+        metrics.prober(
+            &pod,
+            "",
+            ProbeKind::Unknown,
+            grpc,
+            &outcome(Verdict::Failure, 5),
+        );
+        let text = metrics.encode().unwrap();
+        let readiness = "namespace=\"shop\",pod=\"bookstore\",container=\"app\",\
+                         probe=\"readiness\",protocol=\"http\"";
+        for line in [
+            format!("probe_bypass_prober_probes_total{{{readiness},result=\"success\"}} 2"),
+            format!("probe_bypass_prober_probes_total{{{readiness},result=\"timeout\"}} 1"),
+            format!("probe_bypass_prober_probe_seconds_count{{{readiness}}} 3"),
+            "probe_bypass_prober_probes_total{namespace=\"shop\",pod=\"bookstore\",container=\"\",\
+             probe=\"unknown\",protocol=\"grpc\",result=\"failure\"} 1"
+                .to_owned(),
+        ] {
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        metrics.forget_pod(&pod);
+        let text = metrics.encode().unwrap();
+        assert!(!text.contains("bookstore"), "{text}");
+    }
 
     #[test]
     fn annotation_errors_are_counted_per_annotation_and_forgotten_with_the_pod() {

@@ -6,14 +6,14 @@
 use std::{collections::BTreeSet, fmt, net::IpAddr, path::PathBuf};
 
 use k8s_openapi::{
-    api::core::v1::{Container, Probe},
+    api::core::v1::{Container, ContainerPort, Probe},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
 use crate::{
     exclusions::{AnnotationError, Exclusions},
     netns::NetnsId,
-    ports::{NETNS_ANNOTATION, NETNS_RUN_DIR, ORIGINAL_TCP_PORT_HEADER},
+    ports::{NETNS_ANNOTATION, NETNS_RUN_DIR, ORIGINAL_GRPC_PORT_HEADER, ORIGINAL_TCP_PORT_HEADER},
 };
 
 /// Identifies a pod on the node: namespace and name, as the API server does.
@@ -220,8 +220,8 @@ impl Pod {
     }
 }
 
-/// Adds the ports a container's probes name: tcpSocket ports, and the `Original-Tcp-Port` header of
-/// probes a mesh injector already rewrote.
+/// Adds the ports a container's probes name: tcpSocket ports, and the `Original-Tcp-Port` and
+/// `Original-Grpc-Port` headers of probes already rewritten to the healthcheck.
 fn collect_probe_ports(
     container: &Container,
     ports: &mut BTreeSet<u16>,
@@ -235,7 +235,7 @@ fn collect_probe_ports(
     for (kind, probe) in probes {
         let Some(probe) = probe else { continue };
         for port in probe_ports(probe) {
-            match resolve_port(container, &port) {
+            match resolve_port(container.ports.as_deref().unwrap_or_default(), &port) {
                 Ok(port) => {
                     ports.insert(port);
                 }
@@ -256,7 +256,10 @@ fn probe_ports(probe: &Probe) -> Vec<IntOrString> {
     }
     if let Some(http) = &probe.http_get {
         for header in http.http_headers.iter().flatten() {
-            if header.name.eq_ignore_ascii_case(ORIGINAL_TCP_PORT_HEADER) {
+            let names_a_port = [ORIGINAL_TCP_PORT_HEADER, ORIGINAL_GRPC_PORT_HEADER]
+                .iter()
+                .any(|name| header.name.eq_ignore_ascii_case(name));
+            if names_a_port {
                 ports.push(IntOrString::String(header.value.clone()));
             }
         }
@@ -264,16 +267,14 @@ fn probe_ports(probe: &Probe) -> Vec<IntOrString> {
     ports
 }
 
-/// Resolves a probe port as the kubelet does: a name is looked up in the container's ports,
+/// Resolves a probe port as the kubelet does: a name is looked up in the container's `ports`,
 /// otherwise the string must be a number from 1 to 65535.
-fn resolve_port(container: &Container, port: &IntOrString) -> Result<u16, String> {
+pub fn resolve_port(ports: &[ContainerPort], port: &IntOrString) -> Result<u16, String> {
     let number = match port {
         IntOrString::Int(n) => i64::from(*n),
         IntOrString::String(text) => {
-            let named = container
-                .ports
+            let named = ports
                 .iter()
-                .flatten()
                 .find(|p| p.name.as_deref() == Some(text.as_str()));
             match named {
                 Some(p) => i64::from(p.container_port),
@@ -353,8 +354,12 @@ spec:
         - name: Original-Tcp-Port
           value: "14002"
     startupProbe:
-      exec:
-        command: ["true"]
+      httpGet:
+        path: /probe-bypass-grpc
+        port: 15904
+        httpHeaders:
+        - name: Original-Grpc-Port
+          value: "14003"
   initContainers:
   - name: sidecar
     image: proxy
@@ -373,7 +378,10 @@ status:
         assert_eq!(pod.key.to_string(), "shop/bookstore");
         assert_eq!(pod.ip.to_string(), "198.18.0.2");
         assert_eq!(pod.netns.path(), PathBuf::from("/run/netns/pod-a"));
-        assert_eq!(pod.probe_ports, BTreeSet::from([14001, 14002, 15000]));
+        assert_eq!(
+            pod.probe_ports,
+            BTreeSet::from([14001, 14002, 14003, 15000])
+        );
         assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
     }
 
@@ -381,7 +389,10 @@ status:
     fn unresolvable_named_port_is_a_warning_not_an_error() {
         let yaml = POD.replace("port: http", "port: metrics");
         let parsed = Pod::from_manifest(manifest(&yaml)).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(parsed.pod.probe_ports, BTreeSet::from([14002, 15000]));
+        assert_eq!(
+            parsed.pod.probe_ports,
+            BTreeSet::from([14002, 14003, 15000])
+        );
         assert_eq!(parsed.warnings.len(), 1);
         assert!(
             parsed.warnings[0].contains("\"metrics\""),
@@ -435,7 +446,10 @@ status:
         );
         let parsed = Pod::from_manifest(manifest(&yaml)).unwrap_or_else(|e| panic!("{e}"));
         let pod = parsed.pod;
-        assert_eq!(pod.probe_ports, BTreeSet::from([14001, 14002, 15000]));
+        assert_eq!(
+            pod.probe_ports,
+            BTreeSet::from([14001, 14002, 14003, 15000])
+        );
         assert_eq!(pod.exclusions.inbound_ports, BTreeSet::from([9090, 9091]));
         assert_eq!(
             pod.exclusions.outbound_ip_ranges,

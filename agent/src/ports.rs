@@ -12,6 +12,18 @@ pub const HEALTHCHECK_PATHS: [&str; 2] = ["/fsm-healthcheck", "/osm-healthcheck"
 /// Header that carries the port of the original tcpSocket probe.
 pub const ORIGINAL_TCP_PORT_HEADER: &str = "Original-Tcp-Port";
 
+/// Path on the healthcheck port that a rewritten gRPC probe asks: the agent runs the original
+/// gRPC health check from inside the pod and answers 200 (SERVING) or 503. The probe-bypass
+/// name, not a mesh's: neither FSM nor OSM rewrites gRPC probes.
+pub const GRPC_HEALTHCHECK_PATH: &str = "/probe-bypass-grpc";
+
+/// Header of a [`GRPC_HEALTHCHECK_PATH`] request: the original gRPC probe's port.
+pub const ORIGINAL_GRPC_PORT_HEADER: &str = "Original-Grpc-Port";
+
+/// Header of a [`GRPC_HEALTHCHECK_PATH`] request: the original gRPC probe's service, if it names
+/// one (absent: the empty service, the server's overall health).
+pub const ORIGINAL_GRPC_SERVICE_HEADER: &str = "Original-Grpc-Service";
+
 /// Annotation that names a pod's network namespace in a pod manifest: a name under
 /// [`NETNS_RUN_DIR`] or an absolute path (for example `/proc/<pid>/ns/net`).
 pub const NETNS_ANNOTATION: &str = "probe-bypass/netns";

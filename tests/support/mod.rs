@@ -20,4 +20,5 @@ pub mod kubepods;
 pub mod mesh;
 pub mod pod;
 pub mod privilege;
+pub mod probe_apps;
 pub mod sidecar;

@@ -22,7 +22,10 @@ use std::{
     time::Duration,
 };
 
-use probe_bypass::netns::{Netns, NetnsWorker, netns_cookie};
+use probe_bypass::{
+    netns::{Netns, NetnsWorker, netns_cookie},
+    prober::NetnsConnector,
+};
 use socket2::{Domain, Protocol, Socket, Type};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -213,6 +216,11 @@ impl TestPod {
         &self.netns
     }
 
+    /// The agent's connector for this pod: its connections start inside the pod's namespace.
+    pub fn connector(&self) -> NetnsConnector {
+        NetnsConnector::new(self.worker.clone(), Arc::clone(&self.netns))
+    }
+
     /// The cookie of the pod's network namespace, by which the datapath knows the pod.
     pub fn netns_cookie(&self) -> u64 {
         self.worker
@@ -256,7 +264,7 @@ impl TestPod {
     }
 
     /// A listening socket on `addr`, made inside the pod's namespace.
-    fn bind(&self, addr: SocketAddr) -> Socket {
+    pub fn bind(&self, addr: SocketAddr) -> Socket {
         self.worker
             .run_blocking(&self.netns, move || {
                 let socket =

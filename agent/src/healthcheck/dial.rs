@@ -1,4 +1,5 @@
-//! The TCP connect a tcpSocket probe stands for, made from inside the pod's network namespace.
+//! TCP connects made from inside a pod's network namespace: the one a tcpSocket probe stands for,
+//! and the connection the prober talks over.
 
 use std::{
     fmt, io,
@@ -8,7 +9,7 @@ use std::{
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpSocket;
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::netns::{Netns, NetnsError, NetnsWorker};
 
@@ -69,6 +70,32 @@ pub async fn dial(
         failures.push((addr, failure));
     }
     Ok(Dialed::Failed(failures))
+}
+
+/// Opens a TCP connection to `addr` from inside `netns` and hands it over, for a prober that talks
+/// on it. Like [`dial`]'s sockets it has SO_LINGER 0: the prober closes first (the kubelet's does
+/// too), and a reset instead of a FIN leaves no TIME_WAIT entry in the pod. Unbounded in time: the
+/// caller bounds the whole probe.
+pub async fn connect_stream(
+    worker: &NetnsWorker,
+    netns: &Arc<Netns>,
+    addr: SocketAddr,
+) -> Result<TcpStream, StreamError> {
+    let domain = Domain::for_address(addr);
+    let socket = worker.run(netns, move || new_socket(domain)).await?;
+    TcpSocket::from_std_stream(socket)
+        .connect(addr)
+        .await
+        .map_err(|source| StreamError::Connect { addr, source })
+}
+
+/// Why [`connect_stream`] made no connection.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("connect to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
 }
 
 fn new_socket(domain: Domain) -> io::Result<std::net::TcpStream> {

@@ -1,4 +1,5 @@
-//! What a healthcheck request asks for: a port to dial, or an answer without dialing.
+//! What a healthcheck request asks for: a port to dial, a gRPC health check to run, or an answer
+//! without either.
 
 use super::{
     Outcome,
@@ -6,8 +7,29 @@ use super::{
 };
 use crate::{
     pod::Pod,
-    ports::{HEALTHCHECK_PATHS, ORIGINAL_TCP_PORT_HEADER},
+    ports::{
+        GRPC_HEALTHCHECK_PATH, HEALTHCHECK_PATHS, ORIGINAL_GRPC_PORT_HEADER,
+        ORIGINAL_GRPC_SERVICE_HEADER, ORIGINAL_TCP_PORT_HEADER,
+    },
 };
+
+/// The headers the healthcheck reads; the kubelet's `User-Agent` is passed on to the app by the
+/// gRPC health check.
+pub const HEADERS: [&str; 4] = [
+    ORIGINAL_TCP_PORT_HEADER,
+    ORIGINAL_GRPC_PORT_HEADER,
+    ORIGINAL_GRPC_SERVICE_HEADER,
+    "User-Agent",
+];
+
+/// What the healthcheck does for a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Connects to this port of the pod (a rewritten tcpSocket probe).
+    Tcp(u16),
+    /// Runs the gRPC health check of `service` on `port` (a rewritten gRPC probe).
+    Grpc { port: u16, service: String },
+}
 
 /// A request the healthcheck answers without dialing.
 #[derive(Debug, PartialEq, Eq)]
@@ -23,16 +45,17 @@ fn reject(outcome: Outcome, status: u16, body: String) -> Rejection {
     }
 }
 
-/// Decides which port of `pod` a request asks to dial. `allow_any_port` restores the peers'
-/// behaviour of dialing any port; otherwise only ports the pod's probes name are dialed, so a caller
+/// Decides what a request asks of `pod`. `allow_any_port` restores the peers' behaviour of dialing
+/// any port; otherwise only ports the pod's probes name are dialed or health-checked, so a caller
 /// who reaches the healthcheck cannot use it to scan the pod.
-pub fn route(request: &Request, pod: &Pod, allow_any_port: bool) -> Result<u16, Rejection> {
-    if !HEALTHCHECK_PATHS.contains(&request.path.as_str()) {
+pub fn route(request: &Request, pod: &Pod, allow_any_port: bool) -> Result<Route, Rejection> {
+    let grpc = request.path == GRPC_HEALTHCHECK_PATH;
+    if !grpc && !HEALTHCHECK_PATHS.contains(&request.path.as_str()) {
         return Err(reject(
             Outcome::NotFound,
             404,
             format!(
-                "no healthcheck at {}; use {}",
+                "no healthcheck at {}; use {}, or {GRPC_HEALTHCHECK_PATH} for a gRPC probe",
                 request.path,
                 HEALTHCHECK_PATHS.join(" or ")
             ),
@@ -45,8 +68,13 @@ pub fn route(request: &Request, pod: &Pod, allow_any_port: bool) -> Result<u16, 
             format!("method {} is not allowed; use GET or HEAD", request.method),
         ));
     }
-    let port = parse_port(&request.header_values)
-        .map_err(|reason| reject(Outcome::BadRequest, 400, reason))?;
+    let port_header = if grpc {
+        ORIGINAL_GRPC_PORT_HEADER
+    } else {
+        ORIGINAL_TCP_PORT_HEADER
+    };
+    let bad_request = |reason| reject(Outcome::BadRequest, 400, reason);
+    let port = parse_port(port_header, &request.values(port_header)).map_err(bad_request)?;
     if !allow_any_port && !pod.probe_ports.contains(&port) {
         return Err(reject(
             Outcome::Forbidden,
@@ -58,7 +86,12 @@ pub fn route(request: &Request, pod: &Pod, allow_any_port: bool) -> Result<u16, 
             ),
         ));
     }
-    Ok(port)
+    if !grpc {
+        return Ok(Route::Tcp(port));
+    }
+    let service =
+        parse_service(&request.values(ORIGINAL_GRPC_SERVICE_HEADER)).map_err(bad_request)?;
+    Ok(Route::Grpc { port, service })
 }
 
 fn describe_ports(pod: &Pod) -> String {
@@ -69,37 +102,47 @@ fn describe_ports(pod: &Pod) -> String {
     ports.join(", ")
 }
 
-/// Reads the one `Original-Tcp-Port` value: a decimal port from 1 to 65535.
-fn parse_port(values: &[Vec<u8>]) -> Result<u16, String> {
+/// Reads the one value of the port header `name`: a decimal port from 1 to 65535.
+fn parse_port(name: &str, values: &[&[u8]]) -> Result<u16, String> {
     let value = match values {
         [] => None,
         [value] => Some(value),
         _ => {
             return Err(format!(
-                "Header {ORIGINAL_TCP_PORT_HEADER} appears {} times; send it once",
+                "Header {name} appears {} times; send it once",
                 values.len()
             ));
         }
     };
     let text = value.map(|v| String::from_utf8_lossy(v).trim().to_owned());
     let Some(text) = text.filter(|t| !t.is_empty()) else {
-        return Err(format!(
-            "Header {ORIGINAL_TCP_PORT_HEADER} not found in request"
-        ));
+        return Err(format!("Header {name} not found in request"));
     };
     if !text.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!(
-            "Header {ORIGINAL_TCP_PORT_HEADER} value {text:?} is not a port number (1-65535)"
+            "Header {name} value {text:?} is not a port number (1-65535)"
         ));
     }
     text.parse::<u16>()
         .ok()
         .filter(|port| *port != 0)
-        .ok_or_else(|| {
-            format!(
-                "Header {ORIGINAL_TCP_PORT_HEADER} value {text} is outside the port range 1-65535"
-            )
-        })
+        .ok_or_else(|| format!("Header {name} value {text} is outside the port range 1-65535"))
+}
+
+/// Reads the gRPC service to check: absent is the empty service (the server's overall health), as
+/// for a gRPC probe without `service`.
+fn parse_service(values: &[&[u8]]) -> Result<String, String> {
+    let name = ORIGINAL_GRPC_SERVICE_HEADER;
+    match values {
+        [] => Ok(String::new()),
+        [value] => std::str::from_utf8(value)
+            .map(|service| service.trim().to_owned())
+            .map_err(|_| format!("Header {name} is not UTF-8")),
+        _ => Err(format!(
+            "Header {name} appears {} times; send it once",
+            values.len()
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -127,15 +170,26 @@ mod tests {
     }
 
     fn request(method: &str, path: &str, ports: &[&str]) -> Request {
+        let header = if path == GRPC_HEALTHCHECK_PATH {
+            ORIGINAL_GRPC_PORT_HEADER
+        } else {
+            ORIGINAL_TCP_PORT_HEADER
+        };
         Request {
             method: method.into(),
             path: path.into(),
-            header_values: ports.iter().map(|p| p.as_bytes().to_vec()).collect(),
+            headers: ports
+                .iter()
+                .map(|p| (header, p.as_bytes().to_vec()))
+                .collect(),
         }
     }
 
     fn status(request: &Request, allow_any_port: bool) -> Result<u16, u16> {
-        route(request, &pod(), allow_any_port).map_err(|r| r.response.status)
+        match route(request, &pod(), allow_any_port) {
+            Ok(Route::Tcp(port) | Route::Grpc { port, .. }) => Ok(port),
+            Err(rejection) => Err(rejection.response.status),
+        }
     }
 
     #[test]
@@ -163,13 +217,19 @@ mod tests {
             &["80,81"],
             &["80", "80"],
         ] {
-            let rejection = route(&request("GET", "/fsm-healthcheck", ports), &pod(), true)
-                .expect_err("rejected");
-            assert_eq!(rejection.response.status, 400, "{ports:?}");
-            assert!(
-                rejection.response.body.contains(ORIGINAL_TCP_PORT_HEADER),
-                "{ports:?}"
-            );
+            for (path, header) in [
+                ("/fsm-healthcheck", ORIGINAL_TCP_PORT_HEADER),
+                (GRPC_HEALTHCHECK_PATH, ORIGINAL_GRPC_PORT_HEADER),
+            ] {
+                let rejection =
+                    route(&request("GET", path, ports), &pod(), true).expect_err("rejected");
+                assert_eq!(rejection.response.status, 400, "{path} {ports:?}");
+                assert!(
+                    rejection.response.body.contains(header),
+                    "{path} {ports:?}: {}",
+                    rejection.response.body
+                );
+            }
         }
         let missing =
             route(&request("GET", "/fsm-healthcheck", &[]), &pod(), false).expect_err("400");
@@ -188,6 +248,48 @@ mod tests {
         assert_eq!(
             status(&request("GET", "/fsm-healthcheck", &["22"]), true),
             Ok(22)
+        );
+    }
+
+    #[test]
+    fn grpc_path_asks_for_a_health_check_of_a_declared_port() {
+        let mut grpc = request("GET", GRPC_HEALTHCHECK_PATH, &["8080"]);
+        assert_eq!(
+            route(&grpc, &pod(), false),
+            Ok(Route::Grpc {
+                port: 8080,
+                service: String::new()
+            })
+        );
+        grpc.headers
+            .push((ORIGINAL_GRPC_SERVICE_HEADER, b" ready ".to_vec()));
+        assert_eq!(
+            route(&grpc, &pod(), false),
+            Ok(Route::Grpc {
+                port: 8080,
+                service: "ready".into()
+            })
+        );
+        grpc.headers
+            .push((ORIGINAL_GRPC_SERVICE_HEADER, b"other".to_vec()));
+        let twice = route(&grpc, &pod(), false).expect_err("400");
+        assert_eq!(twice.response.status, 400);
+        assert!(twice.response.body.contains("appears 2 times"));
+        // The tcpSocket header does not stand in for the gRPC one, nor the other way round.
+        let mut tcp_header = request("GET", "/fsm-healthcheck", &["8080"]);
+        tcp_header.path = GRPC_HEALTHCHECK_PATH.into();
+        let missing = route(&tcp_header, &pod(), false).expect_err("400");
+        assert_eq!(
+            missing.response.body,
+            "Header Original-Grpc-Port not found in request"
+        );
+        assert_eq!(
+            status(&request("GET", GRPC_HEALTHCHECK_PATH, &["22"]), false),
+            Err(403)
+        );
+        assert_eq!(
+            status(&request("POST", GRPC_HEALTHCHECK_PATH, &["8080"]), false),
+            Err(405)
         );
     }
 

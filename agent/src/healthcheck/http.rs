@@ -21,8 +21,20 @@ pub struct Request {
     pub method: String,
     /// The request target without its query string.
     pub path: String,
-    /// Every value of the header `name` that [`read_request`] was asked to collect, in order.
-    pub header_values: Vec<Vec<u8>>,
+    /// The headers [`read_request`] was asked to collect, each under the name it was asked by,
+    /// in the order they came.
+    pub headers: Vec<(&'static str, Vec<u8>)>,
+}
+
+impl Request {
+    /// Every value of the collected header `name`, in order.
+    pub fn values(&self, name: &str) -> Vec<&[u8]> {
+        self.headers
+            .iter()
+            .filter(|(collected, _)| *collected == name)
+            .map(|(_, value)| value.as_slice())
+            .collect()
+    }
 }
 
 /// Why no request could be read.
@@ -40,19 +52,22 @@ pub enum ReadError {
     Io(#[from] io::Error),
 }
 
-/// Reads one request head within `timeout`, collecting the values of the header `name`
+/// Reads one request head within `timeout`, collecting the values of the headers `names`
 /// (case-insensitive). A body, if any, is left unread: the healthcheck never needs it.
 pub async fn read_request<R: AsyncRead + Unpin>(
     stream: &mut R,
-    name: &str,
+    names: &[&'static str],
     timeout: Duration,
 ) -> Result<Request, ReadError> {
-    tokio::time::timeout(timeout, read_head(stream, name))
+    tokio::time::timeout(timeout, read_head(stream, names))
         .await
         .map_err(|_| ReadError::Timeout(timeout))?
 }
 
-async fn read_head<R: AsyncRead + Unpin>(stream: &mut R, name: &str) -> Result<Request, ReadError> {
+async fn read_head<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    names: &[&'static str],
+) -> Result<Request, ReadError> {
     let mut buf = vec![0u8; MAX_REQUEST_HEAD];
     let mut filled = 0;
     loop {
@@ -68,23 +83,27 @@ async fn read_head<R: AsyncRead + Unpin>(stream: &mut R, name: &str) -> Result<R
         let mut request = httparse::Request::new(&mut headers);
         match request.parse(&buf[..filled]) {
             Ok(httparse::Status::Partial) => continue,
-            Ok(httparse::Status::Complete(_)) => return Ok(collect(&request, name)),
+            Ok(httparse::Status::Complete(_)) => return Ok(collect(&request, names)),
             Err(error) => return Err(ReadError::Malformed(error.to_string())),
         }
     }
 }
 
-fn collect(request: &httparse::Request<'_, '_>, name: &str) -> Request {
+fn collect(request: &httparse::Request<'_, '_>, names: &[&'static str]) -> Request {
     let target = request.path.unwrap_or_default();
     let path = target.split_once('?').map_or(target, |(path, _)| path);
     Request {
         method: request.method.unwrap_or_default().to_owned(),
         path: path.to_owned(),
-        header_values: request
+        headers: request
             .headers
             .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value.to_vec())
+            .filter_map(|header| {
+                let name = names
+                    .iter()
+                    .find(|name| header.name.eq_ignore_ascii_case(name))?;
+                Some((*name, header.value.to_vec()))
+            })
             .collect(),
     }
 }
@@ -149,7 +168,12 @@ mod tests {
 
     async fn parse(raw: &[u8]) -> Result<Request, ReadError> {
         let mut input = raw;
-        read_request(&mut input, "Original-Tcp-Port", Duration::from_secs(1)).await
+        read_request(
+            &mut input,
+            &["Original-Tcp-Port", "User-Agent"],
+            Duration::from_secs(1),
+        )
+        .await
     }
 
     #[tokio::test]
@@ -158,13 +182,16 @@ mod tests {
         let request = parse(raw).await.expect("valid request");
         assert_eq!(request.method, "GET");
         assert_eq!(request.path, "/fsm-healthcheck");
-        assert_eq!(request.header_values, vec![b"8080".to_vec()]);
+        assert_eq!(request.values("Original-Tcp-Port"), vec![b"8080"]);
+        assert_eq!(request.values("User-Agent"), vec![b"kube-probe/1.31"]);
+        assert_eq!(request.headers.len(), 2, "only the headers asked for");
     }
 
     #[tokio::test]
     async fn collects_repeated_headers() {
         let raw = b"GET / HTTP/1.1\r\nOriginal-Tcp-Port: 1\r\nOriginal-Tcp-Port: 2\r\n\r\n";
-        assert_eq!(parse(raw).await.expect("valid").header_values.len(), 2);
+        let request = parse(raw).await.expect("valid");
+        assert_eq!(request.values("Original-Tcp-Port"), vec![b"1", b"2"]);
     }
 
     #[tokio::test]

@@ -16,7 +16,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use super::{
     Outcome, Settings,
     dial::{Dialed, Failure, dial},
-    handler::route,
+    grpc,
+    handler::{HEADERS, Route, route},
     http::{ReadError, Response, read_request, write_response},
 };
 use crate::{
@@ -24,7 +25,6 @@ use crate::{
     metrics::Metrics,
     netns::{Netns, NetnsError, NetnsWorker},
     pod::Pod,
-    ports::ORIGINAL_TCP_PORT_HEADER,
 };
 
 /// How long an answered connection waits for the prober to close it. The side that closes first
@@ -92,31 +92,33 @@ pub async fn serve(
 
 async fn answer(mut stream: TcpStream, ctx: Arc<Context>, pod: Arc<Pod>, netns: Arc<Netns>) {
     let settings = &ctx.settings;
-    let (outcome, response, head_only) = match read_request(
-        &mut stream,
-        ORIGINAL_TCP_PORT_HEADER,
-        settings.header_timeout,
-    )
-    .await
-    {
-        Ok(request) => {
-            let head_only = request.method == "HEAD";
-            let (outcome, response) = match route(&request, &pod, settings.allow_any_port) {
-                Ok(port) => probe(&ctx, &pod, &netns, port).await,
-                Err(rejection) => (rejection.outcome, rejection.response),
-            };
-            (outcome, response, head_only)
-        }
-        Err(error @ (ReadError::TooLarge | ReadError::Malformed(_))) => (
-            Outcome::BadRequest,
-            Response::new(400, error.to_string()),
-            false,
-        ),
-        Err(error) => {
-            log::debug!("{}: no request: {error}", pod.key);
-            return;
-        }
-    };
+    let (outcome, response, head_only) =
+        match read_request(&mut stream, &HEADERS, settings.header_timeout).await {
+            Ok(request) => {
+                let head_only = request.method == "HEAD";
+                let (outcome, response) = match route(&request, &pod, settings.allow_any_port) {
+                    Ok(Route::Tcp(port)) => probe(&ctx, &pod, &netns, port).await,
+                    Ok(Route::Grpc { port, service }) => {
+                        let user_agent = request
+                            .values("User-Agent")
+                            .first()
+                            .map(|value| String::from_utf8_lossy(value).into_owned());
+                        grpc::check(&ctx, &pod, &netns, port, service, user_agent.as_deref()).await
+                    }
+                    Err(rejection) => (rejection.outcome, rejection.response),
+                };
+                (outcome, response, head_only)
+            }
+            Err(error @ (ReadError::TooLarge | ReadError::Malformed(_))) => (
+                Outcome::BadRequest,
+                Response::new(400, error.to_string()),
+                false,
+            ),
+            Err(error) => {
+                log::debug!("{}: no request: {error}", pod.key);
+                return;
+            }
+        };
     ctx.metrics.probe(&pod.key, outcome);
     log::debug!("{}: {} {}", pod.key, response.status, response.body);
     if let Err(error) = write_response(&mut stream, &response, head_only).await {
