@@ -105,6 +105,9 @@ pub struct Pod {
     pub key: PodKey,
     /// `status.podIP`: the address the kubelet probes and the healthcheck dials.
     pub ip: IpAddr,
+    /// The pod's other addresses in `status.podIPs` (a dual-stack pod's address of the other
+    /// family): the datapath intercepts connections to them as to [`Self::ip`].
+    pub other_ips: Vec<IpAddr>,
     pub netns: NetnsRef,
     /// Ports the pod's probes name. The healthcheck dials only these unless told otherwise, so a
     /// caller that reaches it cannot use it to scan the pod's other ports.
@@ -191,6 +194,18 @@ impl Pod {
             value: ip_text.to_owned(),
         })?;
         let mut warnings = Vec::new();
+        let mut other_ips = Vec::new();
+        let listed = pod.status.as_ref().and_then(|s| s.pod_ips.as_ref());
+        for text in listed.into_iter().flatten().map(|entry| entry.ip.as_str()) {
+            match text.parse::<IpAddr>() {
+                Ok(other) if other != ip && !other_ips.contains(&other) => other_ips.push(other),
+                Ok(_) => {}
+                Err(_) => warnings.push(format!(
+                    "status.podIPs entry {text:?} is not an IP address; ignored (the pod's \
+                     other addresses are intercepted)"
+                )),
+            }
+        }
         let mut probe_ports = BTreeSet::new();
         if let Some(spec) = &pod.spec {
             // Init containers count too: a sidecar (restartPolicy Always) init container has probes.
@@ -210,6 +225,7 @@ impl Pod {
             pod: Pod {
                 key: PodKey { namespace, name },
                 ip,
+                other_ips,
                 netns,
                 probe_ports,
                 exclusions,
@@ -383,6 +399,31 @@ status:
             BTreeSet::from([14001, 14002, 14003, 15000])
         );
         assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
+    }
+
+    #[test]
+    fn a_dual_stack_pods_other_address_is_kept_beside_its_primary() {
+        let yaml = POD.replace(
+            "  podIP: 198.18.0.2\n",
+            "  podIP: 198.18.0.2\n  podIPs:\n  - ip: 198.18.0.2\n  - ip: 2001:2::2\n  - ip: nonsense\n",
+        );
+        let parsed = Pod::from_manifest(manifest(&yaml)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(parsed.pod.ip.to_string(), "198.18.0.2");
+        let others: Vec<String> = parsed
+            .pod
+            .other_ips
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(others, ["2001:2::2"]);
+        assert_eq!(parsed.warnings.len(), 1, "{:?}", parsed.warnings);
+        assert!(
+            parsed.warnings[0].contains("\"nonsense\""),
+            "{}",
+            parsed.warnings[0]
+        );
+        let single = Pod::from_manifest(manifest(POD)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(single.pod.other_ips.is_empty());
     }
 
     #[test]

@@ -561,7 +561,9 @@ impl Reconciler {
 /// What the datapath needs of a pod.
 fn pod_rules(pod: &Pod, netns_cookie: u64) -> PodRules {
     PodRules {
-        addrs: vec![pod.ip],
+        addrs: std::iter::once(pod.ip)
+            .chain(pod.other_ips.iter().copied())
+            .collect(),
         netns_cookie,
         exclusions: pod.exclusions.clone(),
     }
@@ -576,6 +578,30 @@ fn backoff(attempts: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dual_stack_pod_is_in_the_datapath_by_both_its_addresses() {
+        let pod = Pod {
+            key: PodKey {
+                namespace: "shop".into(),
+                name: "bookstore".into(),
+            },
+            ip: "10.244.1.7".parse().expect("ip"),
+            other_ips: vec!["fd00:10:244:1::7".parse().expect("ip")],
+            netns: crate::pod::NetnsRef::Named("pod".into()),
+            probe_ports: [8080].into(),
+            exclusions: crate::exclusions::Exclusions::default(),
+            annotation_errors: Vec::new(),
+        };
+        let rules = pod_rules(&pod, 42);
+        let addrs: Vec<String> = rules.addrs.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            addrs,
+            ["10.244.1.7", "fd00:10:244:1::7"],
+            "the primary first"
+        );
+        assert_eq!(rules.netns_cookie, 42);
+    }
 
     #[test]
     fn backoff_doubles_from_100ms_up_to_5s() {

@@ -162,6 +162,7 @@ mod tests {
                 name: "bookstore".into(),
             },
             ip: "198.18.0.2".parse().expect("ip"),
+            other_ips: Vec::new(),
             netns: NetnsRef::Named("pod".into()),
             probe_ports: BTreeSet::from([8080]),
             exclusions: Exclusions::default(),

@@ -646,7 +646,7 @@ fn pod_ip(pod: &K8sPod) -> PodIp {
 }
 
 /// The pod with only the fields [`Pod::from_k8s`] reads: name, namespace, the mesh's exclusion
-/// annotations, the containers' names, ports and probes, and the pod IP.
+/// annotations, the containers' names, ports and probes, and the pod's IPs.
 fn trim(pod: K8sPod, exclusion_keys: &BTreeSet<String>) -> K8sPod {
     let K8sPod {
         metadata,
@@ -677,6 +677,7 @@ fn trim(pod: K8sPod, exclusion_keys: &BTreeSet<String>) -> K8sPod {
         }),
         status: status.map(|status| PodStatus {
             pod_ip: status.pod_ip,
+            pod_ips: status.pod_ips,
             ..PodStatus::default()
         }),
     }
