@@ -264,7 +264,8 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = TcpTarget::PodIp, env = "PROBE_BYPASS_TCP_TARGET")]
     pub tcp_target: TcpTarget,
 
-    /// Bound on the connect a probe makes (for example 500ms, 2s).
+    /// Bound on the connect a tcpSocket probe makes, and on the whole gRPC health check a
+    /// `/probe-bypass-grpc` request runs (for example 500ms, 2s).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = positive_duration,
           env = "PROBE_BYPASS_DIAL_TIMEOUT")]
     pub dial_timeout: Duration,
