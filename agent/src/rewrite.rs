@@ -131,8 +131,17 @@ pub fn rewrite_pod(pod: &Value, style: Style) -> Result<Rewrite, RewriteError> {
         patch: Vec::new(),
         warnings,
     };
+    let mut names = std::collections::BTreeSet::new();
     for (index, container) in containers.iter().enumerate() {
-        rewriter.container(index, container)?;
+        let name = rewriter.container(index, container)?;
+        // The record is by container name: two containers of one name would overwrite each
+        // other's originals.
+        if !names.insert(name) {
+            return Err(shape(
+                format!("/spec/containers/{index}/name"),
+                format!("{name:?}, the name of an earlier container too"),
+            ));
+        }
     }
 
     let Rewriter {
@@ -196,7 +205,12 @@ struct Rewriter<'a> {
 }
 
 impl<'a> Rewriter<'a> {
-    fn container(&mut self, index: usize, container: &Value) -> Result<(), RewriteError> {
+    /// Rewrites the probes of the container at `index`, and says its name.
+    fn container<'c>(
+        &mut self,
+        index: usize,
+        container: &'c Value,
+    ) -> Result<&'c str, RewriteError> {
         let pointer = format!("/spec/containers/{index}");
         let container = container
             .as_object()
@@ -224,7 +238,7 @@ impl<'a> Rewriter<'a> {
                 self.patch.push(patch::replace(path, wanted));
             }
         }
-        Ok(())
+        Ok(name)
     }
 
     /// What the `kind` probe of `container`, now `current`, should be.
