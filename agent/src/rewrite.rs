@@ -38,7 +38,7 @@ mod probe;
 mod style;
 mod warning;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use json_patch::{Patch, PatchOperation, jsonptr::PointerBuf};
 use k8s_openapi::api::core::v1::{ContainerPort, Probe};
@@ -131,7 +131,7 @@ pub fn rewrite_pod(pod: &Value, style: Style) -> Result<Rewrite, RewriteError> {
         patch: Vec::new(),
         warnings,
     };
-    let mut names = std::collections::BTreeSet::new();
+    let mut names = BTreeSet::new();
     for (index, container) in containers.iter().enumerate() {
         let name = rewriter.container(index, container)?;
         // The record is by container name: two containers of one name would overwrite each

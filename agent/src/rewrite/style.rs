@@ -134,14 +134,46 @@ fn without_host(http_get: Map<String, Value>) -> Map<String, Value> {
         .collect()
 }
 
-/// `probe` with its `handler` field replaced by `httpGet`, in the same place among its fields.
+/// `probe` with its `handler` field replaced by `httpGet`, in the same place among its fields. An
+/// `httpGet: null` beside another handler goes, or it would overwrite the new one.
 fn with_handler(probe: &Map<String, Value>, handler: &str, http_get: Value) -> Value {
-    let fields = probe.iter().map(|(key, value)| {
-        if key == handler {
-            ("httpGet".to_owned(), http_get.clone())
-        } else {
-            (key.clone(), value.clone())
-        }
-    });
+    let fields = probe
+        .iter()
+        .filter(|(key, _)| handler == "httpGet" || *key != "httpGet")
+        .map(|(key, value)| {
+            if key == handler {
+                ("httpGet".to_owned(), http_get.clone())
+            } else {
+                (key.clone(), value.clone())
+            }
+        });
     Value::Object(fields.collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_null_http_get_beside_the_real_handler_does_not_overwrite_the_rewrite() {
+        let probe = json!({"tcpSocket": {"port": 80}, "httpGet": null, "periodSeconds": 3});
+        let rewritten = Style::Osm.rewrite(
+            probe.as_object().expect("object"),
+            Check::Tcp { port: 80 },
+            ProbeKind::Liveness,
+            "app",
+        );
+        assert_eq!(
+            rewritten,
+            json!({
+                "httpGet": {
+                    "httpHeaders": [{"name": "Original-Tcp-Port", "value": "80"}],
+                    "path": "/fsm-healthcheck", "port": 15904, "scheme": "HTTP",
+                },
+                "periodSeconds": 3,
+            })
+        );
+    }
 }
