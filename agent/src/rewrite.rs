@@ -108,8 +108,8 @@ pub fn rewrite_pod(pod: &Value, style: Style) -> Result<Rewrite, RewriteError> {
         None => {}
     }
     let recorded = match annotation(ORIGINAL_PROBES_ANNOTATION) {
-        None => None,
-        Some(Value::String(text)) => Some(OriginalProbes::parse(text)?),
+        None => OriginalProbes::default(),
+        Some(Value::String(text)) => OriginalProbes::parse(text)?,
         Some(_) => {
             let pointer =
                 PointerBuf::from_tokens(["metadata", "annotations", ORIGINAL_PROBES_ANNOTATION]);
@@ -121,11 +121,10 @@ pub fn rewrite_pod(pod: &Value, style: Style) -> Result<Rewrite, RewriteError> {
         .and_then(|spec| spec.get("containers"))
         .and_then(Value::as_array)
         .ok_or_else(|| shape("/spec/containers", "missing or not a list"))?;
-    let empty = OriginalProbes::default();
     let mut rewriter = Rewriter {
         style,
         pod_name,
-        recorded: recorded.as_ref().unwrap_or(&empty),
+        recorded: &recorded,
         originals: OriginalProbes::default(),
         https_owners: BTreeMap::new(),
         patch: Vec::new(),
@@ -145,10 +144,13 @@ pub fn rewrite_pod(pod: &Value, style: Style) -> Result<Rewrite, RewriteError> {
     }
 
     let Rewriter {
+        style: _,
+        pod_name: _,
+        recorded: _,
         originals,
+        https_owners: _,
         mut patch,
         warnings,
-        ..
     } = rewriter;
     let existing = annotation(ORIGINAL_PROBES_ANNOTATION).and_then(Value::as_str);
     if originals.is_empty() {
