@@ -705,7 +705,7 @@ fn a_second_containers_https_probe_of_a_kind_is_left_alone_in_osm_style() {
                 "pod two-tls: container back: liveness probe left unchanged: it is HTTPS, and \
                  container \"front\"'s HTTPS probe of the same kind already has the port; HTTPS \
                  probes keep their path in the osm style, so a second one could not be told apart \
-                 (use --style fsm)",
+                 (the fsm style can)",
             ],
         },
     );

@@ -27,7 +27,7 @@ pub enum Unchanged {
     #[error(
         "it is HTTPS, and container {owner:?}'s HTTPS probe of the same kind already has the \
          port; HTTPS probes keep their path in the osm style, so a second one could not be told \
-         apart (use --style fsm)"
+         apart (the fsm style can)"
     )]
     HttpsPortTaken { owner: String },
 }
