@@ -928,6 +928,21 @@ fn a_probe_changed_after_a_rewrite_is_the_new_original_and_a_removed_one_is_forg
 }
 
 #[test]
+fn a_number_in_a_probe_reads_back_from_the_record_exactly() {
+    // Found by the fuzzer: without correctly rounded float parsing, the recorded copy of this
+    // number came back one unit in the last place off, and each rewrite changed the pod again.
+    let pod = json!({"spec": {"containers": [{"name": "app", "readinessProbe": {
+        "httpGet": {"path": "/health", "port": 3000}, "futureSeconds": 1.777_777_777_777_778e59,
+    }}]}});
+    for style in [Style::Osm, Style::Fsm] {
+        let mut once = pod.clone();
+        rewrite_in_place(&mut once, style).expect("rewrites");
+        let again = rewrite_pod(&once, style).expect("rewrites again");
+        assert!(again.patch.is_empty(), "{style:?}: {}", again.patch);
+    }
+}
+
+#[test]
 fn pods_the_api_server_would_refuse_are_errors_not_guesses() {
     let mut pod = fixture_pod("bug-two-containers-same-kind.yaml");
     container_mut(&mut pod, "worker")["name"] = "api".into();
