@@ -14,6 +14,7 @@ use crate::{
         PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT, PROXY_UID,
     },
     preflight::BPFFS_DEFAULT_MOUNT,
+    rewrite::Style,
     source::kube::{LabelMatch, MeshSelector, mesh::DEFAULT_MESH_LABELS},
 };
 
@@ -40,6 +41,23 @@ pub enum Command {
     /// Mount bpffs at a directory unless it is bpffs already (for the DaemonSet's init container,
     /// which mounts it on the host's /sys/fs/bpf with bidirectional propagation).
     MountBpffs(MountBpffsArgs),
+    /// Rewrite the probes of a manifest's pods as the webhook would, and print the manifest (YAML
+    /// in, YAML out; JSON in, JSON out). Reads Pods and the pod templates of Deployments,
+    /// StatefulSets, DaemonSets, ReplicaSets, Jobs and CronJobs, also in a List or a multi-document
+    /// YAML file. Warnings go to stderr; on an error nothing is printed and the exit code is 1.
+    Rewrite(RewriteArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct RewriteArgs {
+    /// The manifest to read; `-` reads standard input.
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// The shape of rewritten httpGet probes: osm (the container in the path, the original in an
+    /// annotation) or fsm (the original port and path in headers, as FSM's injector writes).
+    #[arg(long, value_enum, default_value_t = Style::Osm)]
+    pub style: Style,
 }
 
 #[derive(Clone, Debug, Args)]

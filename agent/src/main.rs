@@ -1,9 +1,10 @@
-use std::{process::ExitCode, time::Duration};
+use std::{io::Write as _, process::ExitCode, time::Duration};
 
 use clap::Parser as _;
 use probe_bypass::{
-    cli::{Cli, Command, HealthArgs, RunArgs},
+    cli::{Cli, Command, HealthArgs, RewriteArgs, RunArgs},
     health::{self, HealthError},
+    rewrite::manifest,
 };
 
 fn main() -> ExitCode {
@@ -15,6 +16,33 @@ fn main() -> ExitCode {
         }
         Command::Health(args) => ask_health(&args),
         Command::MountBpffs(args) => mount_bpffs(&args.at),
+        Command::Rewrite(args) => rewrite(&args),
+    }
+}
+
+/// `probe-bypass rewrite`: the rewritten manifest on stdout, warnings on stderr; on an error,
+/// nothing on stdout.
+fn rewrite(args: &RewriteArgs) -> ExitCode {
+    let output = manifest::read_input(&args.file)
+        .and_then(|input| manifest::rewrite_manifests(&input, args.style));
+    match output {
+        Ok(output) => {
+            for warning in &output.warnings {
+                eprintln!("warning: {warning}");
+            }
+            // A closed pipe (`| head`) is the reader's choice, not a reason to panic.
+            match std::io::stdout().write_all(output.manifest.as_bytes()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: cannot write the manifest: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -1,0 +1,221 @@
+//! `probe-bypass rewrite`: the probes of the pods in a manifest, rewritten as the webhook would
+//! rewrite them, so that a user can see (or apply) the result before a cluster does.
+//!
+//! YAML in gives YAML out, several documents (`---`) included; JSON in gives JSON out. Each document
+//! is a Pod, a workload with a pod template, or a `List` of them. Comments in YAML are not kept.
+
+use std::{
+    io::{self, Read as _},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize as _;
+use serde_json::Value;
+
+use super::{RewriteError, Style, rewrite_in_place};
+
+/// The kinds whose pods `rewrite` finds, and where: the pod itself or its template.
+const POD_TEMPLATES: [(&str, &str); 7] = [
+    ("Pod", ""),
+    ("Deployment", "/spec/template"),
+    ("StatefulSet", "/spec/template"),
+    ("DaemonSet", "/spec/template"),
+    ("ReplicaSet", "/spec/template"),
+    ("Job", "/spec/template"),
+    ("CronJob", "/spec/jobTemplate/spec/template"),
+];
+
+/// The kind whose `items` are manifests of their own.
+const LIST_KIND: &str = "List";
+
+/// Why a manifest could not be rewritten. Nothing is printed then, so no half-rewritten set of
+/// documents is ever applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("the input is not valid JSON: {0}")]
+    Json(serde_json::Error),
+    #[error("document {document} is not valid YAML: {source}")]
+    Yaml {
+        document: usize,
+        source: serde_norway::Error,
+    },
+    #[error("{at}: {problem}; rewrite reads {}", supported_kinds())]
+    Kind { at: String, problem: String },
+    #[error("{at}: {source}")]
+    Rewrite { at: String, source: RewriteError },
+    #[error("cannot write the manifest as YAML: {0}")]
+    Render(serde_norway::Error),
+}
+
+fn supported_kinds() -> String {
+    let kinds: Vec<&str> = POD_TEMPLATES.iter().map(|(kind, _)| *kind).collect();
+    format!("{} and {LIST_KIND}", kinds.join(", "))
+}
+
+/// The rewritten manifest, and the warnings to show beside it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Output {
+    pub manifest: String,
+    pub warnings: Vec<String>,
+}
+
+/// Reads the manifest at `path`, or standard input for `-`.
+pub fn read_input(path: &Path) -> Result<String, ManifestError> {
+    let read = if path == Path::new("-") {
+        let mut text = String::new();
+        io::stdin().read_to_string(&mut text).map(|_| text)
+    } else {
+        std::fs::read_to_string(path)
+    };
+    read.map_err(|source| ManifestError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Rewrites every pod in `input`, a YAML or JSON manifest.
+pub fn rewrite_manifests(input: &str, style: Style) -> Result<Output, ManifestError> {
+    let mut warnings = Vec::new();
+    let manifest = if looks_like_json(input) {
+        let mut document: Value = serde_json::from_str(input).map_err(ManifestError::Json)?;
+        rewrite_document(&mut document, style, "the document", &mut warnings)?;
+        let mut text = serde_json::to_string_pretty(&document).map_err(ManifestError::Json)?;
+        text.push('\n');
+        text
+    } else {
+        // Every document is read before any is rewritten, so that a syntax error comes first.
+        let mut documents = Vec::new();
+        for (index, yaml) in serde_norway::Deserializer::from_str(input).enumerate() {
+            let document = index + 1;
+            let value = Value::deserialize(yaml)
+                .map_err(|source| ManifestError::Yaml { document, source })?;
+            documents.push((document, value));
+        }
+        let mut rendered = Vec::new();
+        // An empty document, such as one after a trailing `---`, holds no object to rewrite.
+        for (document, mut value) in documents.into_iter().filter(|(_, v)| !v.is_null()) {
+            let at = format!("document {document}");
+            rewrite_document(&mut value, style, &at, &mut warnings)?;
+            rendered.push(serde_norway::to_string(&value).map_err(ManifestError::Render)?);
+        }
+        rendered.join("---\n")
+    };
+    Ok(Output { manifest, warnings })
+}
+
+/// JSON is YAML too, but a JSON manifest should come back as JSON.
+fn looks_like_json(input: &str) -> bool {
+    input.trim_start().starts_with(['{', '['])
+}
+
+/// Rewrites the pods of one object; `at` says where it is in the input, for messages.
+fn rewrite_document(
+    document: &mut Value,
+    style: Style,
+    at: &str,
+    warnings: &mut Vec<String>,
+) -> Result<(), ManifestError> {
+    let kind_error = |problem: String| ManifestError::Kind {
+        at: at.to_owned(),
+        problem,
+    };
+    let kind = match document.get("kind") {
+        Some(Value::String(kind)) => kind.clone(),
+        Some(other) => return Err(kind_error(format!("kind {other} is not a string"))),
+        None if document.is_object() => return Err(kind_error("it has no kind".to_owned())),
+        None => return Err(kind_error("it is not an object".to_owned())),
+    };
+    let name = document
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("(unnamed)")
+        .to_owned();
+    let object = format!("{kind} {name}");
+
+    if kind == LIST_KIND {
+        let items = document
+            .get_mut("items")
+            .and_then(Value::as_array_mut)
+            .ok_or_else(|| kind_error("the List has no items list".to_owned()))?;
+        for (index, item) in items.iter_mut().enumerate() {
+            rewrite_document(item, style, &format!("{at}, item {}", index + 1), warnings)?;
+        }
+        return Ok(());
+    }
+    let Some((_, pointer)) = POD_TEMPLATES.iter().find(|(known, _)| *known == kind) else {
+        return Err(kind_error(format!("kind {kind} has no pods")));
+    };
+    let pod = document
+        .pointer_mut(pointer)
+        .ok_or_else(|| kind_error(format!("{object} has no pod template at {pointer}")))?;
+    let found = rewrite_in_place(pod, style).map_err(|source| ManifestError::Rewrite {
+        at: format!("{at} ({object})"),
+        source,
+    })?;
+    // The object names the pod better than the template, which usually has no name.
+    warnings.extend(found.into_iter().map(|mut warning| {
+        warning.pod = None;
+        format!("{object}: {warning}")
+    }));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_object_of_another_kind_is_refused_naming_the_kinds_that_are_read() {
+        let error = rewrite_manifests("kind: Service\nmetadata: {name: web}\n", Style::Osm)
+            .expect_err("a Service has no pods");
+        assert_eq!(
+            error.to_string(),
+            "document 1: kind Service has no pods; rewrite reads Pod, Deployment, StatefulSet, \
+             DaemonSet, ReplicaSet, Job, CronJob and List"
+        );
+    }
+
+    #[test]
+    fn malformed_input_says_where() {
+        let error =
+            rewrite_manifests("kind: Pod\n---\nkind: [Pod\n", Style::Osm).expect_err("not YAML");
+        let message = error.to_string();
+        assert!(
+            message.starts_with("document 2 is not valid YAML: "),
+            "{message}"
+        );
+        assert!(message.contains("line 3"), "{message}");
+        let error = rewrite_manifests("{\"kind\": \"Pod\",}", Style::Osm).expect_err("not JSON");
+        assert_eq!(
+            error.to_string(),
+            "the input is not valid JSON: trailing comma at line 1 column 16"
+        );
+    }
+
+    #[test]
+    fn a_workload_without_its_template_is_an_error() {
+        let error = rewrite_manifests("kind: CronJob\nmetadata: {name: nightly}\n", Style::Osm)
+            .expect_err("no template");
+        assert!(
+            error.to_string().starts_with(
+                "document 1: CronJob nightly has no pod template at /spec/jobTemplate/spec/template"
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn empty_documents_are_dropped() {
+        let output = rewrite_manifests(
+            "---\nkind: Pod\nmetadata: {name: a}\nspec: {containers: []}\n---\n",
+            Style::Osm,
+        )
+        .expect("valid");
+        assert_eq!(
+            output.manifest,
+            "kind: Pod\nmetadata:\n  name: a\nspec:\n  containers: []\n"
+        );
+    }
+}
