@@ -6,7 +6,7 @@
 use std::{collections::BTreeSet, fmt, net::IpAddr, path::PathBuf};
 
 use k8s_openapi::{
-    api::core::v1::{Container, ContainerPort, Probe},
+    api::core::v1::{Container, Probe},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
@@ -14,6 +14,7 @@ use crate::{
     exclusions::{AnnotationError, Exclusions},
     netns::NetnsId,
     ports::{NETNS_ANNOTATION, NETNS_RUN_DIR, ORIGINAL_GRPC_PORT_HEADER, ORIGINAL_TCP_PORT_HEADER},
+    rewrite::ports::resolve_port,
 };
 
 /// Identifies a pod on the node: namespace and name, as the API server does.
@@ -251,7 +252,7 @@ fn collect_probe_ports(
     for (kind, probe) in probes {
         let Some(probe) = probe else { continue };
         for port in probe_ports(probe) {
-            match resolve_port(container.ports.as_deref().unwrap_or_default(), &port) {
+            match resolve_port(&port, container.ports.as_deref().unwrap_or_default()) {
                 Ok(port) => {
                     ports.insert(port);
                 }
@@ -281,31 +282,6 @@ fn probe_ports(probe: &Probe) -> Vec<IntOrString> {
         }
     }
     ports
-}
-
-/// Resolves a probe port as the kubelet does: a name is looked up in the container's `ports`,
-/// otherwise the string must be a number from 1 to 65535.
-pub fn resolve_port(ports: &[ContainerPort], port: &IntOrString) -> Result<u16, String> {
-    let number = match port {
-        IntOrString::Int(n) => i64::from(*n),
-        IntOrString::String(text) => {
-            let named = ports
-                .iter()
-                .find(|p| p.name.as_deref() == Some(text.as_str()));
-            match named {
-                Some(p) => i64::from(p.container_port),
-                None => text.trim().parse::<i64>().map_err(|_| {
-                    format!(
-                        "port {text:?} is neither a port number nor the name of a container port"
-                    )
-                })?,
-            }
-        }
-    };
-    u16::try_from(number)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| format!("port {number} is outside 1-65535"))
 }
 
 #[cfg(test)]

@@ -41,7 +41,11 @@ use super::{
     redirect::{self, Decision, RedirectError, Scheme, Url},
     tls::{self, TlsError},
 };
-use crate::{healthcheck::StreamError, pod::resolve_port, run::error_chain};
+use crate::{
+    healthcheck::StreamError,
+    rewrite::ports::{PortError, resolve_port},
+    run::error_chain,
+};
 
 /// The most bytes of a response body the kubelet reads.
 pub const MAX_BODY: usize = 10 * 1024;
@@ -60,8 +64,8 @@ pub struct HttpProbe {
 /// Why an httpGet probe cannot be run, or why it failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("{0}")]
-    Port(String),
+    #[error(transparent)]
+    Port(#[from] PortError),
     #[error("scheme {0:?} is neither HTTP nor HTTPS")]
     Scheme(String),
     #[error("cannot resolve {host}: {source}")]
@@ -104,7 +108,7 @@ impl HttpProbe {
             Some(text) if text.eq_ignore_ascii_case("https") => Scheme::Https,
             Some(text) => return Err(HttpError::Scheme(text.to_owned())),
         };
-        let port = resolve_port(ports, &action.port).map_err(HttpError::Port)?;
+        let port = resolve_port(&action.port, ports)?;
         let host = match action.host.as_deref() {
             None | Some("") => pod_ip.to_string(),
             Some(host) => host.to_owned(),
