@@ -1,7 +1,8 @@
 //! probe-bypass: one agent per node that lets kubelet health probes past a service mesh's sidecar.
 //!
 //! The folder layout is the architecture:
-//! - [`datapath`]: the eBPF cgroup programs, embedded in this binary, and their loader.
+//! - [`datapath`]: the eBPF programs (cgroup hooks, and sk_lookup in each meshed pod's network
+//!   namespace), embedded in this binary, and their loader.
 //! - [`source`]: where the node's meshed pods come from: the Kubernetes API server, or a
 //!   directory of pod manifests.
 //! - [`discovery`]: finds a Kubernetes pod's network namespace from the host's `/proc`.
