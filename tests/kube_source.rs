@@ -162,6 +162,9 @@ async fn source_follows_this_nodes_pods_through_watch_events_and_a_relist() {
     assert_eq!(metrics.relists.get(), 2);
     assert_eq!(metrics.watch_errors.get(), 0);
     assert_eq!(api.bad_requests(), Vec::<String>::new());
+    // Both lists are consistent reads: a relist served from a lagging API server's watch cache
+    // could lack pods the agent serves, and removing them would let traffic skip their sidecars.
+    assert_eq!(api.list_versions(), [None, None]);
 }
 
 #[tokio::test]

@@ -52,6 +52,8 @@ struct State {
     oldest: u64,
     watches: Vec<(String, UnboundedSender<String>)>,
     lists: usize,
+    /// The `resourceVersion` each answered list asked for (none: a consistent read).
+    list_versions: Vec<Option<String>>,
     /// Lists still to be refused (403), to stand for an RBAC rule not yet in place.
     refuse_lists: usize,
     bad_requests: Vec<String>,
@@ -151,6 +153,12 @@ impl FakeApi {
     /// Lists answered (refused ones not counted).
     pub fn lists(&self) -> usize {
         self.lock().lists
+    }
+
+    /// The `resourceVersion` of each answered list, in order: `None` for a consistent read,
+    /// `Some("0")` for one from the API server's watch cache.
+    pub fn list_versions(&self) -> Vec<Option<String>> {
+        self.lock().list_versions.clone()
     }
 
     /// Requests that did not ask for this node's pods only.
@@ -268,6 +276,8 @@ fn handle(state: &Mutex<State>, request: &Request<Incoming>) -> Response<Body> {
         );
     }
     state.lists += 1;
+    let asked = query.get("resourceVersion").cloned();
+    state.list_versions.push(asked);
     let items: Vec<&Value> = state
         .pods
         .values()

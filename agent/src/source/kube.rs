@@ -111,11 +111,13 @@ pub fn watch(
     lookup: Arc<dyn NetnsLookup>,
     metrics: KubeMetrics,
 ) -> watch::Receiver<Arc<Snapshot>> {
-    let config = watcher::Config::default()
-        .fields(&format!("spec.nodeName={}", settings.node_name))
-        // Served from the API server's watch cache rather than a quorum read of etcd, as
-        // client-go's informers list: every node's agent lists when it starts.
-        .any_semantic();
+    // Lists are consistent reads (no resourceVersion; kube's paginated lists never send one),
+    // not answers from an API server's watch cache: a relist replaces the pod set whole, and one
+    // from a server lagging behind could lack pods the agent serves, whose removal would let their
+    // traffic skip the sidecar. It costs a read of etcd per agent start and per expired watch, for
+    // the pods of one node. `tests/kube_source.rs` checks what goes on the wire.
+    let config =
+        watcher::Config::default().fields(&format!("spec.nodeName={}", settings.node_name));
     let events = watcher::watcher(Api::<K8sPod>::all(client), config).default_backoff();
     let pods = NodePods::new(settings.node_name, settings.mesh, metrics.clone());
     let (publish, receiver) = watch::channel(Arc::new(Snapshot::default()));
