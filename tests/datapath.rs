@@ -253,26 +253,24 @@ fn connect_command(
     to: IpAddr,
     port: u16,
 ) -> Vec<String> {
-    {
-        let script = format!("exec 3<>/dev/tcp/{to}/{port}");
-        let mut args: Vec<String> = Vec::new();
-        if let Some(pod) = netns {
-            args.extend(["ip", "netns", "exec", &pod.netns_name].map(str::to_owned));
-        }
-        if let Some(uid) = uid {
-            args.extend(
-                [
-                    "setpriv",
-                    &format!("--reuid={uid}"),
-                    &format!("--regid={uid}"),
-                    "--clear-groups",
-                ]
-                .map(str::to_owned),
-            );
-        }
-        args.extend(["timeout", "3", "bash", "-c", &script].map(str::to_owned));
-        args
+    let script = format!("exec 3<>/dev/tcp/{to}/{port}");
+    let mut args: Vec<String> = Vec::new();
+    if let Some(pod) = netns {
+        args.extend(["ip", "netns", "exec", &pod.netns_name].map(str::to_owned));
     }
+    if let Some(uid) = uid {
+        args.extend(
+            [
+                "setpriv",
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+            ]
+            .map(str::to_owned),
+        );
+    }
+    args.extend(["timeout", "3", "bash", "-c", &script].map(str::to_owned));
+    args
 }
 
 fn settings() -> Settings {

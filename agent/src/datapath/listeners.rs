@@ -9,14 +9,14 @@
 //! the host's /proc must be the agent's own: it shares the host's PID namespace (`hostPID`).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs, io,
     os::fd::{FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     sync::Arc,
 };
 
-use crate::netns::{Netns, NetnsError, NetnsWorker};
+use crate::netns::{Netns, NetnsError, NetnsId, NetnsWorker};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -75,21 +75,14 @@ pub async fn find(
         if !same_pid_namespace(&proc_root) {
             return Err(ListenerError::OtherPidNamespace { proc_root });
         }
-        let mut found = Vec::new();
-        for (inode, family) in inodes {
-            if found
-                .iter()
-                .any(|listener: &Listener| listener.family == family)
-            {
-                continue;
-            }
-            if let Some((pid, fd)) = holder(&proc_root, netns_id, inode)? {
+        holders(&proc_root, netns_id, &inodes)?
+            .into_iter()
+            .map(|(family, (pid, fd))| {
                 let socket =
                     take_fd(pid, fd).map_err(|source| ListenerError::Take { pid, fd, source })?;
-                found.push(Listener { family, socket });
-            }
-        }
-        Ok(found)
+                Ok(Listener { family, socket })
+            })
+            .collect()
     })
     .await?
 }
@@ -138,14 +131,16 @@ fn same_pid_namespace(proc_root: &Path) -> bool {
         == Some(std::process::id())
 }
 
-/// A process in the namespace `netns` holding the socket `inode`, and the descriptor it holds it
-/// by. Processes that exit meanwhile are skipped.
-fn holder(
+/// For each family among `inodes` (socket inode → family), a process in the namespace `netns`
+/// holding one of those sockets, and the descriptor it holds it by: one pass over the processes,
+/// which ends once every family has one. Processes that exit meanwhile are skipped.
+fn holders(
     proc_root: &Path,
-    netns: crate::netns::NetnsId,
-    inode: u64,
-) -> Result<Option<(u32, u32)>, ListenerError> {
-    let target = format!("socket:[{inode}]");
+    netns: NetnsId,
+    inodes: &BTreeMap<u64, u32>,
+) -> Result<BTreeMap<u32, (u32, u32)>, ListenerError> {
+    let families: BTreeSet<u32> = inodes.values().copied().collect();
+    let mut found = BTreeMap::new();
     let entries = fs::read_dir(proc_root).map_err(|source| ListenerError::Proc {
         path: proc_root.to_path_buf(),
         source,
@@ -159,22 +154,37 @@ fn holder(
             continue;
         };
         let dir = entry.path();
-        if crate::netns::NetnsId::of(&dir.join("ns/net")).ok() != Some(netns) {
+        if NetnsId::of(&dir.join("ns/net")).ok() != Some(netns) {
             continue;
         }
         let Ok(fds) = fs::read_dir(dir.join("fd")) else {
             continue;
         };
         for fd in fds.flatten() {
-            let points_to = fs::read_link(fd.path()).ok();
-            if points_to.as_deref().and_then(Path::to_str) == Some(target.as_str())
+            let family = socket_inode(&fd.path()).and_then(|inode| inodes.get(&inode));
+            if let Some(&family) = family
                 && let Some(number) = fd.file_name().to_str().and_then(|s| s.parse().ok())
             {
-                return Ok(Some((pid, number)));
+                found.entry(family).or_insert((pid, number));
             }
         }
+        if found.len() == families.len() {
+            break;
+        }
     }
-    Ok(None)
+    Ok(found)
+}
+
+/// The inode of the socket a `/proc/<pid>/fd/<n>` link points to (`socket:[<inode>]`), if it is
+/// a socket.
+fn socket_inode(fd: &Path) -> Option<u64> {
+    let target = fs::read_link(fd).ok()?;
+    target
+        .to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// A duplicate of descriptor `fd` of process `pid`.
