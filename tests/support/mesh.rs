@@ -573,19 +573,11 @@ fn comma_list(ports: &[u16]) -> String {
 /// Checked once, before any interception, from each pod to the next.
 fn assert_pods_reach_each_other(specs: &[PodSpec], pods: &[(&'static str, TestPod)]) {
     for (i, (from, pod)) in pods.iter().enumerate() {
-        let (to, peer) = &pods[(i + 1) % pods.len()];
-        let Some(port) = specs[(i + 1) % pods.len()].app_ports.first() else {
-            continue;
-        };
-        let url = format!("http://{}:{port}/", peer.ip);
-        let mut curl = CURL.to_vec();
-        curl.push(&url);
-        let body = pod.exec(&curl);
-        assert_eq!(
-            body,
-            format!("app {to}:{port}"),
-            "pod {from} cannot reach pod {to} through the host: is forwarding between veths blocked?"
-        );
+        let next = (i + 1) % pods.len();
+        let (to, peer) = &pods[next];
+        if let Some(&port) = specs[next].app_ports.first() {
+            assert_app_answers(&format!("pod {from}"), pod, to, peer, port);
+        }
     }
 }
 
@@ -597,18 +589,22 @@ fn assert_other_node_reaches_the_pods(
     pods: &[(&'static str, TestPod)],
 ) {
     for (spec, (name, pod)) in specs.iter().zip(pods) {
-        let Some(port) = spec.app_ports.first() else {
-            continue;
-        };
-        let url = format!("http://{}:{port}/", pod.ip);
-        let mut curl = CURL.to_vec();
-        curl.push(&url);
-        assert_eq!(
-            other.pod.exec(&curl),
-            format!("app {name}:{port}"),
-            "the other node's pod cannot reach pod {name}: is forwarding blocked?"
-        );
+        if let Some(&port) = spec.app_ports.first() {
+            assert_app_answers("the other node's pod", &other.pod, name, pod, port);
+        }
     }
+}
+
+/// Asserts that `caller` (described as `who`) gets the answer of pod `name`'s app on `port`.
+fn assert_app_answers(who: &str, caller: &TestPod, name: &str, pod: &TestPod, port: u16) {
+    let url = format!("http://{}:{port}/", pod.ip);
+    let mut curl = CURL.to_vec();
+    curl.push(&url);
+    assert_eq!(
+        caller.exec(&curl),
+        format!("app {name}:{port}"),
+        "{who} cannot reach pod {name}: is forwarding between veths blocked?"
+    );
 }
 
 /// What the caller saw, from curl's exit status and output (the body, then the status code on a
