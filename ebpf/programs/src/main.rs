@@ -275,9 +275,7 @@ fn decide(ctx: &SockAddrContext, dst: Addr, port: u16) -> Option<(Addr, u16)> {
             return None;
         }
         count(Counter::BypassRefused);
-    } else if has_port_rule(target.id, port, port_rule::INBOUND_EXCLUDED)
-        || has_port_rule(Addr::UNSPECIFIED, port, port_rule::INBOUND_EXCLUDED)
-    {
+    } else if inbound_excluded(&target, port) {
         return None;
     }
     count(Counter::RedirectedInbound);
@@ -338,6 +336,14 @@ fn to_own_pod(caller: &PodEntry, dst: Addr) -> bool {
     // SAFETY: as in `decide`.
     unsafe { PODS_BY_ADDR.get(dst) }
         .is_some_and(|target| target.netns_cookie == caller.netns_cookie)
+}
+
+/// Whether connections to `pod` on `port` skip its proxy: the pod's or the node's inbound
+/// exclusion. The same rule for connections made on this node and for those from other nodes.
+#[inline(always)]
+fn inbound_excluded(pod: &PodEntry, port: u16) -> bool {
+    has_port_rule(pod.id, port, port_rule::INBOUND_EXCLUDED)
+        || has_port_rule(Addr::UNSPECIFIED, port, port_rule::INBOUND_EXCLUDED)
 }
 
 /// Whether a meshed pod's own (non-proxy) connection skips its proxy: to an excluded port or range,
@@ -562,8 +568,7 @@ fn steer_remote(ctx: &SkLookupContext, family: u32, conn: ConnKey) -> u32 {
     let excluded = if has_port_rule(Addr::UNSPECIFIED, port, port_rule::PROBE) {
         config.flags & Config::PROBE_BYPASS_FROM_ANY != 0
     } else {
-        has_port_rule(pod.id, port, port_rule::INBOUND_EXCLUDED)
-            || has_port_rule(Addr::UNSPECIFIED, port, port_rule::INBOUND_EXCLUDED)
+        inbound_excluded(&pod, port)
     };
     if excluded {
         count(Counter::RemoteExcluded);
