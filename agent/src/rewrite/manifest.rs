@@ -1,8 +1,10 @@
 //! `probe-bypass rewrite`: the probes of the pods in a manifest, rewritten as the webhook would
 //! rewrite them, so that a user can see (or apply) the result before a cluster does.
 //!
-//! YAML in gives YAML out, several documents (`---`) included; JSON in gives JSON out. Each document
-//! is a Pod, a workload with a pod template, or a `List` of them. Comments in YAML are not kept.
+//! YAML in gives YAML out, several documents (`---`) included; JSON in gives JSON out. Pods, workloads
+//! with a pod template, and `List`s of them are rewritten; objects of any other kind (the Service and
+//! ConfigMap beside a Deployment) come out unchanged, so a whole application's manifest can go
+//! through `rewrite` on its way to `kubectl apply`. Comments in YAML are not kept.
 
 use std::{
     io::{self, Read as _},
@@ -54,6 +56,13 @@ fn supported_kinds() -> String {
     format!("{} and {LIST_KIND}", kinds.join(", "))
 }
 
+/// What the input held, for the warning given when it held no pod at all.
+#[derive(Default)]
+struct Found {
+    pods: usize,
+    others: Vec<String>,
+}
+
 /// The rewritten manifest, and the warnings to show beside it.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Output {
@@ -78,9 +87,16 @@ pub fn read_input(path: &Path) -> Result<String, ManifestError> {
 /// Rewrites every pod in `input`, a YAML or JSON manifest.
 pub fn rewrite_manifests(input: &str, style: Style) -> Result<Output, ManifestError> {
     let mut warnings = Vec::new();
+    let mut found = Found::default();
     let manifest = if looks_like_json(input) {
         let mut document: Value = serde_json::from_str(input).map_err(ManifestError::Json)?;
-        rewrite_document(&mut document, style, "the document", &mut warnings)?;
+        rewrite_document(
+            &mut document,
+            style,
+            "the document",
+            &mut warnings,
+            &mut found,
+        )?;
         let mut text = serde_json::to_string_pretty(&document).map_err(ManifestError::Json)?;
         text.push('\n');
         text
@@ -97,11 +113,23 @@ pub fn rewrite_manifests(input: &str, style: Style) -> Result<Output, ManifestEr
         // An empty document, such as one after a trailing `---`, holds no object to rewrite.
         for (document, mut value) in documents.into_iter().filter(|(_, v)| !v.is_null()) {
             let at = format!("document {document}");
-            rewrite_document(&mut value, style, &at, &mut warnings)?;
+            rewrite_document(&mut value, style, &at, &mut warnings, &mut found)?;
             rendered.push(serde_norway::to_string(&value).map_err(ManifestError::Render)?);
         }
         rendered.join("---\n")
     };
+    if found.pods == 0 {
+        // Most likely the wrong file: say so, rather than print it back as if it had been done.
+        let read = if found.others.is_empty() {
+            "no object".to_owned()
+        } else {
+            found.others.join(", ")
+        };
+        warnings.push(format!(
+            "no pod found, so nothing was rewritten (read {read}); rewrite reads {}",
+            supported_kinds()
+        ));
+    }
     Ok(Output { manifest, warnings })
 }
 
@@ -110,12 +138,14 @@ fn looks_like_json(input: &str) -> bool {
     input.trim_start().starts_with(['{', '['])
 }
 
-/// Rewrites the pods of one object; `at` says where it is in the input, for messages.
+/// Rewrites the pods of one object; `at` says where it is in the input, for messages. An object of a
+/// kind that has no pods is left as it is.
 fn rewrite_document(
     document: &mut Value,
     style: Style,
     at: &str,
     warnings: &mut Vec<String>,
+    found: &mut Found,
 ) -> Result<(), ManifestError> {
     let kind_error = |problem: String| ManifestError::Kind {
         at: at.to_owned(),
@@ -140,13 +170,16 @@ fn rewrite_document(
             .and_then(Value::as_array_mut)
             .ok_or_else(|| kind_error("the List has no items list".to_owned()))?;
         for (index, item) in items.iter_mut().enumerate() {
-            rewrite_document(item, style, &format!("{at}, item {}", index + 1), warnings)?;
+            let at = format!("{at}, item {}", index + 1);
+            rewrite_document(item, style, &at, warnings, found)?;
         }
         return Ok(());
     }
     let Some((_, pointer)) = POD_TEMPLATES.iter().find(|(known, _)| *known == kind) else {
-        return Err(kind_error(format!("kind {kind} has no pods")));
+        found.others.push(object);
+        return Ok(());
     };
+    found.pods += 1;
     let pod = document
         .pointer_mut(pointer)
         .ok_or_else(|| kind_error(format!("{object} has no pod template at {pointer}")))?;
@@ -167,13 +200,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_object_of_another_kind_is_refused_naming_the_kinds_that_are_read() {
-        let error = rewrite_manifests("kind: Service\nmetadata: {name: web}\n", Style::Osm)
-            .expect_err("a Service has no pods");
+    fn objects_of_other_kinds_pass_through_unchanged() {
+        let input = "kind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n---\n\
+                     kind: Pod\nmetadata: {name: a}\nspec: {containers: []}\n";
+        let output = rewrite_manifests(input, Style::Osm).expect("valid");
         assert_eq!(
-            error.to_string(),
-            "document 1: kind Service has no pods; rewrite reads Pod, Deployment, StatefulSet, \
-             DaemonSet, ReplicaSet, Job, CronJob and List"
+            output.manifest,
+            "kind: Service\nmetadata:\n  name: web\nspec:\n  ports:\n  - port: 80\n---\n\
+             kind: Pod\nmetadata:\n  name: a\nspec:\n  containers: []\n"
+        );
+        assert_eq!(output.warnings, Vec::<String>::new());
+    }
+
+    #[test]
+    fn input_without_any_pod_is_printed_back_with_a_warning_naming_what_was_read() {
+        let input = "kind: Service\nmetadata: {name: web}\n---\nkind: ConfigMap\n";
+        let output = rewrite_manifests(input, Style::Osm).expect("valid");
+        assert_eq!(
+            output.manifest,
+            "kind: Service\nmetadata:\n  name: web\n---\nkind: ConfigMap\n"
+        );
+        assert_eq!(
+            output.warnings,
+            [
+                "no pod found, so nothing was rewritten (read Service web, ConfigMap (unnamed)); \
+              rewrite reads Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob and \
+              List"
+            ]
         );
     }
 
