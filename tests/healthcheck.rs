@@ -410,6 +410,64 @@ fn pod_with_missing_netns_is_reported_and_retried_without_hurting_others() {
 }
 
 #[test]
+fn pod_unserved_past_the_ready_grace_stops_holding_readiness_but_is_still_listed_and_retried() {
+    require_privileges!();
+    let good = TestPod::new();
+    let _app = good.listen(on(&good, APP_PORT));
+    let dir = ManifestDir::new();
+    dir.write("good.json", &good.manifest("good", &[APP_PORT]));
+    let missing = format!("pb-test-late-{}", std::process::id());
+    let late = good
+        .manifest("late", &[APP_PORT])
+        .replace(&good.netns_name, &missing)
+        .replace(&good.ip.to_string(), "198.19.255.253");
+    dir.write("late.json", &late);
+    // The pod's failures start after this, so the grace cannot run out before 2 s from here.
+    let started = Instant::now();
+    let mut agent = Agent::start(&dir.path, &["--ready-grace", "2s"]);
+    let body = agent.wait_ready(503, Duration::from_secs(10));
+    assert!(
+        body.starts_with("not ready: 1 of 2 pods have no healthcheck listener\ntest/late: "),
+        "{body}"
+    );
+
+    let body = agent.wait_ready(200, Duration::from_secs(10));
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "ready before the grace ran out: {body}"
+    );
+    assert!(
+        body.starts_with(
+            "ready: 1 pods served\nnot served for longer than 2s (--ready-grace), still retried, \
+             not holding readiness:\ntest/late: "
+        ),
+        "{body}"
+    );
+    assert!(body.contains(&missing), "{body}");
+    assert_eq!(kubelet::probe(good.healthcheck(), "8080").status, 200);
+
+    // Still retried: once its namespace appears, it is served.
+    support::pod::ip(&["netns", "add", &missing]);
+    let _netns = DeleteNetns(missing);
+    agent.wait_until("the late pod served", Duration::from_secs(10), |agent| {
+        agent
+            .get("/health/ready")
+            .is_some_and(|(_, body)| body == "ready: 2 pods served\n")
+    });
+}
+
+/// Deletes a named network namespace a test added, when the test ends or fails.
+struct DeleteNetns(String);
+
+impl Drop for DeleteNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+#[test]
 fn metrics_count_probes_by_pod_and_result() {
     require_privileges!();
     let node = node(&[]);

@@ -7,7 +7,7 @@
 
 use std::{
     convert::Infallible, fmt::Write as _, fs, io, os::unix::fs::FileTypeExt as _, path::Path,
-    sync::Arc,
+    sync::Arc, time::Duration,
 };
 
 use http_body_util::Full;
@@ -23,10 +23,15 @@ use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream, UnixListener, UnixStream},
     sync::watch,
+    time::Instant,
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{metrics::Metrics, reconcile::NodeStatus};
+use crate::{
+    metrics::Metrics,
+    pod::PodKey,
+    reconcile::{Failing, NodeStatus},
+};
 
 pub const ALIVE_PATH: &str = "/health/alive";
 pub const READY_PATH: &str = "/health/ready";
@@ -39,6 +44,8 @@ const MAX_LISTED: usize = 20;
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub status: watch::Receiver<NodeStatus>,
+    /// How long an unserved pod holds readiness back (`run --ready-grace`).
+    pub ready_grace: Duration,
 }
 
 /// A listener the admin endpoints are served on.
@@ -114,7 +121,7 @@ fn respond(admin: &Admin, request: &Request<Incoming>) -> Response<Full<Bytes>> 
     }
     match request.uri().path() {
         ALIVE_PATH => text(StatusCode::OK, "alive\n".to_owned()),
-        READY_PATH => ready(&admin.status.borrow()),
+        READY_PATH => ready(&admin.status.borrow(), Instant::now(), admin.ready_grace),
         METRICS_PATH => match admin.metrics.encode() {
             Ok(body) => {
                 let mut response = text(StatusCode::OK, body);
@@ -135,31 +142,68 @@ fn respond(admin: &Admin, request: &Request<Incoming>) -> Response<Full<Bytes>> 
     }
 }
 
-fn ready(status: &NodeStatus) -> Response<Full<Bytes>> {
+fn ready(status: &NodeStatus, now: Instant, grace: Duration) -> Response<Full<Bytes>> {
+    let (code, body) = readiness(status, now, grace);
+    text(code, body)
+}
+
+/// The readiness answer: 503 while the source is unread or a pod unserved for less than `grace`
+/// holds it back, listing those pods; 200 otherwise, listing the pods unserved for longer.
+fn readiness(status: &NodeStatus, now: Instant, grace: Duration) -> (StatusCode, String) {
     if !status.synced {
-        return text(
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: pod source not read yet\n".to_owned(),
         );
     }
-    if status.ready() {
-        return text(
-            StatusCode::OK,
-            format!("ready: {} pods served\n", status.served),
+    let (holding, given_up): (Vec<_>, Vec<_>) = status
+        .failing
+        .iter()
+        .partition(|(_, failing)| failing.holds(now, grace));
+    let mut body;
+    let code = if status.ready(now, grace) {
+        body = format!("ready: {} pods served\n", status.served);
+        StatusCode::OK
+    } else {
+        body = format!(
+            "not ready: {} of {} pods have no healthcheck listener\n",
+            holding.len(),
+            status.failing.len() + status.served
+        );
+        list(&mut body, holding.into_iter(), now);
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    if !given_up.is_empty() {
+        let _ = writeln!(
+            body,
+            "not served for longer than {} (--ready-grace), still retried, not holding readiness:",
+            humantime::format_duration(grace)
+        );
+        list(&mut body, given_up.into_iter(), now);
+    }
+    (code, body)
+}
+
+/// Lists at most [`MAX_LISTED`] pods, each with why and for how long it has not been served.
+fn list<'a>(
+    body: &mut String,
+    pods: impl ExactSizeIterator<Item = (&'a PodKey, &'a Failing)>,
+    now: Instant,
+) {
+    let count = pods.len();
+    for (pod, failing) in pods.take(MAX_LISTED) {
+        // Whole seconds: the answer is for people, and a retry's timing is in the log.
+        let seconds = now.saturating_duration_since(failing.since).as_secs();
+        let _ = writeln!(
+            body,
+            "{pod}: {} (for {})",
+            failing.reason,
+            humantime::format_duration(Duration::from_secs(seconds))
         );
     }
-    let mut body = format!(
-        "not ready: {} of {} pods have no healthcheck listener\n",
-        status.failing.len(),
-        status.failing.len() + status.served
-    );
-    for (pod, error) in status.failing.iter().take(MAX_LISTED) {
-        let _ = writeln!(body, "{pod}: {error}");
+    if count > MAX_LISTED {
+        let _ = writeln!(body, "… and {} more", count - MAX_LISTED);
     }
-    if status.failing.len() > MAX_LISTED {
-        let _ = writeln!(body, "… and {} more", status.failing.len() - MAX_LISTED);
-    }
-    text(StatusCode::SERVICE_UNAVAILABLE, body)
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -170,4 +214,103 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> PodKey {
+        PodKey {
+            namespace: "shop".to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    fn status(failing: &[(&str, Instant)]) -> NodeStatus {
+        NodeStatus {
+            synced: true,
+            served: 3,
+            failing: failing
+                .iter()
+                .map(|(name, since)| {
+                    let reason = format!("{name} has no network namespace");
+                    (
+                        key(name),
+                        Failing {
+                            reason,
+                            since: *since,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    const GRACE: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn an_unread_source_is_not_ready() {
+        let now = Instant::now();
+        let unread = NodeStatus::default();
+        assert_eq!(
+            readiness(&unread, now, GRACE),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: pod source not read yet\n".to_owned()
+            )
+        );
+    }
+
+    #[test]
+    fn a_pod_unserved_within_the_grace_holds_readiness_and_one_past_it_does_not() {
+        let now = Instant::now();
+        let new = now - Duration::from_secs(5);
+        let old = now - Duration::from_secs(125);
+        assert_eq!(
+            readiness(&status(&[("cart", new), ("stuck", old)]), now, GRACE),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: 1 of 5 pods have no healthcheck listener\n\
+                 shop/cart: cart has no network namespace (for 5s)\n\
+                 not served for longer than 1m (--ready-grace), still retried, not holding \
+                 readiness:\n\
+                 shop/stuck: stuck has no network namespace (for 2m 5s)\n"
+                    .to_owned()
+            )
+        );
+        assert_eq!(
+            readiness(&status(&[("stuck", old)]), now, GRACE),
+            (
+                StatusCode::OK,
+                "ready: 3 pods served\n\
+                 not served for longer than 1m (--ready-grace), still retried, not holding \
+                 readiness:\n\
+                 shop/stuck: stuck has no network namespace (for 2m 5s)\n"
+                    .to_owned()
+            )
+        );
+        assert_eq!(
+            readiness(&status(&[]), now, GRACE),
+            (StatusCode::OK, "ready: 3 pods served\n".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_zero_grace_never_holds_readiness() {
+        let now = Instant::now();
+        let (code, _) = readiness(&status(&[("cart", now)]), now, Duration::ZERO);
+        assert_eq!(code, StatusCode::OK);
+    }
+
+    #[test]
+    fn long_lists_are_cut_with_a_count() {
+        let now = Instant::now();
+        let names: Vec<String> = (0..25).map(|i| format!("pod-{i:02}")).collect();
+        let failing: Vec<(&str, Instant)> = names.iter().map(|name| (name.as_str(), now)).collect();
+        let (_, body) = readiness(&status(&failing), now, GRACE);
+        assert!(body.starts_with("not ready: 25 of 28 pods"), "{body}");
+        assert_eq!(body.lines().count(), 1 + MAX_LISTED + 1, "{body}");
+        assert!(body.ends_with("… and 5 more\n"), "{body}");
+    }
 }

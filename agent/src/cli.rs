@@ -288,6 +288,13 @@ pub struct RunArgs {
           env = "PROBE_BYPASS_DIAL_TIMEOUT")]
     pub dial_timeout: Duration,
 
+    /// How long a pod the agent cannot serve keeps it not ready (`/health/ready`). Past this, the
+    /// pod is still retried, logged and counted, and listed in the readiness answer, but no longer
+    /// holds back the agent, so a rolling update does not wait on it forever. 0 never holds.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration,
+          env = "PROBE_BYPASS_READY_GRACE")]
+    pub ready_grace: Duration,
+
     /// Bound on reading a request's head; a slower client is disconnected.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = positive_duration,
           env = "PROBE_BYPASS_HEADER_READ_TIMEOUT")]

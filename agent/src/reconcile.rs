@@ -64,15 +64,39 @@ pub struct NodeStatus {
     pub synced: bool,
     /// Pods with a listener.
     pub served: usize,
-    /// Pods without one, and why: pods whose listener failed, and pods with an IP whose network
-    /// namespace the source has not found.
-    pub failing: BTreeMap<PodKey, String>,
+    /// Pods without one: pods whose listener failed, and pods with an IP whose network namespace
+    /// the source has not found.
+    pub failing: BTreeMap<PodKey, Failing>,
+}
+
+/// A pod that is not served, why, and since when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failing {
+    pub reason: String,
+    /// When the pod was first seen not served; a pod that is retried keeps its first time.
+    pub since: Instant,
 }
 
 impl NodeStatus {
-    /// Ready when every known pod has its listener.
-    pub fn ready(&self) -> bool {
-        self.synced && self.failing.is_empty()
+    /// Ready when the source has been read and no pod has gone unserved for less than `grace`.
+    ///
+    /// A pod that stays unserved longer (a sandbox that never starts, a port its mesh holds) no
+    /// longer holds the agent back: it keeps being retried, logged and counted, but a rolling update
+    /// of the DaemonSet, which waits for readiness, must not wait for it forever. Within `grace`, a
+    /// new agent is not ready until it serves what the old one did.
+    pub fn ready(&self, now: Instant, grace: Duration) -> bool {
+        self.synced
+            && !self
+                .failing
+                .values()
+                .any(|failing| failing.holds(now, grace))
+    }
+}
+
+impl Failing {
+    /// Whether the pod holds readiness back at `now`: unserved for less than `grace`.
+    pub fn holds(&self, now: Instant, grace: Duration) -> bool {
+        now.saturating_duration_since(self.since) < grace
     }
 }
 
@@ -87,6 +111,8 @@ enum State {
         error: String,
         attempts: u32,
         retry_at: Instant,
+        /// The first failure of this run of failures.
+        since: Instant,
     },
 }
 
@@ -106,6 +132,8 @@ pub struct Reconciler {
     carried: BTreeSet<IpAddr>,
     /// The source's pending pods, for readiness and the datapath's count of early probes.
     pending: BTreeMap<PodKey, Pending>,
+    /// When each pending pod was first seen pending.
+    pending_since: HashMap<PodKey, Instant>,
     status: watch::Sender<NodeStatus>,
 }
 
@@ -121,6 +149,7 @@ impl Reconciler {
             entries: HashMap::new(),
             carried: BTreeSet::new(),
             pending: BTreeMap::new(),
+            pending_since: HashMap::new(),
             status,
         }
     }
@@ -223,6 +252,12 @@ impl Reconciler {
 
     async fn apply(&mut self, snapshot: &Snapshot) {
         self.pending.clone_from(&snapshot.pending);
+        let now = Instant::now();
+        self.pending_since
+            .retain(|key, _| snapshot.pending.contains_key(key));
+        for key in snapshot.pending.keys() {
+            self.pending_since.entry(key.clone()).or_insert(now);
+        }
         let pods: &PodSet = &snapshot.pods;
         let gone: Vec<PodKey> = self
             .entries
@@ -245,7 +280,7 @@ impl Reconciler {
                 log::info!("pod {key} added: ip {}, netns {}", pod.ip, pod.netns);
                 self.report_annotation_errors(pod);
                 let (sender, _) = watch::channel(Arc::clone(pod));
-                let state = self.start(pod, &sender, 0, None).await;
+                let state = self.start(pod, &sender, 0, None, None).await;
                 self.entries
                     .insert(key.clone(), Entry { pod: sender, state });
                 continue;
@@ -281,13 +316,15 @@ impl Reconciler {
     }
 
     /// Opens `pod`'s listener and returns the resulting state. A failure is logged when it first
-    /// happens or changes, not on every retry.
+    /// happens or changes, not on every retry; `failing_since` is when the failures began, if this
+    /// is a retry.
     async fn start(
         &self,
         pod: &Pod,
         sender: &watch::Sender<Arc<Pod>>,
         attempts: u32,
         previous_error: Option<&str>,
+        failing_since: Option<Instant>,
     ) -> State {
         match self.open(pod, sender).await {
             Ok(state) => {
@@ -308,10 +345,12 @@ impl Reconciler {
                 } else {
                     log::error!("pod {}: cannot serve: {error}; retrying", pod.key);
                 }
+                let now = Instant::now();
                 State::Failing {
                     error,
                     attempts: attempts + 1,
-                    retry_at: Instant::now() + backoff,
+                    retry_at: now + backoff,
+                    since: failing_since.unwrap_or(now),
                 }
             }
         }
@@ -420,11 +459,13 @@ impl Reconciler {
             return;
         };
         let pod = Arc::clone(&entry.pod.borrow());
-        let previous_error = match &entry.state {
-            State::Failing { error, .. } => Some(error.as_str()),
-            State::Listening { .. } => None,
+        let (previous_error, failing_since) = match &entry.state {
+            State::Failing { error, since, .. } => (Some(error.as_str()), Some(*since)),
+            State::Listening { .. } => (None, None),
         };
-        let state = self.start(&pod, &entry.pod, attempts, previous_error).await;
+        let state = self
+            .start(&pod, &entry.pod, attempts, previous_error, failing_since)
+            .await;
         if let Some(entry) = self.entries.get_mut(key) {
             let old = std::mem::replace(&mut entry.state, state);
             if let State::Listening { stop, .. } = old {
@@ -545,13 +586,26 @@ impl Reconciler {
         for (key, entry) in &self.entries {
             match &entry.state {
                 State::Listening { .. } => status.served += 1,
-                State::Failing { error, .. } => {
-                    status.failing.insert(key.clone(), error.clone());
+                State::Failing { error, since, .. } => {
+                    let failing = Failing {
+                        reason: error.clone(),
+                        since: *since,
+                    };
+                    status.failing.insert(key.clone(), failing);
                 }
             }
         }
         for (key, pending) in &self.pending {
-            status.failing.insert(key.clone(), pending.reason.clone());
+            let since = self
+                .pending_since
+                .get(key)
+                .copied()
+                .unwrap_or_else(Instant::now);
+            let failing = Failing {
+                reason: pending.reason.clone(),
+                since,
+            };
+            status.failing.insert(key.clone(), failing);
         }
         self.ctx.metrics.set_pods(self.entries.len(), status.served);
         self.status.send_replace(status);

@@ -198,6 +198,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let admin = Arc::new(Admin {
         metrics: Arc::clone(&metrics),
         status,
+        ready_grace: args.ready_grace,
     });
     tokio::spawn(admin::serve(
         admin_listener,
