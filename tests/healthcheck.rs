@@ -372,19 +372,30 @@ fn removed_pod_listener_is_closed_and_leaves_no_descriptor() {
     );
 }
 
+/// A manifest directory with pod `good`, served, with an app on its port, and pod `name` at `ip`,
+/// whose network namespace `<netns>-<test process id>` does not exist.
+fn served_pod_beside(
+    name: &str,
+    ip: &str,
+    netns: &str,
+) -> (TestPod, support::pod::App, ManifestDir) {
+    let good = TestPod::new();
+    let app = good.listen(on(&good, APP_PORT));
+    let dir = ManifestDir::new();
+    dir.write("good.json", &good.manifest("good", &[APP_PORT]));
+    let unserved = good
+        .manifest(name, &[APP_PORT])
+        .replace(&good.netns_name, &format!("{netns}-{}", std::process::id()))
+        .replace(&good.ip.to_string(), ip);
+    dir.write(&format!("{name}.json"), &unserved);
+    (good, app, dir)
+}
+
 #[test]
 fn pod_with_missing_netns_is_reported_and_retried_without_hurting_others() {
     require_privileges!();
-    let good = TestPod::new();
-    let _app = good.listen(on(&good, APP_PORT));
-    let dir = ManifestDir::new();
-    dir.write("good.json", &good.manifest("good", &[APP_PORT]));
+    let (good, _app, dir) = served_pod_beside("orphan", "198.19.255.254", "pb-test-missing");
     let missing = format!("pb-test-missing-{}", std::process::id());
-    let orphan = good
-        .manifest("orphan", &[APP_PORT])
-        .replace(&good.netns_name, &missing)
-        .replace(&good.ip.to_string(), "198.19.255.254");
-    dir.write("orphan.json", &orphan);
     dir.write(
         "broken.json",
         "{\"apiVersion\": \"v1\", \"kind\": \"Pod\", ",
@@ -412,16 +423,8 @@ fn pod_with_missing_netns_is_reported_and_retried_without_hurting_others() {
 #[test]
 fn pod_unserved_past_the_ready_grace_stops_holding_readiness_but_is_still_listed_and_retried() {
     require_privileges!();
-    let good = TestPod::new();
-    let _app = good.listen(on(&good, APP_PORT));
-    let dir = ManifestDir::new();
-    dir.write("good.json", &good.manifest("good", &[APP_PORT]));
+    let (good, _app, dir) = served_pod_beside("late", "198.19.255.253", "pb-test-late");
     let missing = format!("pb-test-late-{}", std::process::id());
-    let late = good
-        .manifest("late", &[APP_PORT])
-        .replace(&good.netns_name, &missing)
-        .replace(&good.ip.to_string(), "198.19.255.253");
-    dir.write("late.json", &late);
     // The pod's failures start after this, so the grace cannot run out before 2 s from here.
     let started = Instant::now();
     let mut agent = Agent::start(&dir.path, &["--ready-grace", "2s"]);
