@@ -78,6 +78,7 @@
     reason = "a benchmark stops at the first failure, with a message"
 )]
 
+mod common;
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
@@ -96,6 +97,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::{machine, micros};
 use ipnet::IpNet;
 use probe_bypass::{
     datapath::{self, Counters, Datapath, PodRules, Settings, listeners},
@@ -1359,10 +1361,6 @@ mod app {
     }
 }
 
-fn micros(duration: Duration) -> String {
-    format!("{} µs", duration.as_micros())
-}
-
 fn ratio(value: f64, baseline: Option<f64>) -> String {
     baseline.map_or_else(String::new, |baseline| format!("{:.2}", value / baseline))
 }
@@ -1593,18 +1591,4 @@ fn haproxy_version() -> String {
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| "?".to_owned())
-}
-
-/// CPUs, CPU model and kernel, for reading the figures in context.
-fn machine() -> String {
-    let cpus = thread::available_parallelism().map_or(0, usize::from);
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let model = fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix("model name"))
-        .and_then(|rest| rest.split_once(':'))
-        .map(|(_, model)| model.trim().to_owned())
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    format!("{cpus} CPUs (nproc), {model}, Linux {}", kernel.trim())
 }

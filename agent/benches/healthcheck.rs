@@ -27,6 +27,7 @@
     reason = "a benchmark stops at the first failure, with a message"
 )]
 
+mod common;
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
@@ -40,6 +41,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::{machine, micros};
 use socket2::{Domain, Protocol, Socket, Type};
 use support::{
     agent::{Agent, ManifestDir},
@@ -458,10 +460,6 @@ fn mib(kib: u64) -> String {
     format!("{:.1}", kib as f64 / 1024.0)
 }
 
-fn micros(duration: Duration) -> String {
-    format!("{} µs", duration.as_micros())
-}
-
 fn print_report(requests: usize, rows: &[Row]) {
     let skip = if std::env::var_os("AYA_BUILD_SKIP").is_some() {
         "AYA_BUILD_SKIP=1 "
@@ -496,18 +494,4 @@ fn print_report(requests: usize, rows: &[Row]) {
             mib(row.loaded.peak_kib),
         );
     }
-}
-
-/// CPUs, CPU model and kernel, for reading the figures in context.
-fn machine() -> String {
-    let cpus = thread::available_parallelism().map_or(0, usize::from);
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let model = fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix("model name"))
-        .and_then(|rest| rest.split_once(':'))
-        .map(|(_, model)| model.trim().to_owned())
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    format!("{cpus} CPUs (nproc), {model}, Linux {}", kernel.trim())
 }
