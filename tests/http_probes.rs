@@ -620,3 +620,74 @@ fn a_taken_probe_port_or_a_broken_record_stays_the_pods_own_problem() {
     let live = osm_liveness(&taken.pod, "app");
     assert_eq!(live.status, 200, "{live:?}");
 }
+
+/// The app gets what the original probe would have sent it: the kubelet's User-Agent (passed on
+/// by the agent), the probe's own headers, its `Host` header, and with `host` set, the request at
+/// that address (from inside the pod).
+#[test]
+fn the_app_sees_the_kubelets_user_agent_and_the_probes_own_host_and_headers() {
+    require_privileges!();
+    let dir = ManifestDir::new();
+    let pods: Vec<(Style, AppPod, Value)> = [Style::Osm, Style::Fsm]
+        .into_iter()
+        .map(|style| {
+            let apps = AppPod::start();
+            let name = style_name(style);
+            let with_headers = json!({"httpGet": {
+                "path": format!("/ok?headers={name}"), "port": HTTP_PORT,
+                "httpHeaders": [{"name": "Host", "value": "shop.example"}, {"name": "X-Probe", "value": name}],
+            }});
+            let loopback = json!({"httpGet": {
+                "path": format!("/ok?loopback={name}"), "port": HTTP_PORT, "host": "127.0.0.1",
+            }});
+            let probes = [
+                ("app".to_owned(), ProbeKind::Liveness, with_headers),
+                ("other".to_owned(), ProbeKind::Readiness, loopback),
+            ];
+            let manifest = rewritten_manifest(&apps.pod, name, &probes, style);
+            dir.write(&format!("{name}.json"), &manifest.to_string());
+            (style, apps, manifest)
+        })
+        .collect();
+    let agent = Agent::start(&dir.path, &[SERVE]);
+    agent.wait_ready(200, Duration::from_secs(10));
+    for (style, apps, manifest) in &pods {
+        let name = style_name(*style);
+        let ip = IpAddr::V4(apps.pod.ip);
+        let liveness = probe_in(manifest, "app", ProbeKind::Liveness);
+        let readiness = probe_in(manifest, "other", ProbeKind::Readiness);
+        let (headers, loopback) = runtime().block_on(async {
+            tokio::join!(
+                as_the_kubelet(ip, &liveness),
+                as_the_kubelet(ip, &readiness)
+            )
+        });
+        assert_eq!(headers.verdict, Verdict::Success, "{name}: {headers:?}");
+        assert_eq!(loopback.verdict, Verdict::Success, "{name}: {loopback:?}");
+        let seen = apps.http.seen_at(&format!("/ok?headers={name}"));
+        let [request] = seen.as_slice() else {
+            panic!("{name}: one request expected: {seen:?}");
+        };
+        for (header, value) in [
+            ("user-agent", USER_AGENT),
+            ("host", "shop.example"),
+            ("x-probe", name),
+            ("accept", "*/*"),
+        ] {
+            assert_eq!(request.header(header), Some(value), "{name}: {request:?}");
+        }
+        assert!(
+            request.header("original-http-port").is_none(),
+            "{name}: {request:?}"
+        );
+        let seen = apps.http.seen_at(&format!("/ok?loopback={name}"));
+        let [request] = seen.as_slice() else {
+            panic!("{name}: one request expected: {seen:?}");
+        };
+        assert_eq!(
+            request.header("host"),
+            Some(format!("127.0.0.1:{HTTP_PORT}").as_str()),
+            "{name}: {request:?}"
+        );
+    }
+}
