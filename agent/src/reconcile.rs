@@ -427,10 +427,12 @@ impl Reconciler {
                 }
                 Err(error) => {
                     self.ctx.metrics.listener_error(&pod.key);
+                    let taken = matches!(&error, NetnsError::Op { source, .. }
+                        if source.kind() == std::io::ErrorKind::AddrInUse);
                     let error = error.to_string();
                     if before.get(&kind) == Some(&error) {
-                        log::debug!("pod {}: port {port} still taken: {error}", pod.key);
-                    } else {
+                        log::debug!("pod {}: port {port} still unavailable: {error}", pod.key);
+                    } else if taken {
                         log::error!(
                             "pod {}: cannot answer its {kind} probes on port {port}: {error}. \
                              Something in the pod holds the port, usually the mesh's proxy, which \
@@ -439,6 +441,12 @@ impl Reconciler {
                              meanwhile, and the port is retried",
                             pod.key,
                             self.ctx.settings.port
+                        );
+                    } else {
+                        log::error!(
+                            "pod {}: cannot answer its {kind} probes on port {port}: {error}; \
+                             retrying",
+                            pod.key
                         );
                     }
                     missing.insert(kind, error);
