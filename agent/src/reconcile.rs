@@ -1,5 +1,6 @@
-//! Keeps every known pod served: its entries in the eBPF datapath's maps and one healthcheck
-//! listener in its network namespace. Opens them, moves them, closes them, retries them.
+//! Keeps every known pod served: its entries in the eBPF datapath's maps and its listeners in its
+//! network namespace, the healthcheck's and, with `--serve-http-probes`, one on each probe port
+//! (15901-15903). Opens them, moves them, closes them, retries them.
 //!
 //! Each pod is handled on its own. A pod whose namespace is missing or unusable is reported, counted
 //! and retried with backoff; it never delays or stops the others.
