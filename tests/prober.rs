@@ -7,7 +7,7 @@
 mod support;
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
@@ -20,13 +20,10 @@ use support::{
     agent::{Agent, ManifestDir},
     kubelet,
     pod::TestPod,
-    probe_apps::{self, App, BIG_BODY, Redirects},
+    probe_apps::{
+        self, AppPod, BIG_BODY, CLOSED_PORT, GRPC_PORT, HTTP_PORT, HTTPS_PORT, Redirects,
+    },
 };
-
-const HTTP_PORT: u16 = 8080;
-const HTTPS_PORT: u16 = 8443;
-const GRPC_PORT: u16 = 9090;
-const CLOSED_PORT: u16 = 8081;
 
 /// What the kubelet 1.31 sends as its User-Agent; the agent passes on the kubelet's own.
 const USER_AGENT: &str = "kube-probe/1.31";
@@ -34,37 +31,8 @@ const USER_AGENT: &str = "kube-probe/1.31";
 /// The timeout of the probes that must time out: well under the apps' [`probe_apps::SLOW`].
 const SHORT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// A pod with the three apps listening on its pod IP.
-struct Pod {
-    pod: TestPod,
-    http: App,
-    _https: App,
-    grpc: App,
-}
-
-fn pod() -> Pod {
-    let pod = TestPod::new();
-    let ip = IpAddr::V4(pod.ip);
-    let redirects = Redirects {
-        pod_ip: ip,
-        https_port: HTTPS_PORT,
-        http_port: HTTP_PORT,
-    };
-    // The HTTP app listens on every address of the pod, so that a redirect to 127.0.0.1 would
-    // reach it if it were followed.
-    let http = probe_apps::http(
-        &pod,
-        SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), HTTP_PORT),
-        redirects,
-    );
-    let https = probe_apps::https(&pod, SocketAddr::new(ip, HTTPS_PORT), redirects);
-    let grpc = probe_apps::grpc_health(&pod, SocketAddr::new(ip, GRPC_PORT));
-    Pod {
-        pod,
-        http,
-        _https: https,
-        grpc,
-    }
+fn pod() -> AppPod {
+    AppPod::start()
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -273,6 +273,13 @@ pub struct RunArgs {
           env = "PROBE_BYPASS_HEALTHCHECK_PORT")]
     pub healthcheck_port: u16,
 
+    /// Also listen on 15901-15903 inside each pod and answer its rewritten httpGet probes (liveness,
+    /// readiness, startup): the agent runs the original probe, recorded in the pod's
+    /// `probe-bypass.io/original-probes` annotation, from inside the pod with the kubelet's rules,
+    /// and relays an HTTPS probe's TLS to the app. Off: those ports are left to the mesh's proxy.
+    #[arg(long, env = "PROBE_BYPASS_SERVE_HTTP_PROBES")]
+    pub serve_http_probes: bool,
+
     /// Dial any port a request names, not only the ports the pod's probes name. This is FSM's and
     /// OSM's behaviour; it lets anyone who reaches the healthcheck probe every port of the pod.
     #[arg(long, env = "PROBE_BYPASS_ALLOW_ANY_PORT")]
@@ -409,6 +416,7 @@ mod tests {
         assert_eq!(args.tcp_target, TcpTarget::PodIp);
         assert_eq!(args.dial_timeout, Duration::from_secs(1));
         assert!(!args.allow_any_port);
+        assert!(!args.serve_http_probes);
         let datapath = args.datapath;
         assert_eq!(datapath.mode, DatapathMode::Ebpf);
         assert_eq!(datapath.proxy_uid, 1500);

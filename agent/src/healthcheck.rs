@@ -5,12 +5,16 @@
 //! inside the pod, as the kubelet's own tcpSocket probe would, and answers 200 or 503. A rewritten
 //! gRPC probe asks `/probe-bypass-grpc` with `Original-Grpc-Port` (and `Original-Grpc-Service`);
 //! the agent runs the gRPC health check from inside the pod ([`grpc`]) and answers 200 or 503.
+//!
+//! With `--serve-http-probes` each pod also gets a listener on each of 15901-15903, which answers
+//! the pod's rewritten httpGet probes of that port's kind ([`probes`]).
 
 mod dial;
 mod grpc;
 mod handler;
 pub mod http;
 mod listener;
+mod probes;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -18,7 +22,7 @@ use std::{
 };
 
 pub use dial::{StreamError, connect_stream};
-pub use listener::{Context, bind, serve};
+pub use listener::{Context, Endpoint, bind, serve};
 
 /// Which address of the pod a probe connects to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -54,6 +58,8 @@ impl TcpTarget {
 pub struct Settings {
     /// Port of the listener in each pod.
     pub port: u16,
+    /// Also listen on 15901-15903 in each pod and answer its rewritten httpGet probes.
+    pub serve_http_probes: bool,
     /// Dial any port asked for, not only those the pod's probes name (the peers' behaviour).
     pub allow_any_port: bool,
     pub tcp_target: TcpTarget,
@@ -107,6 +113,43 @@ impl Outcome {
             Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
+        }
+    }
+}
+
+/// How a TLS connection on a probe port (an HTTPS probe in the osm shape) ended, as counted in
+/// `probe_bypass_prober_passthrough_total`: the app's answer travels encrypted, so the agent knows
+/// only whether it relayed the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Passthrough {
+    /// Connected to the app and relayed both ways until either side closed.
+    Relayed,
+    /// The app's port could not be connected to: the kubelet's probe fails.
+    Refused,
+    /// The relay outlasted the probe's timeout and a second.
+    Timeout,
+    /// The pod records no HTTPS probe of the port's kind: closed.
+    NoProbe,
+    /// Several containers' HTTPS probes of the kind name different ports: closed.
+    Ambiguous,
+}
+
+impl Passthrough {
+    pub const ALL: [Self; 5] = [
+        Self::Relayed,
+        Self::Refused,
+        Self::Timeout,
+        Self::NoProbe,
+        Self::Ambiguous,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Relayed => "relayed",
+            Self::Refused => "refused",
+            Self::Timeout => "timeout",
+            Self::NoProbe => "no_probe",
+            Self::Ambiguous => "ambiguous",
         }
     }
 }

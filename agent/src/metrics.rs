@@ -21,8 +21,9 @@ use prometheus_client::{
 
 use crate::{
     exclusions::{self, AnnotationError},
-    healthcheck::Outcome,
+    healthcheck::{Outcome, Passthrough},
     pod::PodKey,
+    ports::ORIGINAL_PROBES_ANNOTATION,
     prober::{self, ProbeKind, Protocol, Verdict},
     reconcile::SharedDatapath,
 };
@@ -97,6 +98,7 @@ pub struct Metrics {
     probes_before_served: Family<PodLabels, Counter>,
     prober_results: Family<ProberResultLabels, Counter>,
     prober_seconds: HistogramFamily<ProberLabels>,
+    passthrough: Family<ProberResultLabels, Counter>,
     /// The prober's series of each pod, so that [`Metrics::forget_pod`] can remove them: their
     /// container names are known only from the probes that ran.
     prober_series: Mutex<BTreeMap<PodKey, BTreeSet<ProberSeries>>>,
@@ -144,13 +146,15 @@ impl Default for Metrics {
         let listener_errors = Family::<PodLabels, Counter>::default();
         registry.register(
             "listener_errors",
-            "Failed attempts to open a pod's healthcheck listener (netns missing or unusable, bind failed)",
+            "Failed attempts to open a pod's listeners (netns missing or unusable, bind failed; \
+             with --serve-http-probes, a probe port 15901-15903 taken in the pod)",
             listener_errors.clone(),
         );
         let annotation_errors = Family::<AnnotationLabels, Counter>::default();
         registry.register(
             "pod_annotation_errors",
-            "Malformed mesh exclusion annotations, ignored, by pod and annotation",
+            "Malformed pod annotations (mesh exclusion lists, the original-probes record), ignored, \
+             by pod and annotation",
             annotation_errors.clone(),
         );
         let probes_before_served = Family::<PodLabels, Counter>::default();
@@ -178,6 +182,14 @@ impl Default for Metrics {
              probe and protocol",
             prober_seconds.clone(),
         );
+        let passthrough = Family::<ProberResultLabels, Counter>::default();
+        registry.register(
+            "prober_passthrough",
+            "TLS connections on the probe ports 15901-15903 (HTTPS probes in the osm shape) relayed \
+             to the app's port of the pod's HTTPS probe of the port's kind, by pod, container, probe \
+             and result (relayed, refused, timeout; no_probe and ambiguous: closed unrelayed)",
+            passthrough.clone(),
+        );
         Self {
             registry,
             probes,
@@ -189,6 +201,7 @@ impl Default for Metrics {
             probes_before_served,
             prober_results,
             prober_seconds,
+            passthrough,
             prober_series: Mutex::default(),
         }
     }
@@ -356,12 +369,41 @@ impl Metrics {
                 result: outcome.verdict.label(),
             })
             .inc();
+        self.note_series(pod, container, kind, protocol);
+    }
+
+    /// Counts a TLS connection on a probe port in `probe_bypass_prober_passthrough_total`, by pod,
+    /// `container` (empty when none was found) and `kind`.
+    pub fn passthrough(&self, pod: &PodKey, container: &str, kind: ProbeKind, result: Passthrough) {
+        let probe = prober_labels(pod, container, kind, Protocol::Https);
+        self.passthrough
+            .get_or_create(&ProberResultLabels {
+                probe,
+                result: result.label(),
+            })
+            .inc();
+        self.note_series(pod, container, kind, Protocol::Https);
+    }
+
+    fn note_series(&self, pod: &PodKey, container: &str, kind: ProbeKind, protocol: Protocol) {
         self.prober_series
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .entry(pod.clone())
             .or_default()
             .insert((container.to_owned(), kind, protocol));
+    }
+
+    /// Counts a pod whose original-probes annotation cannot be read, in
+    /// `probe_bypass_pod_annotation_errors_total` under that annotation.
+    pub fn original_probes_error(&self, pod: &PodKey) {
+        self.annotation_errors
+            .get_or_create(&AnnotationLabels {
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                annotation: ORIGINAL_PROBES_ANNOTATION.to_owned(),
+            })
+            .inc();
     }
 
     pub fn listener_error(&self, pod: &PodKey) {
@@ -430,9 +472,17 @@ impl Metrics {
                     result: verdict.label(),
                 });
             }
+            for result in Passthrough::ALL {
+                self.passthrough.remove(&ProberResultLabels {
+                    probe: probe.clone(),
+                    result: result.label(),
+                });
+            }
             self.prober_seconds.remove(&probe);
         }
-        for annotation in exclusions::annotation_keys() {
+        let annotations =
+            exclusions::annotation_keys().chain([ORIGINAL_PROBES_ANNOTATION.to_owned()]);
+        for annotation in annotations {
             self.annotation_errors.remove(&AnnotationLabels {
                 namespace: pod.namespace.clone(),
                 pod: pod.name.clone(),

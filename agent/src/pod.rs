@@ -3,18 +3,26 @@
 //! Every pod source (a directory of manifests today, the Kubernetes API later) produces [`Pod`]s, so
 //! everything after the source is shared.
 
-use std::{collections::BTreeSet, fmt, net::IpAddr, path::PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    path::PathBuf,
+};
 
 use k8s_openapi::{
-    api::core::v1::{Container, Probe},
+    api::core::v1::{Container, ContainerPort, Probe},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
 use crate::{
     exclusions::{AnnotationError, Exclusions},
     netns::NetnsId,
-    ports::{NETNS_ANNOTATION, NETNS_RUN_DIR, ORIGINAL_GRPC_PORT_HEADER, ORIGINAL_TCP_PORT_HEADER},
-    rewrite::ports::resolve_port,
+    ports::{
+        NETNS_ANNOTATION, NETNS_RUN_DIR, ORIGINAL_GRPC_PORT_HEADER, ORIGINAL_HTTP_PORT_HEADER,
+        ORIGINAL_PROBES_ANNOTATION, ORIGINAL_TCP_PORT_HEADER,
+    },
+    rewrite::{OriginalProbes, ports::resolve_port},
 };
 
 /// Identifies a pod on the node: namespace and name, as the API server does.
@@ -101,7 +109,7 @@ impl fmt::Display for NetnsRef {
 }
 
 /// A meshed pod the agent serves.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Pod {
     pub key: PodKey,
     /// `status.podIP`: the address the kubelet probes and the healthcheck dials.
@@ -110,9 +118,18 @@ pub struct Pod {
     /// family): the datapath intercepts connections to them as to [`Self::ip`].
     pub other_ips: Vec<IpAddr>,
     pub netns: NetnsRef,
-    /// Ports the pod's probes name. The healthcheck dials only these unless told otherwise, so a
-    /// caller that reaches it cannot use it to scan the pod's other ports.
+    /// Ports the pod's probes name: those of its probes as the kubelet sees them, and those of the
+    /// original probes recorded in [`ORIGINAL_PROBES_ANNOTATION`]. The healthcheck dials only these
+    /// unless told otherwise, so a caller that reaches it cannot use it to scan the pod's other
+    /// ports.
     pub probe_ports: BTreeSet<u16>,
+    /// The probes as they were before the rewriter pointed them at the agent, from
+    /// [`ORIGINAL_PROBES_ANNOTATION`]: what the agent runs for a probe on 15901-15903. Empty when
+    /// the annotation is absent or malformed.
+    pub originals: OriginalProbes,
+    /// Each container's declared ports (`spec.containers[*].ports`), by container name, for the
+    /// named ports of the original probes.
+    pub container_ports: BTreeMap<String, Vec<ContainerPort>>,
     /// Traffic the pod's mesh annotations (`flomesh.io/…-exclusion-list` and OSM's) leave out of
     /// the proxy, without the node-wide defaults. Malformed annotations are left out of it.
     pub exclusions: Exclusions,
@@ -120,6 +137,40 @@ pub struct Pod {
     /// served as usual. For the reconciler to log and count
     /// ([`Metrics::annotation_errors`](crate::metrics::Metrics::annotation_errors)).
     pub annotation_errors: Vec<AnnotationError>,
+    /// Why [`ORIGINAL_PROBES_ANNOTATION`] could not be read, when it could not: the pod is served
+    /// without originals (its rewritten HTTP probes then fail with a 404 that says so). For the
+    /// reconciler to log and count, like [`Self::annotation_errors`].
+    pub originals_error: Option<String>,
+}
+
+impl Pod {
+    /// `shop/bookstore` at 198.18.0.2 in the named namespace `pod`, probing port 8080, with
+    /// nothing else: for unit tests to change what they test.
+    #[cfg(test)]
+    pub fn for_tests() -> Self {
+        Self {
+            key: PodKey {
+                namespace: "shop".into(),
+                name: "bookstore".into(),
+            },
+            ip: IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 0, 2)),
+            other_ips: Vec::new(),
+            netns: NetnsRef::Named("pod".into()),
+            probe_ports: BTreeSet::from([8080]),
+            originals: OriginalProbes::default(),
+            container_ports: BTreeMap::new(),
+            exclusions: Exclusions::default(),
+            annotation_errors: Vec::new(),
+            originals_error: None,
+        }
+    }
+
+    /// The declared ports of `container`; none for a container the pod does not have.
+    pub fn ports_of(&self, container: &str) -> &[ContainerPort] {
+        self.container_ports
+            .get(container)
+            .map_or(&[], Vec::as_slice)
+    }
 }
 
 /// Why a manifest does not describe a pod the agent can serve.
@@ -208,6 +259,7 @@ impl Pod {
             }
         }
         let mut probe_ports = BTreeSet::new();
+        let mut container_ports = BTreeMap::new();
         if let Some(spec) = &pod.spec {
             // Init containers count too: a sidecar (restartPolicy Always) init container has probes.
             let containers = spec
@@ -216,12 +268,42 @@ impl Pod {
                 .chain(spec.init_containers.iter().flatten());
             for container in containers {
                 collect_probe_ports(container, &mut probe_ports, &mut warnings);
+                container_ports.insert(
+                    container.name.clone(),
+                    container.ports.clone().unwrap_or_default(),
+                );
             }
         }
         let (exclusions, annotation_errors) = match &pod.metadata.annotations {
             Some(annotations) => Exclusions::from_annotations(annotations),
             None => (Exclusions::default(), Vec::new()),
         };
+        let recorded = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|annotations| annotations.get(ORIGINAL_PROBES_ANNOTATION));
+        let (originals, originals_error) = match recorded.map(|text| OriginalProbes::parse(text)) {
+            None => (OriginalProbes::default(), None),
+            Some(Ok(originals)) => (originals, None),
+            Some(Err(error)) => (OriginalProbes::default(), Some(error.to_string())),
+        };
+        for (container, kind, original) in originals.iter() {
+            let ports = container_ports
+                .get(container)
+                .map_or(&[][..], Vec::as_slice);
+            if let Some(port) = original_port(original.probe()) {
+                match resolve_port(&port, ports) {
+                    Ok(port) => {
+                        probe_ports.insert(port);
+                    }
+                    Err(reason) => warnings.push(format!(
+                        "container {container:?} original {kind} probe: {reason}; that port will \
+                         not be served"
+                    )),
+                }
+            }
+        }
         Ok(Parsed {
             pod: Pod {
                 key: PodKey { namespace, name },
@@ -229,16 +311,19 @@ impl Pod {
                 other_ips,
                 netns,
                 probe_ports,
+                originals,
+                container_ports,
                 exclusions,
                 annotation_errors,
+                originals_error,
             },
             warnings,
         })
     }
 }
 
-/// Adds the ports a container's probes name: tcpSocket ports, and the `Original-Tcp-Port` and
-/// `Original-Grpc-Port` headers of probes already rewritten to the healthcheck.
+/// Adds the ports a container's probes name: tcpSocket ports, and the `Original-Tcp-Port`,
+/// `Original-Grpc-Port` and `Original-Http-Port` headers of probes already rewritten.
 fn collect_probe_ports(
     container: &Container,
     ports: &mut BTreeSet<u16>,
@@ -251,7 +336,7 @@ fn collect_probe_ports(
     ];
     for (kind, probe) in probes {
         let Some(probe) = probe else { continue };
-        for port in probe_ports(probe) {
+        for port in probe_ports_of(probe) {
             match resolve_port(&port, container.ports.as_deref().unwrap_or_default()) {
                 Ok(port) => {
                     ports.insert(port);
@@ -265,17 +350,30 @@ fn collect_probe_ports(
     }
 }
 
-/// The ports a probe names, before named ports are resolved.
-fn probe_ports(probe: &Probe) -> Vec<IntOrString> {
+/// The port an original probe checks, before a named one is resolved: the agent runs it.
+fn original_port(probe: &Probe) -> Option<IntOrString> {
+    let tcp = probe.tcp_socket.as_ref().map(|tcp| tcp.port.clone());
+    let http = probe.http_get.as_ref().map(|http| http.port.clone());
+    let grpc = probe.grpc.as_ref().map(|grpc| IntOrString::Int(grpc.port));
+    tcp.or(http).or(grpc)
+}
+
+/// The ports a probe as the kubelet sees it names, before named ports are resolved: a tcpSocket
+/// port, and the ports in the headers of a probe already rewritten.
+fn probe_ports_of(probe: &Probe) -> Vec<IntOrString> {
     let mut ports = Vec::new();
     if let Some(tcp) = &probe.tcp_socket {
         ports.push(tcp.port.clone());
     }
     if let Some(http) = &probe.http_get {
         for header in http.http_headers.iter().flatten() {
-            let names_a_port = [ORIGINAL_TCP_PORT_HEADER, ORIGINAL_GRPC_PORT_HEADER]
-                .iter()
-                .any(|name| header.name.eq_ignore_ascii_case(name));
+            let names_a_port = [
+                ORIGINAL_TCP_PORT_HEADER,
+                ORIGINAL_GRPC_PORT_HEADER,
+                ORIGINAL_HTTP_PORT_HEADER,
+            ]
+            .iter()
+            .any(|name| header.name.eq_ignore_ascii_case(name));
             if names_a_port {
                 ports.push(IntOrString::String(header.value.clone()));
             }
@@ -498,6 +596,45 @@ status:
         pod.metadata.annotations = None;
         let parsed = Pod::from_k8s(&pod, NetnsRef::Named("pod-a".into())).unwrap();
         assert!(parsed.pod.exclusions.is_empty());
+    }
+
+    #[test]
+    fn original_probes_are_read_with_their_ports_and_a_malformed_record_does_not_stop_the_pod() {
+        let originals = r#"{"app":{"liveness":{"httpGet":{"path":"/live","port":"http"}},"readiness":{"grpc":{"port":14005}}}}"#;
+        let yaml = POD.replace(
+            "    probe-bypass/netns: pod-a\n",
+            &format!("    probe-bypass/netns: pod-a\n    probe-bypass.io/original-probes: '{originals}'\n"),
+        );
+        let parsed = Pod::from_manifest(manifest(&yaml)).unwrap_or_else(|e| panic!("{e}"));
+        let pod = parsed.pod;
+        assert!(pod.originals_error.is_none());
+        let live = pod
+            .originals
+            .get("app", crate::rewrite::ProbeKind::Liveness)
+            .expect("recorded");
+        assert_eq!(
+            live.probe()
+                .http_get
+                .as_ref()
+                .and_then(|h| h.path.as_deref()),
+            Some("/live")
+        );
+        assert_eq!(pod.ports_of("app")[0].container_port, 14001);
+        assert!(pod.ports_of("nobody").is_empty());
+        // The original's named port and its gRPC port are probed ports.
+        assert_eq!(
+            pod.probe_ports,
+            BTreeSet::from([14001, 14002, 14003, 14005, 15000])
+        );
+
+        let broken = POD.replace(
+            "    probe-bypass/netns: pod-a\n",
+            "    probe-bypass/netns: pod-a\n    probe-bypass.io/original-probes: '{\"app\": 1}'\n",
+        );
+        let parsed = Pod::from_manifest(manifest(&broken)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(parsed.pod.originals.is_empty());
+        let error = parsed.pod.originals_error.expect("an error");
+        assert!(error.contains("probe-bypass.io/original-probes"), "{error}");
     }
 
     #[test]

@@ -80,6 +80,16 @@ pub enum ProbeKind {
     Unknown,
 }
 
+impl From<crate::rewrite::ProbeKind> for ProbeKind {
+    fn from(kind: crate::rewrite::ProbeKind) -> Self {
+        match kind {
+            crate::rewrite::ProbeKind::Liveness => Self::Liveness,
+            crate::rewrite::ProbeKind::Readiness => Self::Readiness,
+            crate::rewrite::ProbeKind::Startup => Self::Startup,
+        }
+    }
+}
+
 impl ProbeKind {
     pub fn label(self) -> &'static str {
         match self {
@@ -107,6 +117,13 @@ impl Protocol {
             Self::Grpc => "grpc",
         }
     }
+}
+
+/// A probe's `timeoutSeconds` as the kubelet applies it: 1 s when absent (the API server's
+/// default), and never under 1 s (the API server's minimum).
+pub fn timeout_of(probe: &k8s_openapi::api::core::v1::Probe) -> Duration {
+    let seconds = probe.timeout_seconds.unwrap_or(1).max(1);
+    Duration::from_secs(u64::try_from(seconds).unwrap_or(1))
 }
 
 /// The User-Agent to send when the kubelet's own is not known: the kubelet sends

@@ -1,5 +1,6 @@
-//! Keeps every known pod served: its entries in the eBPF datapath's maps and one healthcheck
-//! listener in its network namespace. Opens them, moves them, closes them, retries them.
+//! Keeps every known pod served: its entries in the eBPF datapath's maps and its listeners in its
+//! network namespace, the healthcheck's and, with `--serve-http-probes`, one on each probe port
+//! (15901-15903). Opens them, moves them, closes them, retries them.
 //!
 //! Each pod is handled on its own. A pod whose namespace is missing or unusable is reported, counted
 //! and retried with backoff; it never delays or stops the others.
@@ -22,9 +23,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     datapath::{Datapath, DatapathError, PodRules, listeners},
-    healthcheck::{self, Context},
+    healthcheck::{self, Context, Endpoint},
     netns::{Netns, NetnsError, NetnsId, netns_cookie},
     pod::{Pod, PodKey},
+    rewrite::ProbeKind,
     run::sleep_until,
     source::{Pending, PodSet, Snapshot},
 };
@@ -106,6 +108,12 @@ enum State {
         /// The namespace's cookie, as the datapath knows the pod by it.
         cookie: u64,
         stop: CancellationToken,
+        /// With `--serve-http-probes`: the probe ports that could not be bound (something else in
+        /// the pod, the mesh's proxy usually, holds them), each with its error. Retried with the
+        /// namespace checks; the pod is served on the healthcheck port meanwhile.
+        missing: BTreeMap<ProbeKind, String>,
+        /// The namespace the listeners are in, for those retries.
+        handle: Arc<Netns>,
     },
     Failing {
         error: String,
@@ -296,7 +304,9 @@ impl Reconciler {
                 pod.netns,
                 pod.probe_ports
             );
-            if current.annotation_errors != pod.annotation_errors {
+            if current.annotation_errors != pod.annotation_errors
+                || current.originals_error != pod.originals_error
+            {
                 self.report_annotation_errors(pod);
             }
             entry.pod.send_replace(Arc::clone(pod));
@@ -356,7 +366,9 @@ impl Reconciler {
         }
     }
 
-    /// Logs and counts a pod's malformed exclusion annotations; each only loses its own setting.
+    /// Logs and counts a pod's malformed annotations; each only loses its own setting. An
+    /// unreadable original-probes record leaves the pod's rewritten httpGet probes without an
+    /// original to run: they are answered 404, saying why.
     fn report_annotation_errors(&self, pod: &Pod) {
         for error in &pod.annotation_errors {
             log::warn!("pod {}: ignoring an annotation: {error}", pod.key);
@@ -364,6 +376,14 @@ impl Reconciler {
         self.ctx
             .metrics
             .annotation_errors(&pod.key, &pod.annotation_errors);
+        if let Some(error) = &pod.originals_error {
+            log::warn!(
+                "pod {}: ignoring an annotation: {error}; its rewritten httpGet probes cannot be \
+                 answered",
+                pod.key
+            );
+            self.ctx.metrics.original_probes_error(&pod.key);
+        }
     }
 
     /// Puts `pod` in the datapath and opens its listener, in that order: the pod's redirects do not
@@ -391,16 +411,89 @@ impl Reconciler {
         let id = netns.id();
         tokio::spawn(healthcheck::serve(
             listener,
+            Endpoint::Healthcheck,
             Arc::clone(&self.ctx),
             sender.subscribe(),
-            netns,
+            Arc::clone(&netns),
             stop.clone(),
         ));
+        let kinds: &[ProbeKind] = if self.ctx.settings.serve_http_probes {
+            &ProbeKind::ALL
+        } else {
+            &[]
+        };
+        let missing = self
+            .open_probe_ports(pod, &netns, sender, &stop, kinds, &BTreeMap::new())
+            .await;
         Ok(State::Listening {
             netns: id,
             cookie,
             stop,
+            missing,
+            handle: netns,
         })
+    }
+
+    /// Opens the listeners of the probe ports of `kinds` (`--serve-http-probes`), closed with the
+    /// others by `stop`, and returns those that could not be bound, with why. A port another
+    /// process in the pod holds is that pod's problem only: it is logged with what to do (when its
+    /// error differs from `before`'s), counted in `probe_bypass_listener_errors_total`, and the
+    /// pod is served on the healthcheck port meanwhile.
+    async fn open_probe_ports(
+        &self,
+        pod: &Pod,
+        netns: &Arc<Netns>,
+        sender: &watch::Sender<Arc<Pod>>,
+        stop: &CancellationToken,
+        kinds: &[ProbeKind],
+        before: &BTreeMap<ProbeKind, String>,
+    ) -> BTreeMap<ProbeKind, String> {
+        let mut missing = BTreeMap::new();
+        for &kind in kinds {
+            let port = kind.port();
+            match healthcheck::bind(&self.ctx.worker, netns, pod.ip, port).await {
+                Ok(listener) => {
+                    if before.contains_key(&kind) {
+                        log::info!("pod {}: now answers {kind} probes on port {port}", pod.key);
+                    }
+                    tokio::spawn(healthcheck::serve(
+                        listener,
+                        Endpoint::Probes(kind),
+                        Arc::clone(&self.ctx),
+                        sender.subscribe(),
+                        Arc::clone(netns),
+                        stop.clone(),
+                    ));
+                }
+                Err(error) => {
+                    self.ctx.metrics.listener_error(&pod.key);
+                    let taken = matches!(&error, NetnsError::Op { source, .. }
+                        if source.kind() == std::io::ErrorKind::AddrInUse);
+                    let error = error.to_string();
+                    if before.get(&kind) == Some(&error) {
+                        log::debug!("pod {}: port {port} still unavailable: {error}", pod.key);
+                    } else if taken {
+                        log::error!(
+                            "pod {}: cannot answer its {kind} probes on port {port}: {error}. \
+                             Something in the pod holds the port, usually the mesh's proxy, which \
+                             then answers those probes; turn off the proxy's probe listeners, or \
+                             run without --serve-http-probes. The pod is served on port {} \
+                             meanwhile, and the port is retried",
+                            pod.key,
+                            self.ctx.settings.port
+                        );
+                    } else {
+                        log::error!(
+                            "pod {}: cannot answer its {kind} probes on port {port}: {error}; \
+                             retrying",
+                            pod.key
+                        );
+                    }
+                    missing.insert(kind, error);
+                }
+            }
+        }
+        missing
     }
 
     /// Has the datapath hand the connections that arrive at the pod from other nodes to its proxy
@@ -502,8 +595,9 @@ impl Reconciler {
     }
 
     /// Re-opens the listener of every served pod whose namespace file is gone or now names another
-    /// namespace.
+    /// namespace, and tries again the probe ports that were taken.
     async fn revalidate(&mut self) {
+        self.retry_probe_ports().await;
         let stale: Vec<PodKey> = self
             .entries
             .iter()
@@ -519,6 +613,44 @@ impl Reconciler {
         for key in stale {
             log::warn!("pod {key}: its network namespace is gone or was replaced; reopening");
             self.restart(&key, 0).await;
+        }
+    }
+
+    /// Binds again the probe ports served pods could not bind.
+    async fn retry_probe_ports(&mut self) {
+        let due: Vec<PodKey> = self
+            .entries
+            .iter()
+            .filter(|(_, entry)| {
+                matches!(&entry.state, State::Listening { missing, .. } if !missing.is_empty())
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in due {
+            let Some(entry) = self.entries.get(&key) else {
+                continue;
+            };
+            let State::Listening {
+                missing,
+                handle,
+                stop,
+                ..
+            } = &entry.state
+            else {
+                continue;
+            };
+            let pod = Arc::clone(&entry.pod.borrow());
+            let kinds: Vec<ProbeKind> = missing.keys().copied().collect();
+            let still = self
+                .open_probe_ports(&pod, handle, &entry.pod, stop, &kinds, missing)
+                .await;
+            if let Some(Entry {
+                state: State::Listening { missing, .. },
+                ..
+            }) = self.entries.get_mut(&key)
+            {
+                *missing = still;
+            }
         }
     }
 
@@ -636,16 +768,9 @@ mod tests {
     #[test]
     fn a_dual_stack_pod_is_in_the_datapath_by_both_its_addresses() {
         let pod = Pod {
-            key: PodKey {
-                namespace: "shop".into(),
-                name: "bookstore".into(),
-            },
             ip: "10.244.1.7".parse().expect("ip"),
             other_ips: vec!["fd00:10:244:1::7".parse().expect("ip")],
-            netns: crate::pod::NetnsRef::Named("pod".into()),
-            probe_ports: [8080].into(),
-            exclusions: crate::exclusions::Exclusions::default(),
-            annotation_errors: Vec::new(),
+            ..Pod::for_tests()
         };
         let rules = pod_rules(&pod, 42);
         let addrs: Vec<String> = rules.addrs.iter().map(ToString::to_string).collect();

@@ -226,6 +226,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let ctx = Arc::new(Context {
         settings: Settings {
             port: args.healthcheck_port,
+            serve_http_probes: args.serve_http_probes,
             allow_any_port: args.allow_any_port,
             tcp_target: args.tcp_target,
             dial_timeout: args.dial_timeout,

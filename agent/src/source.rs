@@ -16,7 +16,7 @@ use crate::pod::{Pod, PodKey};
 pub type PodSet = BTreeMap<PodKey, Arc<Pod>>;
 
 /// What a source publishes, as one value so that a pod moves from pending to served atomically.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     /// The pods to serve.
     pub pods: PodSet,

@@ -35,6 +35,61 @@ use tokio_rustls::{
 
 use super::{pod::TestPod, sidecar::TempDir};
 
+/// Where [`AppPod`]'s apps listen, and a port where nothing does.
+pub const HTTP_PORT: u16 = 8080;
+pub const HTTPS_PORT: u16 = 8443;
+pub const GRPC_PORT: u16 = 9090;
+pub const CLOSED_PORT: u16 = 8081;
+
+/// A test pod with the three apps listening: HTTP on every address of the pod (so that a redirect
+/// to 127.0.0.1 would reach it if it were followed), HTTPS and gRPC on the pod IP.
+pub struct AppPod {
+    pub pod: TestPod,
+    pub http: App,
+    pub https: App,
+    pub grpc: App,
+}
+
+impl AppPod {
+    pub fn start() -> Self {
+        let pod = TestPod::new();
+        let ip = IpAddr::V4(pod.ip);
+        let redirects = Redirects {
+            pod_ip: ip,
+            https_port: HTTPS_PORT,
+            http_port: HTTP_PORT,
+        };
+        let http = http(
+            &pod,
+            SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), HTTP_PORT),
+            redirects,
+        );
+        let https = https(&pod, SocketAddr::new(ip, HTTPS_PORT), redirects);
+        let grpc = grpc_health(&pod, SocketAddr::new(ip, GRPC_PORT));
+        Self {
+            pod,
+            http,
+            https,
+            grpc,
+        }
+    }
+}
+
+/// The kubelet's connector: connections from the host's network namespace, as the kubelet's probes
+/// leave the node for the pod.
+pub struct HostConnector;
+
+impl probe_bypass::prober::Connector for HostConnector {
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<TcpStream, probe_bypass::healthcheck::StreamError> {
+        TcpStream::connect(addr)
+            .await
+            .map_err(|source| probe_bypass::healthcheck::StreamError::Connect { addr, source })
+    }
+}
+
 /// How long the slow paths and the slow gRPC service take: longer than any probe timeout in the
 /// tests.
 pub const SLOW: Duration = Duration::from_secs(5);

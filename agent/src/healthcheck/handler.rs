@@ -1,5 +1,5 @@
 //! What a healthcheck request asks for: a port to dial, a gRPC health check to run, or an answer
-//! without either.
+//! without either. What a request on 15901-15903 asks for is in [`super::probes`].
 
 use super::{
     Outcome,
@@ -9,16 +9,21 @@ use crate::{
     pod::Pod,
     ports::{
         GRPC_HEALTHCHECK_PATH, HEALTHCHECK_PATHS, ORIGINAL_GRPC_PORT_HEADER,
-        ORIGINAL_GRPC_SERVICE_HEADER, ORIGINAL_TCP_PORT_HEADER,
+        ORIGINAL_GRPC_SERVICE_HEADER, ORIGINAL_HTTP_PATH_HEADER, ORIGINAL_HTTP_PORT_HEADER,
+        ORIGINAL_TCP_PORT_HEADER,
     },
+    prober::http::HttpProbe,
+    rewrite::ProbeKind,
 };
 
-/// The headers the healthcheck reads; the kubelet's `User-Agent` is passed on to the app by the
-/// gRPC health check.
-pub const HEADERS: [&str; 4] = [
+/// The headers the listeners read; the kubelet's `User-Agent` is passed on to the app by the
+/// probes the agent runs.
+pub const HEADERS: [&str; 6] = [
     ORIGINAL_TCP_PORT_HEADER,
     ORIGINAL_GRPC_PORT_HEADER,
     ORIGINAL_GRPC_SERVICE_HEADER,
+    ORIGINAL_HTTP_PORT_HEADER,
+    ORIGINAL_HTTP_PATH_HEADER,
     "User-Agent",
 ];
 
@@ -29,6 +34,17 @@ pub enum Route {
     Tcp(u16),
     /// Runs the gRPC health check of `service` on `port` (a rewritten gRPC probe).
     Grpc { port: u16, service: String },
+    /// Runs an httpGet probe (a rewritten one, on 15901-15903).
+    Http(Box<HttpRoute>),
+}
+
+/// An httpGet probe to run, and which of the pod's probes it stands for.
+#[derive(Debug, PartialEq, Eq)]
+pub struct HttpRoute {
+    /// Empty when the request does not say (FSM's shape with no recorded original).
+    pub container: String,
+    pub kind: ProbeKind,
+    pub probe: HttpProbe,
 }
 
 /// A request the healthcheck answers without dialing.
@@ -38,7 +54,7 @@ pub struct Rejection {
     pub response: Response,
 }
 
-fn reject(outcome: Outcome, status: u16, body: String) -> Rejection {
+pub(super) fn reject(outcome: Outcome, status: u16, body: String) -> Rejection {
     Rejection {
         outcome,
         response: Response::new(status, body),
@@ -61,13 +77,7 @@ pub fn route(request: &Request, pod: &Pod, allow_any_port: bool) -> Result<Route
             ),
         ));
     }
-    if request.method != "GET" && request.method != "HEAD" {
-        return Err(reject(
-            Outcome::MethodNotAllowed,
-            405,
-            format!("method {} is not allowed; use GET or HEAD", request.method),
-        ));
-    }
+    check_method(request)?;
     let port_header = if grpc {
         ORIGINAL_GRPC_PORT_HEADER
     } else {
@@ -75,23 +85,41 @@ pub fn route(request: &Request, pod: &Pod, allow_any_port: bool) -> Result<Route
     };
     let bad_request = |reason| reject(Outcome::BadRequest, 400, reason);
     let port = parse_port(port_header, &request.values(port_header)).map_err(bad_request)?;
-    if !allow_any_port && !pod.probe_ports.contains(&port) {
-        return Err(reject(
-            Outcome::Forbidden,
-            403,
-            format!(
-                "port {port} is not named by any probe of pod {}; probed ports: {}",
-                pod.key,
-                describe_ports(pod)
-            ),
-        ));
-    }
+    check_port(pod, port, allow_any_port)?;
     if !grpc {
         return Ok(Route::Tcp(port));
     }
     let service =
         parse_service(&request.values(ORIGINAL_GRPC_SERVICE_HEADER)).map_err(bad_request)?;
     Ok(Route::Grpc { port, service })
+}
+
+/// Probes answer GET (the kubelet's) and HEAD.
+pub(super) fn check_method(request: &Request) -> Result<(), Rejection> {
+    if request.method == "GET" || request.method == "HEAD" {
+        return Ok(());
+    }
+    Err(reject(
+        Outcome::MethodNotAllowed,
+        405,
+        format!("method {} is not allowed; use GET or HEAD", request.method),
+    ))
+}
+
+/// Refuses a port that none of the pod's probes name, unless `allow_any_port`.
+pub(super) fn check_port(pod: &Pod, port: u16, allow_any_port: bool) -> Result<(), Rejection> {
+    if allow_any_port || pod.probe_ports.contains(&port) {
+        return Ok(());
+    }
+    Err(reject(
+        Outcome::Forbidden,
+        403,
+        format!(
+            "port {port} is not named by any probe of pod {}; probed ports: {}",
+            pod.key,
+            describe_ports(pod)
+        ),
+    ))
 }
 
 fn describe_ports(pod: &Pod) -> String {
@@ -103,7 +131,7 @@ fn describe_ports(pod: &Pod) -> String {
 }
 
 /// Reads the one value of the port header `name`: a decimal port from 1 to 65535.
-fn parse_port(name: &str, values: &[&[u8]]) -> Result<u16, String> {
+pub(super) fn parse_port(name: &str, values: &[&[u8]]) -> Result<u16, String> {
     let value = match values {
         [] => None,
         [value] => Some(value),
@@ -147,27 +175,10 @@ fn parse_service(values: &[&[u8]]) -> Result<String, String> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
-
     use super::*;
-    use crate::{
-        exclusions::Exclusions,
-        pod::{NetnsRef, PodKey},
-    };
 
     fn pod() -> Pod {
-        Pod {
-            key: PodKey {
-                namespace: "shop".into(),
-                name: "bookstore".into(),
-            },
-            ip: "198.18.0.2".parse().expect("ip"),
-            other_ips: Vec::new(),
-            netns: NetnsRef::Named("pod".into()),
-            probe_ports: BTreeSet::from([8080]),
-            exclusions: Exclusions::default(),
-            annotation_errors: Vec::new(),
-        }
+        Pod::for_tests()
     }
 
     fn request(method: &str, path: &str, ports: &[&str]) -> Request {
@@ -189,6 +200,7 @@ mod tests {
     fn status(request: &Request, allow_any_port: bool) -> Result<u16, u16> {
         match route(request, &pod(), allow_any_port) {
             Ok(Route::Tcp(port) | Route::Grpc { port, .. }) => Ok(port),
+            Ok(Route::Http(route)) => Err(route.probe.url.port),
             Err(rejection) => Err(rejection.response.status),
         }
     }

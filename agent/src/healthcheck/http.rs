@@ -125,36 +125,35 @@ impl Response {
 }
 
 fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        503 => "Service Unavailable",
-        _ => "",
-    }
+    hyper::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|status| status.canonical_reason())
+        .unwrap_or_default()
 }
 
 /// Writes `response`. `head_only` answers a HEAD request: same headers, no body. The response says
 /// `Connection: close` and carries its length, so the prober can close as soon as it has read it;
-/// the kubelet never reuses probe connections.
+/// the kubelet never reuses probe connections. A 204 or 304 (an app's status passed through) has
+/// neither body nor length, as HTTP wants.
 pub async fn write_response<W: AsyncWrite + Unpin>(
     stream: &mut W,
     response: &Response,
     head_only: bool,
 ) -> io::Result<()> {
     let Response { status, body } = response;
+    let bodyless = matches!(status, 204 | 304);
     let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\n",
         reason(*status),
-        body.len() + 1,
     );
+    if !bodyless {
+        out.push_str(&format!("Content-Length: {}\r\n", body.len() + 1));
+    }
     if *status == 405 {
         out.push_str("Allow: GET, HEAD\r\n");
     }
     out.push_str("Connection: close\r\n\r\n");
-    if !head_only {
+    if !head_only && !bodyless {
         out.push_str(body);
         out.push('\n');
     }

@@ -1,4 +1,5 @@
-//! A pod's healthcheck listener: bound inside the pod's namespace, served from tokio.
+//! A pod's listeners, the healthcheck's and (with `--serve-http-probes`) one per probe kind: bound
+//! inside the pod's namespace, served from tokio.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -19,12 +20,14 @@ use super::{
     grpc,
     handler::{HEADERS, Route, route},
     http::{ReadError, Response, read_request, write_response},
+    probes,
 };
 use crate::{
     listen,
     metrics::Metrics,
     netns::{Netns, NetnsError, NetnsWorker},
     pod::Pod,
+    rewrite::ProbeKind,
 };
 
 /// How long an answered connection waits for the prober to close it. The side that closes first
@@ -42,7 +45,16 @@ pub struct Context {
     pub tracker: TaskTracker,
 }
 
-/// Opens the healthcheck listener inside `netns`, on the wildcard address of the pod IP's family
+/// What a listener answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// The healthcheck (15904): rewritten tcpSocket and gRPC probes.
+    Healthcheck,
+    /// The port of one kind of probe (15901-15903): rewritten httpGet probes of that kind.
+    Probes(ProbeKind),
+}
+
+/// Opens a listener inside `netns`, on the wildcard address of the pod IP's family
 /// (for IPv6, dual-stack). SO_REUSEPORT lets a new agent bind beside this one and take over.
 pub async fn bind(
     worker: &NetnsWorker,
@@ -65,6 +77,7 @@ pub async fn bind(
 /// the request arrives, so a manifest change (new probe ports) applies without a new listener.
 pub async fn serve(
     listener: TcpListener,
+    endpoint: Endpoint,
     ctx: Arc<Context>,
     pod: watch::Receiver<Arc<Pod>>,
     netns: Arc<Netns>,
@@ -78,8 +91,13 @@ pub async fn serve(
         match accepted {
             Ok((stream, _peer)) => {
                 let pod = Arc::clone(&pod.borrow());
-                ctx.tracker
-                    .spawn(answer(stream, Arc::clone(&ctx), pod, Arc::clone(&netns)));
+                ctx.tracker.spawn(answer(
+                    stream,
+                    endpoint,
+                    Arc::clone(&ctx),
+                    pod,
+                    Arc::clone(&netns),
+                ));
             }
             Err(error) => {
                 // Out of file descriptors or memory: back off instead of spinning.
@@ -90,20 +108,44 @@ pub async fn serve(
     }
 }
 
-async fn answer(mut stream: TcpStream, ctx: Arc<Context>, pod: Arc<Pod>, netns: Arc<Netns>) {
+async fn answer(
+    mut stream: TcpStream,
+    endpoint: Endpoint,
+    ctx: Arc<Context>,
+    pod: Arc<Pod>,
+    netns: Arc<Netns>,
+) {
     let settings = &ctx.settings;
+    if let Endpoint::Probes(kind) = endpoint {
+        match probes::starts_tls(&stream, settings.header_timeout).await {
+            Some(true) => return probes::pass_through(stream, kind, &ctx, &pod, &netns).await,
+            Some(false) => {}
+            None => {
+                log::debug!("{}: no request on the {kind} probe port", pod.key);
+                return;
+            }
+        }
+    }
     let (outcome, response, head_only) =
         match read_request(&mut stream, &HEADERS, settings.header_timeout).await {
             Ok(request) => {
                 let head_only = request.method == "HEAD";
-                let (outcome, response) = match route(&request, &pod, settings.allow_any_port) {
+                let user_agent = request
+                    .values("User-Agent")
+                    .first()
+                    .map(|value| String::from_utf8_lossy(value).into_owned());
+                let user_agent = user_agent.as_deref();
+                let routed = match endpoint {
+                    Endpoint::Healthcheck => route(&request, &pod, settings.allow_any_port),
+                    Endpoint::Probes(kind) => probes::route(&request, &pod, kind, settings),
+                };
+                let (outcome, response) = match routed {
                     Ok(Route::Tcp(port)) => probe(&ctx, &pod, &netns, port).await,
                     Ok(Route::Grpc { port, service }) => {
-                        let user_agent = request
-                            .values("User-Agent")
-                            .first()
-                            .map(|value| String::from_utf8_lossy(value).into_owned());
-                        grpc::check(&ctx, &pod, &netns, port, service, user_agent.as_deref()).await
+                        grpc::check(&ctx, &pod, &netns, port, service, user_agent).await
+                    }
+                    Ok(Route::Http(route)) => {
+                        probes::check(&ctx, &pod, &netns, &route, user_agent).await
                     }
                     Err(rejection) => (rejection.outcome, rejection.response),
                 };

@@ -372,6 +372,15 @@ async fn exchange<C: Connector>(
     }
 }
 
+/// Opens the connection the first request of `probe` would go over, and sends nothing: for a relay
+/// of the kubelet's own TLS to the app (an HTTPS probe passed through on 15901-15903).
+pub async fn connect_first<C: Connector>(
+    connector: &C,
+    probe: &HttpProbe,
+) -> Result<tokio::net::TcpStream, HttpError> {
+    connect(connector, &probe.url).await
+}
+
 /// Connects to the URL's host: its address, or each address its name resolves to in turn (in the
 /// agent's own network namespace, the node's, where the kubelet resolves it too).
 async fn connect<C: Connector>(
