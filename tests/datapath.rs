@@ -305,10 +305,16 @@ fn install_attaches_each_program_once_and_uninstall_removes_everything() {
     assert_eq!(node.attached(), ATTACHED, "no second set of programs");
 
     node.datapath = None;
+    // Another holder of a link (an agent still running, bpftool) does not keep its program
+    // attached past `uninstall`, and nothing waits on the kernel's deferred release of the pins.
+    let held =
+        aya::programs::links::PinnedLink::from_pin(node.pins.path().join("links/pb_connect4"))
+            .expect("open the pinned link");
     let report = datapath::uninstall(node.pins.path()).expect("uninstall");
     assert!(report.left.is_empty(), "left behind: {:?}", report.left);
     assert!(!node.pins.path().exists());
     assert_eq!(node.attached(), Vec::<String>::new());
+    drop(held);
 }
 
 #[test]

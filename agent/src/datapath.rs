@@ -458,7 +458,9 @@ impl Datapath {
     /// reference to the link): the namespace is left as it was before [`Self::attach_netns`].
     pub fn detach_netns(&mut self, cookie: u64) -> Result<(), DatapathError> {
         if self.netns_links.remove(&cookie) {
-            remove_pin(&self.netns_pin(cookie))?;
+            let pin = self.netns_pin(cookie);
+            detach_pinned_link(&pin);
+            remove_pin(&pin)?;
         }
         Ok(())
     }
@@ -888,6 +890,9 @@ pub fn uninstall(pins: &Path) -> Result<Uninstalled, DatapathError> {
     names.sort_by_key(|name| !(name == "links" || name == NETNS_LINKS));
     for name in names {
         let path = pins.join(&name);
+        if name == "links" || name == NETNS_LINKS {
+            detach_pinned_links(&path);
+        }
         if name == "links" {
             report
                 .left
@@ -959,6 +964,30 @@ fn netns_link_cookie(name: &std::ffi::OsStr) -> Option<u64> {
 }
 
 /// Removes a pin; one already gone is fine.
+/// Detaches every link pinned in `dir` (see [`detach_pinned_link`]).
+fn detach_pinned_links(dir: &Path) {
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        detach_pinned_link(&entry.path());
+    }
+}
+
+/// Detaches the link pinned at `pin` before its pin is removed. Removing the pin alone drops the
+/// kernel's reference in a deferred work item, so the program would still run for a moment after
+/// `uninstall` returned, or for as long as any other process holds the link. A failure is logged
+/// and left to the pin's removal.
+fn detach_pinned_link(pin: &Path) {
+    let detached = sys::obj_get(pin).and_then(sys::link_detach);
+    match detached {
+        Ok(()) => {}
+        Err(error) if error.kind() == ErrorKind::NotFound => {}
+        Err(error) => log::warn!(
+            "cannot detach the link pinned at {}: {error}; removing its pin, which detaches it \
+             once nothing else holds it",
+            pin.display()
+        ),
+    }
+}
+
 fn remove_pin(pin: &Path) -> Result<(), DatapathError> {
     match fs::remove_file(pin) {
         Ok(()) => Ok(()),

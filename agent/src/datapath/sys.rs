@@ -21,6 +21,7 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// `union bpf_attr` for `BPF_OBJ_GET`.
 #[repr(C)]
@@ -57,6 +58,12 @@ pub enum AttachType {
     GetSockopt = 21,
     /// A network namespace's socket lookup (the target is the namespace's nsfs file).
     SkLookup = 36,
+}
+
+/// `union bpf_attr` for `BPF_LINK_DETACH`.
+#[repr(C)]
+struct LinkDetachAttr {
+    link_fd: u32,
 }
 
 /// `union bpf_attr` for `BPF_LINK_UPDATE`.
@@ -177,6 +184,15 @@ pub fn link_cgroup_id(link: impl AsFd) -> io::Result<u64> {
         ));
     }
     Ok(info.cgroup_id)
+}
+
+/// Detaches `link` from its hook now, whoever else still holds it (Linux 5.9 for cgroup links, 5.8
+/// for netns links). The link object lives on, attached to nothing, until its last holder lets go.
+pub fn link_detach(link: impl AsFd) -> io::Result<()> {
+    let mut attr = LinkDetachAttr {
+        link_fd: link.as_fd().as_raw_fd() as u32,
+    };
+    bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
 }
 
 /// Makes `link` run `program` instead of whatever it ran, atomically.
