@@ -20,6 +20,7 @@
 pub mod admin;
 pub mod cli;
 pub mod datapath;
+pub mod dir_watch;
 pub mod discovery;
 pub mod exclusions;
 pub mod health;
