@@ -11,6 +11,7 @@
 //!   with a warning that says why: rewriting probes is never a reason to refuse a pod, and a pod
 //!   the rewriter cannot read is one the API server refuses itself, with a better message.
 
+use k8s_openapi::ByteString;
 use kube::core::{
     DynamicObject,
     admission::{
@@ -58,7 +59,13 @@ pub struct Admission {
 impl Admission {
     /// The answer as the API server reads it.
     pub fn body(&self) -> Result<Vec<u8>, serde_json::Error> {
-        serde_json::to_vec(&self.review)
+        let mut body = serde_json::to_value(&self.review)?;
+        // kube writes the patch's bytes as an array of numbers (kube-rs/kube#1781); the API
+        // documents a base64 string, as Go writes a []byte.
+        if let Some(patch) = self.review.response.as_ref().and_then(|r| r.patch.clone()) {
+            body["response"]["patch"] = serde_json::to_value(ByteString(patch))?;
+        }
+        serde_json::to_vec(&body)
     }
 
     /// The warnings the answer carries.
@@ -230,12 +237,27 @@ mod tests {
         serde_json::from_str(FIXTURE).expect("fixture")
     }
 
+    /// The answer's response, its patch read from base64.
     fn answer_of(document: &Value) -> AdmissionResponse {
         let body = serde_json::to_vec(document).expect("json");
         let admission = review(&body, Style::Osm).expect("a review");
-        let back: AdmissionReview<DynamicObject> =
-            serde_json::from_slice(&admission.body().expect("body")).expect("an AdmissionReview");
-        back.response.expect("a response")
+        let mut back: Value =
+            serde_json::from_slice(&admission.body().expect("body")).expect("JSON");
+        assert_eq!(back["apiVersion"], META_API_VERSION_V1);
+        assert_eq!(back["kind"], META_KIND);
+        let patch = back["response"]
+            .as_object_mut()
+            .expect("a response")
+            .remove("patch")
+            .map(|patch| {
+                serde_json::from_value::<ByteString>(patch)
+                    .expect("base64")
+                    .0
+            });
+        let mut response: AdmissionResponse =
+            serde_json::from_value(back["response"].take()).expect("an AdmissionResponse");
+        response.patch = patch;
+        response
     }
 
     #[test]

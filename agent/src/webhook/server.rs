@@ -129,26 +129,6 @@ async fn review_connection(
 }
 
 async fn handle(request: Request<Incoming>, style: Style) -> Response<Full<Bytes>> {
-    let path = request.uri().path();
-    if path != WEBHOOK_MUTATE_PATH {
-        return text(
-            StatusCode::NOT_FOUND,
-            format!("no endpoint {path}; admission reviews go to POST {WEBHOOK_MUTATE_PATH}\n"),
-        );
-    }
-    if request.method() != Method::POST {
-        let mut response = text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!(
-                "{WEBHOOK_MUTATE_PATH} takes POST, not {}\n",
-                request.method()
-            ),
-        );
-        response
-            .headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("POST"));
-        return response;
-    }
     let too_large = || {
         text(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -162,7 +142,10 @@ async fn handle(request: Request<Incoming>, style: Style) -> Response<Full<Bytes
     if declared.is_some_and(|length| length > MAX_BODY as u64) {
         return too_large();
     }
-    let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+    let (head, body) = request.into_parts();
+    // The body is read whatever the path and method, so that the client is not cut off while
+    // it still writes one, and the connection can carry the next request.
+    let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(body) => body.to_bytes(),
         Err(error) if error.is::<LengthLimitError>() => return too_large(),
         Err(error) => {
@@ -172,6 +155,23 @@ async fn handle(request: Request<Incoming>, style: Style) -> Response<Full<Bytes
             );
         }
     };
+    let path = head.uri.path();
+    if path != WEBHOOK_MUTATE_PATH {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("no endpoint {path}; admission reviews go to POST {WEBHOOK_MUTATE_PATH}\n"),
+        );
+    }
+    if head.method != Method::POST {
+        let mut response = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{WEBHOOK_MUTATE_PATH} takes POST, not {}\n", head.method),
+        );
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("POST"));
+        return response;
+    }
     match review::review(&body, style) {
         Ok(admission) => answer(&admission),
         Err(error) => {
