@@ -778,3 +778,27 @@ fn start_up_without_a_usable_certificate_fails_naming_the_file() {
         assert!(log.contains(&expected), "{log:?} lacks {expected:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_keeps_answering_briefly_then_exits_cleanly() {
+    let certs = ServerCerts::new("webhook");
+    let mut webhook = certs.start("osm");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(webhook.child.id()).expect("a pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    webhook.wait_for_log("admission webhook stopping");
+    let review = admission_review("late", &fixture_pods()[0].1);
+    let (_, answer) = post(&certs.client(b"h2"), webhook.reviews, &review).await;
+    response_of(&answer, "late");
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = webhook.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running after {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}:\n{}", webhook.log());
+}

@@ -13,7 +13,7 @@ pub mod certs;
 pub mod review;
 pub mod server;
 
-use std::{io, net::SocketAddr, sync::Arc};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 
@@ -22,6 +22,9 @@ use crate::{
     cli::WebhookArgs,
     ports::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH},
 };
+
+/// How long the webhook keeps answering after SIGTERM (the Deployment's grace period is longer).
+const DRAIN: Duration = Duration::from_secs(3);
 
 /// Why the webhook could not start.
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +74,10 @@ pub async fn run(args: WebhookArgs) -> Result<(), WebhookError> {
     let signal = crate::signal::shutdown_requested()
         .await
         .map_err(WebhookError::Signal)?;
-    log::info!("{signal}: admission webhook stopping");
+    // The API server may still pick this pod from the Service's endpoints until the endpoint
+    // controller has removed it: keep answering for a moment, then stop.
+    log::info!("{signal}: admission webhook stopping in {DRAIN:?}");
+    tokio::time::sleep(DRAIN).await;
     reviews.abort();
     health.abort();
     Ok(())
