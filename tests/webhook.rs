@@ -702,15 +702,7 @@ async fn a_renewed_certificate_serves_new_connections_and_a_broken_one_is_refuse
         &fs::read(&second.cert).expect("cert"),
         &fs::read(&second.key).expect("key"),
     );
-    let deadline = Instant::now() + PATIENCE;
-    while served_certificate(&client, webhook.reviews).await != der_of(&second.cert) {
-        assert!(
-            Instant::now() < deadline,
-            "still the old certificate after {PATIENCE:?}:\n{}",
-            webhook.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_certificate(&webhook, &client, &second.cert).await;
     webhook.wait_for_log("serving the new certificate");
 
     // A key that is not the certificate's: logged, and the last good pair keeps serving.
@@ -736,6 +728,44 @@ async fn a_renewed_certificate_serves_new_connections_and_a_broken_one_is_refuse
     )
     .await;
     assert_eq!(status, StatusCode::OK);
+}
+
+/// Polls new TLS connections until the server shows the certificate in `cert`.
+async fn wait_for_certificate(webhook: &Webhook, client: &TlsConnector, cert: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    while served_certificate(client, webhook.reviews).await != der_of(cert) {
+        assert!(
+            Instant::now() < deadline,
+            "still the old certificate after {PATIENCE:?}:\n{}",
+            webhook.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn certificate_files_rewritten_in_place_are_reloaded_and_garbage_is_refused() {
+    let first = ServerCerts::new("webhook-1");
+    let second = ServerCerts::new("webhook-2");
+    let dir = TempDir::new("plain-certs");
+    let (cert, key) = (dir.path.join("tls.crt"), dir.path.join("tls.key"));
+    fs::copy(&first.cert, &cert).expect("cert");
+    fs::copy(&first.key, &key).expect("key");
+    let mut webhook = Webhook::start(&cert, &key, "osm");
+    let client = tls_client(&[&first.certs.ca(), &second.certs.ca()], b"http/1.1");
+    wait_for_certificate(&webhook, &client, &first.cert).await;
+
+    fs::copy(&second.key, &key).expect("key");
+    fs::copy(&second.cert, &cert).expect("cert");
+    wait_for_certificate(&webhook, &client, &second.cert).await;
+
+    fs::write(&cert, "-----BEGIN CERTIFICATE-----\nnot base64\n").expect("garbage");
+    let line = webhook.wait_for_log("certificate not reloaded");
+    assert!(line.contains(&cert.display().to_string()), "{line}");
+    assert_eq!(
+        served_certificate(&client, webhook.reviews).await,
+        der_of(&second.cert)
+    );
 }
 
 #[test]
