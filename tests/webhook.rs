@@ -459,6 +459,28 @@ async fn an_unresolvable_named_port_is_left_alone_with_an_admission_warning_sayi
     );
 }
 
+/// Writes an HTTP/1.1 POST to /mutate that declares a body of `length` bytes and sends `body`,
+/// and returns the beginning of the answer.
+async fn raw_request(
+    client: &TlsConnector,
+    addr: SocketAddr,
+    length: usize,
+    body: &[u8],
+) -> String {
+    let mut tls = connect(client, addr).await;
+    let head = format!(
+        "POST {WEBHOOK_MUTATE_PATH} HTTP/1.1\r\nHost: webhook\r\nContent-Length: {length}\r\n\r\n"
+    );
+    tls.write_all(head.as_bytes()).await.expect("request");
+    tls.write_all(body).await.expect("body");
+    let mut answer = vec![0; 4096];
+    let read = tokio::time::timeout(PATIENCE + Duration::from_secs(5), tls.read(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("an answer");
+    String::from_utf8_lossy(&answer[..read]).into_owned()
+}
+
 /// A request the webhook must refuse, and how.
 struct Refused {
     case: &'static str,
@@ -596,18 +618,7 @@ async fn malformed_requests_get_a_clear_answer_and_the_server_keeps_serving() {
     }
 
     // Too large: refused on its Content-Length, before the body is read.
-    let mut tls = connect(&client, webhook.reviews).await;
-    let head = format!(
-        "POST {WEBHOOK_MUTATE_PATH} HTTP/1.1\r\nHost: webhook\r\nContent-Length: {}\r\n\r\n",
-        MAX_BODY + 1
-    );
-    tls.write_all(head.as_bytes()).await.expect("request");
-    let mut answer = vec![0; 4096];
-    let read = tokio::time::timeout(PATIENCE, tls.read(&mut answer))
-        .await
-        .expect("an answer in time")
-        .expect("an answer");
-    let answer = String::from_utf8_lossy(&answer[..read]);
+    let answer = raw_request(&client, webhook.reviews, MAX_BODY + 1, b"").await;
     assert!(
         answer.starts_with("HTTP/1.1 413") && answer.contains("an admission review is at most"),
         "{answer}"
@@ -630,6 +641,24 @@ async fn malformed_requests_get_a_clear_answer_and_the_server_keeps_serving() {
     // A client that never finishes its handshake holds no one else up.
     let _idle = TcpStream::connect(webhook.reviews).expect("connect");
     assert_still_serves(&client, webhook.reviews, &good, "an idle connection").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_that_stops_arriving_is_answered_408_after_the_client_timeout() {
+    let certs = ServerCerts::new("webhook");
+    let webhook = certs.start("osm");
+    let started = Instant::now();
+    let answer = raw_request(&certs.client(b"http/1.1"), webhook.reviews, 100, b"{\"api").await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("the body did not arrive within 10s"),
+        "{answer}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[test]

@@ -33,8 +33,9 @@ use crate::{
 /// pod once; a pod is a few KiB.
 pub const MAX_BODY: usize = 4 << 20;
 
-/// A client slower than this to finish its TLS handshake, or to send a request's headers, is
-/// disconnected. The API server's own call times out after the webhook's `timeoutSeconds`.
+/// A client slower than this to finish its TLS handshake, or to send a request's headers or its
+/// body, is disconnected or answered 408. The API server's own call times out after the
+/// webhook's `timeoutSeconds`.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The TLS configuration: TLS 1.2 and 1.3 with ring, HTTP/2 or HTTP/1.1 by ALPN (the API server
@@ -145,16 +146,23 @@ async fn handle(request: Request<Incoming>, style: Style) -> Response<Full<Bytes
     let (head, body) = request.into_parts();
     // The body is read whatever the path and method, so that the client is not cut off while
     // it still writes one, and the connection can carry the next request.
-    let body = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(error) if error.is::<LengthLimitError>() => return too_large(),
-        Err(error) => {
-            return text(
-                StatusCode::BAD_REQUEST,
-                format!("cannot read the body: {error}\n"),
-            );
-        }
-    };
+    let body =
+        match tokio::time::timeout(CLIENT_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
+            Err(_) => {
+                return text(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the body did not arrive within {CLIENT_TIMEOUT:?}\n"),
+                );
+            }
+            Ok(Ok(body)) => body.to_bytes(),
+            Ok(Err(error)) if error.is::<LengthLimitError>() => return too_large(),
+            Ok(Err(error)) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read the body: {error}\n"),
+                );
+            }
+        };
     let path = head.uri.path();
     if path != WEBHOOK_MUTATE_PATH {
         return text(
