@@ -119,11 +119,11 @@ fn answer(
 ) -> Admission {
     let pod = pod_name(request, object.as_ref());
     let allowed = AdmissionResponse::from(request);
-    let (response, operations, warnings) = match skip_reason(request, object.as_ref()) {
-        Some(reason) => (allowed, 0, vec![reason]),
-        None => rewrite(allowed, object.as_ref().unwrap_or(&Value::Null), style),
-    };
-    let mut response = response;
+    let (mut response, operations, warnings) =
+        match (skip_reason(request, object.as_ref()), &object) {
+            (None, Some(pod)) => rewrite(allowed, pod, style),
+            (reason, _) => (allowed, 0, reason.into_iter().collect()),
+        };
     if !warnings.is_empty() {
         response.warnings = Some(
             warnings
