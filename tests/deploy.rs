@@ -26,9 +26,14 @@ use std::{
 use clap::{CommandFactory as _, Parser as _};
 use k8s_openapi::{
     api::{
-        apps::v1::DaemonSet,
+        admissionregistration::v1::MutatingWebhookConfiguration,
+        apps::v1::{DaemonSet, Deployment},
         batch::v1::Job,
-        core::v1::{ConfigMap, Container, Namespace, PodSpec, Probe, ServiceAccount, VolumeMount},
+        core::v1::{
+            ConfigMap, Container, Namespace, PodSpec, Probe, Service, ServiceAccount, Volume,
+            VolumeMount,
+        },
+        policy::v1::PodDisruptionBudget,
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
     apimachinery::pkg::util::intstr::IntOrString,
@@ -38,7 +43,7 @@ use probe_bypass::{
     cli::{
         Cli, Command as AgentCommand, DatapathMode, HealthArgs, PodSource, RunArgs, SelectedSource,
     },
-    ports::DEFAULT_ADMIN_ADDR,
+    ports::{DEFAULT_ADMIN_ADDR, WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH},
     preflight,
 };
 use serde::{Deserialize as _, Serialize, de::DeserializeOwned};
@@ -144,12 +149,22 @@ fn parse_documents(file: &str, text: &str) -> Vec<Doc> {
 
 /// The YAML files of `deploy/`, kustomization.yaml aside.
 fn manifest_files() -> BTreeSet<String> {
-    fs::read_dir(deploy_dir())
-        .expect("read deploy/")
+    manifest_files_in("")
+}
+
+/// The YAML files of a directory under `deploy/` (`""`: deploy/ itself), kustomization.yaml
+/// aside, as paths under `deploy/`.
+fn manifest_files_in(dir: &str) -> BTreeSet<String> {
+    fs::read_dir(deploy_dir().join(dir))
+        .unwrap_or_else(|error| panic!("read deploy/{dir}: {error}"))
         .map(|entry| entry.expect("deploy/ entry").file_name())
         .map(|name| name.to_string_lossy().into_owned())
         .filter(|name| name.ends_with(".yaml") || name.ends_with(".yml"))
         .filter(|name| name != KUSTOMIZATION)
+        .map(|name| match dir {
+            "" => name,
+            dir => format!("{dir}/{name}"),
+        })
         .collect()
 }
 
@@ -168,16 +183,35 @@ fn all_documents() -> Vec<Doc> {
 
 /// The one object of `kind` in `deploy/`.
 fn the<T: DeserializeOwned + Serialize>(kind: &str) -> T {
-    let docs: Vec<Doc> = all_documents()
-        .into_iter()
-        .filter(|doc| doc.kind() == kind)
-        .collect();
-    assert_eq!(docs.len(), 1, "expected one {kind} in deploy/");
+    the_one_in(all_documents(), kind, "deploy/")
+}
+
+/// The one object of `kind` among `docs`, which are those of `place`.
+fn the_one_in<T: DeserializeOwned + Serialize>(docs: Vec<Doc>, kind: &str, place: &str) -> T {
+    let docs: Vec<Doc> = docs.into_iter().filter(|doc| doc.kind() == kind).collect();
+    assert_eq!(docs.len(), 1, "expected one {kind} in {place}");
     docs[0].typed()
 }
 
+/// The documents of the files a kustomization (a path under `deploy/`) lists.
+fn documents_listed_by(kustomization: &str) -> Vec<Doc> {
+    kustomization_resources_of(kustomization)
+        .iter()
+        .flat_map(|file| documents_of(file))
+        .collect()
+}
+
 fn kustomization_resources() -> Vec<String> {
-    let docs = documents_of(KUSTOMIZATION);
+    kustomization_resources_of(KUSTOMIZATION)
+}
+
+/// The files a kustomization (a path under `deploy/`) lists, as paths under `deploy/`.
+fn kustomization_resources_of(kustomization: &str) -> Vec<String> {
+    let dir = Path::new(kustomization)
+        .parent()
+        .map(|dir| dir.to_string_lossy().into_owned())
+        .filter(|dir| !dir.is_empty());
+    let docs = documents_of(kustomization);
     assert_eq!(docs.len(), 1, "one Kustomization");
     let kustomization = &docs[0].value;
     assert_eq!(kustomization["kind"], "Kustomization");
@@ -185,7 +219,11 @@ fn kustomization_resources() -> Vec<String> {
         .as_array()
         .expect("resources")
         .iter()
-        .map(|resource| resource.as_str().expect("a file name").to_owned())
+        .map(|resource| resource.as_str().expect("a file name"))
+        .map(|file| match &dir {
+            Some(dir) => format!("{dir}/{file}"),
+            None => file.to_owned(),
+        })
         .collect()
 }
 
@@ -354,6 +392,15 @@ fn mount<'a>(container: &'a Container, host_path: &str, spec: &PodSpec) -> &'a V
         .unwrap_or_else(|| panic!("{} mounts {host_path}", container.name))
 }
 
+/// The volume `mount` mounts.
+fn volume_of<'a>(spec: &'a PodSpec, mount: &VolumeMount) -> &'a Volume {
+    spec.volumes
+        .iter()
+        .flatten()
+        .find(|volume| volume.name == mount.name)
+        .unwrap_or_else(|| panic!("no volume {} for its mount", mount.name))
+}
+
 fn skip(test: &str, reason: &str) {
     assert!(
         std::env::var_os("CI").is_none(),
@@ -417,12 +464,14 @@ fn the_kustomization_lists_every_manifest_but_the_uninstall_job() {
 
 #[test]
 fn kubectl_kustomize_renders_exactly_the_listed_objects() {
+    assert_kustomize_renders(&deploy_dir(), &documents_listed_by(KUSTOMIZATION));
+}
+
+/// `kubectl kustomize <dir>` gives the objects of `listed`, unchanged (skipped without kubectl).
+fn assert_kustomize_renders(dir: &Path, listed: &[Doc]) {
     let output = {
         let _env = env_lock();
-        Command::new("kubectl")
-            .arg("kustomize")
-            .arg(deploy_dir())
-            .output()
+        Command::new("kubectl").arg("kustomize").arg(dir).output()
     };
     let output = match output {
         Ok(output) => output,
@@ -433,17 +482,14 @@ fn kubectl_kustomize_renders_exactly_the_listed_objects() {
     };
     assert!(
         output.status.success(),
-        "kubectl kustomize deploy/ failed:\n{}",
+        "kubectl kustomize {} failed:\n{}",
+        dir.display(),
         String::from_utf8_lossy(&output.stderr)
     );
     let rendered = parse_documents(
         "(kubectl kustomize)",
         &String::from_utf8_lossy(&output.stdout),
     );
-    let listed: Vec<Doc> = kustomization_resources()
-        .iter()
-        .flat_map(|file| documents_of(file))
-        .collect();
     let key = |doc: &Doc| (doc.kind().to_owned(), doc.name().to_owned());
     assert_eq!(
         rendered.iter().map(key).collect::<BTreeSet<_>>(),
@@ -1120,12 +1166,7 @@ fn the_probes_ask_the_agent_on_its_socket_and_it_stops_within_the_grace_period()
         .find(|mount| Path::new(&mount.mount_path) == dir)
         .unwrap_or_else(|| panic!("a volume mounted at {}", dir.display()));
     assert_ne!(mount.read_only, Some(true), "the agent creates the socket");
-    let volume = spec
-        .volumes
-        .iter()
-        .flatten()
-        .find(|volume| volume.name == mount.name)
-        .expect("the mount's volume");
+    let volume = volume_of(spec, mount);
     let empty_dir = volume.empty_dir.as_ref().expect("an emptyDir");
     assert_eq!(empty_dir.medium.as_deref(), Some("Memory"));
     assert!(empty_dir.size_limit.is_some(), "a small sizeLimit");
@@ -1291,4 +1332,286 @@ fn the_kube_source_without_cap_sys_ptrace_is_refused_at_start_naming_why() {
         ),
         "{text}"
     );
+}
+
+// The admission webhook: deploy/webhook/, its own kustomization in the agent's namespace.
+
+const WEBHOOK_KUSTOMIZATION: &str = "webhook/kustomization.yaml";
+
+/// The documents of deploy/webhook/'s kustomization.
+fn webhook_documents() -> Vec<Doc> {
+    documents_listed_by(WEBHOOK_KUSTOMIZATION)
+}
+
+/// The one object of `kind` in deploy/webhook/.
+fn the_webhooks<T: DeserializeOwned + Serialize>(kind: &str) -> T {
+    the_one_in(webhook_documents(), kind, "deploy/webhook/")
+}
+
+/// The cert-manager object of `kind` named `name` (no Rust type: plain JSON).
+fn cert_manager(kind: &str, name: &str) -> Value {
+    let found: Vec<Value> = webhook_documents()
+        .into_iter()
+        .filter(|doc| doc.kind() == kind && doc.name() == name)
+        .map(|doc| doc.value)
+        .collect();
+    assert_eq!(found.len(), 1, "one {kind} {name} in deploy/webhook/");
+    found.into_iter().next().expect("one")
+}
+
+fn webhook_deployment_container() -> (Deployment, Container) {
+    let deployment: Deployment = the_webhooks("Deployment");
+    let spec = deployment
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .expect("Deployment pod spec");
+    let container = only_container(spec).clone();
+    (deployment, container)
+}
+
+fn container_port(container: &Container, name: &str) -> i32 {
+    container
+        .ports
+        .iter()
+        .flatten()
+        .find(|port| port.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("container port {name}"))
+        .container_port
+}
+
+/// The Deployment's command line as the webhook reads it.
+fn webhook_args() -> probe_bypass::cli::WebhookArgs {
+    let (_, container) = webhook_deployment_container();
+    let parsed = parse_agent(&args_of(&container), &container_env(&container))
+        .unwrap_or_else(|error| panic!("the webhook Deployment's args do not parse:\n{error}"));
+    match parsed.command {
+        AgentCommand::Webhook(args) => args,
+        other => panic!("expected `webhook`, not {other:?}"),
+    }
+}
+
+#[test]
+fn the_webhook_manifests_are_listed_typed_and_in_the_agents_namespace() {
+    let listed = kustomization_resources_of(WEBHOOK_KUSTOMIZATION);
+    assert_eq!(
+        listed.iter().cloned().collect::<BTreeSet<_>>(),
+        manifest_files_in("webhook"),
+        "deploy/webhook/kustomization.yaml lists every manifest there"
+    );
+    let mut kinds = BTreeSet::new();
+    for doc in webhook_documents() {
+        let namespace = match doc.kind() {
+            "ServiceAccount" => doc.typed::<ServiceAccount>().metadata.namespace,
+            "Deployment" => doc.typed::<Deployment>().metadata.namespace,
+            "PodDisruptionBudget" => doc.typed::<PodDisruptionBudget>().metadata.namespace,
+            "Service" => doc.typed::<Service>().metadata.namespace,
+            "MutatingWebhookConfiguration" => {
+                doc.typed::<MutatingWebhookConfiguration>()
+                    .metadata
+                    .namespace
+            }
+            "Issuer" | "Certificate" => {
+                assert_eq!(
+                    doc.value["apiVersion"],
+                    "cert-manager.io/v1",
+                    "{}",
+                    doc.name()
+                );
+                doc.value["metadata"]["namespace"]
+                    .as_str()
+                    .map(ToOwned::to_owned)
+            }
+            other => panic!("deploy/{}: unexpected kind {other:?}", doc.file),
+        };
+        let expected = (doc.kind() != "MutatingWebhookConfiguration").then(|| NAMESPACE.to_owned());
+        assert_eq!(namespace, expected, "{} {}", doc.kind(), doc.name());
+        kinds.insert(doc.kind().to_owned());
+    }
+    assert_eq!(kinds.len(), 7, "{kinds:?}");
+}
+
+#[test]
+fn kubectl_kustomize_renders_exactly_the_webhooks_objects() {
+    assert_kustomize_renders(&deploy_dir().join("webhook"), &webhook_documents());
+}
+
+#[test]
+fn the_webhook_deployment_serves_where_its_service_and_probes_look() {
+    let args = webhook_args();
+    let (_, container) = webhook_deployment_container();
+    let https = container_port(&container, "https");
+    let healthz = container_port(&container, "healthz");
+    assert_eq!(i32::from(args.listen.port()), https);
+    assert_eq!(i32::from(args.healthz.port()), healthz);
+    assert!(args.listen.ip().is_unspecified() && args.healthz.ip().is_unspecified());
+
+    let service: Service = the_webhooks("Service");
+    let ports = service.spec.expect("Service spec").ports.expect("ports");
+    assert_eq!(ports.len(), 1);
+    assert_eq!(
+        ports[0].target_port,
+        Some(IntOrString::String("https".to_owned()))
+    );
+
+    for probe in [&container.readiness_probe, &container.liveness_probe] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("an httpGet probe");
+        assert_eq!(get.path.as_deref(), Some(WEBHOOK_HEALTHZ_PATH));
+        assert_eq!(get.port, IntOrString::String("healthz".to_owned()));
+    }
+
+    // The certificate and key are the Secret cert-manager writes, where the pod mounts it.
+    let (deployment, _) = webhook_deployment_container();
+    let spec = deployment.spec.template.spec.expect("pod spec");
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|mount| args.tls_cert.starts_with(&mount.mount_path))
+        .expect("the certificate is on a mount");
+    assert_eq!(mount.read_only, Some(true));
+    assert_eq!(args.tls_cert, Path::new(&mount.mount_path).join("tls.crt"));
+    assert_eq!(args.tls_key, Path::new(&mount.mount_path).join("tls.key"));
+    let volume = volume_of(&spec, mount);
+    let secret = volume.secret.as_ref().and_then(|s| s.secret_name.clone());
+    let certificate = cert_manager("Certificate", "probe-bypass-webhook");
+    assert_eq!(
+        secret.as_deref(),
+        certificate["spec"]["secretName"].as_str()
+    );
+
+    // The certificate names the Service as the API server dials it, and its issuer exists.
+    let service_name = service.metadata.name.expect("Service name");
+    let dns_names = certificate["spec"]["dnsNames"].to_string();
+    assert!(
+        dns_names.contains(&format!("\"{service_name}.{NAMESPACE}.svc\"")),
+        "{dns_names}"
+    );
+    let issuer = certificate["spec"]["issuerRef"]["name"]
+        .as_str()
+        .expect("issuer");
+    let ca_secret = cert_manager("Issuer", issuer)["spec"]["ca"]["secretName"].clone();
+    let ca = cert_manager("Certificate", ca_secret.as_str().expect("a CA secret"));
+    assert_eq!(ca["spec"]["isCA"], true);
+    assert_eq!(ca["spec"]["secretName"], ca_secret);
+}
+
+#[test]
+fn every_webhook_sends_pod_creates_to_the_webhooks_path_and_never_blocks_them() {
+    let configuration: MutatingWebhookConfiguration = the_webhooks("MutatingWebhookConfiguration");
+    let service: Service = the_webhooks("Service");
+    let certificate = cert_manager("Certificate", "probe-bypass-webhook");
+    let annotations = configuration.metadata.annotations.expect("annotations");
+    assert_eq!(
+        annotations["cert-manager.io/inject-ca-from"],
+        format!(
+            "{NAMESPACE}/{}",
+            certificate["metadata"]["name"].as_str().expect("name")
+        )
+    );
+    let service_port = service.spec.and_then(|s| s.ports).expect("ports")[0].port;
+    let webhooks = configuration.webhooks.expect("webhooks");
+    let mesh_labels: BTreeSet<String> = webhooks
+        .iter()
+        .map(|webhook| {
+            let client = webhook.client_config.service.as_ref().expect("a service");
+            assert_eq!(Some(&client.name), service.metadata.name.as_ref());
+            assert_eq!(client.namespace, NAMESPACE);
+            assert_eq!(client.path.as_deref(), Some(WEBHOOK_MUTATE_PATH));
+            assert_eq!(client.port, Some(service_port));
+            assert_eq!(webhook.admission_review_versions, ["v1"]);
+            assert_eq!(webhook.side_effects, "None");
+            assert_eq!(webhook.failure_policy.as_deref(), Some("Ignore"));
+            assert_eq!(webhook.reinvocation_policy.as_deref(), Some("IfNeeded"));
+            assert!(webhook.timeout_seconds.is_some_and(|t| t <= 10));
+            let rules = webhook.rules.as_ref().expect("rules");
+            assert_eq!(rules.len(), 1);
+            assert_eq!(
+                rules[0].operations.as_deref(),
+                Some(&["CREATE".to_owned()][..])
+            );
+            assert_eq!(rules[0].api_groups.as_deref(), Some(&[String::new()][..]));
+            assert_eq!(
+                rules[0].resources.as_deref(),
+                Some(&["pods".to_owned()][..])
+            );
+
+            let expressions = webhook
+                .namespace_selector
+                .as_ref()
+                .and_then(|s| s.match_expressions.clone())
+                .expect("a namespace selector");
+            let excluded = expressions
+                .iter()
+                .find(|e| e.key == "kubernetes.io/metadata.name" && e.operator == "NotIn")
+                .and_then(|e| e.values.clone())
+                .expect("excluded namespaces");
+            for namespace in [NAMESPACE, "kube-system"] {
+                assert!(excluded.iter().any(|n| n == namespace), "{namespace}");
+            }
+            let monitored = expressions
+                .iter()
+                .find(|e| e.operator == "Exists")
+                .expect("a mesh label");
+            monitored.key.clone()
+        })
+        .collect();
+    assert_eq!(
+        mesh_labels,
+        BTreeSet::from([
+            "flomesh.io/monitored-by".to_owned(),
+            "openservicemesh.io/monitored-by".to_owned()
+        ])
+    );
+}
+
+#[test]
+fn the_webhook_runs_unprivileged_unmeshed_and_without_an_api_token() {
+    let account: ServiceAccount = the_webhooks("ServiceAccount");
+    assert_eq!(account.automount_service_account_token, Some(false));
+    let (deployment, container) = webhook_deployment_container();
+    let template = deployment.spec.template;
+    let spec = template.spec.expect("pod spec");
+    assert_eq!(spec.service_account_name, account.metadata.name);
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    assert_eq!(
+        spec.security_context.and_then(|c| c.run_as_non_root),
+        Some(true)
+    );
+    let security = container
+        .security_context
+        .as_ref()
+        .expect("securityContext");
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    let capabilities = security.capabilities.as_ref().expect("capabilities");
+    assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    assert_eq!(capabilities.add, None);
+    let expected = format!("probe-bypass:{}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(container.image.as_deref(), Some(expected.as_str()));
+    let resources = container.resources.as_ref().expect("resources");
+    assert!(resources.requests.is_some() && resources.limits.is_some());
+
+    let annotations = template
+        .metadata
+        .and_then(|m| m.annotations)
+        .expect("annotations");
+    for key in [
+        "flomesh.io/sidecar-injection",
+        "openservicemesh.io/sidecar-injection",
+        "probe-bypass.io/rewrite",
+    ] {
+        assert_eq!(annotations[key], "disabled", "{key}");
+    }
+    let kinds: BTreeSet<String> = webhook_documents()
+        .iter()
+        .map(|doc| doc.kind().to_owned())
+        .collect();
+    for rbac in ["Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"] {
+        assert!(!kinds.contains(rbac), "the webhook needs no {rbac}");
+    }
 }

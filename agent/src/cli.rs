@@ -10,8 +10,9 @@ use crate::{
     exclusions::{parse_cidr_list, parse_port_list},
     healthcheck::TcpTarget,
     ports::{
-        DEFAULT_ADMIN_ADDR, DEFAULT_ADMIN_SOCKET, DEFAULT_PROBE_PORTS, HEALTHCHECK_PORT,
-        PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT, PROXY_UID,
+        DEFAULT_ADMIN_ADDR, DEFAULT_ADMIN_SOCKET, DEFAULT_PROBE_PORTS, DEFAULT_WEBHOOK_HEALTHZ,
+        DEFAULT_WEBHOOK_LISTEN, HEALTHCHECK_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT,
+        PROXY_UID,
     },
     preflight::BPFFS_DEFAULT_MOUNT,
     rewrite::Style,
@@ -46,6 +47,36 @@ pub enum Command {
     /// StatefulSets, DaemonSets, ReplicaSets, Jobs and CronJobs, also in a List or a multi-document
     /// YAML file. Warnings go to stderr; on an error nothing is printed and the exit code is 1.
     Rewrite(RewriteArgs),
+    /// Serve the mutating admission webhook that rewrites new Pods' probes as `rewrite` does:
+    /// AdmissionReview v1 over HTTPS on `--listen`, at `/mutate`, with a plain-HTTP `/healthz`.
+    Webhook(WebhookArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct WebhookArgs {
+    /// Where the API server reaches the webhook (HTTPS; port 0 picks a free port, logged at start).
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_WEBHOOK_LISTEN,
+          env = "PROBE_BYPASS_WEBHOOK_LISTEN")]
+    pub listen: SocketAddr,
+
+    /// The serving certificate (PEM, the leaf first, then any intermediates). Re-read when it
+    /// changes: a new certificate serves new connections; a broken one is logged and the old one
+    /// kept.
+    #[arg(long, value_name = "FILE", env = "PROBE_BYPASS_WEBHOOK_TLS_CERT")]
+    pub tls_cert: PathBuf,
+
+    /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1). Re-read with the certificate.
+    #[arg(long, value_name = "FILE", env = "PROBE_BYPASS_WEBHOOK_TLS_KEY")]
+    pub tls_key: PathBuf,
+
+    /// Plain-HTTP `/healthz` for the webhook's own probes.
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_WEBHOOK_HEALTHZ,
+          env = "PROBE_BYPASS_WEBHOOK_HEALTHZ")]
+    pub healthz: SocketAddr,
+
+    /// The shape of rewritten httpGet probes, as `rewrite --style`.
+    #[arg(long, value_enum, default_value_t = Style::Osm, env = "PROBE_BYPASS_WEBHOOK_STYLE")]
+    pub style: Style,
 }
 
 #[derive(Clone, Debug, Args)]

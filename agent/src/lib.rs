@@ -16,10 +16,13 @@
 //! - [`exclusions`]: the mesh's per-pod exclusion annotations and the node-wide defaults.
 //! - [`rewrite`]: the probe rewriter: a pod's probes pointed at the agent, the originals recorded in
 //!   an annotation, as a JSON Patch for the webhook and as `probe-bypass rewrite` for manifests.
+//! - [`webhook`]: `probe-bypass webhook`, the mutating admission webhook that applies the rewriter
+//!   to new Pods.
 
 pub mod admin;
 pub mod cli;
 pub mod datapath;
+pub mod dir_watch;
 pub mod discovery;
 pub mod exclusions;
 pub mod health;
@@ -36,3 +39,4 @@ pub mod rewrite;
 pub mod run;
 pub mod signal;
 pub mod source;
+pub mod webhook;

@@ -2,14 +2,14 @@ use std::{io::Write as _, process::ExitCode, time::Duration};
 
 use clap::Parser as _;
 use probe_bypass::{
-    cli::{Cli, Command, HealthArgs, RewriteArgs, RunArgs},
+    cli::{Cli, Command, HealthArgs, RewriteArgs},
     health::{self, HealthError},
     rewrite::manifest,
 };
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run(args) => run(*args),
+        Command::Run(args) => serve(probe_bypass::run::run(*args)),
         Command::Uninstall(args) => {
             init_log();
             uninstall(&args.pin_path)
@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Command::Health(args) => ask_health(&args),
         Command::MountBpffs(args) => mount_bpffs(&args.at),
         Command::Rewrite(args) => rewrite(&args),
+        Command::Webhook(args) => serve(probe_bypass::webhook::run(args)),
     }
 }
 
@@ -68,8 +69,8 @@ fn init_log() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 }
 
-/// `probe-bypass run`, until SIGTERM or SIGINT.
-fn run(args: RunArgs) -> ExitCode {
+/// Runs `probe-bypass run` or `webhook`, until SIGTERM or SIGINT, on a multi-threaded runtime, logging to stderr; its error is logged.
+fn serve<E: std::fmt::Display>(command: impl Future<Output = Result<(), E>>) -> ExitCode {
     init_log();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -81,7 +82,7 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(probe_bypass::run::run(args));
+    let result = runtime.block_on(command);
     // Connections still open after the grace period are dropped here, not waited for.
     runtime.shutdown_timeout(Duration::from_millis(200));
     match result {

@@ -102,3 +102,16 @@ pub const OUTBOUND_IP_RANGE_EXCLUSION_LIST: &str = "outbound-ip-range-exclusion-
 /// Annotation (after a [`MESH_ANNOTATION_PREFIXES`] prefix): when set, the only outbound
 /// destinations (CIDRs) that go through the proxy.
 pub const OUTBOUND_IP_RANGE_INCLUSION_LIST: &str = "outbound-ip-range-inclusion-list";
+
+/// Default address of the admission webhook's HTTPS listener; the webhook's Service sends 443 here.
+pub const DEFAULT_WEBHOOK_LISTEN: &str = "0.0.0.0:9443";
+
+/// Default address of the webhook's plain-HTTP `/healthz`: port 9090, as FSM's injector.
+pub const DEFAULT_WEBHOOK_HEALTHZ: &str = "0.0.0.0:9090";
+
+/// The path the API server POSTs admission reviews to (the MutatingWebhookConfiguration's
+/// `clientConfig.service.path`).
+pub const WEBHOOK_MUTATE_PATH: &str = "/mutate";
+
+/// The webhook's health path, on [`DEFAULT_WEBHOOK_HEALTHZ`].
+pub const WEBHOOK_HEALTHZ_PATH: &str = "/healthz";

@@ -108,6 +108,19 @@ impl Certificates {
     /// Issues `name` a certificate for both ends of mTLS (server and client authentication),
     /// returning a PEM with the certificate and its key, as HAProxy's `crt` wants them.
     pub fn issue(&self, name: &str) -> String {
+        let (cert, key) = self.issue_for(name, &[]);
+        let pem = self.file(&format!("{name}.pem"));
+        let read = |path: &str| {
+            fs::read_to_string(path).unwrap_or_else(|error| panic!("read {path}: {error}"))
+        };
+        fs::write(&pem, read(&cert) + &read(&key))
+            .unwrap_or_else(|error| panic!("write {pem}: {error}"));
+        pem
+    }
+
+    /// Issues `name` a certificate as [`Self::issue`] does, valid for `alt_names` too
+    /// (`DNS:localhost`, `IP:127.0.0.1`), and returns the paths of the certificate and of its key.
+    pub fn issue_for(&self, name: &str, alt_names: &[&str]) -> (String, String) {
         let key = self.file(&format!("{name}.key"));
         let request = self.file(&format!("{name}.csr"));
         let cert = self.file(&format!("{name}.crt"));
@@ -126,13 +139,15 @@ impl Certificates {
             "-out",
             &request,
         ]);
-        fs::write(
-            &extensions,
-            "basicConstraints = CA:FALSE\n\
+        let mut extension_text = "basicConstraints = CA:FALSE\n\
              keyUsage = critical, digitalSignature\n\
-             extendedKeyUsage = serverAuth, clientAuth\n",
-        )
-        .unwrap_or_else(|error| panic!("write {extensions}: {error}"));
+             extendedKeyUsage = serverAuth, clientAuth\n"
+            .to_owned();
+        if !alt_names.is_empty() {
+            extension_text += &format!("subjectAltName = {}\n", alt_names.join(", "));
+        }
+        fs::write(&extensions, extension_text)
+            .unwrap_or_else(|error| panic!("write {extensions}: {error}"));
         openssl(&[
             "x509",
             "-req",
@@ -150,13 +165,7 @@ impl Certificates {
             "-out",
             &cert,
         ]);
-        let pem = self.file(&format!("{name}.pem"));
-        let read = |path: &str| {
-            fs::read_to_string(path).unwrap_or_else(|error| panic!("read {path}: {error}"))
-        };
-        fs::write(&pem, read(&cert) + &read(&key))
-            .unwrap_or_else(|error| panic!("write {pem}: {error}"));
-        pem
+        (cert, key)
     }
 
     fn file(&self, name: &str) -> String {

@@ -46,7 +46,10 @@ const TOOL_PACKAGES: [(&str, &str); 7] = [
     ("haproxy", "the sidecar proxy stand-in"),
     ("iproute2", "network namespaces and veths for test pods"),
     ("curl", "kubelet-like probes in the demo"),
-    ("openssl", "certificates for the parity test's sidecars"),
+    (
+        "openssl",
+        "certificates for the parity test's sidecars and the webhook's tests",
+    ),
     (
         "skopeo",
         "copies and inspects container images without a daemon",

@@ -10,16 +10,18 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
     path::{Path, PathBuf},
-    sync::{Arc, mpsc},
+    sync::Arc,
     thread,
     time::Duration,
 };
 
-use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::watch;
 
 use super::{PodSet, Snapshot};
-use crate::pod::{Pod, PodKey};
+use crate::{
+    dir_watch::DirWatch,
+    pod::{Pod, PodKey},
+};
 
 /// Time to let a burst of file events settle before rescanning.
 const DEBOUNCE: Duration = Duration::from_millis(20);
@@ -49,28 +51,15 @@ pub fn watch(dir: &Path) -> Result<watch::Receiver<Arc<Snapshot>>, SourceError> 
         path: dir.to_owned(),
         source,
     })?;
-    let (changes, events) = mpsc::channel();
-    let mut watcher = notify::recommended_watcher(move |_event| {
-        // Any event means "rescan"; the receiver is gone only when the thread below has ended.
-        let _ = changes.send(());
-    })
-    .map_err(|source| SourceError::Watch {
+    let changes = DirWatch::new(&[dir]).map_err(|error| SourceError::Watch {
         path: dir.to_owned(),
-        source,
+        source: error.source,
     })?;
-    watcher
-        .watch(dir, RecursiveMode::NonRecursive)
-        .map_err(|source| SourceError::Watch {
-            path: dir.to_owned(),
-            source,
-        })?;
     let (publish, pods) = watch::channel(Arc::new(Snapshot::served(first)));
     thread::Builder::new()
         .name("pod-manifests".to_owned())
         .spawn(move || {
-            // The watcher lives as long as this thread.
-            let _watcher = watcher;
-            follow(manifests, &events, &publish);
+            follow(manifests, &changes, &publish);
         })
         .map_err(|source| SourceError::Dir {
             path: dir.to_owned(),
@@ -79,21 +68,10 @@ pub fn watch(dir: &Path) -> Result<watch::Receiver<Arc<Snapshot>>, SourceError> 
     Ok(pods)
 }
 
-fn follow(
-    mut manifests: ManifestDir,
-    events: &mpsc::Receiver<()>,
-    publish: &watch::Sender<Arc<Snapshot>>,
-) {
+fn follow(mut manifests: ManifestDir, changes: &DirWatch, publish: &watch::Sender<Arc<Snapshot>>) {
     let mut dir_error: Option<String> = None;
     while !publish.is_closed() {
-        match events.recv_timeout(RESYNC) {
-            Ok(()) => {
-                thread::sleep(DEBOUNCE);
-                while events.try_recv().is_ok() {}
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => return,
-        }
+        changes.wait(RESYNC, DEBOUNCE);
         match manifests.scan() {
             Ok(pods) => {
                 let pods = Snapshot::served(pods);
