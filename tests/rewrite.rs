@@ -765,9 +765,12 @@ fn a_probe_the_mesh_rewrote_already_is_never_taken_for_an_original() {
             originals: Some(json!({"app": {"readiness": {
                 "httpGet": {"path": "/ready", "port": 14001},
             }}})),
+            // FSM's shape goes to the agent as it is, with no warning; OSM's cannot.
             warnings: vec![
-                "pod injected: container app: liveness probe left unchanged: it already targets \
-                 probe port 15904 and no original probe is recorded for it",
+                "pod injected: container app: startup probe left unchanged: it already targets \
+                 probe port 15903, and neither its headers nor the pod's \
+                 probe-bypass.io/original-probes annotation say what it checks (OSM's injector \
+                 keeps that in the proxy's configuration), so the agent cannot answer it",
             ],
         },
     );

@@ -268,6 +268,8 @@ impl<'a> Rewriter<'a> {
                     .filter(|original| probe::rewritten_port(original.probe()).is_none());
                 match recorded {
                     Some(original) => (original.json(), original.probe().clone()),
+                    // FSM's injector ran first: the agent answers the probe as it is.
+                    None if probe::carries_its_original(&typed) => return current.clone(),
                     None => {
                         self.warn(container, kind, Unchanged::AlreadyRewritten { port });
                         return current.clone();

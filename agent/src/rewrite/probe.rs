@@ -11,7 +11,10 @@ use super::{
     ports::{PortError, resolve_port},
     warning::Unchanged,
 };
-use crate::ports::HEALTHCHECK_PORT;
+use crate::ports::{
+    GRPC_HEALTHCHECK_PATH, HEALTHCHECK_PATHS, HEALTHCHECK_PORT, ORIGINAL_GRPC_PORT_HEADER,
+    ORIGINAL_HTTP_PORT_HEADER, ORIGINAL_TCP_PORT_HEADER,
+};
 
 /// A check the rewriter moves behind the agent, its port resolved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +84,29 @@ pub(super) fn rewritten_port(probe: &Probe) -> Option<u16> {
     let port = u16::try_from(port).ok()?;
     let ours = port == HEALTHCHECK_PORT || ProbeKind::ALL.iter().any(|kind| kind.port() == port);
     ours.then_some(port)
+}
+
+/// Whether a probe on a probe port carries its original in its own headers, as FSM's injector (and
+/// this rewriter's tcpSocket, gRPC and fsm-style shapes) write it: `/fsm-healthcheck` with
+/// `Original-Tcp-Port` or `Original-Http-Port`, or a gRPC check with `Original-Grpc-Port`. The
+/// agent answers such a probe as it is, with no record; OSM's shape, a bare path on 15901-15903,
+/// keeps its original in the proxy's configuration and the agent cannot.
+pub(super) fn carries_its_original(probe: &Probe) -> bool {
+    let Some(http) = &probe.http_get else {
+        return false;
+    };
+    let path = http.path.as_deref().unwrap_or_default();
+    let header = |name: &str| {
+        http.http_headers
+            .iter()
+            .flatten()
+            .any(|header| header.name.eq_ignore_ascii_case(name))
+    };
+    if path == GRPC_HEALTHCHECK_PATH {
+        return header(ORIGINAL_GRPC_PORT_HEADER);
+    }
+    HEALTHCHECK_PATHS.contains(&path)
+        && (header(ORIGINAL_TCP_PORT_HEADER) || header(ORIGINAL_HTTP_PORT_HEADER))
 }
 
 #[cfg(test)]
@@ -157,5 +183,34 @@ mod tests {
             rewritten_port(&probe(json!({"tcpSocket": {"port": 15904}}))),
             None
         );
+    }
+
+    #[test]
+    fn a_probe_with_its_original_in_its_headers_is_told_from_a_bare_one() {
+        let carries = |json| carries_its_original(&probe(json));
+        assert!(carries(
+            json!({"httpGet": {"port": 15904, "path": "/fsm-healthcheck",
+            "httpHeaders": [{"name": "Original-Tcp-Port", "value": "8080"}]}})
+        ));
+        assert!(carries(
+            json!({"httpGet": {"port": 15901, "path": "/osm-healthcheck",
+            "httpHeaders": [{"name": "original-http-port", "value": "8080"},
+                            {"name": "Original-Http-Path", "value": "/"}]}})
+        ));
+        assert!(carries(
+            json!({"httpGet": {"port": 15904, "path": "/probe-bypass-grpc",
+            "httpHeaders": [{"name": "Original-Grpc-Port", "value": "9090"}]}})
+        ));
+        // OSM's shape: the original is in the proxy's configuration.
+        assert!(!carries(
+            json!({"httpGet": {"port": 15901, "path": "/osm-liveness-probe"}})
+        ));
+        assert!(!carries(
+            json!({"httpGet": {"port": 15904, "path": "/fsm-healthcheck"}})
+        ));
+        assert!(!carries(
+            json!({"httpGet": {"port": 15904, "path": "/probe-bypass-grpc",
+            "httpHeaders": [{"name": "Original-Tcp-Port", "value": "8080"}]}})
+        ));
     }
 }

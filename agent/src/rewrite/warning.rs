@@ -18,9 +18,14 @@ pub enum Unchanged {
     /// The probe does not read as a Kubernetes probe.
     #[error("it is not a Kubernetes probe: {0}")]
     NotAProbe(String),
-    /// The probe already targets a probe port and no original is recorded for it (the mesh's own
-    /// injector rewrote it, say): taking it for an original would point the agent at itself.
-    #[error("it already targets probe port {port} and no original probe is recorded for it")]
+    /// The probe already targets a probe port with no original recorded for it or carried in its
+    /// headers (OSM's injector rewrote it, say): taking it for an original would point the agent
+    /// at itself.
+    #[error(
+        "it already targets probe port {port}, and neither its headers nor the pod's \
+         probe-bypass.io/original-probes annotation say what it checks (OSM's injector keeps that \
+         in the proxy's configuration), so the agent cannot answer it"
+    )]
     AlreadyRewritten { port: u16 },
     /// OSM's shape keeps an HTTPS probe's path, so only one container's HTTPS probe of a kind can
     /// own the kind's port without two containers sharing an endpoint (osm#3773).
