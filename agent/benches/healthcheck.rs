@@ -9,6 +9,11 @@
 //! - **agent**: the kubelet-like `GET /fsm-healthcheck` with `Original-Tcp-Port: 8080` to
 //!   `pod_ip:15904`, reading the whole response and requiring a 200. The agent makes the same
 //!   connect from inside the pod.
+//! - **direct GET**: the kubelet-like `GET /healthz` to an HTTP app on `pod_ip:8081`: an httpGet
+//!   probe without a mesh, the baseline for
+//! - **agent GET**: the same probe rewritten by the real rewriter (osm style), `GET
+//!   /fsm-liveness-probe/web` to `pod_ip:15901`, which the agent (`--serve-http-probes`) answers by
+//!   running the original `GET /healthz` from inside the pod.
 //!
 //! Both get the same number of requests from the same number of client threads, spread round-robin
 //! over the pods, after a warm-up that touches every pod. The agent's resident memory is read from
@@ -42,6 +47,8 @@ use std::{
 };
 
 use common::{machine, micros};
+use probe_bypass::rewrite::{ProbeKind, Style, rewrite_in_place};
+use serde_json::{Value, json};
 use socket2::{Domain, Protocol, Socket, Type};
 use support::{
     agent::{Agent, ManifestDir},
@@ -54,6 +61,15 @@ const SIZES: [usize; 3] = [1, 110, 500];
 
 /// The port every test app listens on and every probe names.
 const APP_PORT: u16 = 8080;
+
+/// The port of every pod's HTTP app, which the `web` container's httpGet probe names.
+const HTTP_APP_PORT: u16 = 8081;
+
+/// The path the HTTP app answers and the original httpGet probe asks.
+const HTTP_PROBE_PATH: &str = "/healthz";
+
+/// Where the rewritten httpGet probe of container `web` goes: the liveness port and path.
+const REWRITTEN_PATH: &str = "/fsm-liveness-probe/web";
 
 /// Requests per measurement, unless `PB_BENCH_REQUESTS` says otherwise.
 const REQUESTS: usize = 10_000;
@@ -109,6 +125,8 @@ struct Row {
     pods: usize,
     direct: Load,
     agent: Load,
+    direct_get: Load,
+    agent_get: Load,
     idle: Memory,
     loaded: Memory,
 }
@@ -130,8 +148,12 @@ fn measure(pods: usize, requests: usize) -> Row {
         .map(|pod| SocketAddr::new(pod.ip.into(), APP_PORT))
         .collect();
     let agent_targets: Vec<Probe> = node.pods.iter().map(Probe::new).collect();
+    let direct_get_targets: Vec<Probe> = node.pods.iter().map(Probe::direct_get).collect();
+    let agent_get_targets: Vec<Probe> = node.pods.iter().map(Probe::agent_get).collect();
     let direct = warm_up_and_measure("direct", &direct_targets, requests, connect_only);
     let agent = warm_up_and_measure("agent", &agent_targets, requests, Probe::send);
+    let direct_get = warm_up_and_measure("direct GET", &direct_get_targets, requests, Probe::send);
+    let agent_get = warm_up_and_measure("agent GET", &agent_get_targets, requests, Probe::send);
     let loaded = Memory::of(node.agent.pid());
 
     let started = Instant::now();
@@ -141,6 +163,8 @@ fn measure(pods: usize, requests: usize) -> Row {
         pods,
         direct,
         agent,
+        direct_get,
+        agent_get,
         idle,
         loaded,
     }
@@ -161,17 +185,21 @@ impl Node {
         let acceptors = app_acceptors(count);
         let apps: Vec<App> = pods
             .iter()
-            .map(|pod| {
-                pod.listen_with_acceptors(SocketAddr::new(pod.ip.into(), APP_PORT), acceptors)
+            .flat_map(|pod| {
+                let ip = pod.ip.into();
+                [
+                    pod.listen_with_acceptors(SocketAddr::new(ip, APP_PORT), acceptors),
+                    pod.serve_http(SocketAddr::new(ip, HTTP_APP_PORT), "ok"),
+                ]
             })
             .collect();
         let dir = ManifestDir::new();
         for (i, pod) in pods.iter().enumerate() {
             let name = format!("app-{i}");
-            dir.write(&format!("{name}.json"), &pod.manifest(&name, &[APP_PORT]));
+            dir.write(&format!("{name}.json"), &rewritten_manifest(pod, &name));
         }
         // At info level the agent logs pods coming and going, nothing per probe.
-        let agent = Agent::start_with_log_filter(&dir.path, &[], "info");
+        let agent = Agent::start_with_log_filter(&dir.path, &["--serve-http-probes"], "info");
         agent.wait_ready(200, READY_WITHIN);
         Self {
             agent,
@@ -194,6 +222,30 @@ impl Node {
         drop(apps);
         delete_pods(pods);
     }
+}
+
+/// The pod's manifest as the webhook would have admitted it: container `c0` with a tcpSocket probe
+/// of [`APP_PORT`], container `web` with an httpGet probe of [`HTTP_APP_PORT`], both rewritten
+/// (osm style) and the originals recorded.
+fn rewritten_manifest(pod: &TestPod, name: &str) -> String {
+    let mut manifest: Value =
+        serde_json::from_str(&pod.manifest(name, &[APP_PORT])).expect("the test manifest");
+    let containers = manifest["spec"]["containers"]
+        .as_array_mut()
+        .expect("containers");
+    containers.push(json!({
+        "name": "web",
+        "image": "web",
+        "livenessProbe": {"httpGet": {"port": HTTP_APP_PORT, "path": HTTP_PROBE_PATH}},
+    }));
+    rewrite_in_place(&mut manifest, Style::Osm).expect("the rewriter reads the test pod");
+    let probe = &manifest["spec"]["containers"][1]["livenessProbe"]["httpGet"];
+    assert_eq!(
+        (&probe["port"], &probe["path"]),
+        (&json!(ProbeKind::Liveness.port()), &json!(REWRITTEN_PATH)),
+        "the rewritten probe"
+    );
+    manifest.to_string()
 }
 
 /// Creates `count` pods on [`SETUP_THREADS`] threads. If any creation fails, the pods already
@@ -252,19 +304,38 @@ fn connect_only(addr: &SocketAddr) -> Result<(), String> {
         .map_err(|error| format!("connect to {addr}: {error}"))
 }
 
-/// A probe through the agent: where it goes and the exact bytes the kubelet would send.
+/// A kubelet-like HTTP probe: where it goes and the exact bytes the kubelet would send.
 struct Probe {
     addr: SocketAddr,
     request: Vec<u8>,
 }
 
 impl Probe {
+    /// The rewritten tcpSocket probe, to the agent's healthcheck.
     fn new(pod: &TestPod) -> Self {
         let addr = pod.healthcheck();
         let port = APP_PORT.to_string();
         Self {
             addr,
             request: kubelet::request(addr, "/fsm-healthcheck", Some(&port)),
+        }
+    }
+
+    /// The original httpGet probe, straight to the HTTP app.
+    fn direct_get(pod: &TestPod) -> Self {
+        let addr = SocketAddr::new(pod.ip.into(), HTTP_APP_PORT);
+        Self {
+            addr,
+            request: kubelet::request(addr, HTTP_PROBE_PATH, None),
+        }
+    }
+
+    /// The rewritten httpGet probe, to the agent's liveness port.
+    fn agent_get(pod: &TestPod) -> Self {
+        let addr = SocketAddr::new(pod.ip.into(), ProbeKind::Liveness.port());
+        Self {
+            addr,
+            request: kubelet::request(addr, REWRITTEN_PATH, None),
         }
     }
 
@@ -492,6 +563,31 @@ fn print_report(requests: usize, rows: &[Row]) {
             mib(row.idle.rss_kib),
             mib(row.loaded.rss_kib),
             mib(row.loaded.peak_kib),
+        );
+    }
+    println!();
+    println!(
+        "httpGet probes (`--serve-http-probes`): the original `GET {HTTP_PROBE_PATH}` straight to the \
+         app, and the rewritten `GET {REWRITTEN_PATH}` on {}, which the agent runs from inside the pod",
+        ProbeKind::Liveness.port()
+    );
+    println!();
+    println!(
+        "| pods | direct GET/s | direct p50 | direct p99 | agent GET/s | agent p50 | agent p99 \
+         | agent/direct |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for row in rows {
+        println!(
+            "| {} | {:.0} | {} | {} | {:.0} | {} | {} | {:.2} |",
+            row.pods,
+            row.direct_get.per_second(),
+            micros(row.direct_get.percentile(50)),
+            micros(row.direct_get.percentile(99)),
+            row.agent_get.per_second(),
+            micros(row.agent_get.percentile(50)),
+            micros(row.agent_get.percentile(99)),
+            row.agent_get.per_second() / row.direct_get.per_second(),
         );
     }
 }
