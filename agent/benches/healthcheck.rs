@@ -551,15 +551,9 @@ fn print_report(requests: usize, rows: &[Row]) {
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for row in rows {
         println!(
-            "| {} | {:.0} | {} | {} | {:.0} | {} | {} | {:.2} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} |",
             row.pods,
-            row.direct.per_second(),
-            micros(row.direct.percentile(50)),
-            micros(row.direct.percentile(99)),
-            row.agent.per_second(),
-            micros(row.agent.percentile(50)),
-            micros(row.agent.percentile(99)),
-            row.agent.per_second() / row.direct.per_second(),
+            compared(&row.direct, &row.agent),
             mib(row.idle.rss_kib),
             mib(row.loaded.rss_kib),
             mib(row.loaded.peak_kib),
@@ -579,15 +573,23 @@ fn print_report(requests: usize, rows: &[Row]) {
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for row in rows {
         println!(
-            "| {} | {:.0} | {} | {} | {:.0} | {} | {} | {:.2} |",
+            "| {} | {} |",
             row.pods,
-            row.direct_get.per_second(),
-            micros(row.direct_get.percentile(50)),
-            micros(row.direct_get.percentile(99)),
-            row.agent_get.per_second(),
-            micros(row.agent_get.percentile(50)),
-            micros(row.agent_get.percentile(99)),
-            row.agent_get.per_second() / row.direct_get.per_second(),
+            compared(&row.direct_get, &row.agent_get)
         );
     }
+}
+
+/// The table cells of a baseline and the agent's path: rate, p50 and p99 of each, then the ratio.
+fn compared(baseline: &Load, agent: &Load) -> String {
+    format!(
+        "{:.0} | {} | {} | {:.0} | {} | {} | {:.2}",
+        baseline.per_second(),
+        micros(baseline.percentile(50)),
+        micros(baseline.percentile(99)),
+        agent.per_second(),
+        micros(agent.percentile(50)),
+        micros(agent.percentile(99)),
+        agent.per_second() / baseline.per_second(),
+    )
 }
