@@ -193,6 +193,7 @@ fn cases() -> Vec<Case> {
         https("https redirect, same host", HTTPS_PORT, "/redirect-same", Success, Some(200), "redirects to the same host are followed", Success),
         case("tcp open", json!({"tcpSocket": {"port": HTTP_PORT}, "timeoutSeconds": 1}), Success, None, "a connect that succeeds passes"),
         case("tcp refused", json!({"tcpSocket": {"port": CLOSED_PORT}, "timeoutSeconds": 1}), Failure, None, "a refused connect fails"),
+        case("grpc slow, within its timeout", json!({"grpc": {"port": GRPC_PORT, "service": "slow"}, "timeoutSeconds": 6}), Success, None, "the probe's own timeoutSeconds bounds the call, not the agent's --dial-timeout"),
         case("grpc serving", json!({"grpc": {"port": GRPC_PORT}, "timeoutSeconds": 1}), Success, None, "only SERVING passes"),
         case("grpc not serving", json!({"grpc": {"port": GRPC_PORT, "service": "down"}, "timeoutSeconds": 1}), Failure, None, "only SERVING passes"),
         case("grpc timeout", json!({"grpc": {"port": GRPC_PORT, "service": "slow"}, "timeoutSeconds": 1}), Timeout, None, "timeoutSeconds bounds the call"),
@@ -376,7 +377,9 @@ fn check(case: &Case, style: Style, direct: &Outcome, relayed: &Outcome) -> Resu
             "the rewritten probe ended {relayed:?}, expected {expected:?}"
         ));
     }
-    let timeout = Duration::from_secs(1);
+    let original: Probe =
+        serde_json::from_value(case.original.clone()).unwrap_or_else(|e| panic!("{e}"));
+    let timeout = timeout_of(&original);
     if relayed.latency > timeout + Duration::from_millis(500) {
         return Err(format!("the rewritten probe took {:?}", relayed.latency));
     }
@@ -417,6 +420,11 @@ fn expected_metric(
                 "probe_bypass_prober_passthrough_total{{{labels},protocol=\"https\",result=\"{result}\"}}"
             ))
         }
+        // The request names only the port and service; the pod's record says which probe it is.
+        _ if case.original.get("grpc").is_some() => Some(format!(
+            "probe_bypass_prober_probes_total{{{labels},protocol=\"grpc\",result=\"{}\"}} 1",
+            direct.verdict.label()
+        )),
         _ => None,
     }
 }

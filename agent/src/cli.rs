@@ -321,7 +321,9 @@ pub struct RunArgs {
     pub tcp_target: TcpTarget,
 
     /// Bound on the connect a tcpSocket probe makes, and on the whole gRPC health check a
-    /// `/probe-bypass-grpc` request runs (for example 500ms, 2s).
+    /// `/probe-bypass-grpc` request runs (for example 500ms, 2s), when the pod's
+    /// original-probes annotation records no such probe; a recorded probe's own `timeoutSeconds`
+    /// bounds it otherwise.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = positive_duration,
           env = "PROBE_BYPASS_DIAL_TIMEOUT")]
     pub dial_timeout: Duration,

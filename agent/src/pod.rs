@@ -8,6 +8,7 @@ use std::{
     fmt,
     net::IpAddr,
     path::PathBuf,
+    time::Duration,
 };
 
 use k8s_openapi::{
@@ -22,7 +23,8 @@ use crate::{
         NETNS_ANNOTATION, NETNS_RUN_DIR, ORIGINAL_GRPC_PORT_HEADER, ORIGINAL_HTTP_PORT_HEADER,
         ORIGINAL_PROBES_ANNOTATION, ORIGINAL_TCP_PORT_HEADER,
     },
-    rewrite::{OriginalProbes, ports::resolve_port},
+    prober::{self, timeout_of},
+    rewrite::{OriginalProbes, ProbeKind, ports::resolve_port},
 };
 
 /// Identifies a pod on the node: namespace and name, as the API server does.
@@ -170,6 +172,53 @@ impl Pod {
         self.container_ports
             .get(container)
             .map_or(&[], Vec::as_slice)
+    }
+
+    /// What the pod's record says of the original probes a healthcheck request stands for: those
+    /// `stands_for` accepts, given the container's declared ports. A tcpSocket or gRPC probe
+    /// rewritten to the healthcheck names only its port (and service), not which probe it is.
+    pub fn recorded(&self, stands_for: impl Fn(&Probe, &[ContainerPort]) -> bool) -> Recorded<'_> {
+        let mut recorded = Recorded::default();
+        for (container, kind, original) in self.originals.iter() {
+            if !stands_for(original.probe(), self.ports_of(container)) {
+                continue;
+            }
+            let timeout = timeout_of(original.probe());
+            recorded.timeout = recorded.timeout.max(Some(timeout));
+            recorded.count += 1;
+            recorded.container = match recorded.container {
+                None if recorded.count == 1 => Some(container),
+                Some(same) if same == container => Some(same),
+                _ => None,
+            };
+            recorded.kind = (recorded.count == 1).then_some(kind);
+        }
+        recorded
+    }
+}
+
+/// The original probes a healthcheck request stands for, as far as the pod's record tells.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Recorded<'a> {
+    /// How many recorded probes it may stand for.
+    pub count: usize,
+    /// Their container, when they share one.
+    pub container: Option<&'a str>,
+    /// Their kind, when there is one probe.
+    pub kind: Option<ProbeKind>,
+    /// The longest of their `timeoutSeconds`. The kubelet bounds each probe with its own on its
+    /// request to the agent, so the agent bounding its check by the longest decides none of them
+    /// early.
+    pub timeout: Option<Duration>,
+}
+
+impl Recorded<'_> {
+    /// The labels an outcome is counted under: the container and kind when known.
+    pub fn labels(&self) -> (&str, prober::ProbeKind) {
+        (
+            self.container.unwrap_or_default(),
+            self.kind.map_or(prober::ProbeKind::Unknown, Into::into),
+        )
     }
 }
 
@@ -385,6 +434,52 @@ fn probe_ports_of(probe: &Probe) -> Vec<IntOrString> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_healthcheck_request_is_matched_to_the_recorded_probes_it_may_stand_for() {
+        let mut pod = Pod::for_tests();
+        pod.originals = OriginalProbes::parse(
+            r#"{"app": {"liveness": {"grpc": {"port": 9090}, "timeoutSeconds": 4},
+                        "readiness": {"grpc": {"port": 9090}},
+                        "startup": {"tcpSocket": {"port": "db"}, "timeoutSeconds": 7}},
+                "cache": {"liveness": {"grpc": {"port": 9091}, "timeoutSeconds": 2}}}"#,
+        )
+        .expect("a record");
+        pod.container_ports.insert(
+            "app".to_owned(),
+            serde_json::from_str(r#"[{"name": "db", "containerPort": 5432}]"#).expect("ports"),
+        );
+        let grpc_on = |port: i32| {
+            move |probe: &Probe, _: &[ContainerPort]| {
+                probe.grpc.as_ref().is_some_and(|grpc| grpc.port == port)
+            }
+        };
+
+        // Two probes of one container: its name, no kind, the longer timeout.
+        let both = pod.recorded(grpc_on(9090));
+        assert_eq!(both.count, 2);
+        assert_eq!(both.labels(), ("app", prober::ProbeKind::Unknown));
+        assert_eq!(both.timeout, Some(Duration::from_secs(4)));
+
+        let one = pod.recorded(grpc_on(9091));
+        assert_eq!(one.labels(), ("cache", prober::ProbeKind::Liveness));
+        assert_eq!(one.timeout, Some(Duration::from_secs(2)));
+
+        // A named port is resolved against the container's own ports.
+        let tcp = pod.recorded(|probe, ports| {
+            probe
+                .tcp_socket
+                .as_ref()
+                .and_then(|tcp| resolve_port(&tcp.port, ports).ok())
+                == Some(5432)
+        });
+        assert_eq!(tcp.labels(), ("app", prober::ProbeKind::Startup));
+        assert_eq!(tcp.timeout, Some(Duration::from_secs(7)));
+
+        let none = pod.recorded(grpc_on(1));
+        assert_eq!(none, Recorded::default());
+        assert_eq!(none.labels(), ("", prober::ProbeKind::Unknown));
+    }
 
     #[test]
     fn a_process_namespace_reference_holds_only_while_it_names_the_same_namespace() {

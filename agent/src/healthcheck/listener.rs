@@ -27,7 +27,7 @@ use crate::{
     metrics::Metrics,
     netns::{Netns, NetnsError, NetnsWorker},
     pod::Pod,
-    rewrite::ProbeKind,
+    rewrite::{ProbeKind, ports::resolve_port},
 };
 
 /// How long an answered connection waits for the prober to close it. The side that closes first
@@ -174,12 +174,22 @@ async fn answer(
     .await;
 }
 
-/// Dials `port` of the pod and turns the result into the answer.
+/// Dials `port` of the pod and turns the result into the answer. The connect is bounded by the
+/// `timeoutSeconds` of the recorded tcpSocket probe it stands for, as the kubelet bounds the
+/// original's, or by `--dial-timeout` when the pod has no record of one.
 async fn probe(ctx: &Context, pod: &Pod, netns: &Arc<Netns>, port: u16) -> (Outcome, Response) {
     let settings = &ctx.settings;
     let targets = settings.tcp_target.addrs(pod.ip, port);
+    let recorded = pod.recorded(|original, ports| {
+        original
+            .tcp_socket
+            .as_ref()
+            .and_then(|tcp| resolve_port(&tcp.port, ports).ok())
+            == Some(port)
+    });
+    let timeout = recorded.timeout.unwrap_or(settings.dial_timeout);
     let started = Instant::now();
-    let dialed = dial(&ctx.worker, netns, &targets, settings.dial_timeout).await;
+    let dialed = dial(&ctx.worker, netns, &targets, timeout).await;
     let took = started.elapsed();
     match dialed {
         Ok(Dialed::Connected(addr)) => {
