@@ -26,11 +26,18 @@ pub fn can_run() -> bool {
     let Some(reason) = missing_privileges() else {
         return true;
     };
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: cannot run ({reason}) and CI is set: privileged tests must run in CI");
-    }
-    eprintln!("SKIPPED {test}: {reason}");
+    skip(test, &reason);
     false
+}
+
+/// Skips `test`, which cannot run here for `reason`: prints why, or panics when `CI` is set, where
+/// every test must run.
+pub fn skip(test: &str, reason: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: cannot run ({reason}) and CI is set: every test must run in CI"
+    );
+    eprintln!("SKIPPED {test}: {reason}");
 }
 
 /// [`can_run`] for a benchmark's `main`, which has no test thread to be named after: asks from a
