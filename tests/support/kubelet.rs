@@ -55,7 +55,15 @@ pub fn read_reply(stream: &mut impl Read, head_only: bool) -> Reply {
             break end + 4;
         }
         match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return parse(&String::from_utf8_lossy(&received)),
+            Ok(0) => return parse(&String::from_utf8_lossy(&received)),
+            // Go's client retries an interrupted read, and so does the kubelet.
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => {
+                // No response: say why in the reply, so a failing test shows it.
+                let mut reply = parse(&String::from_utf8_lossy(&received));
+                reply.headers = format!("read error after {} bytes: {error}", received.len());
+                return reply;
+            }
             Ok(n) => received.extend_from_slice(&buf[..n]),
         }
     };
@@ -72,6 +80,7 @@ pub fn read_reply(stream: &mut impl Read, head_only: bool) -> Reply {
     };
     while wanted.is_none_or(|wanted| received.len() < head_end + wanted) {
         match stream.read(&mut buf) {
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
             Ok(0) | Err(_) => break,
             Ok(n) => received.extend_from_slice(&buf[..n]),
         }
