@@ -197,7 +197,7 @@ fn slow_request_is_cut_off_at_the_header_timeout() {
     );
     assert!(
         started.elapsed() >= Duration::from_millis(300),
-        "closed before the timeout"
+        "closed before the timeout: {reply:?}"
     );
     assert_eq!(
         kubelet::probe(addr, "8080").status,
