@@ -8,16 +8,20 @@
     reason = "the helpers read test fixtures: a missing piece fails the test, naming it"
 )]
 
+// Only the CLI runner of the test support: this file needs no privileges and none of the rest.
+#[path = "support/rewrite_cli.rs"]
+mod rewrite_cli;
+
 use std::{
-    io::Write as _,
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::Output,
 };
 
 use probe_bypass::{
     ports::ORIGINAL_PROBES_ANNOTATION,
     rewrite::{OriginalProbes, ProbeKind, RewriteError, Style, rewrite_in_place, rewrite_pod},
 };
+use rewrite_cli::run_rewrite;
 use serde::Deserialize as _;
 use serde_json::{Value, json};
 
@@ -987,21 +991,7 @@ fn a_probe_that_is_not_a_probe_is_left_alone_with_a_warning() {
 
 /// `probe-bypass rewrite` with `args`, `stdin` on its standard input.
 fn run_cli(args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_probe-bypass"))
-        .arg("rewrite")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the agent binary starts");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("written");
-    child.wait_with_output().expect("it finishes")
+    run_rewrite(args, stdin.as_bytes())
 }
 
 fn text(bytes: &[u8]) -> &str {

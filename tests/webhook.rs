@@ -32,7 +32,10 @@ use probe_bypass::{
 };
 use serde::Deserialize as _;
 use serde_json::{Value, json};
-use support::sidecar::{Certificates, TempDir};
+use support::{
+    rewrite_cli::run_rewrite,
+    sidecar::{Certificates, TempDir},
+};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream as AsyncTcpStream,
@@ -330,20 +333,8 @@ fn fixture_pods() -> Vec<(String, Value)> {
 
 /// What `probe-bypass rewrite --style <style>` prints for `pod` (as JSON), and its warnings.
 fn cli_rewrite(pod: &Value, style: &str) -> (Value, Vec<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_probe-bypass"))
-        .args(["rewrite", "-f", "-", "--style", style])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the CLI starts");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(&serde_json::to_vec(pod).expect("JSON"))
-        .expect("written");
-    let output = child.wait_with_output().expect("it finishes");
+    let input = serde_json::to_vec(pod).expect("JSON");
+    let output = run_rewrite(&["-f", "-", "--style", style], &input);
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(output.status.success(), "rewrite failed: {stderr}");
     let warnings = stderr

@@ -21,4 +21,5 @@ pub mod mesh;
 pub mod pod;
 pub mod privilege;
 pub mod probe_apps;
+pub mod rewrite_cli;
 pub mod sidecar;
