@@ -104,7 +104,9 @@ impl Failing {
 
 enum State {
     Listening {
-        netns: NetnsId,
+        /// The namespace the listeners are in: checked against the pod's namespace file, and
+        /// where the probe ports are retried.
+        netns: Arc<Netns>,
         /// The namespace's cookie, as the datapath knows the pod by it.
         cookie: u64,
         stop: CancellationToken,
@@ -112,8 +114,6 @@ enum State {
         /// the pod, the mesh's proxy usually, holds them), each with its error. Retried with the
         /// namespace checks; the pod is served on the healthcheck port meanwhile.
         missing: BTreeMap<ProbeKind, String>,
-        /// The namespace the listeners are in, for those retries.
-        handle: Arc<Netns>,
     },
     Failing {
         error: String,
@@ -408,7 +408,6 @@ impl Reconciler {
         let listener =
             healthcheck::bind(&self.ctx.worker, &netns, pod.ip, self.ctx.settings.port).await?;
         let stop = CancellationToken::new();
-        let id = netns.id();
         tokio::spawn(healthcheck::serve(
             listener,
             Endpoint::Healthcheck,
@@ -426,11 +425,10 @@ impl Reconciler {
             .open_probe_ports(pod, &netns, sender, &stop, kinds, &BTreeMap::new())
             .await;
         Ok(State::Listening {
-            netns: id,
+            netns,
             cookie,
             stop,
             missing,
-            handle: netns,
         })
     }
 
@@ -604,7 +602,7 @@ impl Reconciler {
             .filter(|(_, entry)| match &entry.state {
                 State::Listening { netns, .. } => {
                     let path = entry.pod.borrow().netns.path();
-                    NetnsId::of(&path).ok() != Some(*netns)
+                    NetnsId::of(&path).ok() != Some(netns.id())
                 }
                 State::Failing { .. } => false,
             })
@@ -632,7 +630,7 @@ impl Reconciler {
             };
             let State::Listening {
                 missing,
-                handle,
+                netns,
                 stop,
                 ..
             } = &entry.state
@@ -642,7 +640,7 @@ impl Reconciler {
             let pod = Arc::clone(&entry.pod.borrow());
             let kinds: Vec<ProbeKind> = missing.keys().copied().collect();
             let still = self
-                .open_probe_ports(&pod, handle, &entry.pod, stop, &kinds, missing)
+                .open_probe_ports(&pod, netns, &entry.pod, stop, &kinds, missing)
                 .await;
             if let Some(Entry {
                 state: State::Listening { missing, .. },
