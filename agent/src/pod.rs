@@ -169,9 +169,7 @@ impl Pod {
 
     /// The declared ports of `container`; none for a container the pod does not have.
     pub fn ports_of(&self, container: &str) -> &[ContainerPort] {
-        self.container_ports
-            .get(container)
-            .map_or(&[], Vec::as_slice)
+        declared_ports(&self.container_ports, container)
     }
 
     /// What the pod's record says of the original probes a healthcheck request stands for: those
@@ -220,6 +218,14 @@ impl Recorded<'_> {
             self.kind.map_or(prober::ProbeKind::Unknown, Into::into),
         )
     }
+}
+
+/// The declared ports of `container` in `by_container`; none for a container not in it.
+fn declared_ports<'a>(
+    by_container: &'a BTreeMap<String, Vec<ContainerPort>>,
+    container: &str,
+) -> &'a [ContainerPort] {
+    by_container.get(container).map_or(&[], Vec::as_slice)
 }
 
 /// Why a manifest does not describe a pod the agent can serve.
@@ -338,19 +344,10 @@ impl Pod {
             Some(Err(error)) => (OriginalProbes::default(), Some(error.to_string())),
         };
         for (container, kind, original) in originals.iter() {
-            let ports = container_ports
-                .get(container)
-                .map_or(&[][..], Vec::as_slice);
             if let Some(port) = original_port(original.probe()) {
-                match resolve_port(&port, ports) {
-                    Ok(port) => {
-                        probe_ports.insert(port);
-                    }
-                    Err(reason) => warnings.push(format!(
-                        "container {container:?} original {kind} probe: {reason}; that port will \
-                         not be served"
-                    )),
-                }
+                let declared = declared_ports(&container_ports, container);
+                let what = || format!("container {container:?} original {kind} probe");
+                add_port(&port, declared, what, &mut probe_ports, &mut warnings);
             }
         }
         Ok(Parsed {
@@ -386,16 +383,30 @@ fn collect_probe_ports(
     for (kind, probe) in probes {
         let Some(probe) = probe else { continue };
         for port in probe_ports_of(probe) {
-            match resolve_port(&port, container.ports.as_deref().unwrap_or_default()) {
-                Ok(port) => {
-                    ports.insert(port);
-                }
-                Err(reason) => warnings.push(format!(
-                    "container {:?} {kind} probe: {reason}; that port will not be served",
-                    container.name
-                )),
-            }
+            let declared = container.ports.as_deref().unwrap_or_default();
+            let what = || format!("container {:?} {kind} probe", container.name);
+            add_port(&port, declared, what, ports, warnings);
         }
+    }
+}
+
+/// Adds `port`, resolved against the container's `declared` ports, to `ports`; one that does not
+/// resolve is a warning about `what` names instead.
+fn add_port(
+    port: &IntOrString,
+    declared: &[ContainerPort],
+    what: impl FnOnce() -> String,
+    ports: &mut BTreeSet<u16>,
+    warnings: &mut Vec<String>,
+) {
+    match resolve_port(port, declared) {
+        Ok(port) => {
+            ports.insert(port);
+        }
+        Err(reason) => warnings.push(format!(
+            "{}: {reason}; that port will not be served",
+            what()
+        )),
     }
 }
 
