@@ -27,11 +27,11 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    metrics::Metrics,
-    pod::PodKey,
-    reconcile::{Failing, NodeStatus},
-};
+use crate::{metrics::Metrics, pod::PodKey};
+
+mod readiness;
+
+pub use readiness::{Failing, NodeStatus};
 
 pub const ALIVE_PATH: &str = "/health/alive";
 pub const READY_PATH: &str = "/health/ready";

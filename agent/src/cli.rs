@@ -6,9 +6,9 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
 use crate::{
-    datapath::DEFAULT_PIN_DIR,
     exclusions::{parse_cidr_list, parse_port_list},
     healthcheck::TcpTarget,
+    ports::DEFAULT_PIN_DIR,
     ports::{
         DEFAULT_ADMIN_ADDR, DEFAULT_ADMIN_SOCKET, DEFAULT_PROBE_PORTS, DEFAULT_WEBHOOK_HEALTHZ,
         DEFAULT_WEBHOOK_LISTEN, HEALTHCHECK_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT,

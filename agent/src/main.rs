@@ -59,7 +59,7 @@ fn mount_bpffs(at: &std::path::Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("{}", probe_bypass::run::error_chain(&error));
+            eprintln!("{}", probe_bypass::error::error_chain(&error));
             ExitCode::FAILURE
         }
     }
@@ -135,7 +135,7 @@ fn uninstall(pins: &std::path::Path) -> ExitCode {
         Err(error) => {
             log::error!(
                 "uninstall failed: {}",
-                probe_bypass::run::error_chain(&error)
+                probe_bypass::error::error_chain(&error)
             );
             ExitCode::FAILURE
         }

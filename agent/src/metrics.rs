@@ -7,11 +7,9 @@ use std::{
 };
 
 use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _, text::encode},
+    encoding::{EncodeLabelSet, text::encode},
     metrics::{
-        MetricType,
-        counter::{ConstCounter, Counter},
+        counter::Counter,
         family::Family,
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
@@ -20,12 +18,12 @@ use prometheus_client::{
 };
 
 use crate::{
+    datapath::{DatapathCollector, SharedDatapath},
     exclusions::{self, AnnotationError},
     healthcheck::{Outcome, Passthrough},
     pod::PodKey,
     ports::ORIGINAL_PROBES_ANNOTATION,
     prober::{self, ProbeKind, Protocol, Verdict},
-    reconcile::SharedDatapath,
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -232,35 +230,6 @@ impl KubeMetrics {
                 .get_or_create(&PendingLabels { reason })
                 .set(i64::try_from(count).unwrap_or(i64::MAX));
         }
-    }
-}
-
-/// Reads the eBPF datapath's per-CPU counters at every scrape, summed over CPUs, as
-/// `probe_bypass_datapath_<counter>_total`. The counters live in pinned maps, so they carry on
-/// across restarts of the agent.
-#[derive(Debug)]
-struct DatapathCollector(SharedDatapath);
-
-impl Collector for DatapathCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let counters = match self.0.lock() {
-            Ok(datapath) => datapath.counters(),
-            // A scrape must not fail because of this; the metric is simply absent this time.
-            Err(_) => return Ok(()),
-        };
-        let counters = match counters {
-            Ok(counters) => counters,
-            Err(error) => {
-                log::warn!("cannot read the datapath counters: {error}");
-                return Ok(());
-            }
-        };
-        for (name, help, value) in counters.describe() {
-            let name = format!("datapath_{name}");
-            let metric = encoder.encode_descriptor(&name, help, None, MetricType::Counter)?;
-            ConstCounter::new(value).encode(metric)?;
-        }
-        Ok(())
     }
 }
 

@@ -115,3 +115,11 @@ pub const WEBHOOK_MUTATE_PATH: &str = "/mutate";
 
 /// The webhook's health path, on [`DEFAULT_WEBHOOK_HEALTHZ`].
 pub const WEBHOOK_HEALTHZ_PATH: &str = "/healthz";
+
+/// Where the agent pins its eBPF links and maps unless told otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/probe-bypass";
+
+/// How often a pod's network namespace file is checked against the namespace it named: the
+/// process that named it may exit, or a namespace may be replaced under the same name. The pod
+/// source looks a stale one up again; the reconciler reopens the listeners of a replaced one.
+pub const NETNS_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);

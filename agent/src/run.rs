@@ -13,19 +13,22 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    admin::NodeStatus,
     admin::{self, Admin},
     cli::{
         DatapathArgs, DatapathMode, PodSource, PodSourceError, ProbeBypassFrom, RunArgs,
         SelectedSource,
     },
+    datapath::SharedDatapath,
     datapath::{self, Datapath, DatapathError},
+    error::error_chain,
     exclusions::Exclusions,
     healthcheck::{Context, Settings},
     listen,
     metrics::Metrics,
     netns::{NetnsError, NetnsWorker},
     preflight::{self, PreflightFailed, Report},
-    reconcile::{NodeStatus, Reconciler, SharedDatapath},
+    reconcile::Reconciler,
     signal,
     source::{
         kube::{self, ProcLookup},
@@ -58,33 +61,6 @@ pub enum RunError {
     Preflight(#[from] PreflightFailed),
     #[error("cannot install the eBPF datapath: {}", error_chain(.0))]
     Datapath(#[from] DatapathError),
-}
-
-/// An error and those of its causes that its message does not already tell, on one line, for
-/// the log. Some errors repeat their cause in their own message (kube's); others keep it to
-/// themselves (hyper's "client error (Connect)" is caused by "tcp connect error", caused by
-/// "Connection refused").
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(error) = cause {
-        let more = error.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        cause = error.source();
-    }
-    text
-}
-
-/// Sleeps until `deadline`, or forever when there is none: for a `select!` branch of a loop
-/// that has a retry due only sometimes.
-pub async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Checks that the host allows what the agent is about to do: the capabilities the pod source

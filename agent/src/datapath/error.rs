@@ -1,12 +1,19 @@
 //! The one error type of the datapath module.
 
-use std::{io, path::PathBuf};
+use std::{
+    io::{self, ErrorKind},
+    path::PathBuf,
+};
 
 use aya::{EbpfError, maps::MapError, programs::ProgramError};
 
 /// What went wrong while loading, attaching or updating the eBPF datapath.
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
+    /// A task panicked while it held the shared datapath; its maps may be half updated.
+    #[error("the datapath's lock was poisoned by a panic")]
+    Poisoned,
+
     /// The agent was compiled with `AYA_BUILD_SKIP=1`, so it carries no kernel programs.
     #[error("this binary was built without its eBPF object (AYA_BUILD_SKIP)")]
     ObjectMissing,
@@ -145,5 +152,40 @@ impl DatapathError {
             cause = error.source();
         }
         false
+    }
+}
+
+pub(super) fn program_error(
+    program: &'static str,
+    action: &'static str,
+    source: ProgramError,
+) -> DatapathError {
+    DatapathError::Program {
+        program,
+        action,
+        source,
+    }
+}
+
+pub(super) fn map_error(
+    map: &'static str,
+    action: &'static str,
+    source: MapError,
+) -> DatapathError {
+    DatapathError::Map {
+        map,
+        action: action.to_owned(),
+        source,
+    }
+}
+
+/// A removal that found nothing to remove has done its job all the same.
+pub(super) fn absent_is_fine(removal: Result<(), MapError>) -> Result<(), MapError> {
+    match removal {
+        Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(()),
+        Err(MapError::SyscallError(syscall)) if syscall.io_error.kind() == ErrorKind::NotFound => {
+            Ok(())
+        }
+        other => other,
     }
 }

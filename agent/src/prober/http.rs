@@ -42,9 +42,9 @@ use super::{
     tls::{self, TlsError},
 };
 use crate::{
+    error::error_chain,
     healthcheck::StreamError,
     rewrite::ports::{PortError, resolve_port},
-    run::error_chain,
 };
 
 /// The most bytes of a response body the kubelet reads.

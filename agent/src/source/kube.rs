@@ -36,13 +36,9 @@ pub use self::{
 };
 use super::Snapshot;
 use crate::{
-    metrics::KubeMetrics,
-    pod::NetnsRef,
-    run::{error_chain, sleep_until},
+    error::error_chain, metrics::KubeMetrics, pod::NetnsRef, ports::NETNS_RECHECK,
+    time::sleep_until,
 };
-
-/// How often the namespace files of served pods are checked: the process that named one may exit.
-const REVALIDATE: Duration = Duration::from_secs(5);
 
 /// How often the cgroups of pods waiting for their namespace are checked for a first process
 /// ([`NetnsLookup::populated`]): a fifth of the 100 ms a new pod may wait to be served.
@@ -140,7 +136,7 @@ async fn follow<S>(
     let mut errors = ErrorStreak::default();
     let mut listed = false;
     let mut published = false;
-    let mut revalidate = tokio::time::interval(REVALIDATE);
+    let mut revalidate = tokio::time::interval(NETNS_RECHECK);
     revalidate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut arrivals = tokio::time::interval(ARRIVAL_POLL);
     arrivals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);

@@ -14,6 +14,64 @@
 /// pins in a directory named after it, so a new layout never reads an old one's bytes.
 pub const LAYOUT_VERSION: u32 = 2;
 
+/// The names of the object's programs and maps. The agent finds and pins them by these names; the
+/// kernel side fails to build if a program or map is named otherwise.
+pub mod names {
+    pub const CONNECT4: &str = "pb_connect4";
+    pub const CONNECT6: &str = "pb_connect6";
+    pub const SOCKOPS: &str = "pb_sockops";
+    pub const GETSOCKOPT: &str = "pb_getsockopt";
+    pub const SK_MSG: &str = "pb_sk_msg";
+    pub const SK_LOOKUP: &str = "pb_sk_lookup";
+    /// The programs attached to the cgroup, each through a link of its own.
+    pub const CGROUP_PROGRAMS: [&str; 4] = [CONNECT4, CONNECT6, SOCKOPS, GETSOCKOPT];
+
+    pub const CONFIG: &str = "CONFIG";
+    pub const PODS_BY_ADDR: &str = "PODS_BY_ADDR";
+    pub const PODS_BY_NETNS: &str = "PODS_BY_NETNS";
+    pub const PORT_RULES: &str = "PORT_RULES";
+    pub const CIDR_RULES: &str = "CIDR_RULES";
+    pub const PENDING: &str = "PENDING";
+    pub const ORIG_DST: &str = "ORIG_DST";
+    pub const SOCKETS: &str = "SOCKETS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const EARLY_PROBES: &str = "EARLY_PROBES";
+    pub const LISTENERS: &str = "LISTENERS";
+    pub const LOCAL_CONNECTS: &str = "LOCAL_CONNECTS";
+    /// Every map of the object: the agent pins each under its name.
+    pub const MAPS: [&str; 12] = [
+        CONFIG,
+        PODS_BY_ADDR,
+        PODS_BY_NETNS,
+        PORT_RULES,
+        CIDR_RULES,
+        PENDING,
+        ORIG_DST,
+        SOCKETS,
+        COUNTERS,
+        EARLY_PROBES,
+        LISTENERS,
+        LOCAL_CONNECTS,
+    ];
+
+    /// Whether two names are the same, at compile time: the kernel side asserts with it that each
+    /// of its programs and maps carries the name given here.
+    pub const fn same(a: &str, b: &str) -> bool {
+        let (a, b) = (a.as_bytes(), b.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let mut i = 0;
+        while i < a.len() {
+            if a[i] != b[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+}
+
 /// An IPv4 or IPv6 address in one 16-byte form, so that a single map serves both families: an IPv4
 /// address is stored IPv4-mapped (`::ffff:a.b.c.d`), which is also how connect6 sees an IPv4
 /// destination reached through an IPv6 socket.

@@ -54,8 +54,41 @@ use aya_ebpf::{
 };
 use probe_bypass_common::{
     Addr, CidrRule, Config, ConnKey, Counter, ListenerKey, OrigDst, PodEntry, PortRule, cidr_rule,
-    port_rule, redirect,
+    names, port_rule, redirect,
 };
+
+/// Fails the build unless each program and map is named as `probe_bypass_common::names` says:
+/// the agent loads and pins them by those names.
+macro_rules! named {
+    ($($item:ident = $name:ident),+ $(,)?) => {
+        $(const _: () = {
+            // A name that is not an item here fails too.
+            use crate::$item as _;
+            assert!(names::same(stringify!($item), names::$name));
+        };)+
+    };
+}
+
+named!(
+    pb_connect4 = CONNECT4,
+    pb_connect6 = CONNECT6,
+    pb_sockops = SOCKOPS,
+    pb_getsockopt = GETSOCKOPT,
+    pb_sk_msg = SK_MSG,
+    pb_sk_lookup = SK_LOOKUP,
+    CONFIG = CONFIG,
+    PODS_BY_ADDR = PODS_BY_ADDR,
+    PODS_BY_NETNS = PODS_BY_NETNS,
+    PORT_RULES = PORT_RULES,
+    CIDR_RULES = CIDR_RULES,
+    PENDING = PENDING,
+    ORIG_DST = ORIG_DST,
+    SOCKETS = SOCKETS,
+    COUNTERS = COUNTERS,
+    EARLY_PROBES = EARLY_PROBES,
+    LISTENERS = LISTENERS,
+    LOCAL_CONNECTS = LOCAL_CONNECTS,
+);
 
 /// Room for every pod of a large node twice over (dual-stack pods have an entry per family).
 const MAX_PODS: u32 = 4096;

@@ -30,17 +30,19 @@ use crate::{
     metrics::KubeMetrics,
     pod::{NetnsRef, Pod, PodKey},
     source::{Pending, PodSet},
+    time::Backoff,
 };
 
-/// First retry of a namespace lookup that failed; doubled on each failure up to [`MAX_RETRY`].
+/// Retries of a namespace lookup that failed: 200 ms, doubling, at most 10 s.
 /// The CNI plugin sets the pod's IP up inside its namespace before the kubelet reports the IP, so
 /// a lookup usually succeeds at once; when it does not, the pod is probably just being set up.
+const RETRY: Backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 const MAX_RETRY: Duration = Duration::from_secs(10);
 
 /// First retry of a lookup that failed after the pod's cgroup got its first process: the runtime
 /// moves the process into the pod's namespace, and the CNI plugin sets the IP up, moments later.
-const FIRST_RETRY_POPULATED: Duration = Duration::from_millis(20);
+const RETRY_POPULATED: Backoff = Backoff::new(Duration::from_millis(20), MAX_RETRY);
 
 /// Phases after which no container runs again, so no probe comes.
 const FINISHED_PHASES: [&str; 2] = ["Succeeded", "Failed"];
@@ -343,9 +345,9 @@ impl NodePods {
                 self.metrics.netns_lookup_failures.inc();
                 let attempts = attempts.saturating_add(1);
                 let backoff = if populated {
-                    retry_after(FIRST_RETRY_POPULATED, attempts)
+                    RETRY_POPULATED.delay(attempts - 1)
                 } else {
-                    retry_after(FIRST_RETRY, attempts)
+                    RETRY.delay(attempts - 1)
                 };
                 if error.as_ref() == Some(&reason) {
                     log::debug!(
@@ -609,13 +611,6 @@ fn queried<'a>(
         return None;
     };
     (entry.uid == query.uid && meshed.ip == PodIp::Known(query.ip)).then_some(&mut **meshed)
-}
-
-/// The delay before retry number `attempts`: `first`, doubling, at most [`MAX_RETRY`].
-fn retry_after(first: Duration, attempts: u32) -> Duration {
-    first
-        .saturating_mul(1 << attempts.saturating_sub(1).min(16))
-        .min(MAX_RETRY)
 }
 
 /// A pod's key and UID.
@@ -1017,7 +1012,7 @@ mod tests {
         resolve(&mut pods, &lookup, later + FIRST_RETRY * 2);
         assert_eq!(served(&pods).len(), 2);
         assert_eq!(metrics.netns_lookup_failures.get(), 2);
-        assert_eq!(retry_after(FIRST_RETRY, 40), MAX_RETRY);
+        assert_eq!(RETRY.delay(40), MAX_RETRY);
     }
 
     #[test]
