@@ -45,12 +45,14 @@ use k8s_openapi::{
 };
 use privilege::skip;
 use probe_bypass::{
-    admin::{ALIVE_PATH, METRICS_PATH, READY_PATH},
-    cli::{
-        Cli, Command as AgentCommand, DatapathMode, HealthArgs, PodSource, RunArgs, SelectedSource,
+    cli::{Cli, Command as AgentCommand, HealthArgs, RunArgs, SelectedSource},
+    datapath::DatapathMode,
+    ports::{
+        ALIVE_PATH, BPFFS_DEFAULT_MOUNT, DEFAULT_ADMIN_ADDR, METRICS_PATH, READY_PATH,
+        WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH,
     },
-    ports::{DEFAULT_ADMIN_ADDR, WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH},
     preflight,
+    source::PodSource,
 };
 use serde::{Deserialize as _, Serialize, de::DeserializeOwned};
 use serde_json::Value;
@@ -614,7 +616,7 @@ fn the_agent_paths_point_into_the_host_mounts() {
         args.datapath.pin_path.parent(),
         Some(Path::new(&bpffs.mount_path))
     );
-    assert_ne!(bpffs.mount_path, preflight::BPFFS_DEFAULT_MOUNT);
+    assert_ne!(bpffs.mount_path, BPFFS_DEFAULT_MOUNT);
     assert_ne!(bpffs.read_only, Some(true), "pins are written");
     assert_eq!(bpffs.mount_propagation.as_deref(), Some("HostToContainer"));
 

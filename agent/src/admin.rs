@@ -27,15 +27,15 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{metrics::Metrics, pod::PodKey};
+use crate::{
+    metrics::Metrics,
+    pod::PodKey,
+    ports::{ALIVE_PATH, METRICS_PATH, READY_PATH},
+};
 
 mod readiness;
 
 pub use readiness::{Failing, NodeStatus};
-
-pub const ALIVE_PATH: &str = "/health/alive";
-pub const READY_PATH: &str = "/health/ready";
-pub const METRICS_PATH: &str = "/metrics";
 
 /// Pods listed by name in a not-ready answer; the rest are counted.
 const MAX_LISTED: usize = 20;

@@ -6,17 +6,20 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
 use crate::{
+    datapath::DatapathMode,
     exclusions::{parse_cidr_list, parse_port_list},
     healthcheck::TcpTarget,
-    ports::DEFAULT_PIN_DIR,
     ports::{
-        DEFAULT_ADMIN_ADDR, DEFAULT_ADMIN_SOCKET, DEFAULT_PROBE_PORTS, DEFAULT_WEBHOOK_HEALTHZ,
+        BPFFS_DEFAULT_MOUNT, DEFAULT_ADMIN_ADDR, DEFAULT_ADMIN_SOCKET, DEFAULT_MESH_LABELS,
+        DEFAULT_PIN_DIR, DEFAULT_PROBE_PORTS, DEFAULT_PROC_ROOT, DEFAULT_WEBHOOK_HEALTHZ,
         DEFAULT_WEBHOOK_LISTEN, HEALTHCHECK_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT,
         PROXY_UID,
     },
-    preflight::BPFFS_DEFAULT_MOUNT,
     rewrite::Style,
-    source::kube::{LabelMatch, MeshSelector, mesh::DEFAULT_MESH_LABELS},
+    source::{
+        PodSource,
+        kube::{LabelMatch, MeshSelector},
+    },
 };
 
 /// Lets kubelet health probes past a service mesh's sidecar, for every meshed pod on the node.
@@ -116,15 +119,6 @@ pub struct UninstallArgs {
     pub pin_path: PathBuf,
 }
 
-/// Where the node's pods come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum PodSource {
-    /// Watch this node's pods on the Kubernetes API server.
-    Kube,
-    /// Read Pod manifests from a directory (`--pod-manifests`).
-    Manifests,
-}
-
 /// Which pods the agent serves, and where it learns of them.
 #[derive(Clone, Debug, Args)]
 pub struct PodSourceArgs {
@@ -157,7 +151,7 @@ pub struct PodSourceArgs {
     #[arg(
         long,
         value_name = "PATH",
-        default_value = "/proc",
+        default_value = DEFAULT_PROC_ROOT,
         env = "PROBE_BYPASS_PROC_ROOT"
     )]
     pub proc_root: PathBuf,
@@ -260,16 +254,6 @@ impl PodSourceArgs {
             proxy_uid,
         }
     }
-}
-
-/// Which datapath the agent runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum DatapathMode {
-    /// The eBPF programs replace the mesh's per-pod iptables rules.
-    Ebpf,
-    /// No eBPF: the mesh keeps its own iptables rules and the agent only serves the healthcheck,
-    /// which still removes the healthcheck container from every pod.
-    None,
 }
 
 /// Which callers reach the probe ports of a meshed pod without its proxy.

@@ -52,6 +52,16 @@ pub use pins::{Uninstalled, mapped_addrs, uninstall};
 use crate::exclusions::Exclusions;
 use pods::{Installed, Rules};
 
+/// Which datapath the agent runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DatapathMode {
+    /// The eBPF programs replace the mesh's per-pod iptables rules.
+    Ebpf,
+    /// No eBPF: the mesh keeps its own iptables rules and the agent only serves the healthcheck,
+    /// which still removes the healthcheck container from every pod.
+    None,
+}
+
 /// The datapath as the agent's tasks share it: the reconciler updates it, `/metrics` reads its
 /// counters.
 pub type SharedDatapath = Arc<Mutex<Datapath>>;

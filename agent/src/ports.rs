@@ -123,3 +123,21 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/probe-bypass";
 /// process that named it may exit, or a namespace may be replaced under the same name. The pod
 /// source looks a stale one up again; the reconciler reopens the listeners of a replaced one.
 pub const NETNS_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Where bpffs is mounted on a usual node, and the one place the agent mounts it itself.
+pub const BPFFS_DEFAULT_MOUNT: &str = "/sys/fs/bpf";
+
+/// The mount table of the agent's mount namespace, where the cgroup v2 hierarchy is found.
+pub const PROC_MOUNTS: &str = "/proc/mounts";
+
+/// The host's `/proc`, where pods' network namespaces are found, unless told otherwise (the
+/// DaemonSet mounts the host's at `/host/proc`).
+pub const DEFAULT_PROC_ROOT: &str = "/proc";
+
+/// The labels FSM's and OSM's injectors put on every pod they inject.
+pub const DEFAULT_MESH_LABELS: &str = "fsm-proxy-uuid,osm-proxy-uuid";
+
+/// The admin endpoints' paths: liveness, readiness and Prometheus metrics.
+pub const ALIVE_PATH: &str = "/health/alive";
+pub const READY_PATH: &str = "/health/ready";
+pub const METRICS_PATH: &str = "/metrics";

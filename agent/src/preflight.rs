@@ -42,8 +42,9 @@ use nix::{
 };
 
 use crate::{
-    cli::{DatapathMode, PodSource},
-    datapath::{DatapathError, cgroup2_mount},
+    datapath::{DatapathError, DatapathMode, cgroup2_mount},
+    ports::BPFFS_DEFAULT_MOUNT,
+    source::PodSource,
 };
 
 /// The oldest kernel the datapath runs on.
@@ -52,9 +53,6 @@ pub const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 17, 0);
 /// Why [`MIN_KERNEL`] is what it is: the newest feature in the table of the module documentation.
 pub const MIN_KERNEL_REASON: &str =
     "the sk_lookup program's ingress interface (ingress_ifindex) needs Linux 5.17";
-
-/// Where bpffs is mounted on a usual node, and the one place the agent mounts it itself.
-pub const BPFFS_DEFAULT_MOUNT: &str = "/sys/fs/bpf";
 
 /// The file the agent's effective capabilities are read from.
 const PROC_SELF_STATUS: &str = "/proc/self/status";

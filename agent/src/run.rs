@@ -15,12 +15,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin::NodeStatus,
     admin::{self, Admin},
-    cli::{
-        DatapathArgs, DatapathMode, PodSource, PodSourceError, ProbeBypassFrom, RunArgs,
-        SelectedSource,
-    },
-    datapath::SharedDatapath,
-    datapath::{self, Datapath, DatapathError},
+    cli::{DatapathArgs, PodSourceError, ProbeBypassFrom, RunArgs, SelectedSource},
+    datapath::{self, Datapath, DatapathError, DatapathMode, SharedDatapath},
     error::error_chain,
     exclusions::Exclusions,
     healthcheck::{Context, Settings},
@@ -31,6 +27,7 @@ use crate::{
     reconcile::Reconciler,
     signal,
     source::{
+        PodSource,
         kube::{self, ProcLookup},
         manifests::{self, SourceError},
     },

@@ -12,6 +12,15 @@ use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use crate::pod::{Pod, PodKey};
 
+/// Where the node's pods come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PodSource {
+    /// Watch this node's pods on the Kubernetes API server.
+    Kube,
+    /// Read Pod manifests from a directory (`--pod-manifests`).
+    Manifests,
+}
+
 /// Every meshed pod a source can serve, by key.
 pub type PodSet = BTreeMap<PodKey, Arc<Pod>>;
 

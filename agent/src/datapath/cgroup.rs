@@ -8,9 +8,7 @@ use std::{
 };
 
 use super::DatapathError;
-
-/// The mount table of the agent's mount namespace.
-const PROC_MOUNTS: &str = "/proc/mounts";
+use crate::ports::PROC_MOUNTS;
 
 /// Where the cgroup v2 hierarchy is mounted: `/sys/fs/cgroup` on current nodes,
 /// `/sys/fs/cgroup/unified` on hybrid ones, and elsewhere on some. Read from `/proc/mounts`, so
