@@ -28,6 +28,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    http_text::text,
     metrics::Metrics,
     pod::PodKey,
     ports::{ALIVE_PATH, METRICS_PATH, READY_PATH},
@@ -204,17 +205,6 @@ fn list<'a>(
     if count > MAX_LISTED {
         let _ = writeln!(body, "… and {} more", count - MAX_LISTED);
     }
-}
-
-/// A plain-text answer; the webhook's endpoints use it too.
-pub(crate) fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }
 
 #[cfg(test)]

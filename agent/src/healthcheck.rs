@@ -9,7 +9,6 @@
 //! With `--serve-http-probes` each pod also gets a listener on each of 15901-15903, which answers
 //! the pod's rewritten httpGet probes of that port's kind ([`probes`]).
 
-mod dial;
 mod grpc;
 mod handler;
 pub mod http;
@@ -21,7 +20,6 @@ use std::{
     time::Duration,
 };
 
-pub use dial::{StreamError, connect_stream};
 pub use listener::{Context, Endpoint, bind, serve};
 
 /// Which address of the pod a probe connects to.

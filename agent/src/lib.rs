@@ -22,12 +22,14 @@
 pub mod admin;
 pub mod cli;
 pub mod datapath;
+pub mod dial;
 pub mod dir_watch;
 pub mod discovery;
 pub mod error;
 pub mod exclusions;
 pub mod health;
 pub mod healthcheck;
+pub mod http_text;
 pub mod listen;
 pub mod metrics;
 pub mod netns;

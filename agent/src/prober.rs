@@ -21,7 +21,7 @@ use std::{future::Future, net::SocketAddr, pin::pin, sync::Arc, time::Duration};
 use tokio::net::TcpStream;
 
 use crate::{
-    healthcheck::{StreamError, connect_stream},
+    dial::{StreamError, connect_stream},
     netns::{Netns, NetnsWorker},
 };
 

@@ -83,10 +83,10 @@ impl probe_bypass::prober::Connector for HostConnector {
     async fn connect(
         &self,
         addr: SocketAddr,
-    ) -> Result<TcpStream, probe_bypass::healthcheck::StreamError> {
+    ) -> Result<TcpStream, probe_bypass::dial::StreamError> {
         TcpStream::connect(addr)
             .await
-            .map_err(|source| probe_bypass::healthcheck::StreamError::Connect { addr, source })
+            .map_err(|source| probe_bypass::dial::StreamError::Connect { addr, source })
     }
 }
 

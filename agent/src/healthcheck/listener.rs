@@ -15,14 +15,13 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    Outcome, Settings,
-    dial::{Dialed, Failure, dial},
-    grpc,
+    Outcome, Settings, grpc,
     handler::{HEADERS, Route, route},
     http::{ReadError, Response, read_request, write_response},
     probes,
 };
 use crate::{
+    dial::{Dialed, Failure, dial},
     listen,
     metrics::Metrics,
     netns::{Netns, NetnsError, NetnsWorker},

@@ -28,7 +28,7 @@ use super::{
     Connector, Outcome, Verdict, alongside,
     health_proto::{self, DecodeError, ServingStatus},
 };
-use crate::{error::error_chain, healthcheck::StreamError};
+use crate::{dial::StreamError, error::error_chain};
 
 /// The health service's one unary method.
 const CHECK_PATH: &str = "/grpc.health.v1.Health/Check";

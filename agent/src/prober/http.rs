@@ -42,8 +42,8 @@ use super::{
     tls::{self, TlsError},
 };
 use crate::{
+    dial::StreamError,
     error::error_chain,
-    healthcheck::StreamError,
     rewrite::ports::{PortError, resolve_port},
 };
 

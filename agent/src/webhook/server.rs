@@ -24,7 +24,7 @@ use super::{
     review::{self, Admission},
 };
 use crate::{
-    admin::text,
+    http_text::text,
     ports::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH},
     rewrite::Style,
 };
