@@ -22,11 +22,12 @@ use std::{
 
 use probe_bypass::{
     datapath,
+    discovery::{NetnsLookup, NetnsQuery},
     metrics::KubeMetrics,
     pod::NetnsRef,
     source::{
         Snapshot,
-        kube::{self, MeshSelector, NetnsLookup, NetnsQuery, Settings},
+        kube::{self, MeshSelector, Settings},
     },
 };
 use serde_json::{Value, json};

@@ -21,6 +21,8 @@
 mod addresses;
 mod cgroup;
 mod choose;
+mod lookup;
+mod pod_cgroups;
 mod proc;
 
 use std::{
@@ -31,11 +33,14 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-pub use self::cgroup::normalize_uid;
 use self::{
     addresses::interface_addresses,
     choose::choose,
     proc::{Process, Skipped, vanished},
+};
+pub use self::{
+    cgroup::normalize_uid,
+    lookup::{NetnsLookup, NetnsQuery, ProcLookup},
 };
 use crate::{
     netns::{Netns, NetnsError, NetnsId, NetnsWorker},

@@ -17,6 +17,7 @@ use crate::{
     admin::{self, Admin},
     cli::{DatapathArgs, PodSourceError, ProbeBypassFrom, RunArgs, SelectedSource},
     datapath::{self, Datapath, DatapathError, DatapathMode, SharedDatapath},
+    discovery::ProcLookup,
     error::error_chain,
     exclusions::Exclusions,
     healthcheck::{Context, Settings},
@@ -27,8 +28,7 @@ use crate::{
     reconcile::Reconciler,
     signal,
     source::{
-        PodSource,
-        kube::{self, ProcLookup},
+        PodSource, kube,
         manifests::{self, SourceError},
     },
 };

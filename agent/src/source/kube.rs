@@ -12,10 +12,8 @@
 
 pub mod mesh;
 mod node_pods;
-mod pod_cgroups;
-mod proc_lookup;
 
-use std::{net::IpAddr, pin::pin, sync::Arc, time::Duration};
+use std::{pin::pin, sync::Arc, time::Duration};
 
 use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::core::v1::Pod as K8sPod;
@@ -29,45 +27,20 @@ use kube::{
 };
 use tokio::{sync::watch, time::Instant};
 
+pub use self::mesh::{LabelMatch, MeshSelector};
 use self::node_pods::NodePods;
-pub use self::{
-    mesh::{LabelMatch, MeshSelector},
-    proc_lookup::ProcLookup,
-};
 use super::Snapshot;
 use crate::{
-    error::error_chain, metrics::KubeMetrics, pod::NetnsRef, ports::NETNS_RECHECK,
+    discovery::{NetnsLookup, NetnsQuery},
+    error::error_chain,
+    metrics::KubeMetrics,
+    ports::NETNS_RECHECK,
     time::sleep_until,
 };
 
 /// How often the cgroups of pods waiting for their namespace are checked for a first process
 /// ([`NetnsLookup::populated`]): a fifth of the 100 ms a new pod may wait to be served.
 const ARRIVAL_POLL: Duration = Duration::from_millis(20);
-
-/// A pod whose network namespace is wanted.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NetnsQuery {
-    pub uid: String,
-    /// `status.podIP`: the namespace is the pod's one that holds it.
-    pub ip: IpAddr,
-}
-
-/// Finds pods' network namespaces.
-///
-/// Blocking (it may read all of `/proc` and enter namespaces): the source calls it on a blocking
-/// thread, with every pod it needs a namespace for at that moment, so that one scan serves them all.
-pub trait NetnsLookup: Send + Sync + 'static {
-    /// One answer per query, in the queries' order: the namespace, or why it was not found.
-    fn lookup(&self, pods: &[NetnsQuery]) -> Vec<Result<NetnsRef, String>>;
-
-    /// Whether each pod has a process yet, in the queries' order: a cheap check, polled every
-    /// [`ARRIVAL_POLL`] for the pods waiting for their namespace, so that a pod is looked up as
-    /// soon as its sandbox starts rather than when its backoff ends. Without it (the default:
-    /// never), lookups are retried on their backoff alone.
-    fn populated(&self, pods: &[NetnsQuery]) -> Vec<bool> {
-        vec![false; pods.len()]
-    }
-}
 
 /// What the source watches.
 #[derive(Clone, Debug)]
@@ -282,6 +255,7 @@ mod tests {
     use kube::core::Status;
 
     use super::*;
+    use crate::pod::NetnsRef;
 
     const POD: &str = include_str!("../../../tests/support/kube_pod.json");
 

@@ -24,8 +24,9 @@ use k8s_openapi::{
 use kube::runtime::watcher::Event;
 use tokio::time::Instant;
 
-use super::{NetnsQuery, mesh::MeshSelector};
+use super::mesh::MeshSelector;
 use crate::{
+    discovery::NetnsQuery,
     exclusions,
     metrics::KubeMetrics,
     pod::{NetnsRef, Pod, PodKey},
@@ -700,7 +701,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::{metrics::PendingLabels, source::kube::NetnsLookup};
+    use crate::{discovery::NetnsLookup, metrics::PendingLabels};
 
     /// An FSM-injected pod as the API server returns it.
     const POD: &str = include_str!("../../../../tests/support/kube_pod.json");

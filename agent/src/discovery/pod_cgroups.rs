@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::discovery::normalize_uid;
+use super::normalize_uid;
 
 /// How often the `kubepods` trees may be looked for again while a pod's cgroup is missing.
 const REWALK: Duration = Duration::from_secs(1);

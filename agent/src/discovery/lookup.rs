@@ -1,10 +1,35 @@
-//! The host's `/proc` as the [`NetnsLookup`], through [`crate::discovery`]: one scan per lookup,
-//! however many pods it is for.
+//! What a pod source asks of discovery, [`NetnsLookup`], and its answer from the host's `/proc`,
+//! [`ProcLookup`]: one scan per lookup, however many pods it is for.
 
-use std::path::PathBuf;
+use std::{net::IpAddr, path::PathBuf};
 
-use super::{NetnsLookup, NetnsQuery, pod_cgroups::PodCgroups};
-use crate::{datapath::cgroup2_mount, discovery::ProcScan, netns::NetnsWorker, pod::NetnsRef};
+use super::{ProcScan, pod_cgroups::PodCgroups};
+use crate::{datapath::cgroup2_mount, netns::NetnsWorker, pod::NetnsRef};
+
+/// A pod whose network namespace is wanted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetnsQuery {
+    pub uid: String,
+    /// `status.podIP`: the namespace is the pod's one that holds it.
+    pub ip: IpAddr,
+}
+
+/// Finds pods' network namespaces.
+///
+/// Blocking (it may read all of `/proc` and enter namespaces): the source calls it on a blocking
+/// thread, with every pod it needs a namespace for at that moment, so that one scan serves them all.
+pub trait NetnsLookup: Send + Sync + 'static {
+    /// One answer per query, in the queries' order: the namespace, or why it was not found.
+    fn lookup(&self, pods: &[NetnsQuery]) -> Vec<Result<NetnsRef, String>>;
+
+    /// Whether each pod has a process yet, in the queries' order: a cheap check, polled often
+    /// (the Kubernetes source: every 20 ms) for the pods waiting for their namespace, so that a pod is looked up as
+    /// soon as its sandbox starts rather than when its backoff ends. Without it (the default:
+    /// never), lookups are retried on their backoff alone.
+    fn populated(&self, pods: &[NetnsQuery]) -> Vec<bool> {
+        vec![false; pods.len()]
+    }
+}
 
 pub struct ProcLookup {
     proc_root: PathBuf,
