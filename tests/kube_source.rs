@@ -23,11 +23,10 @@ use std::{
 use probe_bypass::{
     datapath,
     discovery::{NetnsLookup, NetnsQuery},
-    metrics::KubeMetrics,
     pod::NetnsRef,
     source::{
         Snapshot,
-        kube::{self, MeshSelector, Settings},
+        kube::{self, KubeMetrics, MeshSelector, Settings},
     },
 };
 use serde_json::{Value, json};

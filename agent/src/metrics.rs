@@ -24,6 +24,7 @@ use crate::{
     pod::PodKey,
     ports::ORIGINAL_PROBES_ANNOTATION,
     prober::{self, ProbeKind, Protocol, Verdict},
+    source::kube::KubeMetrics,
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -71,12 +72,6 @@ pub struct AnnotationLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DialLabels {
     pub result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PendingLabels {
-    /// What the pod waits for: `no_ip` or `no_netns`.
-    pub reason: &'static str,
 }
 
 /// The labels of a pod's prober series other than the pod's: container, probe kind and protocol.
@@ -205,34 +200,6 @@ impl Default for Metrics {
     }
 }
 
-/// The Kubernetes pod source's metrics, as `probe_bypass_kube_*`; cheap to clone, as every clone
-/// counts into the same series. [`Default`] makes a set that is exported nowhere, for tests.
-#[derive(Clone, Debug, Default)]
-pub struct KubeMetrics {
-    /// Errors of the watch on the node's pods (API unreachable or refusing, a broken stream); each
-    /// is retried with backoff. A 410 Gone (the watch fell too far behind) is a relist, not an error.
-    pub watch_errors: Counter,
-    /// Complete lists of the node's pods: at start and after every watch restart that needed one.
-    pub relists: Counter,
-    /// Meshed pods not served yet, by what they wait for.
-    pub pods_pending: Family<PendingLabels, Gauge>,
-    /// Failed attempts to find a pod's network namespace, each retried with backoff.
-    pub netns_lookup_failures: Counter,
-    /// Meshed pods the API server describes in a way the agent cannot serve (an invalid podIP),
-    /// counted once per change of the pod.
-    pub pod_errors: Counter,
-}
-
-impl KubeMetrics {
-    pub fn set_pending(&self, no_ip: usize, no_netns: usize) {
-        for (reason, count) in [("no_ip", no_ip), ("no_netns", no_netns)] {
-            self.pods_pending
-                .get_or_create(&PendingLabels { reason })
-                .set(i64::try_from(count).unwrap_or(i64::MAX));
-        }
-    }
-}
-
 fn pod_labels(pod: &PodKey) -> PodLabels {
     PodLabels {
         namespace: pod.namespace.clone(),
@@ -256,43 +223,9 @@ fn prober_labels(
 }
 
 impl Metrics {
-    /// Exports the Kubernetes pod source's metrics and returns them for the source to update.
-    pub fn register_kube(&mut self) -> KubeMetrics {
-        let kube = KubeMetrics::default();
-        let KubeMetrics {
-            watch_errors,
-            relists,
-            pods_pending,
-            netns_lookup_failures,
-            pod_errors,
-        } = &kube;
-        self.registry.register(
-            "kube_watch_errors",
-            "Errors of the watch on this node's pods (API server unreachable or refusing, stream broken), each retried with backoff",
-            watch_errors.clone(),
-        );
-        self.registry.register(
-            "kube_relists",
-            "Complete lists of this node's pods: at start and after every watch restart that needed one (410 Gone)",
-            relists.clone(),
-        );
-        self.registry.register(
-            "kube_pods_pending",
-            "Meshed pods not served yet, by what they wait for (no_ip: no pod IP yet; no_netns: network namespace not found yet)",
-            pods_pending.clone(),
-        );
-        self.registry.register(
-            "kube_netns_lookup_failures",
-            "Failed attempts to find a meshed pod's network namespace, each retried with backoff",
-            netns_lookup_failures.clone(),
-        );
-        self.registry.register(
-            "kube_pod_errors",
-            "Meshed pods the API server describes in a way the agent cannot serve (an invalid podIP), once per change of the pod",
-            pod_errors.clone(),
-        );
-        kube.set_pending(0, 0);
-        kube
+    /// Exports the Kubernetes pod source's metrics.
+    pub fn register_kube(&mut self, kube: &KubeMetrics) {
+        kube.register(&mut self.registry);
     }
 
     /// Exports the datapath's counters along with the agent's own metrics.

@@ -156,7 +156,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 settings.node_name,
                 settings.mesh
             );
-            let pods = kube::watch(client, settings, lookup, metrics.register_kube());
+            let kube_metrics = kube::KubeMetrics::default();
+            metrics.register_kube(&kube_metrics);
+            let pods = kube::watch(client, settings, lookup, kube_metrics);
             (pods, true)
         }
     };

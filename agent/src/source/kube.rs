@@ -11,6 +11,7 @@
 //! pod's UID and IP. Which pods are meshed is for [`MeshSelector`] to say.
 
 pub mod mesh;
+mod metrics;
 mod node_pods;
 
 use std::{pin::pin, sync::Arc, time::Duration};
@@ -27,13 +28,15 @@ use kube::{
 };
 use tokio::{sync::watch, time::Instant};
 
-pub use self::mesh::{LabelMatch, MeshSelector};
 use self::node_pods::NodePods;
+pub use self::{
+    mesh::{LabelMatch, MeshSelector},
+    metrics::{KubeMetrics, PendingLabels},
+};
 use super::Snapshot;
 use crate::{
     discovery::{NetnsLookup, NetnsQuery},
     error::error_chain,
-    metrics::KubeMetrics,
     ports::NETNS_RECHECK,
     time::sleep_until,
 };

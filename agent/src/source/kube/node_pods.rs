@@ -24,11 +24,10 @@ use k8s_openapi::{
 use kube::runtime::watcher::Event;
 use tokio::time::Instant;
 
-use super::mesh::MeshSelector;
+use super::{KubeMetrics, mesh::MeshSelector};
 use crate::{
     discovery::NetnsQuery,
     exclusions,
-    metrics::KubeMetrics,
     pod::{NetnsRef, Pod, PodKey},
     source::{Pending, PodSet},
     time::Backoff,
@@ -700,8 +699,9 @@ mod tests {
 
     use serde_json::json;
 
+    use super::super::metrics::PendingLabels;
     use super::*;
-    use crate::{discovery::NetnsLookup, metrics::PendingLabels};
+    use crate::discovery::NetnsLookup;
 
     /// An FSM-injected pod as the API server returns it.
     const POD: &str = include_str!("../../../../tests/support/kube_pod.json");
