@@ -7,6 +7,7 @@ mod bench;
 mod build_ebpf;
 mod demo;
 mod image;
+mod layers;
 mod setup;
 mod test;
 
@@ -37,6 +38,8 @@ enum Task {
     Demo,
     /// Run every test, the privileged ones included (needs root for those).
     Test,
+    /// Check that the agent's modules import nothing from a higher layer (see ARCHITECTURE.md).
+    Layers,
     /// Build the agent's container image: an OCI archive for `kind load image-archive` or
     /// `skopeo copy`, holding the agent as a static binary and nothing else.
     Image {
@@ -65,6 +68,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => build_ebpf::run(),
         Task::Demo => demo::run(),
         Task::Test => test::run(),
+        Task::Layers => layers::run(),
         Task::Image { output } => image::run(output),
         Task::Bench { which } => bench::run(which),
         Task::DemoApp { listen } => demo::app(listen),

@@ -15,6 +15,7 @@ pub fn run() -> Result<()> {
     }
     // Lints first: they fail fast and cost little once the build is cached.
     cargo(&["fmt", "--all", "--check"])?;
+    crate::layers::run()?;
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     // The eBPF crate builds only for the BPF target (through the agent's build script), so the
     // workspace's default members are tested rather than --workspace.
