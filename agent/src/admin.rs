@@ -34,6 +34,7 @@ use crate::{
     ports::{ALIVE_PATH, METRICS_PATH, READY_PATH},
 };
 
+pub mod health;
 mod readiness;
 
 pub use readiness::{Failing, NodeStatus};

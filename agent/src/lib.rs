@@ -27,7 +27,6 @@ pub mod dir_watch;
 pub mod discovery;
 pub mod error;
 pub mod exclusions;
-pub mod health;
 pub mod healthcheck;
 pub mod http_text;
 pub mod listen;

@@ -2,8 +2,8 @@ use std::{io::Write as _, process::ExitCode, time::Duration};
 
 use clap::Parser as _;
 use probe_bypass::{
+    admin::health::{self, HealthError},
     cli::{Cli, Command, HealthArgs, RewriteArgs},
-    health::{self, HealthError},
     rewrite::manifest,
 };
 
