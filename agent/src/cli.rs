@@ -4,6 +4,7 @@ use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration}
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
+use probe_bypass_rewrite::contract::HEALTHCHECK_PORT;
 
 use crate::{
     datapath::DEFAULT_PIN_DIR,
@@ -11,8 +12,7 @@ use crate::{
     healthcheck::TcpTarget,
     ports::{
         DEFAULT_ADMIN_ADDR, DEFAULT_ADMIN_SOCKET, DEFAULT_PROBE_PORTS, DEFAULT_WEBHOOK_HEALTHZ,
-        DEFAULT_WEBHOOK_LISTEN, HEALTHCHECK_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT,
-        PROXY_UID,
+        DEFAULT_WEBHOOK_LISTEN, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT, PROXY_UID,
     },
     preflight::BPFFS_DEFAULT_MOUNT,
     rewrite::Style,

@@ -6,6 +6,7 @@ use std::{
     time::Duration,
 };
 
+use probe_bypass_rewrite::contract::ORIGINAL_PROBES_ANNOTATION;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _, text::encode},
@@ -23,7 +24,6 @@ use crate::{
     exclusions::{self, AnnotationError},
     healthcheck::{Outcome, Passthrough},
     pod::PodKey,
-    ports::ORIGINAL_PROBES_ANNOTATION,
     prober::{self, ProbeKind, Protocol, Verdict},
     reconcile::SharedDatapath,
 };

@@ -15,14 +15,15 @@ use k8s_openapi::{
     api::core::v1::{Container, ContainerPort, Probe},
     apimachinery::pkg::util::intstr::IntOrString,
 };
+use probe_bypass_rewrite::contract::{
+    ORIGINAL_GRPC_PORT_HEADER, ORIGINAL_HTTP_PORT_HEADER, ORIGINAL_PROBES_ANNOTATION,
+    ORIGINAL_TCP_PORT_HEADER,
+};
 
 use crate::{
     exclusions::{AnnotationError, Exclusions},
     netns::NetnsId,
-    ports::{
-        NETNS_ANNOTATION, NETNS_RUN_DIR, ORIGINAL_GRPC_PORT_HEADER, ORIGINAL_HTTP_PORT_HEADER,
-        ORIGINAL_PROBES_ANNOTATION, ORIGINAL_TCP_PORT_HEADER,
-    },
+    ports::{NETNS_ANNOTATION, NETNS_RUN_DIR},
     prober::{self, timeout_of},
     rewrite::{OriginalProbes, ProbeKind, ports::resolve_port},
 };

@@ -51,7 +51,9 @@ pub use self::{
     style::Style,
     warning::{Issue, Unchanged, Warning},
 };
-use crate::ports::{ORIGINAL_PROBES_ANNOTATION, REWRITE_ANNOTATION, REWRITE_DISABLED};
+use probe_bypass_rewrite::contract::{
+    ORIGINAL_PROBES_ANNOTATION, REWRITE_ANNOTATION, REWRITE_DISABLED,
+};
 
 /// What rewriting a pod comes to.
 #[derive(Clone, Debug, Default, PartialEq)]

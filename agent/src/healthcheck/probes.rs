@@ -24,6 +24,10 @@ use std::{
 };
 
 use k8s_openapi::{api::core::v1::HTTPGetAction, apimachinery::pkg::util::intstr::IntOrString};
+use probe_bypass_rewrite::contract::{
+    HEALTHCHECK_PATH, HEALTHCHECK_PATHS, ORIGINAL_HTTP_PATH_HEADER, ORIGINAL_HTTP_PORT_HEADER,
+    ORIGINAL_PROBES_ANNOTATION,
+};
 use tokio::net::TcpStream;
 
 use super::{
@@ -34,10 +38,6 @@ use super::{
 use crate::{
     netns::Netns,
     pod::Pod,
-    ports::{
-        HEALTHCHECK_PATH, HEALTHCHECK_PATHS, ORIGINAL_HTTP_PATH_HEADER, ORIGINAL_HTTP_PORT_HEADER,
-        ORIGINAL_PROBES_ANNOTATION,
-    },
     prober::{
         self, DEFAULT_USER_AGENT, NetnsConnector, Protocol, Verdict,
         http::{HttpProbe, connect_first},
@@ -504,7 +504,10 @@ mod tests {
         let tcp = route(
             &request(
                 HEALTHCHECK_PATH,
-                &[(crate::ports::ORIGINAL_TCP_PORT_HEADER, "8443")],
+                &[(
+                    probe_bypass_rewrite::contract::ORIGINAL_TCP_PORT_HEADER,
+                    "8443",
+                )],
             ),
             &pod(ORIGINALS),
             ProbeKind::Readiness,

@@ -5,7 +5,7 @@
 use serde_json::{Map, Value, json};
 
 use super::{ProbeKind, probe::Check};
-use crate::ports::{
+use probe_bypass_rewrite::contract::{
     GRPC_HEALTHCHECK_PATH, HEALTHCHECK_PATH, HEALTHCHECK_PORT, ORIGINAL_GRPC_PORT_HEADER,
     ORIGINAL_GRPC_SERVICE_HEADER, ORIGINAL_HTTP_PATH_HEADER, ORIGINAL_HTTP_PORT_HEADER,
     ORIGINAL_TCP_PORT_HEADER,
