@@ -17,10 +17,10 @@ use std::{
     process::Output,
 };
 
-use probe_bypass::rewrite::{
-    OriginalProbes, ProbeKind, RewriteError, Style, rewrite_in_place, rewrite_pod,
+use probe_bypass_rewrite::{
+    OriginalProbes, ProbeKind, RewriteError, Style, contract::ORIGINAL_PROBES_ANNOTATION,
+    rewrite_in_place, rewrite_pod,
 };
-use probe_bypass_rewrite::contract::ORIGINAL_PROBES_ANNOTATION;
 use rewrite_cli::run_rewrite;
 use serde::Deserialize as _;
 use serde_json::{Value, json};

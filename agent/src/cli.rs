@@ -4,7 +4,7 @@ use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration}
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
-use probe_bypass_rewrite::contract::HEALTHCHECK_PORT;
+use probe_bypass_rewrite::{Style, contract::HEALTHCHECK_PORT};
 
 use crate::{
     datapath::DEFAULT_PIN_DIR,
@@ -15,7 +15,6 @@ use crate::{
         DEFAULT_WEBHOOK_LISTEN, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT, PROXY_UID,
     },
     preflight::BPFFS_DEFAULT_MOUNT,
-    rewrite::Style,
     source::kube::{LabelMatch, MeshSelector, mesh::DEFAULT_MESH_LABELS},
 };
 

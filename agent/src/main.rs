@@ -4,8 +4,8 @@ use clap::Parser as _;
 use probe_bypass::{
     cli::{Cli, Command, HealthArgs, RewriteArgs},
     health::{self, HealthError},
-    rewrite::manifest,
 };
+use probe_bypass_rewrite::manifest;
 
 fn main() -> ExitCode {
     match Cli::parse().command {

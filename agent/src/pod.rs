@@ -15,9 +15,13 @@ use k8s_openapi::{
     api::core::v1::{Container, ContainerPort, Probe},
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use probe_bypass_rewrite::contract::{
-    ORIGINAL_GRPC_PORT_HEADER, ORIGINAL_HTTP_PORT_HEADER, ORIGINAL_PROBES_ANNOTATION,
-    ORIGINAL_TCP_PORT_HEADER,
+use probe_bypass_rewrite::{
+    OriginalProbes, ProbeKind,
+    contract::{
+        ORIGINAL_GRPC_PORT_HEADER, ORIGINAL_HTTP_PORT_HEADER, ORIGINAL_PROBES_ANNOTATION,
+        ORIGINAL_TCP_PORT_HEADER,
+    },
+    ports::resolve_port,
 };
 
 use crate::{
@@ -25,7 +29,6 @@ use crate::{
     netns::NetnsId,
     ports::{NETNS_ANNOTATION, NETNS_RUN_DIR},
     prober::{self, timeout_of},
-    rewrite::{OriginalProbes, ProbeKind, ports::resolve_port},
 };
 
 /// Identifies a pod on the node: namespace and name, as the API server does.
@@ -717,7 +720,7 @@ status:
         assert!(pod.originals_error.is_none());
         let live = pod
             .originals
-            .get("app", crate::rewrite::ProbeKind::Liveness)
+            .get("app", ProbeKind::Liveness)
             .expect("recorded");
         assert_eq!(
             live.probe()

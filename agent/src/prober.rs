@@ -80,12 +80,12 @@ pub enum ProbeKind {
     Unknown,
 }
 
-impl From<crate::rewrite::ProbeKind> for ProbeKind {
-    fn from(kind: crate::rewrite::ProbeKind) -> Self {
+impl From<probe_bypass_rewrite::ProbeKind> for ProbeKind {
+    fn from(kind: probe_bypass_rewrite::ProbeKind) -> Self {
         match kind {
-            crate::rewrite::ProbeKind::Liveness => Self::Liveness,
-            crate::rewrite::ProbeKind::Readiness => Self::Readiness,
-            crate::rewrite::ProbeKind::Startup => Self::Startup,
+            probe_bypass_rewrite::ProbeKind::Liveness => Self::Liveness,
+            probe_bypass_rewrite::ProbeKind::Readiness => Self::Readiness,
+            probe_bypass_rewrite::ProbeKind::Startup => Self::Startup,
         }
     }
 }

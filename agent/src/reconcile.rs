@@ -18,6 +18,7 @@ use std::{
     time::Duration,
 };
 
+use probe_bypass_rewrite::ProbeKind;
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +27,6 @@ use crate::{
     healthcheck::{self, Context, Endpoint},
     netns::{Netns, NetnsError, NetnsId, netns_cookie},
     pod::{Pod, PodKey},
-    rewrite::ProbeKind,
     run::sleep_until,
     source::{Pending, PodSet, Snapshot},
 };

@@ -1,5 +1,5 @@
 //! `probe-bypass webhook`: the mutating admission webhook that rewrites a new Pod's probes as
-//! [`crate::rewrite`] does, so that they reach the agent past the mesh's sidecar.
+//! [`probe_bypass_rewrite`] does, so that they reach the agent past the mesh's sidecar.
 //!
 //! - [`review`]: an AdmissionReview v1 request body in, the answer out (a JSON Patch and the
 //!   rewriter's warnings), or why the body is not a review. Pure, and fuzzed.

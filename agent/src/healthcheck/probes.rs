@@ -24,9 +24,12 @@ use std::{
 };
 
 use k8s_openapi::{api::core::v1::HTTPGetAction, apimachinery::pkg::util::intstr::IntOrString};
-use probe_bypass_rewrite::contract::{
-    HEALTHCHECK_PATH, HEALTHCHECK_PATHS, ORIGINAL_HTTP_PATH_HEADER, ORIGINAL_HTTP_PORT_HEADER,
-    ORIGINAL_PROBES_ANNOTATION,
+use probe_bypass_rewrite::{
+    ProbeKind,
+    contract::{
+        HEALTHCHECK_PATH, HEALTHCHECK_PATHS, ORIGINAL_HTTP_PATH_HEADER, ORIGINAL_HTTP_PORT_HEADER,
+        ORIGINAL_PROBES_ANNOTATION,
+    },
 };
 use tokio::net::TcpStream;
 
@@ -43,7 +46,6 @@ use crate::{
         http::{HttpProbe, connect_first},
         timeout_of,
     },
-    rewrite::ProbeKind,
 };
 
 /// The first byte of a TLS connection: a handshake record (the ClientHello). No HTTP/1 request
@@ -357,7 +359,7 @@ fn describe(result: Passthrough) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rewrite::OriginalProbes;
+    use probe_bypass_rewrite::OriginalProbes;
 
     fn pod(originals: &str) -> Pod {
         Pod {

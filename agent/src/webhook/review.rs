@@ -19,9 +19,8 @@ use kube::core::{
         Operation,
     },
 };
+use probe_bypass_rewrite::{Style, rewrite_pod};
 use serde_json::Value;
-
-use crate::rewrite::{Style, rewrite_pod};
 
 /// Prefix of every admission warning: `kubectl` prints them without saying which webhook spoke.
 pub const WARNING_PREFIX: &str = "probe-bypass: ";

@@ -13,6 +13,7 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use probe_bypass_rewrite::Style;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{
     TlsAcceptor,
@@ -26,7 +27,6 @@ use super::{
 use crate::{
     admin::text,
     ports::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH},
-    rewrite::Style,
 };
 
 /// Largest review read. The API server caps a request at 3 MiB, and a CREATE's review carries the

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use probe_bypass_rewrite::contract::{
+use crate::contract::{
     LIVENESS_PROBE_PATH, LIVENESS_PROBE_PORT, READINESS_PROBE_PATH, READINESS_PROBE_PORT,
     STARTUP_PROBE_PATH, STARTUP_PROBE_PORT,
 };
