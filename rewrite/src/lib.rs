@@ -43,6 +43,7 @@ pub mod original;
 mod patch;
 pub mod ports;
 mod probe;
+pub mod review;
 mod style;
 mod warning;
 

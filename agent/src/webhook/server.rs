@@ -13,17 +13,17 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use probe_bypass_rewrite::Style;
+use probe_bypass_rewrite::{
+    Style,
+    review::{self, Admission},
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{
     TlsAcceptor,
     rustls::{self, ServerConfig, crypto::ring},
 };
 
-use super::{
-    certs::CurrentCert,
-    review::{self, Admission},
-};
+use super::certs::CurrentCert;
 use crate::{
     admin::text,
     ports::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH},
