@@ -1,4 +1,5 @@
-//! The three probes a container can have, and what each is called where the rewriter meets it.
+//! The three probes a container can have, and what each is called where the rewriter and the agent
+//! meet it.
 
 use std::fmt;
 
@@ -28,7 +29,8 @@ impl ProbeKind {
         }
     }
 
-    /// The key of the probe in the original-probes annotation, and its name in messages.
+    /// The key of the probe in the original-probes annotation, its name in messages, and the
+    /// agent's `probe` label in metrics.
     pub fn name(self) -> &'static str {
         match self {
             Self::Liveness => "liveness",

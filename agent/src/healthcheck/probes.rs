@@ -228,7 +228,7 @@ pub async fn check(
     ctx.metrics.prober(
         &pod.key,
         &route.container,
-        route.kind.into(),
+        Some(route.kind),
         route.probe.protocol(),
         &outcome,
     );
@@ -292,7 +292,7 @@ pub async fn pass_through(
                 kind.port(),
                 describe(result)
             );
-            ctx.metrics.passthrough(&pod.key, "", kind.into(), result);
+            ctx.metrics.passthrough(&pod.key, "", Some(kind), result);
             return;
         }
     };
@@ -326,7 +326,7 @@ pub async fn pass_through(
         started.elapsed()
     );
     ctx.metrics
-        .passthrough(&pod.key, container, kind.into(), result);
+        .passthrough(&pod.key, container, Some(kind), result);
 }
 
 /// The container and the probe whose port TLS on the `kind` probe port goes to.
