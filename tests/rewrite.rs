@@ -17,9 +17,9 @@ use std::{
     process::Output,
 };
 
-use probe_bypass::{
-    ports::ORIGINAL_PROBES_ANNOTATION,
-    rewrite::{OriginalProbes, ProbeKind, RewriteError, Style, rewrite_in_place, rewrite_pod},
+use probe_bypass_rewrite::{
+    OriginalProbes, ProbeKind, RewriteError, Style, contract::ORIGINAL_PROBES_ANNOTATION,
+    rewrite_in_place, rewrite_pod,
 };
 use rewrite_cli::run_rewrite;
 use serde::Deserialize as _;

@@ -28,8 +28,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::ByteString;
 use probe_bypass::{
     ports::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH},
-    webhook::{review::WARNING_PREFIX, server::MAX_BODY},
+    webhook::server::MAX_BODY,
 };
+use probe_bypass_rewrite::review::WARNING_PREFIX;
 use serde::Deserialize as _;
 use serde_json::{Value, json};
 use support::{

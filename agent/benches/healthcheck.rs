@@ -47,7 +47,7 @@ use std::{
 };
 
 use common::{machine, micros};
-use probe_bypass::rewrite::{ProbeKind, Style, rewrite_in_place};
+use probe_bypass_rewrite::{ProbeKind, Style, rewrite_in_place};
 use serde_json::{Value, json};
 use socket2::{Domain, Protocol, Socket, Type};
 use support::{

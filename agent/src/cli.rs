@@ -4,6 +4,7 @@ use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration}
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
+use probe_bypass_rewrite::{Style, contract::HEALTHCHECK_PORT};
 
 use crate::{
     datapath::DatapathMode,
@@ -12,10 +13,8 @@ use crate::{
     ports::{
         BPFFS_DEFAULT_MOUNT, DEFAULT_ADMIN_ADDR, DEFAULT_ADMIN_SOCKET, DEFAULT_MESH_LABELS,
         DEFAULT_PIN_DIR, DEFAULT_PROBE_PORTS, DEFAULT_PROC_ROOT, DEFAULT_WEBHOOK_HEALTHZ,
-        DEFAULT_WEBHOOK_LISTEN, HEALTHCHECK_PORT, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT,
-        PROXY_UID,
+        DEFAULT_WEBHOOK_LISTEN, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT, PROXY_UID,
     },
-    rewrite::Style,
     source::{
         PodSource,
         kube::{LabelMatch, MeshSelector},

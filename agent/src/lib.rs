@@ -14,10 +14,13 @@
 //! - [`health`]: `probe-bypass health`, the container's probes, which ask the agent over that socket.
 //! - [`preflight`]: the start-up checks of the host (kernel, capabilities, cgroup v2, bpffs).
 //! - [`exclusions`]: the mesh's per-pod exclusion annotations and the node-wide defaults.
-//! - [`rewrite`]: the probe rewriter: a pod's probes pointed at the agent, the originals recorded in
-//!   an annotation, as a JSON Patch for the webhook and as `probe-bypass rewrite` for manifests.
 //! - [`webhook`]: `probe-bypass webhook`, the mutating admission webhook that applies the rewriter
 //!   to new Pods.
+//!
+//! The probe rewriter (a pod's probes pointed at the agent, the originals recorded in an
+//! annotation, as a JSON Patch for the webhook and as `probe-bypass rewrite` for manifests) and the
+//! names the rewriter and the agent share are the workspace's kernel-free crate
+//! [`probe_bypass_rewrite`].
 
 pub mod admin;
 pub mod cli;
@@ -37,7 +40,6 @@ pub mod ports;
 pub mod preflight;
 pub mod prober;
 pub mod reconcile;
-pub mod rewrite;
 pub mod run;
 pub mod signal;
 pub mod source;

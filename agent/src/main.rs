@@ -4,8 +4,8 @@ use clap::Parser as _;
 use probe_bypass::{
     admin::health::{self, HealthError},
     cli::{Cli, Command, HealthArgs, RewriteArgs},
-    rewrite::manifest,
 };
+use probe_bypass_rewrite::manifest;
 
 fn main() -> ExitCode {
     match Cli::parse().command {

@@ -6,6 +6,7 @@ use std::{
     time::Duration,
 };
 
+use probe_bypass_rewrite::{ProbeKind, contract::ORIGINAL_PROBES_ANNOTATION};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{
@@ -22,8 +23,7 @@ use crate::{
     exclusions::{self, AnnotationError},
     healthcheck::{Outcome, Passthrough},
     pod::PodKey,
-    ports::ORIGINAL_PROBES_ANNOTATION,
-    prober::{self, ProbeKind, Protocol, Verdict},
+    prober::{self, Protocol, Verdict},
     source::kube::KubeMetrics,
 };
 
@@ -74,8 +74,13 @@ pub struct DialLabels {
     pub result: &'static str,
 }
 
-/// The labels of a pod's prober series other than the pod's: container, probe kind and protocol.
-type ProberSeries = (String, ProbeKind, Protocol);
+/// The labels of a pod's prober series other than the pod's: container, probe kind (none when
+/// unknown) and protocol.
+type ProberSeries = (String, Option<ProbeKind>, Protocol);
+
+/// The `probe` label of a probe that reached the healthcheck port, whose request names neither the
+/// container nor the kind of probe it stands for; a known kind is labelled [`ProbeKind::name`].
+const UNKNOWN_PROBE: &str = "unknown";
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
@@ -210,14 +215,14 @@ fn pod_labels(pod: &PodKey) -> PodLabels {
 fn prober_labels(
     pod: &PodKey,
     container: &str,
-    kind: ProbeKind,
+    kind: Option<ProbeKind>,
     protocol: Protocol,
 ) -> ProberLabels {
     ProberLabels {
         namespace: pod.namespace.clone(),
         pod: pod.name.clone(),
         container: container.to_owned(),
-        probe: kind.label(),
+        probe: kind.map_or(UNKNOWN_PROBE, ProbeKind::name),
         protocol: protocol.label(),
     }
 }
@@ -251,13 +256,13 @@ impl Metrics {
     }
 
     /// Counts a probe the agent ran itself: its result in `probe_bypass_prober_probes_total` and
-    /// its latency in `probe_bypass_prober_probe_seconds`, by pod, `container`, `kind` and
-    /// `protocol`.
+    /// its latency in `probe_bypass_prober_probe_seconds`, by pod, `container`, `kind` (none when
+    /// the request does not say) and `protocol`.
     pub fn prober(
         &self,
         pod: &PodKey,
         container: &str,
-        kind: ProbeKind,
+        kind: Option<ProbeKind>,
         protocol: Protocol,
         outcome: &prober::Outcome,
     ) {
@@ -276,7 +281,13 @@ impl Metrics {
 
     /// Counts a TLS connection on a probe port in `probe_bypass_prober_passthrough_total`, by pod,
     /// `container` (empty when none was found) and `kind`.
-    pub fn passthrough(&self, pod: &PodKey, container: &str, kind: ProbeKind, result: Passthrough) {
+    pub fn passthrough(
+        &self,
+        pod: &PodKey,
+        container: &str,
+        kind: Option<ProbeKind>,
+        result: Passthrough,
+    ) {
         let probe = prober_labels(pod, container, kind, Protocol::Https);
         self.passthrough
             .get_or_create(&ProberResultLabels {
@@ -287,7 +298,13 @@ impl Metrics {
         self.note_series(pod, container, kind, Protocol::Https);
     }
 
-    fn note_series(&self, pod: &PodKey, container: &str, kind: ProbeKind, protocol: Protocol) {
+    fn note_series(
+        &self,
+        pod: &PodKey,
+        container: &str,
+        kind: Option<ProbeKind>,
+        protocol: Protocol,
+    ) {
         self.prober_series
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -425,31 +442,25 @@ mod tests {
         metrics.prober(
             &pod,
             "app",
-            ProbeKind::Readiness,
+            Some(ProbeKind::Readiness),
             http,
             &outcome(Verdict::Success, 2),
         );
         metrics.prober(
             &pod,
             "app",
-            ProbeKind::Readiness,
+            Some(ProbeKind::Readiness),
             http,
             &outcome(Verdict::Success, 3),
         );
         metrics.prober(
             &pod,
             "app",
-            ProbeKind::Readiness,
+            Some(ProbeKind::Readiness),
             http,
             &outcome(Verdict::Timeout, 1000),
         );
-        metrics.prober(
-            &pod,
-            "",
-            ProbeKind::Unknown,
-            grpc,
-            &outcome(Verdict::Failure, 5),
-        );
+        metrics.prober(&pod, "", None, grpc, &outcome(Verdict::Failure, 5));
         let text = metrics.encode().unwrap();
         let readiness = "namespace=\"shop\",pod=\"bookstore\",container=\"app\",\
                          probe=\"readiness\",protocol=\"http\"";

@@ -15,16 +15,20 @@ use k8s_openapi::{
     api::core::v1::{Container, ContainerPort, Probe},
     apimachinery::pkg::util::intstr::IntOrString,
 };
+use probe_bypass_rewrite::{
+    OriginalProbes, ProbeKind,
+    contract::{
+        ORIGINAL_GRPC_PORT_HEADER, ORIGINAL_HTTP_PORT_HEADER, ORIGINAL_PROBES_ANNOTATION,
+        ORIGINAL_TCP_PORT_HEADER,
+    },
+    ports::resolve_port,
+};
 
 use crate::{
     exclusions::{AnnotationError, Exclusions},
     netns::NetnsId,
-    ports::{
-        NETNS_ANNOTATION, NETNS_RUN_DIR, ORIGINAL_GRPC_PORT_HEADER, ORIGINAL_HTTP_PORT_HEADER,
-        ORIGINAL_PROBES_ANNOTATION, ORIGINAL_TCP_PORT_HEADER,
-    },
-    prober::{self, timeout_of},
-    rewrite::{OriginalProbes, ProbeKind, ports::resolve_port},
+    ports::{NETNS_ANNOTATION, NETNS_RUN_DIR},
+    prober::timeout_of,
 };
 
 /// Identifies a pod on the node: namespace and name, as the API server does.
@@ -212,11 +216,8 @@ pub struct Recorded<'a> {
 
 impl Recorded<'_> {
     /// The labels an outcome is counted under: the container and kind when known.
-    pub fn labels(&self) -> (&str, prober::ProbeKind) {
-        (
-            self.container.unwrap_or_default(),
-            self.kind.map_or(prober::ProbeKind::Unknown, Into::into),
-        )
+    pub fn labels(&self) -> (&str, Option<ProbeKind>) {
+        (self.container.unwrap_or_default(), self.kind)
     }
 }
 
@@ -469,11 +470,11 @@ mod tests {
         // Two probes of one container: its name, no kind, the longer timeout.
         let both = pod.recorded(grpc_on(9090));
         assert_eq!(both.count, 2);
-        assert_eq!(both.labels(), ("app", prober::ProbeKind::Unknown));
+        assert_eq!(both.labels(), ("app", None));
         assert_eq!(both.timeout, Some(Duration::from_secs(4)));
 
         let one = pod.recorded(grpc_on(9091));
-        assert_eq!(one.labels(), ("cache", prober::ProbeKind::Liveness));
+        assert_eq!(one.labels(), ("cache", Some(ProbeKind::Liveness)));
         assert_eq!(one.timeout, Some(Duration::from_secs(2)));
 
         // A named port is resolved against the container's own ports.
@@ -484,12 +485,12 @@ mod tests {
                 .and_then(|tcp| resolve_port(&tcp.port, ports).ok())
                 == Some(5432)
         });
-        assert_eq!(tcp.labels(), ("app", prober::ProbeKind::Startup));
+        assert_eq!(tcp.labels(), ("app", Some(ProbeKind::Startup)));
         assert_eq!(tcp.timeout, Some(Duration::from_secs(7)));
 
         let none = pod.recorded(grpc_on(1));
         assert_eq!(none, Recorded::default());
-        assert_eq!(none.labels(), ("", prober::ProbeKind::Unknown));
+        assert_eq!(none.labels(), ("", None));
     }
 
     #[test]
@@ -716,7 +717,7 @@ status:
         assert!(pod.originals_error.is_none());
         let live = pod
             .originals
-            .get("app", crate::rewrite::ProbeKind::Liveness)
+            .get("app", ProbeKind::Liveness)
             .expect("recorded");
         assert_eq!(
             live.probe()

@@ -69,38 +69,6 @@ pub struct Outcome {
     pub latency: Duration,
 }
 
-/// Which of a container's probes an outcome belongs to, as counted in metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ProbeKind {
-    Liveness,
-    Readiness,
-    Startup,
-    /// A probe that reached the healthcheck port, whose request names neither the container nor
-    /// the kind of probe it stands for.
-    Unknown,
-}
-
-impl From<crate::rewrite::ProbeKind> for ProbeKind {
-    fn from(kind: crate::rewrite::ProbeKind) -> Self {
-        match kind {
-            crate::rewrite::ProbeKind::Liveness => Self::Liveness,
-            crate::rewrite::ProbeKind::Readiness => Self::Readiness,
-            crate::rewrite::ProbeKind::Startup => Self::Startup,
-        }
-    }
-}
-
-impl ProbeKind {
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Liveness => "liveness",
-            Self::Readiness => "readiness",
-            Self::Startup => "startup",
-            Self::Unknown => "unknown",
-        }
-    }
-}
-
 /// What a probe speaks, as counted in metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {

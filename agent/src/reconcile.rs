@@ -22,6 +22,7 @@ use std::{
     time::Duration,
 };
 
+use probe_bypass_rewrite::ProbeKind;
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -32,7 +33,6 @@ use crate::{
     netns::{Netns, NetnsError},
     pod::{Pod, PodKey},
     ports::NETNS_RECHECK,
-    rewrite::ProbeKind,
     source::{Pending, Snapshot},
     time::{Backoff, sleep_until},
 };

@@ -1,8 +1,8 @@
 //! `probe-bypass webhook`: the mutating admission webhook that rewrites a new Pod's probes as
-//! [`crate::rewrite`] does, so that they reach the agent past the mesh's sidecar.
+//! [`probe_bypass_rewrite`] does, so that they reach the agent past the mesh's sidecar.
 //!
-//! - [`review`]: an AdmissionReview v1 request body in, the answer out (a JSON Patch and the
-//!   rewriter's warnings), or why the body is not a review. Pure, and fuzzed.
+//! - [`probe_bypass_rewrite::review`]: an AdmissionReview v1 request body in, the answer out (a
+//!   JSON Patch and the rewriter's warnings), or why the body is not a review. Pure, and fuzzed.
 //! - [`certs`]: the serving certificate, re-read when cert-manager renews it.
 //! - [`server`]: HTTPS (HTTP/2 or HTTP/1.1 by ALPN) at [`WEBHOOK_MUTATE_PATH`], and a plain-HTTP
 //!   [`WEBHOOK_HEALTHZ_PATH`] for the webhook's own probes.
@@ -10,7 +10,6 @@
 //! The webhook needs no access to the Kubernetes API: everything it reads is in the review.
 
 pub mod certs;
-pub mod review;
 pub mod server;
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};

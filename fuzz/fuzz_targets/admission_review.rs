@@ -6,7 +6,7 @@
 
 use k8s_openapi::ByteString;
 use libfuzzer_sys::fuzz_target;
-use probe_bypass::{rewrite::Style, webhook::review::review};
+use probe_bypass_rewrite::{Style, review::review};
 use serde_json::Value;
 
 fuzz_target!(|data: &[u8]| {

@@ -5,9 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use probe_bypass::{
-    ports::ORIGINAL_PROBES_ANNOTATION,
-    rewrite::{OriginalProbes, Style, rewrite_pod},
+use probe_bypass_rewrite::{
+    OriginalProbes, Style, contract::ORIGINAL_PROBES_ANNOTATION, rewrite_pod,
 };
 use serde_json::Value;
 

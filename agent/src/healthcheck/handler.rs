@@ -1,20 +1,20 @@
 //! What a healthcheck request asks for: a port to dial, a gRPC health check to run, or an answer
 //! without either. What a request on 15901-15903 asks for is in [`super::probes`].
 
-use super::{
-    Outcome,
-    http::{Request, Response},
-};
-use crate::{
-    pod::Pod,
-    ports::{
+use probe_bypass_rewrite::{
+    ProbeKind,
+    contract::{
         GRPC_HEALTHCHECK_PATH, HEALTHCHECK_PATHS, ORIGINAL_GRPC_PORT_HEADER,
         ORIGINAL_GRPC_SERVICE_HEADER, ORIGINAL_HTTP_PATH_HEADER, ORIGINAL_HTTP_PORT_HEADER,
         ORIGINAL_TCP_PORT_HEADER,
     },
-    prober::http::HttpProbe,
-    rewrite::ProbeKind,
 };
+
+use super::{
+    Outcome,
+    http::{Request, Response},
+};
+use crate::{pod::Pod, prober::http::HttpProbe};
 
 /// The headers the listeners read; the kubelet's `User-Agent` is passed on to the app by the
 /// probes the agent runs.

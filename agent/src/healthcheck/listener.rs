@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use probe_bypass_rewrite::{ProbeKind, ports::resolve_port};
 use tokio::{
     io::AsyncReadExt,
     net::{TcpListener, TcpStream},
@@ -26,7 +27,6 @@ use crate::{
     metrics::Metrics,
     netns::{Netns, NetnsError, NetnsWorker},
     pod::Pod,
-    rewrite::{ProbeKind, ports::resolve_port},
 };
 
 /// How long an answered connection waits for the prober to close it. The side that closes first

@@ -24,6 +24,13 @@ use std::{
 };
 
 use k8s_openapi::{api::core::v1::HTTPGetAction, apimachinery::pkg::util::intstr::IntOrString};
+use probe_bypass_rewrite::{
+    ProbeKind,
+    contract::{
+        HEALTHCHECK_PATH, HEALTHCHECK_PATHS, ORIGINAL_HTTP_PATH_HEADER, ORIGINAL_HTTP_PORT_HEADER,
+        ORIGINAL_PROBES_ANNOTATION,
+    },
+};
 use tokio::net::TcpStream;
 
 use super::{
@@ -34,16 +41,11 @@ use super::{
 use crate::{
     netns::Netns,
     pod::Pod,
-    ports::{
-        HEALTHCHECK_PATH, HEALTHCHECK_PATHS, ORIGINAL_HTTP_PATH_HEADER, ORIGINAL_HTTP_PORT_HEADER,
-        ORIGINAL_PROBES_ANNOTATION,
-    },
     prober::{
         self, DEFAULT_USER_AGENT, NetnsConnector, Protocol, Verdict,
         http::{HttpProbe, connect_first},
         timeout_of,
     },
-    rewrite::ProbeKind,
 };
 
 /// The first byte of a TLS connection: a handshake record (the ClientHello). No HTTP/1 request
@@ -226,7 +228,7 @@ pub async fn check(
     ctx.metrics.prober(
         &pod.key,
         &route.container,
-        route.kind.into(),
+        Some(route.kind),
         route.probe.protocol(),
         &outcome,
     );
@@ -290,7 +292,7 @@ pub async fn pass_through(
                 kind.port(),
                 describe(result)
             );
-            ctx.metrics.passthrough(&pod.key, "", kind.into(), result);
+            ctx.metrics.passthrough(&pod.key, "", Some(kind), result);
             return;
         }
     };
@@ -324,7 +326,7 @@ pub async fn pass_through(
         started.elapsed()
     );
     ctx.metrics
-        .passthrough(&pod.key, container, kind.into(), result);
+        .passthrough(&pod.key, container, Some(kind), result);
 }
 
 /// The container and the probe whose port TLS on the `kind` probe port goes to.
@@ -357,7 +359,7 @@ fn describe(result: Passthrough) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rewrite::OriginalProbes;
+    use probe_bypass_rewrite::OriginalProbes;
 
     fn pod(originals: &str) -> Pod {
         Pod {
@@ -504,7 +506,10 @@ mod tests {
         let tcp = route(
             &request(
                 HEALTHCHECK_PATH,
-                &[(crate::ports::ORIGINAL_TCP_PORT_HEADER, "8443")],
+                &[(
+                    probe_bypass_rewrite::contract::ORIGINAL_TCP_PORT_HEADER,
+                    "8443",
+                )],
             ),
             &pod(ORIGINALS),
             ProbeKind::Readiness,

@@ -34,6 +34,7 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{ContainerPort, HTTPGetAction};
+use probe_bypass_rewrite::ports::{PortError, resolve_port};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{
@@ -41,11 +42,7 @@ use super::{
     redirect::{self, Decision, RedirectError, Scheme, Url},
     tls::{self, TlsError},
 };
-use crate::{
-    dial::StreamError,
-    error::error_chain,
-    rewrite::ports::{PortError, resolve_port},
-};
+use crate::{dial::StreamError, error::error_chain};
 
 /// The most bytes of a response body the kubelet reads.
 pub const MAX_BODY: usize = 10 * 1024;

@@ -3,6 +3,7 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
+use probe_bypass_rewrite::ProbeKind;
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -12,7 +13,6 @@ use crate::{
     healthcheck::{self, Endpoint},
     netns::{Netns, NetnsError, NetnsId, netns_cookie},
     pod::{Pod, PodKey},
-    rewrite::ProbeKind,
 };
 
 impl Reconciler {

@@ -13,20 +13,20 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use probe_bypass_rewrite::{
+    Style,
+    review::{self, Admission},
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{
     TlsAcceptor,
     rustls::{self, ServerConfig, crypto::ring},
 };
 
-use super::{
-    certs::CurrentCert,
-    review::{self, Admission},
-};
+use super::certs::CurrentCert;
 use crate::{
     http_text::text,
     ports::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH},
-    rewrite::Style,
 };
 
 /// Largest review read. The API server caps a request at 3 MiB, and a CREATE's review carries the

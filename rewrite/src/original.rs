@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::ProbeKind;
-use crate::ports::ORIGINAL_PROBES_ANNOTATION;
+use crate::contract::ORIGINAL_PROBES_ANNOTATION;
 
 /// Why the annotation could not be read.
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,7 @@
 //!   the rewriter cannot read is one the API server refuses itself, with a better message.
 
 use k8s_openapi::ByteString;
-use kube::core::{
+use kube_core::{
     DynamicObject,
     admission::{
         AdmissionRequest, AdmissionResponse, AdmissionReview, META_API_VERSION_V1, META_KIND,
@@ -21,7 +21,7 @@ use kube::core::{
 };
 use serde_json::Value;
 
-use crate::rewrite::{Style, rewrite_pod};
+use crate::{Style, rewrite_pod};
 
 /// Prefix of every admission warning: `kubectl` prints them without saying which webhook spoke.
 pub const WARNING_PREFIX: &str = "probe-bypass: ";
@@ -231,7 +231,7 @@ mod tests {
 
     use super::*;
 
-    const FIXTURE: &str = include_str!("../../../tests/fixtures/rewrite/admission-review.json");
+    const FIXTURE: &str = include_str!("../../tests/fixtures/rewrite/admission-review.json");
 
     fn fixture() -> Value {
         serde_json::from_str(FIXTURE).expect("fixture")

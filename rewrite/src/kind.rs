@@ -1,8 +1,9 @@
-//! The three probes a container can have, and what each is called where the rewriter meets it.
+//! The three probes a container can have, and what each is called where the rewriter and the agent
+//! meet it.
 
 use std::fmt;
 
-use crate::ports::{
+use crate::contract::{
     LIVENESS_PROBE_PATH, LIVENESS_PROBE_PORT, READINESS_PROBE_PATH, READINESS_PROBE_PORT,
     STARTUP_PROBE_PATH, STARTUP_PROBE_PORT,
 };
@@ -28,7 +29,8 @@ impl ProbeKind {
         }
     }
 
-    /// The key of the probe in the original-probes annotation, and its name in messages.
+    /// The key of the probe in the original-probes annotation, its name in messages, and the
+    /// agent's `probe` label in metrics.
     pub fn name(self) -> &'static str {
         match self {
             Self::Liveness => "liveness",

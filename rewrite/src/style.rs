@@ -5,14 +5,18 @@
 use serde_json::{Map, Value, json};
 
 use super::{ProbeKind, probe::Check};
-use crate::ports::{
+use crate::contract::{
     GRPC_HEALTHCHECK_PATH, HEALTHCHECK_PATH, HEALTHCHECK_PORT, ORIGINAL_GRPC_PORT_HEADER,
     ORIGINAL_GRPC_SERVICE_HEADER, ORIGINAL_HTTP_PATH_HEADER, ORIGINAL_HTTP_PORT_HEADER,
     ORIGINAL_TCP_PORT_HEADER,
 };
 
 /// Which shape rewritten httpGet probes take. tcpSocket and gRPC probes take one shape in both.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+///
+/// With the `clap` feature, a `--style` value of the agent's command line (`osm`, `fsm`), its help
+/// from these doc comments; without it, the fuzz targets and tests build no command-line parser.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Style {
     /// OSM's shape: an HTTP probe goes to `/fsm-<kind>-probe/<container>` on the kind's port
     /// (15901-15903); an HTTPS probe only changes port. The agent finds the original probe in

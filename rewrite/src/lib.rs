@@ -1,6 +1,13 @@
-//! Rewrites a pod's probes so that the kubelet asks the agent, past the mesh's sidecar, and records
-//! the originals so that the agent knows what to check. Used by `probe-bypass rewrite` and by an
-//! admission webhook, which returns [`Rewrite::patch`] to the API server as it is.
+//! probe-bypass-rewrite: everything kernel-free that the probe rewriter and the admission webhook
+//! need, and the contract between the rewriter and the agent ([`contract`]: the ports, paths,
+//! headers and annotations a rewritten probe carries, [`ProbeKind`], [`OriginalProbes`],
+//! [`ports::resolve_port`]). It depends on no kernel or runtime crate (no aya, nix, tokio), so it
+//! builds, tests and fuzzes without the eBPF toolchain and without the agent, which depends on it.
+//!
+//! The rewriter rewrites a pod's probes so that the kubelet asks the agent, past the mesh's
+//! sidecar, and records the originals so that the agent knows what to check. Used by
+//! `probe-bypass rewrite` ([`manifest`]) and by the admission webhook, which returns
+//! [`Rewrite::patch`] to the API server as it is.
 //!
 //! The rules (`docs/probe-rewriting.md` has the same with examples):
 //! - Only `spec.containers[*]` are rewritten. Init containers, restartable init containers
@@ -29,12 +36,14 @@
 //!   recorded as an original.
 //! - A pod annotated [`REWRITE_ANNOTATION`]`: "disabled"` is left alone: no patch, no warning.
 
+pub mod contract;
 mod kind;
 pub mod manifest;
 pub mod original;
 mod patch;
 pub mod ports;
 mod probe;
+pub mod review;
 mod style;
 mod warning;
 
@@ -51,7 +60,7 @@ pub use self::{
     style::Style,
     warning::{Issue, Unchanged, Warning},
 };
-use crate::ports::{ORIGINAL_PROBES_ANNOTATION, REWRITE_ANNOTATION, REWRITE_DISABLED};
+use crate::contract::{ORIGINAL_PROBES_ANNOTATION, REWRITE_ANNOTATION, REWRITE_DISABLED};
 
 /// What rewriting a pod comes to.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -4,7 +4,7 @@
 use std::fmt;
 
 use super::{ProbeKind, ports::PortError};
-use crate::ports::{REWRITE_ANNOTATION, REWRITE_DISABLED};
+use crate::contract::{REWRITE_ANNOTATION, REWRITE_DISABLED};
 
 /// Why one probe was left as it was.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -11,7 +11,7 @@ use super::{
     ports::{PortError, resolve_port},
     warning::Unchanged,
 };
-use crate::ports::{
+use crate::contract::{
     GRPC_HEALTHCHECK_PATH, HEALTHCHECK_PATHS, HEALTHCHECK_PORT, ORIGINAL_GRPC_PORT_HEADER,
     ORIGINAL_HTTP_PORT_HEADER, ORIGINAL_TCP_PORT_HEADER,
 };
