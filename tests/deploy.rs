@@ -47,7 +47,7 @@ use privilege::skip;
 use probe_bypass::{
     cli::{Cli, Command as AgentCommand, HealthArgs, RunArgs, SelectedSource},
     datapath::DatapathMode,
-    ports::{
+    defaults::{
         ALIVE_PATH, BPFFS_DEFAULT_MOUNT, DEFAULT_ADMIN_ADDR, METRICS_PATH, READY_PATH,
         WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH,
     },

@@ -19,11 +19,11 @@ use std::{
 
 use futures::future::join_all;
 use k8s_openapi::api::core::v1::{ContainerPort, Probe};
-use probe_bypass::prober::{
+use probe_bypass::pod::timeout_of;
+use probe_bypass::serve::prober::{
     Connector as _, NetnsConnector, Outcome, Verdict,
     grpc::{self, GrpcProbe},
     http::{self, HttpProbe},
-    timeout_of,
 };
 use probe_bypass_rewrite::{ProbeKind, Style, ports::resolve_port, rewrite_in_place};
 use serde_json::{Value, json};

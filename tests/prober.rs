@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use probe_bypass::prober::{
+use probe_bypass::serve::prober::{
     NetnsConnector, Outcome, Verdict,
     grpc::{self, GrpcProbe},
     http::{self, HttpProbe, MAX_BODY},

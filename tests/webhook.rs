@@ -27,7 +27,7 @@ use hyper::{Method, Request, StatusCode, body::Bytes};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::ByteString;
 use probe_bypass::{
-    ports::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH},
+    defaults::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH},
     webhook::server::MAX_BODY,
 };
 use probe_bypass_rewrite::review::WARNING_PREFIX;

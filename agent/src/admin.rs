@@ -28,10 +28,10 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    defaults::{ALIVE_PATH, METRICS_PATH, READY_PATH},
     http_text::text,
-    metrics::Metrics,
     pod::PodKey,
-    ports::{ALIVE_PATH, METRICS_PATH, READY_PATH},
+    serve::metrics::Metrics,
 };
 
 pub mod health;

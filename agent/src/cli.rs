@@ -8,13 +8,13 @@ use probe_bypass_rewrite::{Style, contract::HEALTHCHECK_PORT};
 
 use crate::{
     datapath::DatapathMode,
-    exclusions::{parse_cidr_list, parse_port_list},
-    healthcheck::TcpTarget,
-    ports::{
+    defaults::{
         BPFFS_DEFAULT_MOUNT, DEFAULT_ADMIN_ADDR, DEFAULT_ADMIN_SOCKET, DEFAULT_MESH_LABELS,
         DEFAULT_PIN_DIR, DEFAULT_PROBE_PORTS, DEFAULT_PROC_ROOT, DEFAULT_WEBHOOK_HEALTHZ,
         DEFAULT_WEBHOOK_LISTEN, PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT, PROXY_UID,
     },
+    exclusions::{parse_cidr_list, parse_port_list},
+    serve::healthcheck::TcpTarget,
     source::{
         PodSource,
         kube::{LabelMatch, MeshSelector},

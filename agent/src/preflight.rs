@@ -43,7 +43,7 @@ use nix::{
 
 use crate::{
     datapath::{DatapathError, DatapathMode, cgroup2_mount},
-    ports::BPFFS_DEFAULT_MOUNT,
+    defaults::BPFFS_DEFAULT_MOUNT,
     source::PodSource,
 };
 

@@ -29,10 +29,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     admin::NodeStatus,
     datapath::{Datapath, DatapathError, SharedDatapath},
-    healthcheck::Context,
+    defaults::NETNS_RECHECK,
     netns::{Netns, NetnsError},
     pod::{Pod, PodKey},
-    ports::NETNS_RECHECK,
+    serve::healthcheck::Context,
     source::{Pending, Snapshot},
     time::{Backoff, sleep_until},
 };

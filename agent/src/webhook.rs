@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use self::certs::{CertError, CertFiles};
 use crate::{
     cli::WebhookArgs,
-    ports::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH},
+    defaults::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH},
 };
 
 /// How long the webhook keeps answering after SIGTERM (the Deployment's grace period is longer).

@@ -24,7 +24,7 @@ use std::{
 
 use probe_bypass::{
     netns::{Netns, NetnsWorker, netns_cookie},
-    prober::NetnsConnector,
+    serve::prober::NetnsConnector,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 

@@ -79,7 +79,7 @@ impl AppPod {
 /// leave the node for the pod.
 pub struct HostConnector;
 
-impl probe_bypass::prober::Connector for HostConnector {
+impl probe_bypass::serve::prober::Connector for HostConnector {
     async fn connect(
         &self,
         addr: SocketAddr,

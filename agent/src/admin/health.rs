@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use crate::ports::{ALIVE_PATH, READY_PATH};
+use crate::defaults::{ALIVE_PATH, READY_PATH};
 
 /// Bound on connecting, sending and reading the answer; the kubelet's own timeout is longer.
 const TIMEOUT: Duration = Duration::from_secs(2);

@@ -8,7 +8,7 @@ use std::{
 };
 
 use super::DatapathError;
-use crate::ports::PROC_MOUNTS;
+use crate::defaults::PROC_MOUNTS;
 
 /// Where the cgroup v2 hierarchy is mounted: `/sys/fs/cgroup` on current nodes,
 /// `/sys/fs/cgroup/unified` on hybrid ones, and elsewhere on some. Read from `/proc/mounts`, so

@@ -10,9 +10,9 @@ use tokio_util::sync::CancellationToken;
 use super::{Entry, RETRY, Reconciler, ServeError, State, pods::pod_rules};
 use crate::{
     datapath::{Datapath, Inbound},
-    healthcheck::{self, Endpoint},
     netns::{Netns, NetnsError, NetnsId, netns_cookie},
     pod::{Pod, PodKey},
+    serve::healthcheck::{self, Endpoint},
 };
 
 impl Reconciler {

@@ -35,9 +35,9 @@ pub use self::{
 };
 use super::Snapshot;
 use crate::{
+    defaults::NETNS_RECHECK,
     discovery::{NetnsLookup, NetnsQuery},
     error::error_chain,
-    ports::NETNS_RECHECK,
     time::sleep_until,
 };
 

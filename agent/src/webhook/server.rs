@@ -25,8 +25,8 @@ use tokio_rustls::{
 
 use super::certs::CurrentCert;
 use crate::{
+    defaults::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH},
     http_text::text,
-    ports::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH},
 };
 
 /// Largest review read. The API server caps a request at 3 MiB, and a CREATE's review carries the

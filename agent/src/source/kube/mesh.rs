@@ -18,8 +18,8 @@ use std::{fmt, str::FromStr};
 
 use k8s_openapi::api::core::v1::{Container, Pod as K8sPod};
 
-use crate::ports::DEFAULT_MESH_LABELS;
-use crate::ports::{MESH_ANNOTATION_PREFIXES, PROXY_UID};
+use crate::defaults::DEFAULT_MESH_LABELS;
+use crate::defaults::{MESH_ANNOTATION_PREFIXES, PROXY_UID};
 
 /// The injection annotation, after a [`MESH_ANNOTATION_PREFIXES`] prefix.
 const INJECTION_ANNOTATION: &str = "sidecar-injection";

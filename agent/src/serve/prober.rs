@@ -8,7 +8,7 @@
 //!
 //! Both connect through a [`Connector`]; in the agent that is a [`NetnsConnector`], which makes the
 //! connection from inside the pod. Both return an [`Outcome`], which the caller answers with and
-//! counts in metrics ([`Metrics::prober`](crate::metrics::Metrics::prober)).
+//! counts in metrics ([`Metrics::prober`](crate::serve::metrics::Metrics::prober)).
 
 pub mod grpc;
 mod health_proto;
@@ -85,13 +85,6 @@ impl Protocol {
             Self::Grpc => "grpc",
         }
     }
-}
-
-/// A probe's `timeoutSeconds` as the kubelet applies it: 1 s when absent (the API server's
-/// default), and never under 1 s (the API server's minimum).
-pub fn timeout_of(probe: &k8s_openapi::api::core::v1::Probe) -> Duration {
-    let seconds = probe.timeout_seconds.unwrap_or(1).max(1);
-    Duration::from_secs(u64::try_from(seconds).unwrap_or(1))
 }
 
 /// The User-Agent to send when the kubelet's own is not known: the kubelet sends

@@ -12,7 +12,7 @@ use super::{Context, Outcome, http::Response};
 use crate::{
     netns::Netns,
     pod::Pod,
-    prober::{self, DEFAULT_USER_AGENT, NetnsConnector, Protocol, Verdict, grpc::GrpcProbe},
+    serve::prober::{self, DEFAULT_USER_AGENT, NetnsConnector, Protocol, Verdict, grpc::GrpcProbe},
 };
 
 /// Runs the health check of `service` on `port` of `pod`, at the pod IP as the kubelet does, and

@@ -14,7 +14,7 @@ use super::{
     Outcome,
     http::{Request, Response},
 };
-use crate::{pod::Pod, prober::http::HttpProbe};
+use crate::{pod::Pod, serve::prober::http::HttpProbe};
 
 /// The headers the listeners read; the kubelet's `User-Agent` is passed on to the app by the
 /// probes the agent runs.

@@ -21,9 +21,9 @@ use prometheus_client::{
 use crate::{
     datapath::{DatapathCollector, SharedDatapath},
     exclusions::{self, AnnotationError},
-    healthcheck::{Outcome, Passthrough},
     pod::PodKey,
-    prober::{self, Protocol, Verdict},
+    serve::healthcheck::{Outcome, Passthrough},
+    serve::prober::{self, Protocol, Verdict},
     source::kube::KubeMetrics,
 };
 

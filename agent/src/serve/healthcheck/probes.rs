@@ -4,7 +4,7 @@
 //! A request on the kind's port is one of:
 //! - the osm shape, `GET /fsm-<kind>-probe/<container>`: the agent runs that container's original
 //!   probe of that kind, from the pod's `probe-bypass.io/original-probes` annotation, with the
-//!   kubelet's rules ([`crate::prober::http`]) and the probe's own `timeoutSeconds`;
+//!   kubelet's rules ([`crate::serve::prober::http`]) and the probe's own `timeoutSeconds`;
 //! - the fsm shape, `GET /fsm-healthcheck` with `Original-Http-Port` and `Original-Http-Path`: the
 //!   same, for the recorded original of that kind with that port and path; with none recorded (a
 //!   pod FSM's own injector rewrote), a plain GET of that port and path, only to a port the pod's
@@ -40,11 +40,10 @@ use super::{
 };
 use crate::{
     netns::Netns,
-    pod::Pod,
-    prober::{
+    pod::{Pod, timeout_of},
+    serve::prober::{
         self, DEFAULT_USER_AGENT, NetnsConnector, Protocol, Verdict,
         http::{HttpProbe, connect_first},
-        timeout_of,
     },
 };
 

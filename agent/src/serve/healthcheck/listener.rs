@@ -24,9 +24,9 @@ use super::{
 use crate::{
     dial::{Dialed, Failure, dial},
     listen,
-    metrics::Metrics,
     netns::{Netns, NetnsError, NetnsWorker},
     pod::Pod,
+    serve::metrics::Metrics,
 };
 
 /// How long an answered connection waits for the prober to close it. The side that closes first
