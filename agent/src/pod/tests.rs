@@ -5,9 +5,9 @@ fn a_healthcheck_request_is_matched_to_the_recorded_probes_it_may_stand_for() {
     let mut pod = Pod::for_tests();
     pod.originals = OriginalProbes::parse(
         r#"{"app": {"liveness": {"grpc": {"port": 9090}, "timeoutSeconds": 4},
-                    "readiness": {"grpc": {"port": 9090}},
-                    "startup": {"tcpSocket": {"port": "db"}, "timeoutSeconds": 7}},
-            "cache": {"liveness": {"grpc": {"port": 9091}, "timeoutSeconds": 2}}}"#,
+                        "readiness": {"grpc": {"port": 9090}},
+                        "startup": {"tcpSocket": {"port": "db"}, "timeoutSeconds": 7}},
+                "cache": {"liveness": {"grpc": {"port": 9091}, "timeoutSeconds": 2}}}"#,
     )
     .expect("a record");
     pod.container_ports.insert(
@@ -85,38 +85,38 @@ metadata:
   name: bookstore
   namespace: shop
   annotations:
-probe-bypass/netns: pod-a
+    probe-bypass/netns: pod-a
 spec:
   containers:
   - name: app
-image: bookstore
-ports:
-- name: http
-  containerPort: 14001
-livenessProbe:
-  tcpSocket:
-    port: http
-readinessProbe:
-  httpGet:
-    path: /fsm-healthcheck
-    port: 15904
-    httpHeaders:
-    - name: Original-Tcp-Port
-      value: "14002"
-startupProbe:
-  httpGet:
-    path: /probe-bypass-grpc
-    port: 15904
-    httpHeaders:
-    - name: Original-Grpc-Port
-      value: "14003"
+    image: bookstore
+    ports:
+    - name: http
+      containerPort: 14001
+    livenessProbe:
+      tcpSocket:
+        port: http
+    readinessProbe:
+      httpGet:
+        path: /fsm-healthcheck
+        port: 15904
+        httpHeaders:
+        - name: Original-Tcp-Port
+          value: "14002"
+    startupProbe:
+      httpGet:
+        path: /probe-bypass-grpc
+        port: 15904
+        httpHeaders:
+        - name: Original-Grpc-Port
+          value: "14003"
   initContainers:
   - name: sidecar
-image: proxy
-restartPolicy: Always
-livenessProbe:
-  tcpSocket:
-    port: 15000
+    image: proxy
+    restartPolicy: Always
+    livenessProbe:
+      tcpSocket:
+        port: 15000
 status:
   podIP: 198.18.0.2
 "#;
