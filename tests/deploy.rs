@@ -8,11 +8,6 @@
     reason = "the helpers read test fixtures: a missing piece fails the test, naming it"
 )]
 
-// The skip-or-fail rule of the privileged tests; this file needs none of the rest of the support.
-#[path = "support/privilege.rs"]
-#[allow(dead_code, reason = "only the skip rule is used here")]
-mod privilege;
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -43,7 +38,6 @@ use k8s_openapi::{
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use privilege::skip;
 use probe_bypass::{
     admin::{ALIVE_PATH, METRICS_PATH, READY_PATH},
     cli::{
@@ -52,6 +46,7 @@ use probe_bypass::{
     ports::{DEFAULT_ADMIN_ADDR, WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH},
     preflight,
 };
+use probe_bypass_testing::privilege::skip;
 use serde::{Deserialize as _, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
@@ -700,7 +695,7 @@ fn the_init_container_mounts_bpffs_where_the_agent_pins_and_nothing_else() {
     let dir = std::env::temp_dir().join(format!("pb-deploy-bpffs-{}", std::process::id()));
     fs::create_dir_all(&dir).expect("create the mount point");
     let run = || {
-        Command::new(env!("CARGO_BIN_EXE_probe-bypass"))
+        Command::new(probe_bypass_testing::agent_bin())
             .args(["mount-bpffs", "--at"])
             .arg(&dir)
             .output()
@@ -911,7 +906,7 @@ fn free_loopback_port() -> SocketAddr {
 /// The agent's binary with `args`. Without the datapath and without pods the agent needs no
 /// privilege at all: prove it by running it, and its probes, as nobody when the test runs as root.
 fn agent_command(args: &[String]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_probe-bypass"));
+    let mut command = Command::new(probe_bypass_testing::agent_bin());
     command.args(args);
     if nix::unistd::geteuid().is_root() {
         command.uid(65534).gid(65534);

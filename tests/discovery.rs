@@ -16,8 +16,6 @@
     reason = "a test fails by panicking, with a message naming the step that broke"
 )]
 
-mod support;
-
 use std::{
     collections::HashMap,
     env, fs,
@@ -37,7 +35,8 @@ use probe_bypass::{
     netns::{NetnsId, NetnsWorker},
     pod::NetnsRef,
 };
-use support::pod::{TestPod, ip};
+use probe_bypass_testing::pod::{TestPod, ip};
+use probe_bypass_testing::require_privileges;
 
 const PROC: &str = "/proc";
 

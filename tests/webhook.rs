@@ -9,8 +9,6 @@
     reason = "test setup that cannot proceed panics, naming what failed"
 )]
 
-mod support;
-
 use std::{
     fs,
     io::{Read as _, Write as _},
@@ -30,12 +28,12 @@ use probe_bypass::{
     ports::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH},
     webhook::{review::WARNING_PREFIX, server::MAX_BODY},
 };
-use serde::Deserialize as _;
-use serde_json::{Value, json};
-use support::{
+use probe_bypass_testing::{
     rewrite_cli::run_rewrite,
     sidecar::{Certificates, TempDir},
 };
+use serde::Deserialize as _;
+use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream as AsyncTcpStream,
@@ -121,7 +119,7 @@ impl Drop for Webhook {
 
 fn webhook_command(cert: &Path, key: &Path, style: &str, log: &Path) -> Command {
     let log = fs::File::create(log).expect("the log file");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_probe-bypass"));
+    let mut command = Command::new(probe_bypass_testing::agent_bin());
     command
         .args([
             "webhook",

@@ -73,14 +73,10 @@
 //! 5,000; 1 MiB transfers are an eighth of it, mTLS connects at most 3,000). The default run takes
 //! about a minute.
 
-#![allow(
+#![expect(
     clippy::expect_used,
     reason = "a benchmark stops at the first failure, with a message"
 )]
-
-mod common;
-#[path = "../../tests/support/mod.rs"]
-mod support;
 
 use std::{
     env, fmt, fs,
@@ -97,7 +93,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{machine, micros};
 use ipnet::IpNet;
 use probe_bypass::{
     datapath::{self, Counters, Datapath, PodRules, Settings, listeners},
@@ -105,8 +100,8 @@ use probe_bypass::{
     netns::NetnsWorker,
     preflight,
 };
-use socket2::{Domain, Protocol, Socket, Type};
-use support::{
+use probe_bypass_testing::bench::{machine, micros};
+use probe_bypass_testing::{
     bpffs::TestPins,
     cgroup::{TestCgroup, attached_programs},
     pod::TestPod,
@@ -114,6 +109,7 @@ use support::{
         Certificates, INBOUND_PORT, OUTBOUND_PORT, PROXY_UID, Sidecar, TempDir, start_haproxy,
     },
 };
+use socket2::{Domain, Protocol, Socket, Type};
 
 /// Set in the environment of the benchmark's own children: `client` or `app`.
 const ROLE: &str = "PB_BENCH_DATAPATH_ROLE";
@@ -171,7 +167,7 @@ fn main() {
         Ok(other) => panic!("{ROLE}={other:?}: expected client or app"),
         Err(_) => {}
     }
-    if !support::privilege::bench_can_run("datapath") {
+    if !probe_bypass_testing::privilege::bench_can_run("datapath") {
         return;
     }
     if let Some(missing) = missing_tools() {

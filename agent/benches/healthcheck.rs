@@ -27,14 +27,10 @@
 //!
 //! `PB_BENCH_REQUESTS` overrides the request count per measurement (default 10 000), for a quick run.
 
-#![allow(
+#![expect(
     clippy::expect_used,
     reason = "a benchmark stops at the first failure, with a message"
 )]
-
-mod common;
-#[path = "../../tests/support/mod.rs"]
-mod support;
 
 use std::{
     fs,
@@ -46,15 +42,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{machine, micros};
 use probe_bypass::rewrite::{ProbeKind, Style, rewrite_in_place};
-use serde_json::{Value, json};
-use socket2::{Domain, Protocol, Socket, Type};
-use support::{
+use probe_bypass_testing::bench::{machine, micros};
+use probe_bypass_testing::{
     agent::{Agent, ManifestDir},
     kubelet,
     pod::{App, TestPod},
 };
+use serde_json::{Value, json};
+use socket2::{Domain, Protocol, Socket, Type};
 
 /// The pod counts measured: one pod, the kubelet's default `maxPods`, and a dense node.
 const SIZES: [usize; 3] = [1, 110, 500];
@@ -101,7 +97,7 @@ const SETUP_THREADS: usize = 8;
 const READY_WITHIN: Duration = Duration::from_secs(60);
 
 fn main() {
-    if !support::privilege::bench_can_run("healthcheck") {
+    if !probe_bypass_testing::privilege::bench_can_run("healthcheck") {
         return;
     }
     let requests = requests();

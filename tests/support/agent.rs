@@ -11,6 +11,32 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// The agent's binary, `probe-bypass`, as cargo built it for the test or benchmark running now.
+///
+/// `env!("CARGO_BIN_EXE_probe-bypass")` is set only while cargo compiles the agent package's own
+/// tests and benchmarks, not this crate, so the binary is found the way assert_cmd's `cargo_bin`
+/// finds it: beside the running executable's directory. A test or benchmark runs from
+/// `target/<profile>/deps/<name>-<hash>`, and cargo puts the package's binaries, which it builds
+/// for its integration tests and benchmarks, in `target/<profile>/`.
+pub fn agent_bin() -> PathBuf {
+    let exe = std::env::current_exe()
+        .unwrap_or_else(|error| panic!("the path of the running test: {error}"));
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join(format!("probe-bypass{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "the agent binary is not at {} (next to the running {}): run the tests and benchmarks \
+         through cargo (`cargo test -p probe-bypass`, `cargo bench -p probe-bypass`), which \
+         builds it",
+        bin.display(),
+        exe.display()
+    );
+    bin
+}
+
 static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
 
 /// A pod manifests directory, deleted on drop. Writes are atomic (write a dotfile, then rename), as a
@@ -129,7 +155,7 @@ impl Agent {
             admin.port()
         ));
         let log_file = fs::File::create(&log).expect("agent log file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_probe-bypass"));
+        let mut command = Command::new(agent_bin());
         command
             .arg("run")
             .args(source)

@@ -18,7 +18,7 @@ use std::{
 
 use probe_bypass::datapath::cgroup2_mount;
 
-use crate::support::pod::TestPod;
+use crate::pod::TestPod;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 

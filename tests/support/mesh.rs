@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{
+use crate::{
     agent::{Agent, ManifestDir},
     bpffs::TestPins,
     cgroup::{TestCgroup, attached_programs},
@@ -38,16 +38,12 @@ pub const HEALTHCHECK_PORT: u16 = 15904;
 const HEALTHCHECK_PATH: &str = "/fsm-healthcheck";
 
 /// The mesh's rules, copied from `shared/fixtures` into the repository (CI clones only the repo).
-const FSM_INIT_RULES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../tests/fixtures/fsm-init.iptables"
-);
+/// This crate is `tests/support`, so the fixtures are a directory up.
+pub const FSM_INIT_RULES: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/fsm-init.iptables");
 
 /// The final rule of the fixture's outbound chain; FSM adds outbound exclusions before it.
-const OUTBOUND_CATCH_ALL: &str = "-A FSM_PROXY_OUTBOUND -j FSM_PROXY_OUT_REDIRECT";
-
-/// The agent under test.
-const AGENT: &str = env!("CARGO_BIN_EXE_probe-bypass");
+pub const OUTBOUND_CATCH_ALL: &str = "-A FSM_PROXY_OUTBOUND -j FSM_PROXY_OUT_REDIRECT";
 
 /// curl as every call runs it: `-q` first, so no ~/.curlrc; `--noproxy`, so no proxy from the
 /// environment either; and a bound on the call, so a connection the datapath swallows fails the
@@ -225,7 +221,7 @@ pub struct Observation {
 pub struct Node {
     // Fields drop in this order: the agent (and the datapath's pins) before the processes it
     // redirects, those before the cgroup that holds them, and that before the namespaces.
-    interception: Interception,
+    _interception: Interception,
     sidecars: Vec<(&'static str, Sidecar)>,
     /// Each app with the pod and port it serves.
     apps: Vec<(&'static str, u16, App)>,
@@ -259,7 +255,9 @@ enum Interception {
     Iptables {
         _agent: Agent,
     },
-    Ebpf(EbpfAgent),
+    Ebpf {
+        _agent: EbpfAgent,
+    },
 }
 
 impl Node {
@@ -323,10 +321,12 @@ impl Node {
             Mode::Iptables => Interception::Iptables {
                 _agent: start_agent(&manifests, &["--datapath", "none"]),
             },
-            Mode::Ebpf => Interception::Ebpf(EbpfAgent::start(&manifests, &cgroup)),
+            Mode::Ebpf => Interception::Ebpf {
+                _agent: EbpfAgent::start(&manifests, &cgroup),
+            },
         };
         Self {
-            interception,
+            _interception: interception,
             sidecars,
             apps,
             cgroup,
@@ -790,7 +790,7 @@ impl EbpfAgent {
 
     /// What is wrong after `probe-bypass uninstall`, if anything.
     fn uninstall(&self) -> Option<String> {
-        let output = match Command::new(AGENT)
+        let output = match Command::new(crate::agent_bin())
             .arg("uninstall")
             .arg("--pin-path")
             .arg(self.pins.path())

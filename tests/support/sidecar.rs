@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{cgroup::TestCgroup, pod::TestPod};
+use crate::{cgroup::TestCgroup, pod::TestPod};
 
 /// The proxy's UID and GID: the mesh's rules let this user's connections out unredirected.
 pub const PROXY_UID: u32 = 1500;
