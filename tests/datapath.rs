@@ -671,7 +671,7 @@ fn restarting_or_killing_the_agent_under_traffic_loses_no_redirect() {
     ];
     let dir = ManifestDir::new();
     dir.write("target.json", &target.pod.manifest("target", &[8080]));
-    let agent = Agent::start(&dir.path, &args);
+    let mut agent = Agent::start(&dir.path, &args);
     agent.wait_ready(200, Duration::from_secs(5));
 
     // Steady traffic from the host to the pod's app port for the whole test.

@@ -498,7 +498,7 @@ fn agent_restarted_on_the_same_directory_serves_again() {
         pod,
         _app,
         dir,
-        agent,
+        mut agent,
     } = node;
     assert_eq!(kubelet::probe(pod.healthcheck(), "8080").status, 200);
     let (status, _) = agent.terminate();
@@ -522,7 +522,7 @@ fn sigterm_lets_a_probe_in_flight_finish_and_exits_within_5s() {
         pod,
         _app,
         dir,
-        agent,
+        mut agent,
     } = node;
     let (status, took) = agent.terminate();
     assert!(status.success(), "exit status {status}");
