@@ -44,8 +44,8 @@
 //! - **The proxies speak plain TCP** to each other. The mesh's proxies use mTLS (the sidecar of
 //!   `tests/support/sidecar.rs`), whose handshakes cost far more than any redirect and would bury
 //!   the difference being measured; and a client in the host namespace would have to speak mTLS to
-//!   reach S at all. The sidecars here have the same frontends, backends and UID, without TLS and
-//!   without logging. To show what mTLS adds, the pod-to-pod connects are measured once more per
+//!   reach S at all. The sidecars here are that sidecar configured without TLS and without
+//!   logging, closing with a reset ([`SidecarConfig::plain`], `nolinger`). To show what mTLS adds, the pod-to-pod connects are measured once more per
 //!   interception with that mTLS sidecar swapped in (N = 10, at most [`MTLS_REQUESTS`], since it
 //!   leaves TIME_WAIT behind).
 //! - **The datapath is driven in-process** through [`Datapath`], as `tests/datapath.rs` does:
@@ -105,9 +105,7 @@ use probe_bypass_testing::{
     bpffs::TestPins,
     cgroup::{TestCgroup, attached_programs},
     pod::TestPod,
-    sidecar::{
-        Certificates, INBOUND_PORT, OUTBOUND_PORT, PROXY_UID, Sidecar, TempDir, start_haproxy,
-    },
+    sidecar::{Certificates, INBOUND_PORT, OUTBOUND_PORT, PROXY_UID, Sidecar, SidecarConfig},
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -473,7 +471,7 @@ impl Nodes {
 /// processes it redirects, the cgroup that holds them, and the namespaces last.
 struct Node {
     ebpf: Option<Ebpf>,
-    proxies: Vec<PlainProxy>,
+    /// The meshed pods' proxies: plain ones, then the mTLS ones in their place.
     sidecars: Vec<Sidecar>,
     apps: Vec<AppProcess>,
     certs: Option<Certificates>,
@@ -510,7 +508,6 @@ impl Node {
         let cgroup = TestCgroup::new();
         let mut node = Self {
             ebpf: None,
-            proxies: Vec::new(),
             sidecars: Vec::new(),
             apps: Vec::new(),
             certs: None,
@@ -527,15 +524,17 @@ impl Node {
         node
     }
 
-    /// HAProxy without TLS in C and S.
+    /// The sidecar in C and S without TLS and without a log, closing with a reset (`nolinger`) as
+    /// the clients do, so that it leaves no TIME_WAIT behind.
     fn start_plain_proxies(&mut self) {
-        let proxies = [&self.c, &self.s].map(|pod| PlainProxy::start(&self.cgroup, pod));
-        self.proxies.extend(proxies);
+        let config = SidecarConfig::plain().nolinger();
+        let proxies = [&self.c, &self.s].map(|pod| Sidecar::start_with(&self.cgroup, pod, &config));
+        self.sidecars.extend(proxies);
     }
 
     /// Replaces the plain proxies with the mTLS sidecar of the parity tests.
     fn start_mtls_sidecars(&mut self) {
-        self.proxies.clear();
+        self.sidecars.clear();
         let certs = Certificates::new();
         for (pod, name) in [(&self.c, "c"), (&self.s, "s")] {
             let pem = certs.issue(name);
@@ -978,61 +977,6 @@ impl Drop for Ebpf {
             Err(error) => eprintln!("{error}"),
         }
     }
-}
-
-/// HAProxy as the mesh's proxy, without TLS: the frontends, backends and UID of the sidecar in
-/// `tests/support/sidecar.rs`, no log, and `nolinger`, so that the proxies close with a reset
-/// as the clients do and leave no TIME_WAIT behind.
-struct PlainProxy {
-    child: Child,
-    /// Its configuration and output; removed with it.
-    _dir: TempDir,
-}
-
-impl PlainProxy {
-    fn start(cgroup: &TestCgroup, pod: &TestPod) -> Self {
-        let dir = TempDir::new("bench-proxy");
-        let child = start_haproxy(cgroup, pod, &dir, &plain_proxy_config());
-        Self { child, _dir: dir }
-    }
-}
-
-impl Drop for PlainProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn plain_proxy_config() -> String {
-    format!(
-        "global
-    uid {PROXY_UID}
-    gid {PROXY_UID}
-
-defaults
-    mode tcp
-    option nolinger
-    retries 0
-    timeout connect 1s
-    timeout client 5s
-    timeout server 5s
-
-frontend inbound
-    bind :{INBOUND_PORT}
-    default_backend to_local_app
-
-backend to_local_app
-    server local 127.0.0.1
-
-frontend outbound
-    bind :{OUTBOUND_PORT}
-    default_backend to_original_dst
-
-backend to_original_dst
-    server orig 0.0.0.0:0
-"
-    )
 }
 
 /// The app of a pod: this binary in the `app` role, in the pod's namespace and the test cgroup.
