@@ -85,10 +85,7 @@ use std::{
     panic,
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -104,7 +101,7 @@ use probe_bypass_testing::bench::{machine, micros};
 use probe_bypass_testing::{
     bpffs::TestPins,
     cgroup::{TestCgroup, attached_programs},
-    pod::TestPod,
+    pod::{App, TestPod, listener},
     sidecar::{Certificates, INBOUND_PORT, OUTBOUND_PORT, PROXY_UID, Sidecar, SidecarConfig},
 };
 use socket2::{Domain, Protocol, Socket, Type};
@@ -1250,54 +1247,25 @@ mod client {
     }
 }
 
-/// The app role: listens on 0.0.0.0 (so both the pod IP and 127.0.0.1, where the inbound proxy
-/// goes, reach it) on [`BYTE_PORT`] and [`MIB_PORT`], prints `ready`, and for every connection
-/// writes its payload and waits for the client to close, so that the client's reset, not the
-/// app, ends it. Runs until killed.
+/// The app role: the test support's sending app ([`App::sending`]) on 0.0.0.0 (so both the pod
+/// IP and 127.0.0.1, where the inbound proxy goes, reach it), [`APP_THREADS`] threads on each of
+/// [`BYTE_PORT`] and [`MIB_PORT`]. It prints `ready`, and for every connection writes its payload
+/// and waits for the client to close, so that the client's reset, not the app, ends it. Runs until
+/// killed.
 mod app {
     use super::*;
 
     pub fn main() {
-        let payload: Arc<Vec<u8>> = Arc::new(vec![b'x'; MIB]);
-        let mut threads = Vec::new();
-        for kind in [Kind::Byte, Kind::Mib] {
-            let listener = Arc::new(listen(kind.port()));
-            for _ in 0..APP_THREADS {
-                let listener = Arc::clone(&listener);
-                let payload = Arc::clone(&payload);
-                threads.push(thread::spawn(move || {
-                    while let Ok((connection, _)) = listener.accept() {
-                        serve(connection.into(), &payload[..kind.bytes()]);
-                    }
-                }));
-            }
-        }
+        let _apps = [Kind::Byte, Kind::Mib].map(|kind| {
+            let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), kind.port());
+            let socket = listener(addr).unwrap_or_else(|error| panic!("listen on {addr}: {error}"));
+            App::sending(socket, APP_THREADS, vec![b'x'; kind.bytes()].into())
+        });
         println!("ready");
         io::stdout().flush().expect("tell the benchmark");
-        for thread in threads {
-            let _ = thread.join();
+        loop {
+            thread::park();
         }
-    }
-
-    fn listen(port: u16) -> Socket {
-        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
-        let socket =
-            Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("an app socket");
-        socket.set_reuse_address(true).expect("SO_REUSEADDR");
-        socket
-            .bind(&addr.into())
-            .unwrap_or_else(|error| panic!("bind {addr}: {error}"));
-        socket.listen(1024).expect("listen");
-        socket
-    }
-
-    fn serve(mut stream: TcpStream, payload: &[u8]) {
-        if stream.write_all(payload).is_err() {
-            return;
-        }
-        let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
-        let mut buf = [0u8; 512];
-        while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
     }
 }
 
