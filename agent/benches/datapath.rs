@@ -45,9 +45,9 @@
 //!   `tests/support/sidecar.rs`), whose handshakes cost far more than any redirect and would bury
 //!   the difference being measured; and a client in the host namespace would have to speak mTLS to
 //!   reach S at all. The sidecars here are that sidecar configured without TLS and without
-//!   logging, closing with a reset ([`SidecarConfig::plain`], `nolinger`). To show what mTLS adds, the pod-to-pod connects are measured once more per
-//!   interception with that mTLS sidecar swapped in (N = 10, at most [`MTLS_REQUESTS`], since it
-//!   leaves TIME_WAIT behind).
+//!   logging, closing with a reset ([`SidecarConfig::plain`], `nolinger`). To show what mTLS
+//!   adds, the pod-to-pod connects are measured once more per interception with that mTLS sidecar
+//!   swapped in (N = 10, at most [`MTLS_REQUESTS`], since it leaves TIME_WAIT behind).
 //! - **The datapath is driven in-process** through [`Datapath`], as `tests/datapath.rs` does:
 //!   installed under the eBPF node's cgroup with a pin directory of this run's own under
 //!   /sys/fs/bpf, reinstalled over its pins to switch sk_msg (as a restarted agent with
@@ -81,11 +81,10 @@
 use std::{
     env, fmt, fs,
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
-    panic,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, Stdio},
-    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -97,14 +96,14 @@ use probe_bypass::{
     netns::NetnsWorker,
     preflight,
 };
-use probe_bypass_testing::bench::{machine, micros};
 use probe_bypass_testing::{
+    bench::{connect_with_reset, machine, micros, requests, run_load},
     bpffs::TestPins,
     cgroup::{TestCgroup, attached_programs},
+    mesh::{FSM_INIT_RULES, OUTBOUND_CATCH_ALL},
     pod::{App, TestPod, listener},
     sidecar::{Certificates, INBOUND_PORT, OUTBOUND_PORT, PROXY_UID, Sidecar, SidecarConfig},
 };
-use socket2::{Domain, Protocol, Socket, Type};
 
 /// Set in the environment of the benchmark's own children: `client` or `app`.
 const ROLE: &str = "PB_BENCH_DATAPATH_ROLE";
@@ -143,12 +142,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// A measurement that reaches this bound reports the connections it made, and says so.
 const MEASURE_LIMIT: Duration = Duration::from_secs(30);
 
-/// The mesh's rules, and the last rule of their outbound chain (outbound exclusions go before it).
-const FSM_INIT_RULES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../tests/fixtures/fsm-init.iptables"
-);
-const OUTBOUND_CATCH_ALL: &str = "-A FSM_PROXY_OUTBOUND -j FSM_PROXY_OUT_REDIRECT";
 /// `--match multiport` takes at most this many ports.
 const MULTIPORT_MAX: usize = 15;
 
@@ -238,13 +231,7 @@ struct Plan {
 
 impl Plan {
     fn from_env() -> Self {
-        let total =
-            match env::var("PB_BENCH_REQUESTS") {
-                Ok(text) => text.parse().ok().filter(|&n| n > 0).unwrap_or_else(|| {
-                    panic!("PB_BENCH_REQUESTS={text:?} is not a positive number")
-                }),
-                Err(_) => REQUESTS,
-            };
+        let total = requests(REQUESTS);
         Self {
             connects: total.div_ceil(ROUNDS),
             transfers: (total / TRANSFER_DIVISOR).div_ceil(ROUNDS).max(1),
@@ -1162,62 +1149,29 @@ mod client {
     /// Makes `count` connections from `threads` threads, each timed from connect to the last byte
     /// it expects.
     fn run(addr: SocketAddr, kind: Kind, count: usize, threads: usize) -> Result<Load, String> {
-        let next = AtomicUsize::new(0);
-        let started = Instant::now();
-        let deadline = started + MEASURE_LIMIT;
-        let results: Vec<(Vec<Duration>, Vec<String>)> = thread::scope(|scope| {
-            let workers: Vec<_> = (0..threads)
-                .map(|_| {
-                    scope.spawn(|| {
-                        let mut buf = vec![0u8; 64 * 1024];
-                        let mut latencies = Vec::with_capacity(count / threads + 1);
-                        let mut failures = Vec::new();
-                        while next.fetch_add(1, Ordering::Relaxed) < count
-                            && Instant::now() < deadline
-                        {
-                            let sent = Instant::now();
-                            match one(addr, kind, &mut buf) {
-                                Ok(()) => latencies.push(sent.elapsed()),
-                                Err(error) => failures.push(format!("{addr}: {error}")),
-                            }
-                        }
-                        (latencies, failures)
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .map(|worker| worker.join().expect("a client thread panicked"))
-                .collect()
-        });
-        let elapsed = started.elapsed();
-        let mut latencies: Vec<Duration> = Vec::with_capacity(count);
-        let mut failures: Vec<String> = Vec::new();
-        for (done, failed) in results {
-            latencies.extend(done);
-            failures.extend(failed);
-        }
-        if let Some(first) = failures.first() {
+        let measured = run_load(
+            threads,
+            count,
+            MEASURE_LIMIT,
+            || vec![0u8; 64 * 1024],
+            |buf, _| one(addr, kind, buf).map_err(|error| format!("{addr}: {error}")),
+        );
+        if let Some(first) = measured.failures.first() {
             return Err(format!(
                 "{} of {count} connections failed; the first: {first}",
-                failures.len()
+                measured.failures.len()
             ));
         }
-        if latencies.is_empty() {
+        if measured.latencies.is_empty() {
             return Err(format!("no connection completed within {MEASURE_LIMIT:?}"));
         }
-        latencies.sort_unstable();
-        let percentile = |p: usize| {
-            let rank = (latencies.len() * p).div_ceil(100).max(1);
-            latencies[rank - 1]
-        };
         Ok(Load {
-            done: latencies.len(),
+            done: measured.latencies.len(),
             asked: count,
-            elapsed,
-            p50: percentile(50),
-            p99: percentile(99),
-            max: percentile(100),
+            elapsed: measured.elapsed,
+            p50: measured.percentile(50),
+            p99: measured.percentile(99),
+            max: measured.percentile(100),
             bytes: kind.bytes(),
         })
     }
@@ -1225,10 +1179,7 @@ mod client {
     /// One connection: connect, read what the app sends, and close with a reset (SO_LINGER 0), so
     /// that no TIME_WAIT entry is left per connection.
     fn one(addr: SocketAddr, kind: Kind, buf: &mut [u8]) -> io::Result<()> {
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        socket.set_linger(Some(Duration::ZERO))?;
-        socket.connect_timeout(&addr.into(), CONNECT_TIMEOUT)?;
-        let mut stream: TcpStream = socket.into();
+        let mut stream = connect_with_reset(addr, CONNECT_TIMEOUT)?;
         stream.set_read_timeout(Some(READ_TIMEOUT))?;
         let mut left = kind.bytes();
         while left > 0 {

@@ -50,7 +50,6 @@
 use std::{
     fs,
     net::{IpAddr, SocketAddr, TcpStream},
-    panic,
     path::Path,
     pin::pin,
     sync::mpsc,
@@ -68,6 +67,7 @@ use notify::{RecursiveMode, Watcher as _};
 use probe_bypass::{datapath, netns::NetnsId};
 use probe_bypass_testing::{
     agent::{Agent, ManifestDir, ebpf_args},
+    bench::count_from_env,
     bpffs::TestPins,
     cgroup::TestCgroup,
     kube_api::{FSM_POD, FakeApi},
@@ -129,14 +129,8 @@ fn main() {
 }
 
 fn pods() -> usize {
-    match std::env::var("PB_BENCH_PODS") {
-        Ok(text) => text
-            .parse()
-            .ok()
-            .filter(|&n| n > 0 && n <= 1024)
-            .unwrap_or_else(|| panic!("PB_BENCH_PODS={text:?} is not a number from 1 to 1024")),
-        Err(_) => PODS,
-    }
+    // The address plan gives a test process 1024 pods.
+    count_from_env("PB_BENCH_PODS", PODS, 1..=1024)
 }
 
 /// Writes each pod's manifest into the agent's directory, then deletes it.

@@ -473,8 +473,8 @@ pub enum ProxyEvent {
 }
 
 impl ProxyLog {
-    /// Parses a line of the log format of [`SidecarConfig::render`], or one of the fixed-format lines
-    /// HAProxy 2.6 writes for connections that die before a stream exists:
+    /// Parses a line of the log format of [`SidecarConfig::render`], or one of the fixed-format
+    /// lines HAProxy 2.6 writes for connections that die before a stream exists:
     /// `<client> [<date>] <frontend>/<bind>: <reason>`.
     pub fn parse(line: &str) -> Self {
         Self::parse_forwarded(line)
