@@ -100,7 +100,7 @@ use probe_bypass_testing::{
     bench::{connect_with_reset, machine, micros, requests, run_load},
     bpffs::TestPins,
     cgroup::{TestCgroup, attached_programs},
-    mesh::{FSM_INIT_RULES, OUTBOUND_CATCH_ALL},
+    mesh::{self, load_iptables},
     pod::{App, TestPod, listener},
     sidecar::{Certificates, INBOUND_PORT, OUTBOUND_PORT, PROXY_UID, Sidecar, SidecarConfig},
 };
@@ -141,9 +141,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// A measurement that reaches this bound reports the connections it made, and says so.
 const MEASURE_LIMIT: Duration = Duration::from_secs(30);
-
-/// `--match multiport` takes at most this many ports.
-const MULTIPORT_MAX: usize = 15;
 
 /// Set by SIGINT or SIGTERM; the run stops (and cleans up) at its next step.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -552,28 +549,7 @@ impl Node {
     fn load_iptables(&self, n: usize) {
         let (rules, count) = fsm_rules(n);
         for pod in [&self.c, &self.s] {
-            let mut restore = Command::new("ip")
-                .args(["netns", "exec", &pod.netns_name, "iptables-restore"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("run iptables-restore");
-            restore
-                .stdin
-                .take()
-                .expect("iptables-restore's stdin")
-                .write_all(rules.as_bytes())
-                .expect("write the rules");
-            let output = restore
-                .wait_with_output()
-                .expect("wait for iptables-restore");
-            assert!(
-                output.status.success(),
-                "iptables-restore in {}: {}",
-                pod.netns_name,
-                String::from_utf8_lossy(&output.stderr)
-            );
+            load_iptables(pod, &rules);
             let loaded = pod
                 .exec(&["iptables", "-t", "nat", "-S"])
                 .lines()
@@ -821,52 +797,7 @@ fn redirect_packets(pod: &TestPod, chain: &str) -> u64 {
 
 /// The mesh's rules with `n` exclusions of each kind, and how many rules that makes.
 fn fsm_rules(n: usize) -> (String, usize) {
-    let fixture = fs::read_to_string(FSM_INIT_RULES)
-        .unwrap_or_else(|error| panic!("read {FSM_INIT_RULES}: {error}"));
-    let ports: Vec<String> = excluded_ports(n).iter().map(u16::to_string).collect();
-    let multiport = |chain: &str| -> Vec<String> {
-        ports
-            .chunks(MULTIPORT_MAX)
-            .map(|chunk| {
-                format!(
-                    "-A {chain} -p tcp --match multiport --dports {} -j RETURN",
-                    chunk.join(",")
-                )
-            })
-            .collect()
-    };
-    let inbound = multiport("FSM_PROXY_INBOUND");
-    let mut outbound: Vec<String> = excluded_cidrs(n)
-        .iter()
-        .map(|cidr| format!("-A FSM_PROXY_OUTBOUND -d {cidr} -j RETURN"))
-        .collect();
-    outbound.extend(multiport("FSM_PROXY_OUTBOUND"));
-
-    let mut rules = String::new();
-    let (mut inbound_placed, mut outbound_placed) = (false, false);
-    for line in fixture.lines() {
-        if !inbound_placed && line.starts_with("-A FSM_PROXY_INBOUND ") {
-            // FSM inserts them (-I) at the head of the inbound chain.
-            for rule in &inbound {
-                rules.push_str(rule);
-                rules.push('\n');
-            }
-            inbound_placed = true;
-        }
-        if line == OUTBOUND_CATCH_ALL {
-            for rule in &outbound {
-                rules.push_str(rule);
-                rules.push('\n');
-            }
-            outbound_placed = true;
-        }
-        rules.push_str(line);
-        rules.push('\n');
-    }
-    assert!(
-        inbound_placed && outbound_placed,
-        "{FSM_INIT_RULES} no longer has the chains this benchmark extends"
-    );
+    let rules = mesh::fsm_rules(&excluded_ports(n), &excluded_cidrs(n), &excluded_ports(n));
     let count = rules.lines().filter(|line| line.starts_with("-A ")).count();
     (rules, count)
 }
