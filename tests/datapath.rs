@@ -12,8 +12,6 @@
     reason = "a test fails by panicking, with a message naming the step that broke"
 )]
 
-mod support;
-
 use std::{
     collections::BTreeSet,
     io::{BufRead as _, BufReader},
@@ -30,7 +28,8 @@ use probe_bypass::{
     netns::NetnsWorker,
     preflight,
 };
-use support::{
+use probe_bypass_testing::require_privileges;
+use probe_bypass_testing::{
     bpffs::TestPins,
     cgroup::{TestCgroup, attached_programs, netns_links},
     pod::TestPod,
@@ -653,7 +652,7 @@ fn two_pods_calling_out_at_once_on_the_same_ports_each_reach_their_own_destinati
 
 #[test]
 fn restarting_or_killing_the_agent_under_traffic_loses_no_redirect() {
-    use support::agent::{Agent, ManifestDir};
+    use probe_bypass_testing::agent::{Agent, ManifestDir};
 
     require_privileges!();
     let cgroup = TestCgroup::new();
@@ -672,7 +671,7 @@ fn restarting_or_killing_the_agent_under_traffic_loses_no_redirect() {
     ];
     let dir = ManifestDir::new();
     dir.write("target.json", &target.pod.manifest("target", &[8080]));
-    let agent = Agent::start(&dir.path, &args);
+    let mut agent = Agent::start(&dir.path, &args);
     agent.wait_ready(200, Duration::from_secs(5));
 
     // Steady traffic from the host to the pod's app port for the whole test.

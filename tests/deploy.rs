@@ -8,24 +8,17 @@
     reason = "the helpers read test fixtures: a missing piece fails the test, naming it"
 )]
 
-// The skip-or-fail rule of the privileged tests; this file needs none of the rest of the support.
-#[path = "support/privilege.rs"]
-#[allow(dead_code, reason = "only the skip rule is used here")]
-mod privilege;
-
 use std::{
     collections::{BTreeMap, BTreeSet},
+    ffi::OsString,
     fs,
-    io::{ErrorKind, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
-    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    io::ErrorKind,
+    net::SocketAddr,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{
-        Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicU32, Ordering},
-    },
-    time::{Duration, Instant},
+    process::Command,
+    sync::{Mutex, MutexGuard, PoisonError},
+    time::Duration,
 };
 
 use clap::{CommandFactory as _, Parser as _};
@@ -43,7 +36,6 @@ use k8s_openapi::{
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use privilege::skip;
 use probe_bypass::{
     cli::{Cli, Command as AgentCommand, HealthArgs, RunArgs, SelectedSource},
     datapath::DatapathMode,
@@ -53,6 +45,10 @@ use probe_bypass::{
     },
     preflight,
     source::PodSource,
+};
+use probe_bypass_testing::{
+    agent::{Agent, NOBODY, free_loopback_port, with_flag},
+    privilege::skip,
 };
 use serde::{Deserialize as _, Serialize, de::DeserializeOwned};
 use serde_json::Value;
@@ -325,7 +321,7 @@ fn agent_env_names() -> BTreeMap<String, String> {
 fn parse_agent(args: &[String], env: &BTreeMap<String, String>) -> Result<Cli, clap::Error> {
     let names = agent_env_names();
     let _env = env_lock();
-    let saved: Vec<(&String, Option<std::ffi::OsString>)> = names
+    let saved: Vec<(&String, Option<OsString>)> = names
         .keys()
         .map(|name| (name, std::env::var_os(name)))
         .collect();
@@ -366,18 +362,6 @@ fn daemon_set_run_args() -> RunArgs {
     let parsed = parse_agent(&args_of(&container), &container_env(&container))
         .unwrap_or_else(|error| panic!("the DaemonSet's args do not parse:\n{error}"));
     run_args(parsed)
-}
-
-/// `args` with the value of each flag of `overrides` replaced, or the flag added.
-fn with_overrides(args: &[String], overrides: &[(&str, &str)]) -> Vec<String> {
-    let mut args = args.to_vec();
-    for (flag, value) in overrides {
-        match args.iter().position(|arg| arg == flag) {
-            Some(at) => args[at + 1] = (*value).to_owned(),
-            None => args.extend([(*flag).to_owned(), (*value).to_owned()]),
-        }
-    }
-    args
 }
 
 fn mount<'a>(container: &'a Container, host_path: &str, spec: &PodSpec) -> &'a VolumeMount {
@@ -702,7 +686,7 @@ fn the_init_container_mounts_bpffs_where_the_agent_pins_and_nothing_else() {
     let dir = std::env::temp_dir().join(format!("pb-deploy-bpffs-{}", std::process::id()));
     fs::create_dir_all(&dir).expect("create the mount point");
     let run = || {
-        Command::new(env!("CARGO_BIN_EXE_probe-bypass"))
+        Command::new(probe_bypass_testing::agent_bin())
             .args(["mount-bpffs", "--at"])
             .arg(&dir)
             .output()
@@ -870,21 +854,6 @@ fn the_images_are_this_version_of_the_agent() {
     }
 }
 
-/// The HTTP GET of a person or Prometheus on the admin port: the status, or None if nothing
-/// answered.
-fn http_get(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response.get(9..12)?.parse().ok()
-}
-
 /// The command of an exec probe, and the `health` arguments the agent reads from it.
 fn probe_command(probe: Option<&Probe>) -> (Vec<String>, HealthArgs) {
     let probe = probe.expect("a probe");
@@ -905,213 +874,77 @@ fn probe_command(probe: Option<&Probe>) -> (Vec<String>, HealthArgs) {
     (command, args)
 }
 
-fn free_loopback_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr")
-}
-
-/// The agent's binary with `args`. Without the datapath and without pods the agent needs no
-/// privilege at all: prove it by running it, and its probes, as nobody when the test runs as root.
-fn agent_command(args: &[String]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_probe-bypass"));
+/// Runs the agent's binary with `args`, as nobody when the test runs as root: without the datapath
+/// and without pods neither the agent nor its probes need any privilege, and so they prove it.
+fn agent_command(args: &[OsString]) -> Command {
+    let mut command = Command::new(probe_bypass_testing::agent_bin());
     command.args(args);
     if nix::unistd::geteuid().is_root() {
-        command.uid(65534).gid(65534);
+        command.uid(NOBODY).gid(NOBODY);
     }
     command
 }
 
 /// The agent started with the DaemonSet's command line and environment, changed only so that it
-/// runs here: no API server (pods from a directory), no eBPF datapath, a free loopback port, and
-/// its admin socket in a directory of its own, as the DaemonSet's emptyDir is.
-struct Agent {
-    child: Child,
-    log: PathBuf,
-    pods: PathBuf,
-    run_dir: PathBuf,
+/// runs here: no API server (pods from a directory of its own, holding `pods`), no eBPF datapath,
+/// `admin` as its admin port, and its admin socket in a directory of its own, as the DaemonSet's
+/// emptyDir is. It runs as nobody (see [`agent_command`]). The start does not wait: under a surge
+/// the other agent would answer on the shared port.
+fn start_agent(admin: SocketAddr, pods: &[(&str, &str)]) -> Agent {
+    let container = only_container(pod_spec(&agent_daemon_set())).clone();
+    let agent = Agent::builder()
+        .command_line(args_of(&container))
+        .pods(pods)
+        .flag("--datapath", "none")
+        .admin_addr(admin)
+        .admin_socket()
+        .env_clear()
+        .envs(container_env(&container))
+        .rust_log("info")
+        .as_nobody();
+    let _env = env_lock();
+    agent.spawn()
 }
 
-impl Agent {
-    fn start(admin: SocketAddr) -> Self {
-        Self::start_with_pods(admin, &[])
-    }
-
-    /// The agent, with `pods` (file name, manifest) in its pod manifests directory.
-    fn start_with_pods(admin: SocketAddr, pods: &[(&str, &str)]) -> Self {
-        let container = only_container(pod_spec(&agent_daemon_set())).clone();
-        static STARTED: AtomicU32 = AtomicU32::new(0);
-        let unique = format!(
-            "pb-deploy-test-{}-{}",
-            std::process::id(),
-            STARTED.fetch_add(1, Ordering::Relaxed)
-        );
-        let pods_dir = std::env::temp_dir().join(&unique);
-        fs::create_dir_all(&pods_dir).expect("pods dir");
-        for (file, manifest) in pods {
-            fs::write(pods_dir.join(file), manifest).expect("pod manifest");
-        }
-        // Open to every user, as an emptyDir is: the agent may run as nobody, and replaces a
-        // socket the test left there.
-        let run_dir = std::env::temp_dir().join(format!("{unique}.run"));
-        fs::create_dir_all(&run_dir).expect("socket dir");
-        fs::set_permissions(&run_dir, fs::Permissions::from_mode(0o777)).expect("chmod");
-        let log = std::env::temp_dir().join(format!("{unique}.log"));
-        let admin = admin.to_string();
-        let socket = run_dir.join("admin.sock");
-        let args = with_overrides(
-            &args_of(&container),
-            &[
-                ("--pod-source", "manifests"),
-                ("--pod-manifests", pods_dir.to_str().expect("utf-8 path")),
-                ("--datapath", "none"),
-                ("--admin-addr", &admin),
-                ("--admin-socket", socket.to_str().expect("utf-8 path")),
-            ],
-        );
-        let mut command = agent_command(&args);
-        command
+/// Runs a probe's `command` against `agent`'s socket, as the kubelet runs it in the agent's
+/// container: the exit code and what it printed.
+fn run_probe(agent: &Agent, command: &[String]) -> (Option<i32>, String) {
+    let mut args: Vec<OsString> = command[1..].iter().map(OsString::from).collect();
+    with_flag(&mut args, "--socket", agent.socket());
+    let output = {
+        let _env = env_lock();
+        agent_command(&args)
             .env_clear()
-            .envs(container_env(&container))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).expect("log file"));
-        let child = {
-            let _env = env_lock();
-            command.spawn().expect("start the agent")
-        };
-        Self {
-            child,
-            log,
-            pods: pods_dir,
-            run_dir,
-        }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.run_dir.join("admin.sock")
-    }
-
-    /// Runs a probe's `command` against this agent's socket, as the kubelet runs it in the
-    /// agent's container: the exit code and what it printed.
-    fn run_probe(&self, command: &[String]) -> (Option<i32>, String) {
-        let socket = self.socket();
-        let args = with_overrides(
-            &command[1..],
-            &[("--socket", socket.to_str().expect("utf-8 path"))],
-        );
-        let output = {
-            let _env = env_lock();
-            agent_command(&args)
-                .env_clear()
-                .output()
-                .expect("run the probe")
-        };
-        let printed = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        (output.status.code(), printed)
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Polls `check` until it is `Ok`, or fails the test after `within`, with the last `Err`.
-    fn poll<T>(
-        &mut self,
-        within: Duration,
-        mut check: impl FnMut(&Self) -> Result<T, String>,
-    ) -> T {
-        let deadline = Instant::now() + within;
-        loop {
-            let last = match check(self) {
-                Ok(value) => return value,
-                Err(last) => last,
-            };
-            if let Ok(Some(exit)) = self.child.try_wait() {
-                panic!("the agent exited ({exit}):\n{}", self.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{last}, within {within:?}:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Polls `path` until it answers 200, or fails the test after `within`.
-    fn wait_for_200(&mut self, addr: SocketAddr, path: &str, within: Duration) {
-        self.poll(within, |_| match http_get(addr, path) {
-            Some(200) => Ok(()),
-            status => Err(format!("{path} answered {status:?}, not 200")),
-        });
-    }
-
-    /// Runs the probe's `command` until it exits `code` and prints `saying`, or fails the test
-    /// after `within`; what it printed.
-    fn wait_for_probe(
-        &mut self,
-        command: &[String],
-        code: i32,
-        saying: &str,
-        within: Duration,
-    ) -> String {
-        self.poll(within, |agent| {
-            let (got, printed) = agent.run_probe(command);
-            if got == Some(code) && printed.contains(saying) {
-                Ok(printed)
-            } else {
-                Err(format!(
-                    "{command:?} exited {got:?} ({printed:?}), not {code} saying {saying:?}"
-                ))
-            }
-        })
-    }
-
-    /// Resident memory, from /proc/<pid>/status.
-    fn rss_bytes(&self) -> u64 {
-        let status =
-            fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("agent status");
-        let kib: u64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS");
-        kib * 1024
-    }
-
-    /// Sends SIGTERM; the exit status and how long the agent took.
-    fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
-        let started = Instant::now();
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return (status, started.elapsed());
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "the agent ignored SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
+            .output()
+            .expect("run the probe")
+    };
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code(), printed)
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- agent log ---\n{}", self.log_text());
+/// Runs the probe's `command` until it exits `code` and prints `saying`, or fails the test after
+/// `within`; what it printed.
+fn wait_for_probe(
+    agent: &mut Agent,
+    command: &[String],
+    code: i32,
+    saying: &str,
+    within: Duration,
+) -> String {
+    agent.poll(within, |agent| {
+        let (got, printed) = run_probe(agent, command);
+        if got == Some(code) && printed.contains(saying) {
+            Ok(printed)
+        } else {
+            Err(format!(
+                "{command:?} exited {got:?} ({printed:?}), not {code} saying {saying:?}"
+            ))
         }
-        let _ = fs::remove_file(&self.log);
-        let _ = fs::remove_dir_all(&self.pods);
-        let _ = fs::remove_dir_all(&self.run_dir);
-    }
+    })
 }
 
 /// Bytes of a Kubernetes memory quantity such as `64Mi`.
@@ -1169,17 +1002,17 @@ fn the_probes_ask_the_agent_on_its_socket_and_it_stops_within_the_grace_period()
 
     // And the real agent answers them.
     let admin = free_loopback_port();
-    let mut agent = Agent::start(admin);
-    let printed = agent.wait_for_probe(&liveness, 0, "alive", Duration::from_secs(10));
+    let mut agent = start_agent(admin, &[]);
+    let printed = wait_for_probe(&mut agent, &liveness, 0, "alive", Duration::from_secs(10));
     assert_eq!(printed, "alive\n");
-    let printed = agent.wait_for_probe(&readiness, 0, "ready", Duration::from_secs(10));
+    let printed = wait_for_probe(&mut agent, &readiness, 0, "ready", Duration::from_secs(10));
     assert_eq!(printed, "ready: 0 pods served\n");
-    agent.wait_for_200(admin, METRICS_PATH, Duration::from_secs(10));
+    agent.wait_for_200(METRICS_PATH, Duration::from_secs(10));
 
     // What it needs at rest is well within what the DaemonSet requests.
     let resources = container.resources.as_ref().expect("resources");
     let request = &resources.requests.as_ref().expect("requests")["memory"];
-    let rss = agent.rss_bytes();
+    let rss = agent.memory().rss_kib * 1024;
     assert!(
         rss < quantity_bytes(&request.0),
         "the agent uses {rss} bytes at rest, more than its request {}",
@@ -1197,7 +1030,7 @@ fn the_probes_ask_the_agent_on_its_socket_and_it_stops_within_the_grace_period()
     );
 
     // With the agent gone, the probe fails and says why.
-    let (code, printed) = agent.run_probe(&liveness);
+    let (code, printed) = run_probe(&agent, &liveness);
     assert_eq!(code, Some(2), "{printed}");
     assert!(
         printed.starts_with(&format!(
@@ -1229,18 +1062,18 @@ fn requests_and_limits_are_set_and_consistent() {
 #[test]
 fn a_surge_agent_binds_the_admin_port_beside_the_old_one() {
     let admin = free_loopback_port();
-    let mut old = Agent::start(admin);
-    old.wait_for_200(admin, ALIVE_PATH, Duration::from_secs(10));
-    let mut new = Agent::start(admin);
+    let mut old = start_agent(admin, &[]);
+    old.wait_for_200(ALIVE_PATH, Duration::from_secs(10));
+    let mut new = start_agent(admin, &[]);
     std::thread::sleep(Duration::from_secs(1));
     assert!(
-        new.child.try_wait().expect("wait").is_none(),
+        new.is_running(),
         "the surge agent exited:\n{}",
         new.log_text()
     );
     let (status, _) = old.terminate();
     assert!(status.success());
-    new.wait_for_200(admin, READY_PATH, Duration::from_secs(10));
+    new.wait_for_200(READY_PATH, Duration::from_secs(10));
 }
 
 /// A pod the agent cannot serve: its network namespace does not exist.
@@ -1259,22 +1092,28 @@ fn under_a_surge_each_agents_probes_ask_that_agent() {
     let (liveness, _) = probe_command(container.liveness_probe.as_ref());
     let (readiness, _) = probe_command(container.readiness_probe.as_ref());
     let admin = free_loopback_port();
-    let mut old = Agent::start(admin);
-    old.wait_for_probe(&readiness, 0, "ready", Duration::from_secs(10));
-    let mut new = Agent::start_with_pods(admin, &[("unservable.json", UNSERVABLE_POD)]);
-    new.wait_for_probe(&liveness, 0, "alive", Duration::from_secs(10));
+    let mut old = start_agent(admin, &[]);
+    wait_for_probe(&mut old, &readiness, 0, "ready", Duration::from_secs(10));
+    let mut new = start_agent(admin, &[("unservable.json", UNSERVABLE_POD)]);
+    wait_for_probe(&mut new, &liveness, 0, "alive", Duration::from_secs(10));
 
-    let printed = new.wait_for_probe(&readiness, 1, "surge/unservable", Duration::from_secs(10));
+    let printed = wait_for_probe(
+        &mut new,
+        &readiness,
+        1,
+        "surge/unservable",
+        Duration::from_secs(10),
+    );
     assert!(
         printed.starts_with("not ready: 1 of 1 pods have no healthcheck listener\n"),
         "{printed}"
     );
-    let (code, printed) = old.run_probe(&readiness);
+    let (code, printed) = run_probe(&old, &readiness);
     assert_eq!(
         (code, printed.as_str()),
         (Some(0), "ready: 0 pods served\n")
     );
-    assert_eq!(old.run_probe(&liveness).0, Some(0));
+    assert_eq!(run_probe(&old, &liveness).0, Some(0));
 }
 
 /// Pod discovery opens other users' /proc/<pid>/ns/net, which needs CAP_SYS_PTRACE: with the
@@ -1283,36 +1122,20 @@ fn under_a_surge_each_agents_probes_ask_that_agent() {
 #[test]
 fn the_kube_source_without_cap_sys_ptrace_is_refused_at_start_naming_why() {
     let container = only_container(pod_spec(&agent_daemon_set())).clone();
-    let admin = free_loopback_port().to_string();
-    let args = with_overrides(
-        &args_of(&container),
-        &[("--datapath", "none"), ("--admin-addr", &admin)],
-    );
-    let log = std::env::temp_dir().join(format!("pb-deploy-test-{}-kube.log", std::process::id()));
-    let mut command = agent_command(&args);
-    command
+    let agent = Agent::builder()
+        .command_line(args_of(&container))
+        .flag("--datapath", "none")
         .env_clear()
         .envs(container_env(&container))
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).expect("log file"));
-    let mut child = {
+        // The agent's own default, as in the DaemonSet, which sets no RUST_LOG.
+        .rust_log("info")
+        .as_nobody();
+    let mut agent = {
         let _env = env_lock();
-        command.spawn().expect("start the agent")
+        agent.spawn()
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let text = fs::read_to_string(&log).unwrap_or_default();
-    let _ = fs::remove_file(&log);
+    let status = agent.wait_for_exit(Duration::from_secs(10));
+    let text = agent.log_text();
     assert!(
         status.is_some_and(|status| !status.success()),
         "the agent started ({status:?}):\n{text}"

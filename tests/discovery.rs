@@ -16,8 +16,6 @@
     reason = "a test fails by panicking, with a message naming the step that broke"
 )]
 
-mod support;
-
 use std::{
     collections::HashMap,
     env, fs,
@@ -37,7 +35,11 @@ use probe_bypass::{
     netns::{NetnsId, NetnsWorker},
     pod::NetnsRef,
 };
-use support::pod::{TestPod, ip};
+use probe_bypass_testing::require_privileges;
+use probe_bypass_testing::{
+    cgroup,
+    pod::{TestPod, ip},
+};
 
 const PROC: &str = "/proc";
 
@@ -141,12 +143,15 @@ impl Node {
     /// is the sleep's: the shell moves itself into the cgroup, then `exec`s `ip netns exec`, which
     /// enters the namespace and `exec`s the command, which becomes the sleep.
     fn start_sleep(&mut self, relative: &str, pod: Option<&TestPod>, sleep: &[&str]) -> u32 {
-        let mut command = self.command_in(relative);
+        let mut args = Vec::new();
         if let Some(pod) = pod {
-            command.args(["ip", "netns", "exec", &pod.netns_name]);
+            args.extend(["ip", "netns", "exec", &pod.netns_name]);
         }
-        command.args(sleep);
-        let child = command.spawn().expect("start sleep");
+        args.extend(sleep);
+        let child = self
+            .command_in(relative, args[0], &args[1..])
+            .spawn()
+            .expect("start sleep");
         let pid = child.id();
         self.processes.push(child);
         let deadline = Instant::now() + SETTLE_TIMEOUT;
@@ -178,16 +183,10 @@ impl Node {
         child.wait().expect("reap");
     }
 
-    /// A command that moves itself into the cgroup `relative` (made if needed) and then runs its
-    /// arguments there.
-    fn command_in(&mut self, relative: &str) -> Command {
-        let cgroup = self.make_cgroup(relative);
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            .arg(r#"echo $$ > "$0" && exec "$@""#)
-            .arg(cgroup.join("cgroup.procs"));
-        command
+    /// A command that runs `program` with `args` in the cgroup `relative` (made if needed), from
+    /// its first instruction on ([`cgroup::command_in`]).
+    fn command_in(&mut self, relative: &str, program: &str, args: &[&str]) -> Command {
+        cgroup::command_in(&self.make_cgroup(relative), program, args)
     }
 
     fn make_cgroup(&mut self, relative: &str) -> PathBuf {
@@ -213,23 +212,7 @@ impl Drop for Node {
         // Kills the whole subtree, in case a process escaped its guard.
         let _ = fs::write(self.root.join("cgroup.kill"), "1");
         for dir in self.dirs.iter().rev().chain([&self.root]) {
-            remove_cgroup(dir);
-        }
-    }
-}
-
-/// Removes a cgroup, waiting for killed processes to leave it (until then it is busy).
-fn remove_cgroup(dir: &Path) {
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
-    loop {
-        match fs::remove_dir(dir) {
-            Ok(()) => return,
-            Err(e) if e.kind() == ErrorKind::NotFound => return,
-            Err(e) if Instant::now() >= deadline => {
-                eprintln!("leaving test cgroup {} behind: {e}", dir.display());
-                return;
-            }
-            Err(_) => thread::sleep(Duration::from_millis(10)),
+            cgroup::remove_cgroup(dir);
         }
     }
 }
@@ -666,8 +649,7 @@ fn pods_are_found_from_an_agent_in_its_own_cgroup_namespace() {
             })
             .collect();
 
-        let mut command = node.command_in(&agent);
-        command.args(["unshare", "--cgroup"]);
+        let command = node.command_in(&agent, "unshare", &["--cgroup"]);
         let queries: Vec<(&str, IpAddr)> = pods
             .iter()
             .map(|(_, pod, uid, _)| (uid.as_str(), IpAddr::V4(pod.ip)))

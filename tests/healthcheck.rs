@@ -1,14 +1,13 @@
 //! The per-pod healthcheck, end to end: real network namespaces and veths, the real agent binary,
 //! apps listening inside the pods, and probes sent from the host the way the kubelet sends them.
 
-mod support;
-
 use std::{
     net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
-use support::{
+use probe_bypass_testing::require_privileges;
+use probe_bypass_testing::{
     agent::{Agent, ManifestDir},
     kubelet::{self, Reply},
     pod::TestPod,
@@ -36,7 +35,7 @@ fn assert_reply(reply: &Reply, status: u16, body_part: &str) {
 /// One pod with an app on its pod IP, probing port 8080 (open) and 8081 (closed); served by an agent.
 struct Node {
     pod: TestPod,
-    _app: support::pod::App,
+    _app: probe_bypass_testing::pod::App,
     dir: ManifestDir,
     agent: Agent,
 }
@@ -378,7 +377,7 @@ fn served_pod_beside(
     name: &str,
     ip: &str,
     netns: &str,
-) -> (TestPod, support::pod::App, ManifestDir) {
+) -> (TestPod, probe_bypass_testing::pod::App, ManifestDir) {
     let good = TestPod::new();
     let app = good.listen(on(&good, APP_PORT));
     let dir = ManifestDir::new();
@@ -414,9 +413,9 @@ fn pod_with_missing_netns_is_reported_and_retried_without_hurting_others() {
     );
 
     // The namespace appears: the retry picks it up and the agent becomes ready.
-    support::pod::ip(&["netns", "add", &missing]);
+    probe_bypass_testing::pod::ip(&["netns", "add", &missing]);
     let body = agent.wait_ready(200, Duration::from_secs(10));
-    support::pod::ip(&["netns", "del", &missing]);
+    probe_bypass_testing::pod::ip(&["netns", "del", &missing]);
     assert!(body.contains("2 pods served"), "{body}");
 }
 
@@ -450,7 +449,7 @@ fn pod_unserved_past_the_ready_grace_stops_holding_readiness_but_is_still_listed
     assert_eq!(kubelet::probe(good.healthcheck(), "8080").status, 200);
 
     // Still retried: once its namespace appears, it is served.
-    support::pod::ip(&["netns", "add", &missing]);
+    probe_bypass_testing::pod::ip(&["netns", "add", &missing]);
     let _netns = DeleteNetns(missing);
     agent.wait_until("the late pod served", Duration::from_secs(10), |agent| {
         agent
@@ -499,7 +498,7 @@ fn agent_restarted_on_the_same_directory_serves_again() {
         pod,
         _app,
         dir,
-        agent,
+        mut agent,
     } = node;
     assert_eq!(kubelet::probe(pod.healthcheck(), "8080").status, 200);
     let (status, _) = agent.terminate();
@@ -523,7 +522,7 @@ fn sigterm_lets_a_probe_in_flight_finish_and_exits_within_5s() {
         pod,
         _app,
         dir,
-        agent,
+        mut agent,
     } = node;
     let (status, took) = agent.terminate();
     assert!(status.success(), "exit status {status}");
@@ -536,7 +535,7 @@ fn sigterm_lets_a_probe_in_flight_finish_and_exits_within_5s() {
 #[test]
 fn startup_errors_are_clear_and_exit_nonzero() {
     // Needs no privileges: these fail before the agent touches a namespace.
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_probe-bypass"))
+    let output = std::process::Command::new(probe_bypass_testing::agent_bin())
         .args([
             "run",
             "--pod-manifests",
@@ -558,7 +557,7 @@ fn startup_errors_are_clear_and_exit_nonzero() {
         "{stderr}"
     );
 
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_probe-bypass"))
+    let output = std::process::Command::new(probe_bypass_testing::agent_bin())
         .args(["run", "--pod-manifests", "/tmp", "--dial-timeout", "0s"])
         .output()
         .expect("run the agent");
@@ -572,7 +571,7 @@ fn admin_address_in_use_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
     let dir = ManifestDir::new();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_probe-bypass"))
+    let output = std::process::Command::new(probe_bypass_testing::agent_bin())
         .args(["run", "--pod-manifests"])
         .arg(&dir.path)
         .args(["--admin-addr", &addr, "--datapath", "none"])

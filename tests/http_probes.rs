@@ -10,8 +10,6 @@
 //! the eBPF datapath lets the kubelet's connections to 15901-15904 past the sidecar is tested in
 //! `tests/datapath.rs`.
 
-mod support;
-
 use std::{
     net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
@@ -26,13 +24,14 @@ use probe_bypass::serve::prober::{
     http::{self, HttpProbe},
 };
 use probe_bypass_rewrite::{ProbeKind, Style, ports::resolve_port, rewrite_in_place};
-use serde_json::{Value, json};
-use support::{
+use probe_bypass_testing::require_privileges;
+use probe_bypass_testing::{
     agent::{Agent, ManifestDir},
     kubelet,
     pod::TestPod,
     probe_apps::{AppPod, CLOSED_PORT, GRPC_PORT, HTTP_PORT, HTTPS_PORT, HostConnector},
 };
+use serde_json::{Value, json};
 
 /// What the kubelet 1.31 sends as its User-Agent.
 const USER_AGENT: &str = "kube-probe/1.31";

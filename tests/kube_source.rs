@@ -12,8 +12,6 @@
     reason = "a test fails by panicking, with a message naming the step that broke"
 )]
 
-mod support;
-
 use std::{
     net::{IpAddr, SocketAddr, TcpStream},
     sync::Arc,
@@ -29,26 +27,24 @@ use probe_bypass::{
         kube::{self, KubeMetrics, MeshSelector, Settings},
     },
 };
-use serde_json::{Value, json};
-use support::{
+use probe_bypass_testing::require_privileges;
+use probe_bypass_testing::{
     agent::{Agent, ebpf_args},
     bpffs::TestPins,
     cgroup::TestCgroup,
-    kube_api::{FakeApi, Kubeconfig},
+    kube_api::{FSM_POD, FakeApi, Kubeconfig},
     kubelet,
     kubepods::PodProcess,
     pod::TestPod,
 };
+use serde_json::{Value, json};
 use tokio::sync::watch;
 
 const NODE: &str = "worker-1";
 
-/// An FSM-injected pod as the API server returns it.
-const POD: &str = include_str!("support/kube_pod.json");
-
 /// The fixture pod named `name`, with UID `uid-<name>` and IP `ip` (none: not started yet).
 fn pod(name: &str, ip: Option<&str>) -> Value {
-    let mut pod: Value = serde_json::from_str(POD).expect("fixture");
+    let mut pod: Value = serde_json::from_str(FSM_POD).expect("fixture");
     pod["metadata"]["name"] = json!(name);
     pod["metadata"]["uid"] = json!(format!("uid-{name}"));
     let status = pod["status"].as_object_mut().expect("status");

@@ -14,11 +14,10 @@
 //! by hand, so that the comparison cannot pass by both modes being broken the same way;
 //! `parity_ebpf_matches_iptables` runs both modes and compares them.
 
-mod support;
-
 use std::{fmt::Write as _, net::IpAddr};
 
-use support::{
+use probe_bypass_testing::require_privileges;
+use probe_bypass_testing::{
     mesh::{Call, Caller, MeshSpec, Mode, Node, Outcome, PodSpec, REMOTE_POD, Target},
     sidecar::{ProxyEvent, ProxyLog},
 };

@@ -4,8 +4,6 @@
 //! end to end: the agent binary, a rewritten gRPC probe sent to the healthcheck as the kubelet
 //! sends it.
 
-mod support;
-
 use std::{
     net::{Ipv4Addr, SocketAddr},
     time::Duration,
@@ -16,7 +14,8 @@ use probe_bypass::serve::prober::{
     grpc::{self, GrpcProbe},
     http::{self, HttpProbe, MAX_BODY},
 };
-use support::{
+use probe_bypass_testing::require_privileges;
+use probe_bypass_testing::{
     agent::{Agent, ManifestDir},
     kubelet,
     pod::TestPod,

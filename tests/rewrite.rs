@@ -8,10 +8,6 @@
     reason = "the helpers read test fixtures: a missing piece fails the test, naming it"
 )]
 
-// Only the CLI runner of the test support: this file needs no privileges and none of the rest.
-#[path = "support/rewrite_cli.rs"]
-mod rewrite_cli;
-
 use std::{
     path::{Path, PathBuf},
     process::Output,
@@ -21,7 +17,7 @@ use probe_bypass_rewrite::{
     OriginalProbes, ProbeKind, RewriteError, Style, contract::ORIGINAL_PROBES_ANNOTATION,
     rewrite_in_place, rewrite_pod,
 };
-use rewrite_cli::run_rewrite;
+use probe_bypass_testing::rewrite_cli::run_rewrite;
 use serde::Deserialize as _;
 use serde_json::{Value, json};
 

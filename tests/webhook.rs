@@ -9,8 +9,6 @@
     reason = "test setup that cannot proceed panics, naming what failed"
 )]
 
-mod support;
-
 use std::{
     fs,
     io::{Read as _, Write as _},
@@ -31,12 +29,12 @@ use probe_bypass::{
     webhook::server::MAX_BODY,
 };
 use probe_bypass_rewrite::review::WARNING_PREFIX;
-use serde::Deserialize as _;
-use serde_json::{Value, json};
-use support::{
+use probe_bypass_testing::{
     rewrite_cli::run_rewrite,
     sidecar::{Certificates, TempDir},
 };
+use serde::Deserialize as _;
+use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream as AsyncTcpStream,
@@ -122,7 +120,7 @@ impl Drop for Webhook {
 
 fn webhook_command(cert: &Path, key: &Path, style: &str, log: &Path) -> Command {
     let log = fs::File::create(log).expect("the log file");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_probe-bypass"));
+    let mut command = Command::new(probe_bypass_testing::agent_bin());
     command
         .args([
             "webhook",

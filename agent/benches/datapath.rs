@@ -44,10 +44,10 @@
 //! - **The proxies speak plain TCP** to each other. The mesh's proxies use mTLS (the sidecar of
 //!   `tests/support/sidecar.rs`), whose handshakes cost far more than any redirect and would bury
 //!   the difference being measured; and a client in the host namespace would have to speak mTLS to
-//!   reach S at all. The sidecars here have the same frontends, backends and UID, without TLS and
-//!   without logging. To show what mTLS adds, the pod-to-pod connects are measured once more per
-//!   interception with that mTLS sidecar swapped in (N = 10, at most [`MTLS_REQUESTS`], since it
-//!   leaves TIME_WAIT behind).
+//!   reach S at all. The sidecars here are that sidecar configured without TLS and without
+//!   logging, closing with a reset ([`SidecarConfig::plain`], `nolinger`). To show what mTLS
+//!   adds, the pod-to-pod connects are measured once more per interception with that mTLS sidecar
+//!   swapped in (N = 10, at most [`MTLS_REQUESTS`], since it leaves TIME_WAIT behind).
 //! - **The datapath is driven in-process** through [`Datapath`], as `tests/datapath.rs` does:
 //!   installed under the eBPF node's cgroup with a pin directory of this run's own under
 //!   /sys/fs/bpf, reinstalled over its pins to switch sk_msg (as a restarted agent with
@@ -73,31 +73,22 @@
 //! 5,000; 1 MiB transfers are an eighth of it, mTLS connects at most 3,000). The default run takes
 //! about a minute.
 
-#![allow(
+#![expect(
     clippy::expect_used,
     reason = "a benchmark stops at the first failure, with a message"
 )]
 
-mod common;
-#[path = "../../tests/support/mod.rs"]
-mod support;
-
 use std::{
     env, fmt, fs,
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
-    panic,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
+    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
-use common::{machine, micros};
 use ipnet::IpNet;
 use probe_bypass::{
     datapath::{self, Counters, Datapath, PodRules, Settings, listeners},
@@ -105,14 +96,13 @@ use probe_bypass::{
     netns::NetnsWorker,
     preflight,
 };
-use socket2::{Domain, Protocol, Socket, Type};
-use support::{
+use probe_bypass_testing::{
+    bench::{connect_with_reset, machine, micros, requests, run_load},
     bpffs::TestPins,
     cgroup::{TestCgroup, attached_programs},
-    pod::TestPod,
-    sidecar::{
-        Certificates, INBOUND_PORT, OUTBOUND_PORT, PROXY_UID, Sidecar, TempDir, start_haproxy,
-    },
+    mesh::{self, load_iptables},
+    pod::{App, TestPod, listener},
+    sidecar::{Certificates, INBOUND_PORT, OUTBOUND_PORT, PROXY_UID, Sidecar, SidecarConfig},
 };
 
 /// Set in the environment of the benchmark's own children: `client` or `app`.
@@ -152,15 +142,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// A measurement that reaches this bound reports the connections it made, and says so.
 const MEASURE_LIMIT: Duration = Duration::from_secs(30);
 
-/// The mesh's rules, and the last rule of their outbound chain (outbound exclusions go before it).
-const FSM_INIT_RULES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../tests/fixtures/fsm-init.iptables"
-);
-const OUTBOUND_CATCH_ALL: &str = "-A FSM_PROXY_OUTBOUND -j FSM_PROXY_OUT_REDIRECT";
-/// `--match multiport` takes at most this many ports.
-const MULTIPORT_MAX: usize = 15;
-
 /// Set by SIGINT or SIGTERM; the run stops (and cleans up) at its next step.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -171,7 +152,7 @@ fn main() {
         Ok(other) => panic!("{ROLE}={other:?}: expected client or app"),
         Err(_) => {}
     }
-    if !support::privilege::bench_can_run("datapath") {
+    if !probe_bypass_testing::privilege::bench_can_run("datapath") {
         return;
     }
     if let Some(missing) = missing_tools() {
@@ -247,13 +228,7 @@ struct Plan {
 
 impl Plan {
     fn from_env() -> Self {
-        let total =
-            match env::var("PB_BENCH_REQUESTS") {
-                Ok(text) => text.parse().ok().filter(|&n| n > 0).unwrap_or_else(|| {
-                    panic!("PB_BENCH_REQUESTS={text:?} is not a positive number")
-                }),
-                Err(_) => REQUESTS,
-            };
+        let total = requests(REQUESTS);
         Self {
             connects: total.div_ceil(ROUNDS),
             transfers: (total / TRANSFER_DIVISOR).div_ceil(ROUNDS).max(1),
@@ -477,7 +452,7 @@ impl Nodes {
 /// processes it redirects, the cgroup that holds them, and the namespaces last.
 struct Node {
     ebpf: Option<Ebpf>,
-    proxies: Vec<PlainProxy>,
+    /// The meshed pods' proxies: plain ones, then the mTLS ones in their place.
     sidecars: Vec<Sidecar>,
     apps: Vec<AppProcess>,
     certs: Option<Certificates>,
@@ -514,7 +489,6 @@ impl Node {
         let cgroup = TestCgroup::new();
         let mut node = Self {
             ebpf: None,
-            proxies: Vec::new(),
             sidecars: Vec::new(),
             apps: Vec::new(),
             certs: None,
@@ -531,15 +505,17 @@ impl Node {
         node
     }
 
-    /// HAProxy without TLS in C and S.
+    /// The sidecar in C and S without TLS and without a log, closing with a reset (`nolinger`) as
+    /// the clients do, so that it leaves no TIME_WAIT behind.
     fn start_plain_proxies(&mut self) {
-        let proxies = [&self.c, &self.s].map(|pod| PlainProxy::start(&self.cgroup, pod));
-        self.proxies.extend(proxies);
+        let config = SidecarConfig::plain().nolinger();
+        let proxies = [&self.c, &self.s].map(|pod| Sidecar::start_with(&self.cgroup, pod, &config));
+        self.sidecars.extend(proxies);
     }
 
     /// Replaces the plain proxies with the mTLS sidecar of the parity tests.
     fn start_mtls_sidecars(&mut self) {
-        self.proxies.clear();
+        self.sidecars.clear();
         let certs = Certificates::new();
         for (pod, name) in [(&self.c, "c"), (&self.s, "s")] {
             let pem = certs.issue(name);
@@ -573,28 +549,7 @@ impl Node {
     fn load_iptables(&self, n: usize) {
         let (rules, count) = fsm_rules(n);
         for pod in [&self.c, &self.s] {
-            let mut restore = Command::new("ip")
-                .args(["netns", "exec", &pod.netns_name, "iptables-restore"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("run iptables-restore");
-            restore
-                .stdin
-                .take()
-                .expect("iptables-restore's stdin")
-                .write_all(rules.as_bytes())
-                .expect("write the rules");
-            let output = restore
-                .wait_with_output()
-                .expect("wait for iptables-restore");
-            assert!(
-                output.status.success(),
-                "iptables-restore in {}: {}",
-                pod.netns_name,
-                String::from_utf8_lossy(&output.stderr)
-            );
+            load_iptables(pod, &rules);
             let loaded = pod
                 .exec(&["iptables", "-t", "nat", "-S"])
                 .lines()
@@ -842,52 +797,7 @@ fn redirect_packets(pod: &TestPod, chain: &str) -> u64 {
 
 /// The mesh's rules with `n` exclusions of each kind, and how many rules that makes.
 fn fsm_rules(n: usize) -> (String, usize) {
-    let fixture = fs::read_to_string(FSM_INIT_RULES)
-        .unwrap_or_else(|error| panic!("read {FSM_INIT_RULES}: {error}"));
-    let ports: Vec<String> = excluded_ports(n).iter().map(u16::to_string).collect();
-    let multiport = |chain: &str| -> Vec<String> {
-        ports
-            .chunks(MULTIPORT_MAX)
-            .map(|chunk| {
-                format!(
-                    "-A {chain} -p tcp --match multiport --dports {} -j RETURN",
-                    chunk.join(",")
-                )
-            })
-            .collect()
-    };
-    let inbound = multiport("FSM_PROXY_INBOUND");
-    let mut outbound: Vec<String> = excluded_cidrs(n)
-        .iter()
-        .map(|cidr| format!("-A FSM_PROXY_OUTBOUND -d {cidr} -j RETURN"))
-        .collect();
-    outbound.extend(multiport("FSM_PROXY_OUTBOUND"));
-
-    let mut rules = String::new();
-    let (mut inbound_placed, mut outbound_placed) = (false, false);
-    for line in fixture.lines() {
-        if !inbound_placed && line.starts_with("-A FSM_PROXY_INBOUND ") {
-            // FSM inserts them (-I) at the head of the inbound chain.
-            for rule in &inbound {
-                rules.push_str(rule);
-                rules.push('\n');
-            }
-            inbound_placed = true;
-        }
-        if line == OUTBOUND_CATCH_ALL {
-            for rule in &outbound {
-                rules.push_str(rule);
-                rules.push('\n');
-            }
-            outbound_placed = true;
-        }
-        rules.push_str(line);
-        rules.push('\n');
-    }
-    assert!(
-        inbound_placed && outbound_placed,
-        "{FSM_INIT_RULES} no longer has the chains this benchmark extends"
-    );
+    let rules = mesh::fsm_rules(&excluded_ports(n), &excluded_cidrs(n), &excluded_ports(n));
     let count = rules.lines().filter(|line| line.starts_with("-A ")).count();
     (rules, count)
 }
@@ -982,61 +892,6 @@ impl Drop for Ebpf {
             Err(error) => eprintln!("{error}"),
         }
     }
-}
-
-/// HAProxy as the mesh's proxy, without TLS: the frontends, backends and UID of the sidecar in
-/// `tests/support/sidecar.rs`, no log, and `nolinger`, so that the proxies close with a reset
-/// as the clients do and leave no TIME_WAIT behind.
-struct PlainProxy {
-    child: Child,
-    /// Its configuration and output; removed with it.
-    _dir: TempDir,
-}
-
-impl PlainProxy {
-    fn start(cgroup: &TestCgroup, pod: &TestPod) -> Self {
-        let dir = TempDir::new("bench-proxy");
-        let child = start_haproxy(cgroup, pod, &dir, &plain_proxy_config());
-        Self { child, _dir: dir }
-    }
-}
-
-impl Drop for PlainProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn plain_proxy_config() -> String {
-    format!(
-        "global
-    uid {PROXY_UID}
-    gid {PROXY_UID}
-
-defaults
-    mode tcp
-    option nolinger
-    retries 0
-    timeout connect 1s
-    timeout client 5s
-    timeout server 5s
-
-frontend inbound
-    bind :{INBOUND_PORT}
-    default_backend to_local_app
-
-backend to_local_app
-    server local 127.0.0.1
-
-frontend outbound
-    bind :{OUTBOUND_PORT}
-    default_backend to_original_dst
-
-backend to_original_dst
-    server orig 0.0.0.0:0
-"
-    )
 }
 
 /// The app of a pod: this binary in the `app` role, in the pod's namespace and the test cgroup.
@@ -1225,62 +1080,29 @@ mod client {
     /// Makes `count` connections from `threads` threads, each timed from connect to the last byte
     /// it expects.
     fn run(addr: SocketAddr, kind: Kind, count: usize, threads: usize) -> Result<Load, String> {
-        let next = AtomicUsize::new(0);
-        let started = Instant::now();
-        let deadline = started + MEASURE_LIMIT;
-        let results: Vec<(Vec<Duration>, Vec<String>)> = thread::scope(|scope| {
-            let workers: Vec<_> = (0..threads)
-                .map(|_| {
-                    scope.spawn(|| {
-                        let mut buf = vec![0u8; 64 * 1024];
-                        let mut latencies = Vec::with_capacity(count / threads + 1);
-                        let mut failures = Vec::new();
-                        while next.fetch_add(1, Ordering::Relaxed) < count
-                            && Instant::now() < deadline
-                        {
-                            let sent = Instant::now();
-                            match one(addr, kind, &mut buf) {
-                                Ok(()) => latencies.push(sent.elapsed()),
-                                Err(error) => failures.push(format!("{addr}: {error}")),
-                            }
-                        }
-                        (latencies, failures)
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .map(|worker| worker.join().expect("a client thread panicked"))
-                .collect()
-        });
-        let elapsed = started.elapsed();
-        let mut latencies: Vec<Duration> = Vec::with_capacity(count);
-        let mut failures: Vec<String> = Vec::new();
-        for (done, failed) in results {
-            latencies.extend(done);
-            failures.extend(failed);
-        }
-        if let Some(first) = failures.first() {
+        let measured = run_load(
+            threads,
+            count,
+            MEASURE_LIMIT,
+            || vec![0u8; 64 * 1024],
+            |buf, _| one(addr, kind, buf).map_err(|error| format!("{addr}: {error}")),
+        );
+        if let Some(first) = measured.failures.first() {
             return Err(format!(
                 "{} of {count} connections failed; the first: {first}",
-                failures.len()
+                measured.failures.len()
             ));
         }
-        if latencies.is_empty() {
+        if measured.latencies.is_empty() {
             return Err(format!("no connection completed within {MEASURE_LIMIT:?}"));
         }
-        latencies.sort_unstable();
-        let percentile = |p: usize| {
-            let rank = (latencies.len() * p).div_ceil(100).max(1);
-            latencies[rank - 1]
-        };
         Ok(Load {
-            done: latencies.len(),
+            done: measured.latencies.len(),
             asked: count,
-            elapsed,
-            p50: percentile(50),
-            p99: percentile(99),
-            max: percentile(100),
+            elapsed: measured.elapsed,
+            p50: measured.percentile(50),
+            p99: measured.percentile(99),
+            max: measured.percentile(100),
             bytes: kind.bytes(),
         })
     }
@@ -1288,10 +1110,7 @@ mod client {
     /// One connection: connect, read what the app sends, and close with a reset (SO_LINGER 0), so
     /// that no TIME_WAIT entry is left per connection.
     fn one(addr: SocketAddr, kind: Kind, buf: &mut [u8]) -> io::Result<()> {
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        socket.set_linger(Some(Duration::ZERO))?;
-        socket.connect_timeout(&addr.into(), CONNECT_TIMEOUT)?;
-        let mut stream: TcpStream = socket.into();
+        let mut stream = connect_with_reset(addr, CONNECT_TIMEOUT)?;
         stream.set_read_timeout(Some(READ_TIMEOUT))?;
         let mut left = kind.bytes();
         while left > 0 {
@@ -1310,54 +1129,25 @@ mod client {
     }
 }
 
-/// The app role: listens on 0.0.0.0 (so both the pod IP and 127.0.0.1, where the inbound proxy
-/// goes, reach it) on [`BYTE_PORT`] and [`MIB_PORT`], prints `ready`, and for every connection
-/// writes its payload and waits for the client to close, so that the client's reset, not the
-/// app, ends it. Runs until killed.
+/// The app role: the test support's sending app ([`App::sending`]) on 0.0.0.0 (so both the pod
+/// IP and 127.0.0.1, where the inbound proxy goes, reach it), [`APP_THREADS`] threads on each of
+/// [`BYTE_PORT`] and [`MIB_PORT`]. It prints `ready`, and for every connection writes its payload
+/// and waits for the client to close, so that the client's reset, not the app, ends it. Runs until
+/// killed.
 mod app {
     use super::*;
 
     pub fn main() {
-        let payload: Arc<Vec<u8>> = Arc::new(vec![b'x'; MIB]);
-        let mut threads = Vec::new();
-        for kind in [Kind::Byte, Kind::Mib] {
-            let listener = Arc::new(listen(kind.port()));
-            for _ in 0..APP_THREADS {
-                let listener = Arc::clone(&listener);
-                let payload = Arc::clone(&payload);
-                threads.push(thread::spawn(move || {
-                    while let Ok((connection, _)) = listener.accept() {
-                        serve(connection.into(), &payload[..kind.bytes()]);
-                    }
-                }));
-            }
-        }
+        let _apps = [Kind::Byte, Kind::Mib].map(|kind| {
+            let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), kind.port());
+            let socket = listener(addr).unwrap_or_else(|error| panic!("listen on {addr}: {error}"));
+            App::sending(socket, APP_THREADS, vec![b'x'; kind.bytes()].into())
+        });
         println!("ready");
         io::stdout().flush().expect("tell the benchmark");
-        for thread in threads {
-            let _ = thread.join();
+        loop {
+            thread::park();
         }
-    }
-
-    fn listen(port: u16) -> Socket {
-        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
-        let socket =
-            Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("an app socket");
-        socket.set_reuse_address(true).expect("SO_REUSEADDR");
-        socket
-            .bind(&addr.into())
-            .unwrap_or_else(|error| panic!("bind {addr}: {error}"));
-        socket.listen(1024).expect("listen");
-        socket
-    }
-
-    fn serve(mut stream: TcpStream, payload: &[u8]) {
-        if stream.write_all(payload).is_err() {
-            return;
-        }
-        let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
-        let mut buf = [0u8; 512];
-        while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
     }
 }
 

@@ -27,34 +27,26 @@
 //!
 //! `PB_BENCH_REQUESTS` overrides the request count per measurement (default 10 000), for a quick run.
 
-#![allow(
+#![expect(
     clippy::expect_used,
     reason = "a benchmark stops at the first failure, with a message"
 )]
 
-mod common;
-#[path = "../../tests/support/mod.rs"]
-mod support;
-
 use std::{
-    fs,
     io::{self, Write as _},
-    net::{SocketAddr, TcpStream},
-    panic,
-    sync::atomic::{AtomicUsize, Ordering},
-    thread,
+    net::SocketAddr,
+    panic, thread,
     time::{Duration, Instant},
 };
 
-use common::{machine, micros};
 use probe_bypass_rewrite::{ProbeKind, Style, rewrite_in_place};
-use serde_json::{Value, json};
-use socket2::{Domain, Protocol, Socket, Type};
-use support::{
-    agent::{Agent, ManifestDir},
+use probe_bypass_testing::{
+    agent::{Agent, ManifestDir, Memory},
+    bench::{Measured, connect_with_reset, machine, micros, requests, run_load},
     kubelet,
     pod::{App, TestPod},
 };
+use serde_json::{Value, json};
 
 /// The pod counts measured: one pod, the kubelet's default `maxPods`, and a dense node.
 const SIZES: [usize; 3] = [1, 110, 500];
@@ -101,23 +93,12 @@ const SETUP_THREADS: usize = 8;
 const READY_WITHIN: Duration = Duration::from_secs(60);
 
 fn main() {
-    if !support::privilege::bench_can_run("healthcheck") {
+    if !probe_bypass_testing::privilege::bench_can_run("healthcheck") {
         return;
     }
-    let requests = requests();
+    let requests = requests(REQUESTS);
     let rows: Vec<Row> = SIZES.iter().map(|&pods| measure(pods, requests)).collect();
     print_report(requests, &rows);
-}
-
-fn requests() -> usize {
-    match std::env::var("PB_BENCH_REQUESTS") {
-        Ok(text) => text
-            .parse()
-            .ok()
-            .filter(|&n| n > 0)
-            .unwrap_or_else(|| panic!("PB_BENCH_REQUESTS={text:?} is not a positive number")),
-        Err(_) => REQUESTS,
-    }
 }
 
 /// One line of the report.
@@ -140,7 +121,7 @@ fn measure(pods: usize, requests: usize) -> Row {
         "   {pods} pod(s) and the agent ready in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let idle = Memory::of(node.agent.pid());
+    let idle = node.agent.memory();
 
     let direct_targets: Vec<SocketAddr> = node
         .pods
@@ -154,7 +135,7 @@ fn measure(pods: usize, requests: usize) -> Row {
     let agent = warm_up_and_measure("agent", &agent_targets, requests, Probe::send);
     let direct_get = warm_up_and_measure("direct GET", &direct_get_targets, requests, Probe::send);
     let agent_get = warm_up_and_measure("agent GET", &agent_get_targets, requests, Probe::send);
-    let loaded = Memory::of(node.agent.pid());
+    let loaded = node.agent.memory();
 
     let started = Instant::now();
     node.remove();
@@ -286,20 +267,9 @@ fn delete_pods(mut pods: Vec<TestPod>) {
     });
 }
 
-/// A client socket with SO_LINGER 0: closing it resets the connection instead of leaving it in
-/// TIME_WAIT on the host. Tens of thousands of short connections to one pod would otherwise use up
-/// the ephemeral ports towards it within a run. (The kubelet's probe dialer sets SO_LINGER too,
-/// with 1 s, to keep TIME_WAIT down.) Both paths use it, so the comparison stays fair.
-fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_linger(Some(Duration::ZERO))?;
-    socket.connect_timeout(&addr.into(), CONNECT_TIMEOUT)?;
-    Ok(socket.into())
-}
-
 /// The baseline: a tcpSocket probe without a mesh, a connect and an immediate close.
 fn connect_only(addr: &SocketAddr) -> Result<(), String> {
-    connect(*addr)
+    connect_with_reset(*addr, CONNECT_TIMEOUT)
         .map(drop)
         .map_err(|error| format!("connect to {addr}: {error}"))
 }
@@ -343,7 +313,7 @@ impl Probe {
     /// bytes, then it closes). Anything but a 200 is a failure.
     fn send(&self) -> Result<(), String> {
         let fail = |error: io::Error| format!("probe {}: {error}", self.addr);
-        let mut stream = connect(self.addr).map_err(fail)?;
+        let mut stream = connect_with_reset(self.addr, CONNECT_TIMEOUT).map_err(fail)?;
         stream.set_read_timeout(Some(READ_TIMEOUT)).map_err(fail)?;
         stream.write_all(&self.request).map_err(fail)?;
         let reply = kubelet::read_reply(&mut stream, false);
@@ -355,25 +325,12 @@ impl Probe {
     }
 }
 
-/// The result of one measurement.
-struct Load {
-    /// Requests that succeeded.
-    done: usize,
-    elapsed: Duration,
-    /// Latency of each successful request, sorted.
-    latencies: Vec<Duration>,
-}
+/// The result of one measurement: the latencies of the requests, all of which succeeded.
+type Load = Measured;
 
-impl Load {
-    fn per_second(&self) -> f64 {
-        self.done as f64 / self.elapsed.as_secs_f64()
-    }
-
-    /// Nearest-rank percentile `p` (0 < p ≤ 100) of the latencies.
-    fn percentile(&self, p: usize) -> Duration {
-        let rank = (self.latencies.len() * p).div_ceil(100).max(1);
-        self.latencies[rank - 1]
-    }
+/// Requests that succeeded per second.
+fn per_second(load: &Load) -> f64 {
+    load.latencies.len() as f64 / load.elapsed.as_secs_f64()
 }
 
 /// Warms the path up, then measures it. The warm-up sends at least two requests to every pod, so
@@ -388,15 +345,15 @@ fn warm_up_and_measure<T: Sync>(
     let warm_up = WARM_UP.max(2 * targets.len());
     run(targets, warm_up, WARM_UP_LIMIT, &one);
     let load = run(targets, requests, MEASURE_LIMIT, &one);
-    if load.done < requests {
+    if load.latencies.len() < requests {
         eprintln!(
             "   {name}: stopped at the {MEASURE_LIMIT:?} bound after {} of {requests} requests",
-            load.done
+            load.latencies.len()
         );
     }
     eprintln!(
         "   {name}: {:.0}/s, p50 {}, p99 {}, max {}",
-        load.per_second(),
+        per_second(&load),
         micros(load.percentile(50)),
         micros(load.percentile(99)),
         micros(load.percentile(100))
@@ -413,61 +370,24 @@ fn run<T: Sync>(
     limit: Duration,
     one: &(impl Fn(&T) -> Result<(), String> + Sync),
 ) -> Load {
-    let next = AtomicUsize::new(0);
-    let started = Instant::now();
-    let deadline = started + limit;
-    let clients: Vec<(Vec<Duration>, Vec<String>)> = thread::scope(|scope| {
-        let workers: Vec<_> = (0..CLIENTS)
-            .map(|_| {
-                scope.spawn(|| {
-                    yield_to_the_measured().expect("put a client thread in SCHED_IDLE");
-                    let mut latencies = Vec::with_capacity(count / CLIENTS + 1);
-                    let mut failures = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= count || Instant::now() >= deadline {
-                            break;
-                        }
-                        let sent = Instant::now();
-                        match one(&targets[i % targets.len()]) {
-                            Ok(()) => latencies.push(sent.elapsed()),
-                            Err(error) => failures.push(error),
-                        }
-                    }
-                    (latencies, failures)
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|worker| worker.join().expect("a client thread panicked"))
-            .collect()
-    });
-    let elapsed = started.elapsed();
-    let (mut latencies, failures): (Vec<Duration>, Vec<String>) = clients.into_iter().fold(
-        (Vec::with_capacity(count), Vec::new()),
-        |(mut all, mut failed), (latencies, failures)| {
-            all.extend(latencies);
-            failed.extend(failures);
-            (all, failed)
-        },
+    let load = run_load(
+        CLIENTS,
+        count,
+        limit,
+        || yield_to_the_measured().expect("put a client thread in SCHED_IDLE"),
+        |(), i| one(&targets[i % targets.len()]),
     );
-    if let Some(first) = failures.first() {
+    if let Some(first) = load.failures.first() {
         panic!(
             "{} of {count} requests failed; the first: {first}",
-            failures.len()
+            load.failures.len()
         );
     }
     assert!(
-        !latencies.is_empty(),
+        !load.latencies.is_empty(),
         "no request completed within {limit:?}"
     );
-    latencies.sort_unstable();
-    Load {
-        done: latencies.len(),
-        elapsed,
-        latencies,
-    }
+    load
 }
 
 /// Accept threads per app: as many as there are clients when all of them may hit one app, one
@@ -496,34 +416,6 @@ fn yield_to_the_measured() -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
-    }
-}
-
-/// The agent's memory, from /proc/<pid>/status.
-#[derive(Clone, Copy)]
-struct Memory {
-    /// Resident set size now (VmRSS), in KiB.
-    rss_kib: u64,
-    /// Highest resident set size so far (VmHWM), in KiB.
-    peak_kib: u64,
-}
-
-impl Memory {
-    fn of(pid: u32) -> Self {
-        let path = format!("/proc/{pid}/status");
-        let status = fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
-        let field = |name: &str| -> u64 {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(name))
-                .and_then(|rest| rest.trim().strip_suffix("kB"))
-                .and_then(|kib| kib.trim().parse().ok())
-                .unwrap_or_else(|| panic!("no {name} in {path}:\n{status}"))
-        };
-        Self {
-            rss_kib: field("VmRSS:"),
-            peak_kib: field("VmHWM:"),
-        }
     }
 }
 
@@ -584,12 +476,12 @@ fn print_report(requests: usize, rows: &[Row]) {
 fn compared(baseline: &Load, agent: &Load) -> String {
     format!(
         "{:.0} | {} | {} | {:.0} | {} | {} | {:.2}",
-        baseline.per_second(),
+        per_second(baseline),
         micros(baseline.percentile(50)),
         micros(baseline.percentile(99)),
-        agent.per_second(),
+        per_second(agent),
         micros(agent.percentile(50)),
         micros(agent.percentile(99)),
-        agent.per_second() / baseline.per_second(),
+        per_second(agent) / per_second(baseline),
     )
 }

@@ -42,18 +42,14 @@
 //! pods, the cgroups, the pins, the processes and the agents are removed on exit and on a panic, by
 //! their guards. `PB_BENCH_PODS` sets how many pods come and go in each run (default 100).
 
-#![allow(
+#![expect(
     clippy::expect_used,
     reason = "a benchmark stops at the first failure, with a message"
 )]
 
-#[path = "../../tests/support/mod.rs"]
-mod support;
-
 use std::{
     fs,
     net::{IpAddr, SocketAddr, TcpStream},
-    panic,
     path::Path,
     pin::pin,
     sync::mpsc,
@@ -69,15 +65,16 @@ use kube::{
 };
 use notify::{RecursiveMode, Watcher as _};
 use probe_bypass::{datapath, netns::NetnsId};
-use serde_json::{Value, json};
-use support::{
+use probe_bypass_testing::{
     agent::{Agent, ManifestDir, ebpf_args},
+    bench::count_from_env,
     bpffs::TestPins,
     cgroup::TestCgroup,
-    kube_api::FakeApi,
+    kube_api::{FSM_POD, FakeApi},
     kubepods::{Kubepods, PodProcess},
     pod::TestPod,
 };
+use serde_json::{Value, json};
 use tokio::runtime::Runtime;
 
 /// Pods that come and go in each run, one at a time, unless `PB_BENCH_PODS` says otherwise.
@@ -95,11 +92,8 @@ const TARGET: Duration = Duration::from_millis(100);
 /// The node the kube run's agent and pods are on.
 const NODE: &str = "worker-1";
 
-/// An FSM-injected pod as the API server returns it.
-const POD: &str = include_str!("../../tests/support/kube_pod.json");
-
 fn main() {
-    if !support::privilege::bench_can_run("reconcile") {
+    if !probe_bypass_testing::privilege::bench_can_run("reconcile") {
         return;
     }
     let count = pods();
@@ -135,14 +129,8 @@ fn main() {
 }
 
 fn pods() -> usize {
-    match std::env::var("PB_BENCH_PODS") {
-        Ok(text) => text
-            .parse()
-            .ok()
-            .filter(|&n| n > 0 && n <= 1024)
-            .unwrap_or_else(|| panic!("PB_BENCH_PODS={text:?} is not a number from 1 to 1024")),
-        Err(_) => PODS,
-    }
+    // The address plan gives a test process 1024 pods.
+    count_from_env("PB_BENCH_PODS", PODS, 1..=1024)
 }
 
 /// Writes each pod's manifest into the agent's directory, then deletes it.
@@ -263,7 +251,7 @@ fn pod_name(i: usize) -> String {
 
 /// The fixture pod as pod `i` of the run, with UID `uid` and IP `ip`, on [`NODE`].
 fn kube_pod(i: usize, uid: &str, ip: IpAddr) -> Value {
-    let mut pod: Value = serde_json::from_str(POD).expect("the pod fixture");
+    let mut pod: Value = serde_json::from_str(FSM_POD).expect("the pod fixture");
     pod["metadata"]["name"] = json!(pod_name(i));
     pod["metadata"]["uid"] = json!(uid);
     pod["spec"]["nodeName"] = json!(NODE);

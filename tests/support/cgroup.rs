@@ -51,14 +51,7 @@ impl TestCgroup {
     ///
     /// The caller owns what it spawns from it; [`Drop`] still kills it through `cgroup.kill`.
     pub fn command(&self, program: &str, args: &[&str]) -> Command {
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            .arg(r#"echo $$ > "$0" && exec "$@""#)
-            .arg(self.path.join("cgroup.procs"))
-            .arg(program)
-            .args(args);
-        command
+        command_in(&self.path, program, args)
     }
 
     /// Starts `program` with `args` inside this cgroup (see [`Self::command`]); killed on drop.
@@ -93,6 +86,39 @@ impl TestCgroup {
         let kill = self.path.join("cgroup.kill");
         if kill.exists() {
             let _ = fs::write(&kill, "1");
+        }
+    }
+}
+
+/// A command that runs `program` with `args` inside the cgroup at `dir`: a shell moves itself in
+/// (by writing its pid to `cgroup.procs`) and then becomes the program, one pid throughout, so
+/// the program is in the cgroup from its first instruction on.
+pub fn command_in(dir: &Path, program: &str, args: &[&str]) -> Command {
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(r#"echo $$ > "$0" && exec "$@""#)
+        .arg(dir.join("cgroup.procs"))
+        .arg(program)
+        .args(args);
+    command
+}
+
+/// Removes the cgroup at `dir`, whose processes were killed: a killed process stays a member until
+/// it has fully exited, and until then the directory cannot be removed (EBUSY), so this retries
+/// for a while, then says what it left behind. Does not panic, so that a guard can call it while
+/// a test unwinds.
+pub fn remove_cgroup(dir: &Path) {
+    let deadline = Instant::now() + REMOVAL_TIMEOUT;
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(error) if error.kind() == ErrorKind::NotFound => return,
+            Err(error) if Instant::now() >= deadline => {
+                eprintln!("leaving test cgroup {} behind: {error}", dir.display());
+                return;
+            }
+            Err(_) => thread::sleep(Duration::from_millis(10)),
         }
     }
 }
@@ -156,22 +182,6 @@ impl Drop for TestCgroup {
             let _ = child.wait();
         }
         self.kill_remaining();
-        // A killed process stays a member until it has fully exited, and until then the
-        // directory cannot be removed (EBUSY).
-        let deadline = Instant::now() + REMOVAL_TIMEOUT;
-        loop {
-            match fs::remove_dir(&self.path) {
-                Ok(()) => return,
-                Err(error) if error.kind() == ErrorKind::NotFound => return,
-                Err(error) if Instant::now() >= deadline => {
-                    eprintln!(
-                        "leaving test cgroup {} behind: {error}",
-                        self.path.display()
-                    );
-                    return;
-                }
-                Err(_) => thread::sleep(Duration::from_millis(10)),
-            }
-        }
+        remove_cgroup(&self.path);
     }
 }

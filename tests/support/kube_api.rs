@@ -32,6 +32,9 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, task::JoinHandle};
 
+/// An FSM-injected pod as the API server returns it, for tests and benchmarks to name and place.
+pub const FSM_POD: &str = include_str!("kube_pod.json");
+
 type Body = BoxBody<Bytes, Infallible>;
 
 pub struct FakeApi {

@@ -8,22 +8,19 @@
 
 use std::{
     fs,
-    io::ErrorKind,
     path::{Path, PathBuf},
-    process::{Child, Command},
+    process::Child,
     sync::atomic::{AtomicU32, Ordering},
-    thread,
-    time::{Duration, Instant},
 };
 
 use probe_bypass::datapath::cgroup2_mount;
 
-use crate::support::pod::TestPod;
+use crate::{
+    cgroup::{command_in, remove_cgroup},
+    pod::TestPod,
+};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
-
-/// How long a killed process may take to leave its cgroup.
-const REMOVAL_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct PodProcess {
     /// The cgroups made, parents first.
@@ -61,15 +58,14 @@ impl PodProcess {
     pub fn enter(&mut self, pod: &TestPod) {
         self.stop();
         let dir = self.dirs.last().expect("the container's cgroup");
-        // The shell moves itself into the cgroup, then becomes `ip netns exec`, which enters the
-        // namespace and becomes the sleep: one pid throughout.
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(r#"echo $$ > "$0" && exec "$@""#)
-            .arg(dir.join("cgroup.procs"))
-            .args(["ip", "netns", "exec", &pod.netns_name, "sleep", "600"])
-            .spawn()
-            .expect("start the pod's process");
+        // `ip netns exec` enters the namespace and becomes the sleep: one pid throughout.
+        let child = command_in(
+            dir,
+            "ip",
+            &["netns", "exec", &pod.netns_name, "sleep", "600"],
+        )
+        .spawn()
+        .expect("start the pod's process");
         self.child = Some(child);
     }
 
@@ -141,14 +137,6 @@ fn make_cgroups(top: PathBuf, below: &[&str]) -> Vec<PathBuf> {
 /// Removes cgroups given parents first, waiting for killed processes to leave them.
 fn remove_cgroups(dirs: &[PathBuf]) {
     for dir in dirs.iter().rev() {
-        let deadline = Instant::now() + REMOVAL_TIMEOUT;
-        loop {
-            match fs::remove_dir(dir) {
-                Err(e) if e.kind() != ErrorKind::NotFound && Instant::now() < deadline => {
-                    thread::sleep(Duration::from_millis(10));
-                }
-                _ => break,
-            }
-        }
+        remove_cgroup(dir);
     }
 }

@@ -17,14 +17,15 @@
 
 use std::{
     fmt, fs,
+    io::Write as _,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
-    process::{Command, Output},
+    process::{Command, Output, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use super::{
+use crate::{
     agent::{Agent, ManifestDir},
     bpffs::TestPins,
     cgroup::{TestCgroup, attached_programs},
@@ -38,16 +39,12 @@ pub const HEALTHCHECK_PORT: u16 = 15904;
 const HEALTHCHECK_PATH: &str = "/fsm-healthcheck";
 
 /// The mesh's rules, copied from `shared/fixtures` into the repository (CI clones only the repo).
-const FSM_INIT_RULES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../tests/fixtures/fsm-init.iptables"
-);
+/// This crate is `tests/support`, so the fixtures are a directory up.
+pub const FSM_INIT_RULES: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/fsm-init.iptables");
 
 /// The final rule of the fixture's outbound chain; FSM adds outbound exclusions before it.
-const OUTBOUND_CATCH_ALL: &str = "-A FSM_PROXY_OUTBOUND -j FSM_PROXY_OUT_REDIRECT";
-
-/// The agent under test.
-const AGENT: &str = env!("CARGO_BIN_EXE_probe-bypass");
+pub const OUTBOUND_CATCH_ALL: &str = "-A FSM_PROXY_OUTBOUND -j FSM_PROXY_OUT_REDIRECT";
 
 /// curl as every call runs it: `-q` first, so no ~/.curlrc; `--noproxy`, so no proxy from the
 /// environment either; and a bound on the call, so a connection the datapath swallows fails the
@@ -225,7 +222,7 @@ pub struct Observation {
 pub struct Node {
     // Fields drop in this order: the agent (and the datapath's pins) before the processes it
     // redirects, those before the cgroup that holds them, and that before the namespaces.
-    interception: Interception,
+    _interception: Interception,
     sidecars: Vec<(&'static str, Sidecar)>,
     /// Each app with the pod and port it serves.
     apps: Vec<(&'static str, u16, App)>,
@@ -259,7 +256,9 @@ enum Interception {
     Iptables {
         _agent: Agent,
     },
-    Ebpf(EbpfAgent),
+    Ebpf {
+        _agent: EbpfAgent,
+    },
 }
 
 impl Node {
@@ -323,10 +322,12 @@ impl Node {
             Mode::Iptables => Interception::Iptables {
                 _agent: start_agent(&manifests, &["--datapath", "none"]),
             },
-            Mode::Ebpf => Interception::Ebpf(EbpfAgent::start(&manifests, &cgroup)),
+            Mode::Ebpf => Interception::Ebpf {
+                _agent: EbpfAgent::start(&manifests, &cgroup),
+            },
         };
         Self {
-            interception,
+            _interception: interception,
             sidecars,
             apps,
             cgroup,
@@ -639,67 +640,104 @@ fn curl_error_class(code: i32, stderr: &str) -> String {
     }
 }
 
-/// Loads the mesh's rules into `pod`'s namespace as FSM's init container does, with the pod's
-/// exclusions added the way FSM adds them (see the fixture's header): inbound port exclusions at
-/// the head of the inbound chain, outbound CIDRs and then ports just before the outbound chain's
-/// final catch-all. The rules go with the namespace.
-fn install_fsm_rules(pod: &TestPod, mesh: &MeshSpec, outbound_cidrs: &[String]) {
-    let rules = fs::File::open(FSM_INIT_RULES)
-        .unwrap_or_else(|error| panic!("open {FSM_INIT_RULES}: {error}"));
-    let output = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &pod.netns_name,
-            "iptables-restore",
-            "--noflush",
-        ])
-        .stdin(rules)
-        .output()
+/// `--match multiport` takes at most this many ports.
+const MULTIPORT_MAX: usize = 15;
+
+/// The mesh's rules (the fixture, as `iptables-restore` input) with a pod's exclusions added the
+/// way FSM adds them (see the fixture's header): `inbound_ports` at the head of the inbound chain,
+/// `outbound_cidrs` and then `outbound_ports` just before the outbound chain's final catch-all.
+/// Ports go [`MULTIPORT_MAX`] to a `multiport` rule, its limit.
+pub fn fsm_rules(
+    inbound_ports: &[u16],
+    outbound_cidrs: &[impl fmt::Display],
+    outbound_ports: &[u16],
+) -> String {
+    let fixture = fs::read_to_string(FSM_INIT_RULES)
+        .unwrap_or_else(|error| panic!("read {FSM_INIT_RULES}: {error}"));
+    let multiport = |chain: &str, ports: &[u16]| -> Vec<String> {
+        ports
+            .chunks(MULTIPORT_MAX)
+            .map(|chunk| {
+                format!(
+                    "-A {chain} -p tcp --match multiport --dports {} -j RETURN",
+                    comma_list(chunk)
+                )
+            })
+            .collect()
+    };
+    let inbound = multiport("FSM_PROXY_INBOUND", inbound_ports);
+    let mut outbound: Vec<String> = outbound_cidrs
+        .iter()
+        .map(|cidr| format!("-A FSM_PROXY_OUTBOUND -d {cidr} -j RETURN"))
+        .collect();
+    outbound.extend(multiport("FSM_PROXY_OUTBOUND", outbound_ports));
+
+    let mut rules = String::new();
+    let (mut inbound_placed, mut outbound_placed) = (false, false);
+    for line in fixture.lines() {
+        if !inbound_placed && line.starts_with("-A FSM_PROXY_INBOUND ") {
+            // FSM inserts them (-I) at the head of the inbound chain.
+            for rule in &inbound {
+                rules.push_str(rule);
+                rules.push('\n');
+            }
+            inbound_placed = true;
+        }
+        if line == OUTBOUND_CATCH_ALL {
+            for rule in &outbound {
+                rules.push_str(rule);
+                rules.push('\n');
+            }
+            outbound_placed = true;
+        }
+        rules.push_str(line);
+        rules.push('\n');
+    }
+    assert!(
+        inbound_placed && outbound_placed,
+        "{FSM_INIT_RULES} no longer has the chains the exclusions go into"
+    );
+    rules
+}
+
+/// Loads `rules` (`iptables-restore` input) into `pod`'s namespace, replacing the tables they
+/// name. The rules go with the namespace.
+pub fn load_iptables(pod: &TestPod, rules: &str) {
+    let mut restore = Command::new("ip")
+        .args(["netns", "exec", &pod.netns_name, "iptables-restore"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run iptables-restore (cargo xtask setup installs iptables)");
+    restore
+        .stdin
+        .take()
+        .expect("iptables-restore's stdin")
+        .write_all(rules.as_bytes())
+        .expect("write the rules");
+    let output = restore
+        .wait_with_output()
+        .expect("wait for iptables-restore");
     assert!(
         output.status.success(),
         "iptables-restore in {}: {}",
         pod.netns_name,
         String::from_utf8_lossy(&output.stderr)
     );
-    if !mesh.inbound_port_exclusions.is_empty() {
-        let ports = comma_list(mesh.inbound_port_exclusions);
-        pod.exec(&[
-            "iptables",
-            "-t",
-            "nat",
-            "-I",
-            "FSM_PROXY_INBOUND",
-            "-p",
-            "tcp",
-            "--match",
-            "multiport",
-            "--dports",
-            &ports,
-            "-j",
-            "RETURN",
-        ]);
-    }
-    for cidr in outbound_cidrs {
-        insert_before_outbound_catch_all(pod, &["-d", cidr, "-j", "RETURN"]);
-    }
-    if !mesh.outbound_port_exclusions.is_empty() {
-        let ports = comma_list(mesh.outbound_port_exclusions);
-        insert_before_outbound_catch_all(
-            pod,
-            &[
-                "-p",
-                "tcp",
-                "--match",
-                "multiport",
-                "--dports",
-                &ports,
-                "-j",
-                "RETURN",
-            ],
-        );
-    }
+}
+
+/// Loads the mesh's rules into `pod`'s namespace as FSM's init container does, with the pod's
+/// exclusions added the way FSM adds them ([`fsm_rules`]).
+fn install_fsm_rules(pod: &TestPod, mesh: &MeshSpec, outbound_cidrs: &[String]) {
+    load_iptables(
+        pod,
+        &fsm_rules(
+            mesh.inbound_port_exclusions,
+            outbound_cidrs,
+            mesh.outbound_port_exclusions,
+        ),
+    );
     let outbound = outbound_chain(pod);
     assert_eq!(
         outbound.last().map(String::as_str),
@@ -707,21 +745,6 @@ fn install_fsm_rules(pod: &TestPod, mesh: &MeshSpec, outbound_cidrs: &[String]) 
         "the outbound chain in {} must end in its catch-all: {outbound:#?}",
         pod.netns_name
     );
-}
-
-/// Inserts `rule` into `FSM_PROXY_OUTBOUND` just before its last rule, the catch-all redirect.
-fn insert_before_outbound_catch_all(pod: &TestPod, rule: &[&str]) {
-    let position = outbound_chain(pod).len().to_string();
-    let mut args = vec![
-        "iptables",
-        "-t",
-        "nat",
-        "-I",
-        "FSM_PROXY_OUTBOUND",
-        &position,
-    ];
-    args.extend_from_slice(rule);
-    pod.exec(&args);
 }
 
 /// The rules of `FSM_PROXY_OUTBOUND` in `pod`, as `iptables -S` writes them.
@@ -790,7 +813,7 @@ impl EbpfAgent {
 
     /// What is wrong after `probe-bypass uninstall`, if anything.
     fn uninstall(&self) -> Option<String> {
-        let output = match Command::new(AGENT)
+        let output = match Command::new(crate::agent_bin())
             .arg("uninstall")
             .arg("--pin-path")
             .arg(self.pins.path())

@@ -266,14 +266,7 @@ impl TestPod {
     /// A listening socket on `addr`, made inside the pod's namespace.
     pub fn bind(&self, addr: SocketAddr) -> Socket {
         self.worker
-            .run_blocking(&self.netns, move || {
-                let socket =
-                    Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-                socket.set_reuse_address(true)?;
-                socket.bind(&addr.into())?;
-                socket.listen(1024)?;
-                Ok(socket)
-            })
+            .run_blocking(&self.netns, move || listener(addr))
             .unwrap_or_else(|e| panic!("listen on {addr} in {}: {e}", self.netns_name))
     }
 
@@ -359,8 +352,20 @@ impl Drop for TestPod {
     }
 }
 
+/// A listening socket on `addr` in the calling thread's network namespace, as every app binds
+/// one: `SO_REUSEADDR`, so that an app can listen again on the port of one just stopped, and a
+/// backlog of 1024, so that a burst of connects does not overflow it.
+pub fn listener(addr: SocketAddr) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket)
+}
+
 /// A listening app that accepts connections and hands each to its handler, until dropped. The
-/// plain app's handler closes the connection at once; the HTTP app's answers first.
+/// plain app's handler closes the connection at once; the HTTP app's answers first; the sending
+/// app's writes its payload first.
 pub struct App {
     socket: Arc<Socket>,
     acceptors: Vec<thread::JoinHandle<()>>,
@@ -392,6 +397,16 @@ impl App {
         }
     }
 
+    /// An app on `socket` (see [`listener`]) with `acceptors` threads, each serving one connection
+    /// at a time: it writes `payload` and then waits for the client to close, so that the client
+    /// (with a reset, say), not the app, ends the connection. A benchmark that must make the app's
+    /// sockets inside a cgroup runs it in a process of its own there.
+    pub fn sending(socket: Socket, acceptors: usize, payload: Arc<[u8]>) -> Self {
+        Self::accepting(socket, acceptors.max(1), move |connection| {
+            send_then_wait(connection.into(), &payload);
+        })
+    }
+
     /// The addresses of the clients an HTTP app accepted, in order.
     pub fn peers(&self) -> Vec<SocketAddr> {
         self.peers.lock().expect("peers").clone()
@@ -418,6 +433,16 @@ fn answer_http(mut stream: TcpStream, body: &str) {
         let _ = stream.shutdown(Shutdown::Write);
         while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
     }
+}
+
+/// Writes `payload`, then reads until the client closes (or is silent for 5 s).
+fn send_then_wait(mut stream: TcpStream, payload: &[u8]) {
+    if stream.write_all(payload).is_err() {
+        return;
+    }
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut buf = [0u8; 512];
+    while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
 }
 
 impl Drop for App {

@@ -55,7 +55,7 @@ pub fn bench_can_run(name: &str) -> bool {
 #[macro_export]
 macro_rules! require_privileges {
     () => {
-        if !$crate::support::privilege::can_run() {
+        if !$crate::privilege::can_run() {
             return;
         }
     };

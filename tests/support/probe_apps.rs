@@ -33,7 +33,7 @@ use tokio_rustls::{
     },
 };
 
-use super::{pod::TestPod, sidecar::TempDir};
+use crate::{pod::TestPod, sidecar::TempDir};
 
 /// Where [`AppPod`]'s apps listen, and a port where nothing does.
 pub const HTTP_PORT: u16 = 8080;

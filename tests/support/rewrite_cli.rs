@@ -7,7 +7,7 @@ use std::{
 
 /// Runs `probe-bypass rewrite` with `args` and `stdin` on its standard input, to its end.
 pub fn run_rewrite(args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_probe-bypass"))
+    let mut child = Command::new(crate::agent_bin())
         .arg("rewrite")
         .args(args)
         .stdin(Stdio::piped())

@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{cgroup::TestCgroup, pod::TestPod};
+use crate::{cgroup::TestCgroup, pod::TestPod};
 
 /// The proxy's UID and GID: the mesh's rules let this user's connections out unredirected.
 pub const PROXY_UID: u32 = 1500;
@@ -198,8 +198,14 @@ impl Sidecar {
     /// Starts the proxy of `pod` with the certificate `pem` (see [`Certificates::issue`]) and
     /// waits until it listens on both of its ports.
     pub fn start(cgroup: &TestCgroup, pod: &TestPod, certs: &Certificates, pem: &str) -> Self {
+        Self::start_with(cgroup, pod, &SidecarConfig::mtls(pem, &certs.ca()))
+    }
+
+    /// Starts the proxy of `pod` configured by `config` and waits until it listens on both of its
+    /// ports.
+    pub fn start_with(cgroup: &TestCgroup, pod: &TestPod, config: &SidecarConfig) -> Self {
         let dir = TempDir::new("sidecar");
-        let child = start_haproxy(cgroup, pod, &dir, &haproxy_config(pem, &certs.ca()));
+        let child = start_haproxy(cgroup, pod, &dir, &config.render());
         Self {
             child,
             dir,
@@ -239,7 +245,7 @@ impl Sidecar {
 /// Starts HAProxy with `config` in `pod`'s namespace and in `cgroup`, its stdout and stderr in
 /// `dir` (`stdout.log`, `stderr.log`), and waits until it listens on both proxy ports, or fails
 /// with HAProxy's own words. The caller owns the child; the cgroup kills it in any case.
-pub fn start_haproxy(cgroup: &TestCgroup, pod: &TestPod, dir: &TempDir, config: &str) -> Child {
+fn start_haproxy(cgroup: &TestCgroup, pod: &TestPod, dir: &TempDir, config: &str) -> Child {
     let config_path = dir.path.join("haproxy.cfg");
     fs::write(&config_path, config)
         .unwrap_or_else(|error| panic!("write {}: {error}", config_path.display()));
@@ -316,34 +322,110 @@ impl Drop for Sidecar {
     }
 }
 
-/// HAProxy's configuration for a sidecar with the certificate `pem`, trusting `ca`.
-///
-/// `server local 127.0.0.1` has no port, so HAProxy connects to the port the client originally
-/// asked for; `server orig 0.0.0.0:0` connects to the original address and port. The outbound
-/// side checks the peer's certificate against the CA but not its name (no `verifyhost`, no SNI),
-/// as the test's certificates name pods, not addresses. `retries 0`: like a mesh's TCP proxy, a
-/// failed connection to the server fails the client's at once (HAProxy would wait a second before
-/// each retry). `logasap` logs a connection as soon as it
-/// reaches its server, before the client sees the answer; one that fails is logged when it ends.
-fn haproxy_config(pem: &str, ca: &str) -> String {
-    format!(
-        "global
+/// The mesh's proxy's mTLS: its certificate and key (`pem`), and the CA it trusts (`ca`).
+#[derive(Clone, Debug)]
+struct Mtls {
+    pem: String,
+    ca: String,
+}
+
+/// How a sidecar's HAProxy is configured: the frontends, backends and UID of the mesh's proxy
+/// always, and the rest as a test or benchmark needs it. The parity tests run the mesh's own
+/// ([`Self::mtls`]); the datapath benchmark runs it without TLS and without a log
+/// ([`Self::plain`]), whose handshakes and writes would bury the redirect it measures, and closes
+/// with a reset ([`Self::nolinger`]).
+#[derive(Clone, Debug)]
+pub struct SidecarConfig {
+    mtls: Option<Mtls>,
+    log: bool,
+    nolinger: bool,
+}
+
+impl SidecarConfig {
+    /// The mesh's sidecar: mTLS with the certificate `pem` (see [`Certificates::issue`]) on both
+    /// sides, trusting `ca`, and a log line per connection ([`Sidecar::log_since`]).
+    pub fn mtls(pem: &str, ca: &str) -> Self {
+        Self {
+            mtls: Some(Mtls {
+                pem: pem.to_owned(),
+                ca: ca.to_owned(),
+            }),
+            log: true,
+            nolinger: false,
+        }
+    }
+
+    /// Plain TCP on both sides, without a log.
+    pub fn plain() -> Self {
+        Self {
+            mtls: None,
+            log: false,
+            nolinger: false,
+        }
+    }
+
+    /// Logs a line per connection, or not.
+    pub fn log(mut self, log: bool) -> Self {
+        self.log = log;
+        self
+    }
+
+    /// `option nolinger`: the proxy closes both of a connection's sides with a reset, as a
+    /// benchmark's clients do, and leaves no TIME_WAIT behind.
+    pub fn nolinger(mut self) -> Self {
+        self.nolinger = true;
+        self
+    }
+
+    /// HAProxy's configuration text.
+    ///
+    /// `server local 127.0.0.1` has no port, so HAProxy connects to the port the client originally
+    /// asked for; `server orig 0.0.0.0:0` connects to the original address and port. With mTLS
+    /// the outbound side checks the peer's certificate against the CA but not its name (no
+    /// `verifyhost`, no SNI), as the test's certificates name pods, not addresses. `retries 0`:
+    /// like a mesh's TCP proxy, a failed connection to the server fails the client's at once
+    /// (HAProxy would wait a second before each retry). `logasap` logs a connection as soon as it
+    /// reaches its server, before the client sees the answer; one that fails is logged when it
+    /// ends.
+    pub fn render(&self) -> String {
+        let (inbound_tls, outbound_tls) = match &self.mtls {
+            Some(Mtls { pem, ca }) => (
+                format!(" ssl crt {pem} verify required ca-file {ca}"),
+                format!(" ssl crt {pem} ca-file {ca} verify required"),
+            ),
+            None => (String::new(), String::new()),
+        };
+        let (global_log, defaults_log, log_format) = if self.log {
+            (
+                "    log stdout format raw local0\n",
+                "    log global\n    option logasap\n",
+                format!(
+                    "    log-format \"{LOG_TAG} frontend=%f client=%ci:%cp original_dst=%fi:%fp \
+                     server=%si:%sp termination=%ts\"\n"
+                ),
+            )
+        } else {
+            ("", "", String::new())
+        };
+        let nolinger = if self.nolinger {
+            "    option nolinger\n"
+        } else {
+            ""
+        };
+        format!(
+            "global
     uid {PROXY_UID}
     gid {PROXY_UID}
-    log stdout format raw local0
-
+{global_log}
 defaults
     mode tcp
-    log global
-    option logasap
-    retries 0
+{defaults_log}{nolinger}    retries 0
     timeout connect 1s
     timeout client 5s
     timeout server 5s
-    log-format \"{LOG_TAG} frontend=%f client=%ci:%cp original_dst=%fi:%fp server=%si:%sp termination=%ts\"
-
+{log_format}
 frontend {INBOUND}
-    bind :{INBOUND_PORT} name {INBOUND} ssl crt {pem} verify required ca-file {ca}
+    bind :{INBOUND_PORT} name {INBOUND}{inbound_tls}
     default_backend to_local_app
 
 backend to_local_app
@@ -354,9 +436,10 @@ frontend {OUTBOUND}
     default_backend to_original_dst
 
 backend to_original_dst
-    server orig 0.0.0.0:0 ssl crt {pem} ca-file {ca} verify required
+    server orig 0.0.0.0:0{outbound_tls}
 "
-    )
+        )
+    }
 }
 
 /// One line of a proxy's log.
@@ -390,8 +473,8 @@ pub enum ProxyEvent {
 }
 
 impl ProxyLog {
-    /// Parses a line of the log format in [`haproxy_config`], or one of the fixed-format lines
-    /// HAProxy 2.6 writes for connections that die before a stream exists:
+    /// Parses a line of the log format of [`SidecarConfig::render`], or one of the fixed-format
+    /// lines HAProxy 2.6 writes for connections that die before a stream exists:
     /// `<client> [<date>] <frontend>/<bind>: <reason>`.
     pub fn parse(line: &str) -> Self {
         Self::parse_forwarded(line)

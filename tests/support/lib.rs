@@ -1,17 +1,20 @@
-//! Support code shared by the privileged integration tests in `tests/`.
+//! Support code shared by the agent's integration tests in `tests/` and its benchmarks in
+//! `agent/benches/`: one crate, compiled once, that every test binary and benchmark links.
 //!
 //! Every resource a test creates (network namespaces, veths, cgroups, processes) is owned by a guard
 //! that removes it on drop, so a failing or panicking test cleans up too.
-#![allow(
-    dead_code,
-    reason = "each test binary uses its own part of the support code"
-)]
-#![allow(
+#![expect(
     clippy::expect_used,
     reason = "test setup that cannot proceed panics, naming what failed"
 )]
+#![expect(
+    clippy::new_without_default,
+    reason = "a guard's `new` makes something on the machine (a namespace, a cgroup, a mount): \
+              no `Default` should do that behind a `..Default::default()`"
+)]
 
 pub mod agent;
+pub mod bench;
 pub mod bpffs;
 pub mod cgroup;
 pub mod kube_api;
@@ -23,3 +26,5 @@ pub mod privilege;
 pub mod probe_apps;
 pub mod rewrite_cli;
 pub mod sidecar;
+
+pub use agent::agent_bin;
