@@ -84,14 +84,17 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
 
 use ipnet::IpNet;
 use probe_bypass::{
-    datapath::{self, Counters, Datapath, PodRules, Settings, listeners},
+    datapath::{self, Counters, Datapath, Inbound, PodRules, Settings},
     exclusions::Exclusions,
     netns::NetnsWorker,
     preflight,
@@ -579,7 +582,7 @@ impl Node {
                         exclusions: exclusions.clone(),
                     })
                     .expect("mesh the pod");
-                guard_inbound(ebpf.datapath(), pod);
+                guard_inbound(ebpf.shared(), pod);
             }
         }
     }
@@ -681,9 +684,9 @@ impl Node {
                     .ebpf
                     .as_ref()
                     .expect("installed")
-                    .datapath
-                    .as_ref()
-                    .expect("installed")
+                    .shared()
+                    .lock()
+                    .expect("no panic while it was shared")
                     .counters()
                     .expect("read the datapath's counters");
                 Some(Redirects {
@@ -698,32 +701,29 @@ impl Node {
 }
 
 /// Has the datapath hand `pod`'s connections from other nodes to its proxy, as the agent does
-/// when it serves a pod: its proxy's listener (started before the datapath, so sockops never saw
-/// it listen) is taken over, then sk_lookup is attached to its namespace.
-fn guard_inbound(datapath: &mut Datapath, pod: &TestPod) {
-    let cookie = pod.netns_cookie();
-    if !datapath.has_listener(cookie).expect("read LISTENERS") {
-        let worker = NetnsWorker::spawn().expect("netns worker");
-        let found = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("a runtime")
-            .block_on(listeners::find(
-                &worker,
-                pod.netns(),
-                INBOUND_PORT,
-                Path::new("/proc"),
-            ))
-            .expect("find the proxy's listener");
-        assert!(!found.is_empty(), "no proxy listens in {}", pod.netns_name);
-        for listener in &found {
-            datapath
-                .add_listener(cookie, listener)
-                .expect("add the listener");
-        }
-    }
-    datapath
-        .attach_netns(cookie, pod.netns().file())
-        .expect("attach sk_lookup");
+/// when it serves a pod ([`Datapath::guard_inbound`]): its proxy's listener (started before the
+/// datapath, so sockops never saw it listen) is taken over, then sk_lookup is attached to its
+/// namespace.
+fn guard_inbound(datapath: &Mutex<Datapath>, pod: &TestPod) {
+    let worker = NetnsWorker::spawn().expect("netns worker");
+    let inbound = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime")
+        .block_on(Datapath::guard_inbound(
+            datapath,
+            &worker,
+            pod.netns(),
+            pod.netns_cookie(),
+        ))
+        .expect("guard the pod's inbound connections");
+    assert!(
+        matches!(
+            inbound,
+            Inbound::Known | Inbound::TookOver { listeners: 1.., .. }
+        ),
+        "no proxy listens in {}: {inbound:?}",
+        pod.netns_name
+    );
 }
 
 /// Redirected connections (and, for eBPF, messages sk_msg moved).
@@ -833,7 +833,8 @@ fn exclusions(n: usize) -> Exclusions {
 /// the handles go, the pins are uninstalled (with the bpffs), and nothing may be left attached to
 /// the cgroup.
 struct Ebpf {
-    datapath: Option<Datapath>,
+    /// Behind a mutex only because [`Datapath::guard_inbound`] takes the agent's shared datapath.
+    datapath: Option<Mutex<Datapath>>,
     pins: TestPins,
     cgroup: PathBuf,
 }
@@ -864,14 +865,22 @@ impl Ebpf {
             node: Exclusions::default(),
             proc_root: "/proc".into(),
         };
-        self.datapath = Some(
+        self.datapath = Some(Mutex::new(
             Datapath::install(&self.cgroup, self.pins.path(), settings)
                 .unwrap_or_else(|error| panic!("install: {:?}", anyhow::Error::new(error))),
-        );
+        ));
     }
 
     fn datapath(&mut self) -> &mut Datapath {
-        self.datapath.as_mut().expect("installed")
+        self.datapath
+            .as_mut()
+            .expect("installed")
+            .get_mut()
+            .expect("no panic while it was shared")
+    }
+
+    fn shared(&self) -> &Mutex<Datapath> {
+        self.datapath.as_ref().expect("installed")
     }
 }
 
