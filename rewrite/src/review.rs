@@ -5,7 +5,7 @@
 //! - A body that is not an AdmissionReview v1 with a request has no `uid` to answer with, so it is
 //!   a [`BadReview`]: the server says why in an HTTP 400, and the API server applies the webhook's
 //!   `failurePolicy`.
-//! - Anything else is answered `allowed: true`. The rewriter's [`Warning`]s go into
+//! - Anything else is answered `allowed: true`. The rewriter's [`Warning`](crate::Warning)s go into
 //!   `response.warnings`, which `kubectl` prints. A review the webhook should not have been sent
 //!   (not a Pod, not a CREATE, no object) and a pod the rewriter cannot read are allowed unchanged
 //!   with a warning that says why: rewriting probes is never a reason to refuse a pod, and a pod
