@@ -419,6 +419,24 @@ fn mismatches(wanted: &[Outcome], got: &[Outcome]) -> Vec<usize> {
         .collect()
 }
 
+/// Prints the table of `columns`, then fails unless `got` is `wanted` in every scenario, with
+/// `failure` (where `{wrong}` stands for the scenarios that differ) above the table.
+fn assert_outcomes(
+    columns: &[(&str, &[Outcome])],
+    wanted: &[Outcome],
+    got: &[Outcome],
+    failure: &str,
+) {
+    let table = table(columns);
+    println!("{table}");
+    let wrong = mismatches(wanted, got);
+    assert!(
+        wrong.is_empty(),
+        "{}:\n{table}",
+        failure.replace("{wrong}", &format!("{wrong:?}"))
+    );
+}
+
 #[test]
 fn iptables_mode_matches_the_expected_table() {
     require_privileges!();
@@ -426,12 +444,11 @@ fn iptables_mode_matches_the_expected_table() {
 
     let observed = run_scenarios(Mode::Iptables);
 
-    let table = table(&[("expected", &expected), ("iptables", &observed)]);
-    println!("{table}");
-    let wrong = mismatches(&expected, &observed);
-    assert!(
-        wrong.is_empty(),
-        "behind the mesh's iptables rules, scenarios {wrong:?} did not come out as expected:\n{table}"
+    assert_outcomes(
+        &[("expected", &expected), ("iptables", &observed)],
+        &expected,
+        &observed,
+        "behind the mesh's iptables rules, scenarios {wrong} did not come out as expected",
     );
 }
 
@@ -450,21 +467,20 @@ fn parity_ebpf_matches_iptables() {
             Ebpf::Differs { outcome: o, .. } => outcome(*o),
         })
         .collect();
-    let table = table(&[
-        ("iptables", &iptables),
-        ("ebpf, wanted", &wanted),
-        ("ebpf", &ebpf),
-    ]);
-    println!("{table}");
     for (i, scenario) in SCENARIOS.iter().enumerate() {
         if let Ebpf::Differs { why, .. } = scenario.ebpf {
             println!("scenario {} differs on purpose: {why}", i + 1);
         }
     }
-    let wrong = mismatches(&wanted, &ebpf);
-    assert!(
-        wrong.is_empty(),
-        "with the eBPF datapath, scenarios {wrong:?} did not come out as behind the mesh's rules:\n{table}"
+    assert_outcomes(
+        &[
+            ("iptables", &iptables),
+            ("ebpf, wanted", &wanted),
+            ("ebpf", &ebpf),
+        ],
+        &wanted,
+        &ebpf,
+        "with the eBPF datapath, scenarios {wrong} did not come out as behind the mesh's rules",
     );
 }
 

@@ -1,26 +1,29 @@
 //! probe-bypass: one agent per node that lets kubelet health probes past a service mesh's sidecar.
 //!
-//! The folder layout is the architecture:
-//! - [`datapath`]: the eBPF programs (cgroup hooks, and sk_lookup in each meshed pod's network
-//!   namespace), embedded in this binary, and their loader.
-//! - [`source`]: where the node's meshed pods come from: the Kubernetes API server, or a
-//!   directory of pod manifests.
-//! - [`discovery`]: finds a Kubernetes pod's network namespace from the host's `/proc`.
-//! - [`reconcile`]: turns the wanted set of pods into per-pod listeners, retrying the ones that fail.
-//! - [`healthcheck`]: the HTTP-to-TCP healthcheck served inside each pod's network namespace.
-//! - [`prober`]: the pod's original httpGet and gRPC probes, run by the agent from inside the pod.
-//! - [`admin`]: liveness, readiness and Prometheus metrics in the host network namespace, and on
-//!   a Unix socket private to the agent's container.
-//! - [`health`]: `probe-bypass health`, the container's probes, which ask the agent over that socket.
-//! - [`preflight`]: the start-up checks of the host (kernel, capabilities, cgroup v2, bpffs).
-//! - [`exclusions`]: the mesh's per-pod exclusion annotations and the node-wide defaults.
-//! - [`webhook`]: `probe-bypass webhook`, the mutating admission webhook that applies the rewriter
-//!   to new Pods.
+//! The folder layout is the architecture. Modules sit in five layers, and a module imports only
+//! modules of its own layer or of a layer below (`cargo xtask layers` checks it; ARCHITECTURE.md
+//! draws it):
+//!
+//! 1. **Leaf: helpers, defaults and the pod model.** [`defaults`] (every default path, port and
+//!    name), [`netns`] (namespace handles and the thread that enters them), [`dial`] (TCP connects
+//!    from inside a pod), [`listen`], [`signal`], [`error`], [`time`] (backoff, deadlines),
+//!    [`dir_watch`], [`http_text`]; [`pod`] (the agent's view of a meshed pod) and [`exclusions`]
+//!    (the traffic that skips the sidecar).
+//! 2. **The node.** [`datapath`] (the eBPF programs embedded in this binary, and their loader),
+//!    [`discovery`] (a pod's network namespace found from the host's `/proc`), [`source`] (where
+//!    the node's meshed pods come from: the Kubernetes API, or a directory of manifests), and
+//!    [`preflight`] (the host's start-up checks).
+//! 3. **Serving.** [`serve`] (the healthcheck on 15904 and the prober, inside each pod's network
+//!    namespace, and the series they count) and [`admin`] (liveness, readiness and metrics; the
+//!    `probe-bypass health` client).
+//! 4. **[`reconcile`]**: the pod set made real, each pod's datapath entries and listeners opened,
+//!    moved, closed and retried.
+//! 5. **Commands.** [`cli`], [`run`] (`probe-bypass run`, which wires the layers together) and
+//!    [`webhook`] (`probe-bypass webhook`). Only the binary uses `run`.
 //!
 //! The probe rewriter (a pod's probes pointed at the agent, the originals recorded in an
-//! annotation, as a JSON Patch for the webhook and as `probe-bypass rewrite` for manifests) and the
-//! names the rewriter and the agent share are the workspace's kernel-free crate
-//! [`probe_bypass_rewrite`].
+//! annotation), the webhook's review function, and the names the rewriter and the agent share are
+//! the workspace's kernel-free crate [`probe_bypass_rewrite`].
 
 pub mod admin;
 pub mod cli;
