@@ -981,7 +981,6 @@ fn the_probes_ask_the_agent_on_its_socket_and_it_stops_within_the_grace_period()
     }
     let socket = run
         .admin_socket
-        .clone()
         .expect("the DaemonSet's args give --admin-socket");
     assert_eq!((&alive.socket, &ready.socket), (&socket, &socket));
 

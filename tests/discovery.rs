@@ -454,7 +454,7 @@ fn pod_whose_namespaces_lack_its_ip_lists_the_namespaces_and_addresses_seen() {
     assert!(namespaces[1].addresses.contains(&IpAddr::V4(pod.ip)));
     let message = error.to_string();
     for part in [
-        uid.clone(),
+        uid,
         wanted.to_string(),
         pod.ip.to_string(),
         netns_id(&pod).to_string(),

@@ -100,7 +100,7 @@ fn check(name: &str, style: Style, expected: Expected) {
         "{name} ({style:?}): recorded originals"
     );
 
-    let mut wanted = pod.clone();
+    let mut wanted = pod;
     for (container, field, probe) in probes {
         container_mut(&mut wanted, container)[field] = probe;
     }

@@ -205,7 +205,7 @@ fn missing_tools() -> Option<String> {
 /// die of a Ctrl-C themselves, which ends the step in progress at once.
 fn catch_interrupts() {
     use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    extern "C" fn note(_: nix::libc::c_int) {
+    extern "C" fn note(_: libc::c_int) {
         INTERRUPTED.store(true, Ordering::SeqCst);
     }
     let action = SigAction::new(SigHandler::Handler(note), SaFlags::empty(), SigSet::empty());

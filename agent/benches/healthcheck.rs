@@ -409,9 +409,9 @@ fn app_acceptors(pods: usize) -> usize {
 /// soon as a normal one wakes up. The agent path runs under the same rule, so the comparison
 /// stays fair.
 fn yield_to_the_measured() -> io::Result<()> {
-    let param = nix::libc::sched_param { sched_priority: 0 };
+    let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: `param` is a valid sched_param that outlives the call; pid 0 is the calling thread.
-    let result = unsafe { nix::libc::sched_setscheduler(0, nix::libc::SCHED_IDLE, &param) };
+    let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
     if result == 0 {
         Ok(())
     } else {

@@ -97,7 +97,7 @@ pub async fn serve(listener: impl Listener, admin: Arc<Admin>, stop: Cancellatio
             Ok(stream) => stream,
             Err(error) => {
                 log::warn!("admin endpoint: accept failed: {error}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };

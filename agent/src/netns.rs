@@ -10,7 +10,7 @@ use std::{
     fmt,
     fs::File,
     io,
-    os::unix::fs::MetadataExt,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::{Arc, mpsc},
     thread,
@@ -60,7 +60,7 @@ pub fn netns_cookie() -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: `cookie` and `len` are live for the call and `len` is `cookie`'s size.
     let ret = unsafe {
         libc::getsockopt(

@@ -113,7 +113,7 @@ impl Certificates {
         let read = |path: &str| {
             fs::read_to_string(path).unwrap_or_else(|error| panic!("read {path}: {error}"))
         };
-        fs::write(&pem, read(&cert) + &read(&key))
+        fs::write(&pem, [read(&cert), read(&key)].concat())
             .unwrap_or_else(|error| panic!("write {pem}: {error}"));
         pem
     }

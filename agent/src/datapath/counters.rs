@@ -130,7 +130,7 @@ impl Datapath {
 pub struct DatapathCollector(pub SharedDatapath);
 
 impl Collector for DatapathCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let counters = match self.0.lock() {
             Ok(datapath) => datapath.counters(),
             // A scrape must not fail because of this; the metric is simply absent this time.

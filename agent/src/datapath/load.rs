@@ -5,7 +5,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     io::ErrorKind,
-    os::{fd::AsFd, unix::fs::MetadataExt as _},
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
 
@@ -114,7 +114,11 @@ impl Datapath {
         let link = sk_msg
             .take_link(link)
             .map_err(|source| program_error(names::SK_MSG, "take its link", source))?;
-        // Dropping the handle would detach the program; the pinned map keeps the attachment.
+        #[expect(
+            clippy::mem_forget,
+            reason = "dropping the handle would detach the program; the pinned map keeps the \
+                      attachment for as long as it lives"
+        )]
         std::mem::forget(link);
 
         for name in names::CGROUP_PROGRAMS {

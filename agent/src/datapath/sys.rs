@@ -8,7 +8,7 @@
 
 use std::{
     ffi::CString,
-    io, mem,
+    io,
     os::{
         fd::{AsFd, AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,
@@ -102,14 +102,8 @@ const LINK_TYPE_CGROUP: u32 = 3;
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a live, initialised `#[repr(C)]` prefix of `union bpf_attr` for `cmd`, and
     // its size is passed along; the kernel zero-extends a shorter attribute.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            mem::size_of::<T>(),
-        )
-    };
+    let ret =
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -173,7 +167,7 @@ pub fn link_cgroup_id(link: impl AsFd) -> io::Result<u64> {
     let mut info = CgroupLinkInfo::default();
     let mut attr = InfoAttr {
         bpf_fd: link.as_fd().as_raw_fd() as u32,
-        info_len: mem::size_of::<CgroupLinkInfo>() as u32,
+        info_len: size_of::<CgroupLinkInfo>() as u32,
         info: std::ptr::from_mut(&mut info) as u64,
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;

@@ -389,14 +389,14 @@ const _: () = {
 
 // The layouts have no implicit padding: each size is the sum of its fields.
 const _: () = {
-    assert!(core::mem::size_of::<Addr>() == 16);
-    assert!(core::mem::size_of::<Config>() == 16);
-    assert!(core::mem::size_of::<PodEntry>() == 32);
-    assert!(core::mem::size_of::<PortRule>() == 20);
-    assert!(core::mem::size_of::<CidrRule>() == 36);
-    assert!(core::mem::size_of::<OrigDst>() == 24);
-    assert!(core::mem::size_of::<ConnKey>() == 48);
-    assert!(core::mem::size_of::<ListenerKey>() == 16);
+    assert!(size_of::<Addr>() == 16);
+    assert!(size_of::<Config>() == 16);
+    assert!(size_of::<PodEntry>() == 32);
+    assert!(size_of::<PortRule>() == 20);
+    assert!(size_of::<CidrRule>() == 36);
+    assert!(size_of::<OrigDst>() == 24);
+    assert!(size_of::<ConnKey>() == 48);
+    assert!(size_of::<ListenerKey>() == 16);
 };
 
 // SAFETY (all below): `#[repr(C)]` structs of integers whose sizes add up to the struct's size (see

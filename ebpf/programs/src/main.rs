@@ -62,7 +62,7 @@ use probe_bypass_common::{
 macro_rules! named {
     ($($item:ident = $name:ident),+ $(,)?) => {
         $(const _: () = {
-            // A name that is not an item here fails too.
+            #[expect(unused_imports, reason = "it only proves that the item exists")]
             use crate::$item as _;
             assert!(names::same(stringify!($item), names::$name));
         };)+

@@ -7,7 +7,7 @@
 
 use std::{io, time::Duration};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 /// Largest request head accepted. A kubelet probe is a few hundred bytes.
 pub const MAX_REQUEST_HEAD: usize = 8 * 1024;

@@ -9,7 +9,7 @@ use std::{
 
 use probe_bypass_rewrite::{ProbeKind, ports::resolve_port};
 use tokio::{
-    io::AsyncReadExt,
+    io::AsyncReadExt as _,
     net::{TcpListener, TcpStream},
     sync::watch,
 };
