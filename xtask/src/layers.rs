@@ -7,6 +7,7 @@
 //! fails on:
 //! - an import of a module of a higher layer;
 //! - two top-level modules that import each other (a circle inside one layer);
+//! - a module that imports `run` (only `main.rs` may);
 //! - a top-level module that no layer names, so a new module must be placed before it builds on
 //!   anything.
 //!
@@ -21,6 +22,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::workspace_root;
+
+/// The entry point of `probe-bypass run`: the binary uses it, and no module of the library does.
+const ENTRY: &str = "run";
 
 /// The agent's layers, bottom to top: a module may import the modules of its own layer and of the
 /// layers below it.
@@ -114,6 +118,12 @@ fn check(imports: &BTreeMap<String, BTreeSet<String>>) -> BTreeSet<String> {
             continue;
         };
         for target in used {
+            if target == ENTRY {
+                problems.insert(format!(
+                    "`{module}` imports `{ENTRY}`, which only main.rs may use"
+                ));
+                continue;
+            }
             match layer_of.get(target.as_str()) {
                 // Not a module of the agent: a local name that happens to follow `crate::`.
                 None if !imports.contains_key(target) => {}
@@ -318,17 +328,20 @@ mod tests {
     #[test]
     fn an_upward_import_and_a_circle_are_reported() {
         let mut imports = BTreeMap::new();
-        imports.insert("netns".to_owned(), BTreeSet::from(["run".to_owned()]));
+        imports.insert("netns".to_owned(), BTreeSet::from(["reconcile".to_owned()]));
+        imports.insert("reconcile".to_owned(), BTreeSet::new());
         imports.insert("datapath".to_owned(), BTreeSet::from(["source".to_owned()]));
         imports.insert("source".to_owned(), BTreeSet::from(["datapath".to_owned()]));
         imports.insert("run".to_owned(), BTreeSet::new());
+        imports.insert("webhook".to_owned(), BTreeSet::from(["run".to_owned()]));
         imports.insert("stray".to_owned(), BTreeSet::new());
         let problems = check(&imports);
         assert_eq!(
             problems.into_iter().collect::<Vec<_>>(),
             [
                 "`datapath` and `source` import each other",
-                "`netns` (layer 1) imports `run` (layer 5), a higher layer",
+                "`netns` (layer 1) imports `reconcile` (layer 4), a higher layer",
+                "`webhook` imports `run`, which only main.rs may use",
                 "module `stray` is in no layer",
             ]
         );
