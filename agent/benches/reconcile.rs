@@ -25,7 +25,8 @@
 //!
 //! **Kubernetes API** (`--pod-source kube` against the stand-in API server of
 //! `tests/support/kube_api.rs`, through `KUBECONFIG`). Every pod is in the API with its IP from the
-//! start, and its cgroup is in a `kubepods` tree with no process, so the agent holds them all as
+//! start, and its cgroup is in a `kubepods` tree with no process (below the test cgroup the agent is
+//! given as `--cgroup-root`, where it looks for pods' cgroups as below a node's root), so the agent holds them all as
 //! waiting for their network namespace (its lookups failing, their backoff growing to 10 s). A pod
 //! appears when its first process enters its cgroup inside its network namespace, as a sandbox's
 //! first process does: that is the pod's netns appearing as the agent can see it. Baseline: the
@@ -136,6 +137,8 @@ fn pods() -> usize {
 /// Writes each pod's manifest into the agent's directory, then deletes it.
 fn manifests_run(pods: &[TestPod]) -> Timings {
     let cgroup = TestCgroup::new();
+    // The probes this benchmark sends are the kubelet's: they start under the programs' cgroup.
+    let _inside = cgroup.enter();
     let pins = TestPins::new();
     let dir = ManifestDir::new();
     let (events, _watcher) = watch_dir(&dir);
@@ -183,8 +186,12 @@ fn watch_dir(dir: &ManifestDir) -> (mpsc::Receiver<Instant>, notify::Recommended
 fn kube_run(pods: &[TestPod]) -> Timings {
     let runtime = Runtime::new().expect("a tokio runtime");
     let api = runtime.block_on(FakeApi::start(NODE));
-    // Before the pods' cgroups, which it must outlive.
-    let kubepods = Kubepods::new();
+    // The agent's --cgroup-root, where it attaches the programs and looks for pods' cgroups, as
+    // on a node's root; before the pods' cgroups, which it must outlive.
+    let cgroup = TestCgroup::new();
+    // The probes this benchmark sends are the kubelet's: they start under the programs' cgroup.
+    let _inside = cgroup.enter();
+    let kubepods = Kubepods::under(cgroup.path());
     let sandboxes: Vec<PodProcess> = pods
         .iter()
         .enumerate()
@@ -199,7 +206,6 @@ fn kube_run(pods: &[TestPod]) -> Timings {
         })
         .collect();
     let deletes = watch_api(&runtime, &api);
-    let cgroup = TestCgroup::new();
     let pins = TestPins::new();
     let kubeconfig = api.kubeconfig();
     let cgroup_root = cgroup.path().display().to_string();

@@ -80,6 +80,25 @@ impl TestCgroup {
             .unwrap_or_else(|error| panic!("run {program} in {}: {error}", self.path.display()))
     }
 
+    /// Moves the calling process, all its threads, into this cgroup until the guard drops, when it
+    /// goes back where it was. For a benchmark whose own connections must meet the programs
+    /// attached here, as the kubelet's meet them under the node's cgroup root: a connection from
+    /// outside looks, to the pod's sk_lookup, like one from another node. Drop the guard before the
+    /// cgroup, whose removal kills what is left in it.
+    pub fn enter(&self) -> Entered {
+        let own = fs::read_to_string("/proc/self/cgroup")
+            .unwrap_or_else(|error| panic!("read /proc/self/cgroup: {error}"));
+        let relative = own
+            .lines()
+            .find_map(|line| line.strip_prefix("0::"))
+            .unwrap_or_else(|| panic!("no cgroup v2 line in /proc/self/cgroup: {own:?}"));
+        let root =
+            cgroup2_mount().unwrap_or_else(|error| panic!("find the cgroup v2 mount: {error}"));
+        let home = root.join(relative.trim_start_matches('/'));
+        move_self(&self.path);
+        Entered { home }
+    }
+
     /// Kills every process left in the cgroup, including any a child started, with `cgroup.kill`
     /// (Linux 5.14+). On older kernels only the processes [`Self::spawn`] started are killed.
     fn kill_remaining(&self) {
@@ -88,6 +107,25 @@ impl TestCgroup {
             let _ = fs::write(&kill, "1");
         }
     }
+}
+
+/// The calling process inside a [`TestCgroup`], until dropped (see [`TestCgroup::enter`]).
+#[must_use = "the process leaves the cgroup when this is dropped"]
+pub struct Entered {
+    home: PathBuf,
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        move_self(&self.home);
+    }
+}
+
+/// Moves the calling process into the cgroup at `dir`.
+fn move_self(dir: &Path) {
+    let procs = dir.join("cgroup.procs");
+    fs::write(&procs, std::process::id().to_string())
+        .unwrap_or_else(|error| panic!("move into {}: {error}", dir.display()));
 }
 
 /// A command that runs `program` with `args` inside the cgroup at `dir`: a shell moves itself in

@@ -85,17 +85,19 @@ impl Drop for PodProcess {
     }
 }
 
-/// A `kubepods` tree of the test's own (`probe-bypass-test-<pid>-k<n>/kubepods/besteffort`), for
-/// many pods' cgroups side by side, as on a node. Drop it after the pods made in it.
+/// A `kubepods` tree of the test's own (`<parent>/kubepods/besteffort`), for many pods' cgroups
+/// side by side, as on a node. Drop it after the pods made in it.
 pub struct Kubepods {
     /// The cgroups made, parents first.
     dirs: Vec<PathBuf>,
 }
 
 impl Kubepods {
-    pub fn new() -> Self {
+    /// A `kubepods` tree below `parent`: the cgroup an agent is given as `--cgroup-root` is where
+    /// it looks for pods' cgroups, as below a node's cgroup root.
+    pub fn under(parent: &Path) -> Self {
         Self {
-            dirs: make_cgroups(test_root(), &["kubepods", "besteffort"]),
+            dirs: make_cgroups(parent.join("kubepods"), &["besteffort"]),
         }
     }
 
