@@ -20,6 +20,13 @@
 //! Maps of an older layout are replaced the same way: the new programs come with new maps, and
 //! the old maps are removed once no link uses them. [`uninstall`] removes exactly these pins,
 //! which detaches everything; other tools' programs on the same cgroup are never touched.
+//!
+//! - `load`: the embedded object loaded against the pinned maps, its programs attached.
+//! - `pods`: the pods' entries and exclusion rules in the maps, kept as diffs.
+//! - `inbound`: connections from other nodes, through sk_lookup and the proxies' listeners
+//!   ([`listeners`] finds those that listened before the programs were attached).
+//! - `counters`: the event counters, and their `/metrics` collector.
+//! - `pins`: where everything is pinned, and [`uninstall`].
 
 mod cgroup;
 mod counters;
