@@ -13,6 +13,9 @@
 //! `iptables_mode_matches_the_expected_table` checks the mesh's rules against outcomes written out
 //! by hand, so that the comparison cannot pass by both modes being broken the same way;
 //! `parity_ebpf_matches_iptables` runs both modes and compares them.
+//! `ebpf_on_the_mesh_rules_gives_the_ebpf_table` runs the datapath over pods that still carry the
+//! mesh's rules (injected before a node switched, issue 14): the outcomes must be the datapath's,
+//! with the 15904 hole closed, not the mesh's.
 
 use std::{fmt::Write as _, net::IpAddr};
 
@@ -452,6 +455,18 @@ fn iptables_mode_matches_the_expected_table() {
     );
 }
 
+/// The table the datapath must give, written out by hand: the mesh's outcome, except where the
+/// datapath differs on purpose.
+fn expected_ebpf() -> Vec<Outcome> {
+    SCENARIOS
+        .iter()
+        .map(|scenario| match &scenario.ebpf {
+            Ebpf::Same => outcome(scenario.iptables),
+            Ebpf::Differs { outcome: o, .. } => outcome(*o),
+        })
+        .collect()
+}
+
 #[test]
 fn parity_ebpf_matches_iptables() {
     require_privileges!();
@@ -481,6 +496,25 @@ fn parity_ebpf_matches_iptables() {
         &wanted,
         &ebpf,
         "with the eBPF datapath, scenarios {wrong} did not come out as behind the mesh's rules",
+    );
+}
+
+#[test]
+fn ebpf_on_the_mesh_rules_gives_the_ebpf_table() {
+    require_privileges!();
+    let expected = expected_ebpf();
+
+    let layered = run_scenarios(Mode::EbpfOnMeshRules);
+
+    assert_outcomes(
+        &[
+            ("ebpf, expected", &expected),
+            ("ebpf on the mesh's rules", &layered),
+        ],
+        &expected,
+        &layered,
+        "with the datapath over pods that keep the mesh's rules, scenarios {wrong} did not come \
+         out as the datapath's table",
     );
 }
 

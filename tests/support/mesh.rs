@@ -4,7 +4,10 @@
 //!   exclusions as FSM adds them) loaded in each meshed pod's namespace, and the agent serving only
 //!   the healthcheck (`--datapath none`);
 //! - [`Mode::Ebpf`]: no iptables; the agent's eBPF datapath, attached to the test's cgroup, does the
-//!   redirecting, told the exclusions by the pods' annotations.
+//!   redirecting, told the exclusions by the pods' annotations;
+//! - [`Mode::EbpfOnMeshRules`]: both, as on a node switched to the datapath while its pods were
+//!   injected before the switch: the mesh's rules are still in each meshed pod, and the datapath
+//!   runs as in [`Mode::Ebpf`].
 //!
 //! Every meshed pod runs an HTTP app and a [`Sidecar`]; the others run only the app. Calls are made
 //! with `curl` from inside the test's cgroup, from the host (as the kubelet calls) or from a pod,
@@ -70,6 +73,15 @@ pub enum Mode {
     Iptables,
     /// The agent's eBPF datapath; no iptables.
     Ebpf,
+    /// The agent's eBPF datapath over pods that still carry the mesh's iptables rules.
+    EbpfOnMeshRules,
+}
+
+impl Mode {
+    /// Whether the meshed pods get the mesh's iptables rules.
+    fn installs_mesh_rules(self) -> bool {
+        matches!(self, Mode::Iptables | Mode::EbpfOnMeshRules)
+    }
 }
 
 /// A pod of the node, as a test declares it.
@@ -314,7 +326,7 @@ impl Node {
                     &annotations,
                 ),
             );
-            if mode == Mode::Iptables {
+            if mode.installs_mesh_rules() {
                 install_fsm_rules(pod, mesh, &exclusions);
             }
         }
@@ -322,7 +334,7 @@ impl Node {
             Mode::Iptables => Interception::Iptables {
                 _agent: start_agent(&manifests, &["--datapath", "none"]),
             },
-            Mode::Ebpf => Interception::Ebpf {
+            Mode::Ebpf | Mode::EbpfOnMeshRules => Interception::Ebpf {
                 _agent: EbpfAgent::start(&manifests, &cgroup),
             },
         };
