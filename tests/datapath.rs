@@ -197,6 +197,7 @@ impl Node {
                 addrs,
                 netns_cookie,
                 exclusions,
+                dependent: None,
             })
             .expect("mesh the pod");
     }
@@ -525,6 +526,79 @@ fn exclusions_keep_connections_away_from_the_proxy() {
     // Not excluded: through the proxy.
     assert!(node.connect(Some(&source.pod), None, elsewhere.ip(), 15904));
     assert_eq!(source.next(), format!("15001 {}:15904", elsewhere.ip()));
+}
+
+/// Runs `probe-bypass uninstall` on the node's pins with `extra` arguments.
+fn run_uninstall(node: &Node, extra: &[&str]) -> std::process::Output {
+    Command::new(probe_bypass_testing::agent_bin())
+        .arg("uninstall")
+        .arg("--pin-path")
+        .arg(node.pins.path())
+        .args(extra)
+        .output()
+        .expect("run probe-bypass uninstall")
+}
+
+#[test]
+fn uninstall_refuses_while_pods_depend_on_the_datapath_and_names_them() {
+    require_privileges!();
+    let mut node = Node::new();
+    let (replaced, kept, gone) = (routed_pod(), routed_pod(), routed_pod());
+    for (pod, dependent) in [
+        (&replaced, Some("shop/replaced")),
+        (&kept, None),
+        (&gone, Some("shop/gone")),
+    ] {
+        node.datapath()
+            .upsert_pod(&PodRules {
+                addrs: vec![IpAddr::V4(pod.ip)],
+                netns_cookie: pod.netns_cookie(),
+                exclusions: Exclusions::default(),
+                dependent: dependent.map(str::to_owned),
+            })
+            .expect("mesh the pod");
+    }
+    node.datapath()
+        .remove_pod(IpAddr::V4(gone.ip))
+        .expect("remove a pod");
+    assert_eq!(
+        datapath::dependents(node.pins.path()).expect("read the dependents"),
+        ["shop/replaced"],
+        "a removed pod leaves no record"
+    );
+
+    // The agent stops; the datapath stays, and so does what it knows of its dependents.
+    node.datapath = None;
+    let refused = run_uninstall(&node, &[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "uninstall went ahead: {stderr}");
+    assert!(
+        stderr.contains("shop/replaced") && stderr.contains("--force"),
+        "the refusal names the pod and the way out: {stderr}"
+    );
+    assert!(node.pins.path().join("links/pb_connect4").exists());
+    assert_eq!(node.attached(), ATTACHED, "the datapath is left in place");
+
+    // A restarted agent keeps the record of a pod still in the maps.
+    node.install(settings());
+    assert_eq!(
+        datapath::dependents(node.pins.path()).expect("read the dependents"),
+        ["shop/replaced"]
+    );
+    node.datapath = None;
+
+    let forced = run_uninstall(&node, &["--force"]);
+    let stderr = String::from_utf8_lossy(&forced.stderr);
+    assert!(
+        forced.status.success(),
+        "uninstall --force failed: {stderr}"
+    );
+    assert!(
+        stderr.contains("shop/replaced"),
+        "the warning names the pod: {stderr}"
+    );
+    assert!(!node.pins.path().exists());
+    assert_eq!(node.attached(), Vec::<String>::new());
 }
 
 #[test]

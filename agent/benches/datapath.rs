@@ -580,6 +580,7 @@ impl Node {
                         addrs: vec![IpAddr::V4(pod.ip)],
                         netns_cookie: pod.netns_cookie(),
                         exclusions: exclusions.clone(),
+                        dependent: None,
                     })
                     .expect("mesh the pod");
                 guard_inbound(ebpf.shared(), pod);

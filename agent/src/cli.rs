@@ -35,7 +35,9 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Detach and unpin the eBPF datapath. Only the agent's own pins are removed; programs other
     /// tools attached to the same cgroup are not touched. Pods' traffic then flows without a proxy
-    /// in the way (as before the mesh), so stop the mesh's sidecars' users first.
+    /// in the way (as before the mesh), so stop the mesh's sidecars' users first. Refuses, naming
+    /// them, while pods depend on the datapath alone (their mesh's init container was replaced),
+    /// unless `--force`.
     Uninstall(UninstallArgs),
     /// Ask the agent of this container, over its admin socket, whether it is alive (or, with
     /// `--ready`, ready); for the container's probes. Prints the answer; exits 0 on 200, 1 on any
@@ -116,6 +118,12 @@ pub struct UninstallArgs {
     /// Where the agent pinned its links and maps (bpffs).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_PIN_DIR, env = "PROBE_BYPASS_PIN_PATH")]
     pub pin_path: PathBuf,
+
+    /// Remove the datapath even while pods depend on it alone (their mesh's iptables init
+    /// container was replaced by `--replace-mesh-init`): their traffic then skips their sidecars
+    /// until they are restarted with the mesh's own init container. The pods are named in a warning.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Which pods the agent serves, and where it learns of them.

@@ -48,13 +48,13 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, SockHash, lpm_trie::LpmTrie};
-use probe_bypass_common::{Addr, CidrRule, Config, ListenerKey, PodEntry, PortRule};
+use probe_bypass_common::{Addr, CidrRule, Config, ListenerKey, PodEntry, PodName, PortRule};
 
 pub use cgroup::cgroup2_mount;
 pub use counters::{Counters, DatapathCollector};
 pub use error::DatapathError;
 pub use inbound::Inbound;
-pub use pins::{Uninstalled, mapped_addrs, uninstall};
+pub use pins::{Uninstalled, dependents, mapped_addrs, uninstall};
 
 use crate::exclusions::Exclusions;
 use pods::{Installed, Rules};
@@ -104,6 +104,11 @@ pub struct PodRules {
     pub netns_cookie: u64,
     /// The pod's own exclusions (its annotations); the node's apply as well.
     pub exclusions: Exclusions,
+    /// `namespace/name` of a pod whose only interception is this datapath (its mesh's iptables
+    /// init container was replaced): recorded in the pinned `DEPENDENTS` map, which
+    /// [`dependents`] reads for `probe-bypass uninstall`. `None` for a pod that keeps its mesh's
+    /// rules.
+    pub dependent: Option<String>,
 }
 
 /// The installed datapath: handles on its pinned maps, and what it has put in them.
@@ -116,6 +121,7 @@ pub struct Datapath {
     counters: PerCpuArray<MapData, u64>,
     early_probes: HashMap<MapData, Addr, u64>,
     listeners: SockHash<MapData, ListenerKey>,
+    dependents: HashMap<MapData, Addr, PodName>,
     /// The loaded sk_lookup program, which [`Self::attach_netns`] attaches to pods' namespaces.
     sk_lookup: OwnedFd,
     /// The cookies of the namespaces with a pinned sk_lookup link.

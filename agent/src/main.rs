@@ -3,7 +3,7 @@ use std::{io::Write as _, process::ExitCode, time::Duration};
 use clap::Parser as _;
 use probe_bypass::{
     admin::health::{self, HealthError},
-    cli::{Cli, Command, HealthArgs, RewriteArgs},
+    cli::{Cli, Command, HealthArgs, RewriteArgs, UninstallArgs},
 };
 use probe_bypass_rewrite::manifest;
 
@@ -12,7 +12,7 @@ fn main() -> ExitCode {
         Command::Run(args) => serve(probe_bypass::run::run(*args)),
         Command::Uninstall(args) => {
             init_log();
-            uninstall(&args.pin_path)
+            uninstall(&args)
         }
         Command::Health(args) => ask_health(&args),
         Command::MountBpffs(args) => mount_bpffs(&args.at),
@@ -118,7 +118,46 @@ fn ask_health(args: &HealthArgs) -> ExitCode {
 }
 
 /// `probe-bypass uninstall`: removes the agent's pins, which detaches its programs.
-fn uninstall(pins: &std::path::Path) -> ExitCode {
+fn uninstall(args: &UninstallArgs) -> ExitCode {
+    let pins = args.pin_path.as_path();
+    // The datapath is all that sends these pods' traffic through their sidecars.
+    let dependents = match probe_bypass::datapath::dependents(pins) {
+        Ok(pods) => pods,
+        Err(error) if args.force => {
+            log::warn!(
+                "cannot read which pods depend on the datapath ({}); removing it anyway (--force)",
+                probe_bypass::error::error_chain(&error)
+            );
+            Vec::new()
+        }
+        Err(error) => {
+            log::error!(
+                "cannot read which pods depend on the datapath, so it is left in place: {}; \
+                 pass --force to remove it anyway",
+                probe_bypass::error::error_chain(&error)
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    if !dependents.is_empty() {
+        let pods = dependents.join(", ");
+        let count = dependents.len();
+        if !args.force {
+            log::error!(
+                "{count} pod(s) depend on the datapath: their mesh's iptables init container was \
+                 replaced, so removing it would leave their traffic unprotected: {pods}. Turn \
+                 --replace-mesh-init off in the webhook, restart these workloads so that the \
+                 mesh's injector puts its init container back, then uninstall again; or pass \
+                 --force to remove it now. The datapath is left in place."
+            );
+            return ExitCode::FAILURE;
+        }
+        log::warn!(
+            "removing the datapath although {count} pod(s) depend on it (--force): their traffic \
+             no longer goes through their sidecars until they are restarted with the mesh's own \
+             init container: {pods}"
+        );
+    }
     match probe_bypass::datapath::uninstall(pins) {
         Ok(report) => {
             for path in &report.removed {

@@ -19,7 +19,7 @@ use probe_bypass_rewrite::{
     OriginalProbes, ProbeKind,
     contract::{
         ORIGINAL_GRPC_PORT_HEADER, ORIGINAL_HTTP_PORT_HEADER, ORIGINAL_PROBES_ANNOTATION,
-        ORIGINAL_TCP_PORT_HEADER,
+        ORIGINAL_TCP_PORT_HEADER, REPLACED_MESH_INIT_ANNOTATION,
     },
     ports::resolve_port,
 };
@@ -146,6 +146,20 @@ pub struct Pod {
     /// without originals (its rewritten HTTP probes then fail with a 404 that says so). For the
     /// reconciler to log and count, like [`Self::annotation_errors`].
     pub originals_error: Option<String>,
+    /// The pod carries [`REPLACED_MESH_INIT_ANNOTATION`]: its mesh's iptables init container was
+    /// replaced, so the datapath is all that sends its traffic through its sidecar.
+    pub replaced_mesh_init: bool,
+}
+
+/// Every annotation [`Pod::from_k8s`] reads: the mesh's exclusion lists under both prefixes, the
+/// original probes and the record of a replaced init container. A source that trims pods keeps
+/// these and drops the rest.
+pub fn read_annotations() -> impl Iterator<Item = String> {
+    crate::exclusions::annotation_keys().chain(
+        [ORIGINAL_PROBES_ANNOTATION, REPLACED_MESH_INIT_ANNOTATION]
+            .into_iter()
+            .map(str::to_owned),
+    )
 }
 
 impl Pod {
@@ -167,6 +181,7 @@ impl Pod {
             exclusions: Exclusions::default(),
             annotation_errors: Vec::new(),
             originals_error: None,
+            replaced_mesh_init: false,
         }
     }
 
@@ -333,11 +348,14 @@ impl Pod {
             Some(annotations) => Exclusions::from_annotations(annotations),
             None => (Exclusions::default(), Vec::new()),
         };
-        let recorded = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|annotations| annotations.get(ORIGINAL_PROBES_ANNOTATION));
+        let annotation = |key| {
+            pod.metadata
+                .annotations
+                .as_ref()
+                .and_then(|annotations| annotations.get(key))
+        };
+        let replaced_mesh_init = annotation(REPLACED_MESH_INIT_ANNOTATION).is_some();
+        let recorded = annotation(ORIGINAL_PROBES_ANNOTATION);
         let (originals, originals_error) = match recorded.map(|text| OriginalProbes::parse(text)) {
             None => (OriginalProbes::default(), None),
             Some(Ok(originals)) => (originals, None),
@@ -362,6 +380,7 @@ impl Pod {
                 exclusions,
                 annotation_errors,
                 originals_error,
+                replaced_mesh_init,
             },
             warnings,
         })

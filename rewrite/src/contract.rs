@@ -58,3 +58,8 @@ pub const ORIGINAL_PROBES_ANNOTATION: &str = "probe-bypass.io/original-probes";
 pub const REWRITE_ANNOTATION: &str = "probe-bypass.io/rewrite";
 /// The value of [`REWRITE_ANNOTATION`] that opts a pod out.
 pub const REWRITE_DISABLED: &str = "disabled";
+
+/// Pod annotation the rewriter writes when `--replace-mesh-init` has taken out the mesh's iptables
+/// init container: the record of what was removed. A pod that carries it has no interception but
+/// the node's datapath, which the agent records so that `probe-bypass uninstall` can name it.
+pub const REPLACED_MESH_INIT_ANNOTATION: &str = "probe-bypass.io/replaced-mesh-init";

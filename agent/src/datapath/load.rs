@@ -90,6 +90,7 @@ impl Datapath {
             counters: take_map(&mut ebpf, names::COUNTERS)?,
             early_probes: take_map(&mut ebpf, names::EARLY_PROBES)?,
             listeners: take_map(&mut ebpf, names::LISTENERS)?,
+            dependents: take_map(&mut ebpf, names::DEPENDENTS)?,
             sk_lookup,
             netns_links: BTreeSet::new(),
             node_rules: Rules::default(),

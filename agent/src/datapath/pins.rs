@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use probe_bypass_common::{Addr, LAYOUT_VERSION, PodEntry, names};
+use probe_bypass_common::{Addr, LAYOUT_VERSION, PodEntry, PodName, names};
 
 use super::{DatapathError, error::map_error, sys};
 
@@ -33,6 +33,28 @@ pub fn mapped_addrs(pins: &Path) -> Result<BTreeSet<IpAddr>, DatapathError> {
         .map(|addr| addr.map(IpAddr::from))
         .collect::<Result<_, _>>()
         .map_err(|source| map_error(names::PODS_BY_ADDR, "read", source))
+}
+
+/// The pods recorded under `pins` as depending on the datapath alone (their mesh's iptables init
+/// container was replaced), as `namespace/name`, sorted: as the last agent left them, which may
+/// name a pod deleted since. None when nothing is pinned there, or pinned by an agent that kept
+/// no such record.
+pub fn dependents(pins: &Path) -> Result<Vec<String>, DatapathError> {
+    let path = maps_dir(pins).join(names::DEPENDENTS);
+    let data = match MapData::from_pin(&path) {
+        Ok(data) => data,
+        Err(_) if !path.exists() => return Ok(Vec::new()),
+        Err(source) => return Err(map_error(names::DEPENDENTS, "open the pin of", source)),
+    };
+    let map: HashMap<MapData, Addr, PodName> = HashMap::try_from(Map::HashMap(data))
+        .map_err(|source| map_error(names::DEPENDENTS, "open the pin of", source))?;
+    let mut pods = map
+        .iter()
+        .map(|entry| entry.map(|(_, name)| name.as_str().to_owned()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| map_error(names::DEPENDENTS, "read", source))?;
+    pods.sort();
+    Ok(pods)
 }
 
 /// Removes the pinned maps of other layouts, which no program uses any more.

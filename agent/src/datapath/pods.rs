@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, io::ErrorKind, net::IpAddr};
 use aya::maps::{MapError, lpm_trie::Key as LpmKey};
 use ipnet::IpNet;
 use probe_bypass_common::{
-    Addr, CidrRule, Config, PodEntry, PortRule, RULE_PRESENT, cidr_rule, names, port_rule,
+    Addr, CidrRule, Config, PodEntry, PodName, PortRule, RULE_PRESENT, cidr_rule, names, port_rule,
 };
 
 use super::{
@@ -114,6 +114,18 @@ impl Datapath {
             .keys()
             .collect::<Result<_, _>>()
             .map_err(|source| map_error(names::EARLY_PROBES, "read", source))?;
+        // A dependent whose pod is no longer in the maps went while no agent ran.
+        let dependents = self
+            .dependents
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| map_error(names::DEPENDENTS, "read", source))?;
+        for id in dependents {
+            if !self.pods.contains_key(&id) {
+                absent_is_fine(self.dependents.remove(&id))
+                    .map_err(|source| map_error(names::DEPENDENTS, "remove", source))?;
+            }
+        }
         Ok(())
     }
 
@@ -184,6 +196,7 @@ impl Datapath {
         self.pods_by_netns
             .insert(pod.netns_cookie, entry, 0)
             .map_err(|source| map_error(names::PODS_BY_NETNS, "insert", source))?;
+        self.record_dependent(id, pod.dependent.as_deref())?;
         for stale in current.addrs.difference(&addrs) {
             absent_is_fine(self.pods_by_addr.remove(stale))
                 .map_err(|source| map_error(names::PODS_BY_ADDR, "remove", source))?;
@@ -215,8 +228,23 @@ impl Datapath {
                 .map_err(|source| map_error(names::PODS_BY_ADDR, "remove", source))?;
         }
         self.remove_netns_entry(current.netns_cookie, id)?;
+        self.record_dependent(id, None)?;
         self.detach_netns(current.netns_cookie)?;
         self.sync_rules(&current.rules, &Rules::default())
+    }
+
+    /// Records pod `id` as a dependent named `name`, or, with `None`, as none.
+    fn record_dependent(&mut self, id: Addr, name: Option<&str>) -> Result<(), DatapathError> {
+        match name {
+            Some(name) => {
+                let value = PodName::new(name);
+                self.dependents
+                    .insert(id, value, 0)
+                    .map_err(|source| map_error(names::DEPENDENTS, "insert", source))
+            }
+            None => absent_is_fine(self.dependents.remove(&id))
+                .map_err(|source| map_error(names::DEPENDENTS, "remove", source)),
+        }
     }
 
     /// Removes a namespace's entry if it still belongs to pod `id` (a new pod may have its cookie).

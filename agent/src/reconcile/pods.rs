@@ -221,6 +221,7 @@ pub(super) fn pod_rules(pod: &Pod, netns_cookie: u64) -> PodRules {
             .collect(),
         netns_cookie,
         exclusions: pod.exclusions.clone(),
+        dependent: pod.replaced_mesh_init.then(|| pod.key.to_string()),
     }
 }
 

@@ -38,8 +38,9 @@ pub mod names {
     pub const EARLY_PROBES: &str = "EARLY_PROBES";
     pub const LISTENERS: &str = "LISTENERS";
     pub const LOCAL_CONNECTS: &str = "LOCAL_CONNECTS";
+    pub const DEPENDENTS: &str = "DEPENDENTS";
     /// Every map of the object: the agent pins each under its name.
-    pub const MAPS: [&str; 12] = [
+    pub const MAPS: [&str; 13] = [
         CONFIG,
         PODS_BY_ADDR,
         PODS_BY_NETNS,
@@ -52,6 +53,7 @@ pub mod names {
         EARLY_PROBES,
         LISTENERS,
         LOCAL_CONNECTS,
+        DEPENDENTS,
     ];
 
     /// Whether two names are the same, at compile time: the kernel side asserts with it that each
@@ -215,6 +217,47 @@ impl PodEntry {
     /// An outbound IP-range inclusion list applies to this pod (its own or the node's): only
     /// destinations in an included range go to the proxy.
     pub const HAS_INCLUSIONS: u32 = 1;
+}
+
+/// A pod's `namespace/name`, UTF-8, padded with NULs: the value of `DEPENDENTS`, the pods that
+/// have no interception but the datapath's (their mesh's iptables init container was replaced).
+/// No program reads it; it is pinned with the other maps so that `probe-bypass uninstall` can
+/// name those pods from the pins alone, when no agent runs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodName {
+    pub bytes: [u8; PodName::LEN],
+}
+
+impl PodName {
+    /// Room for a namespace (at most 63 bytes), the `/` and a pod name (at most 253 bytes).
+    pub const LEN: usize = 320;
+
+    /// The name `namespace/name`. A longer one than [`Self::LEN`] (not a Kubernetes name) is cut
+    /// at the last character that fits.
+    pub fn new(name: &str) -> Self {
+        let mut end = name.len().min(Self::LEN);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0; Self::LEN];
+        bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+        Self { bytes }
+    }
+
+    /// The name without its padding (lossy, should the bytes not be UTF-8).
+    pub fn as_str(&self) -> &str {
+        let end = self.bytes.iter().position(|&b| b == 0).unwrap_or(Self::LEN);
+        let bytes = &self.bytes[..end];
+        match core::str::from_utf8(bytes) {
+            Ok(name) => name,
+            Err(error) => {
+                // Only a valid prefix is shown: the name was not written by this agent.
+                let valid = &bytes[..error.valid_up_to()];
+                core::str::from_utf8(valid).unwrap_or_default()
+            }
+        }
+    }
 }
 
 /// What a [`PortRule`] says about its port.
@@ -397,6 +440,7 @@ const _: () = {
     assert!(size_of::<OrigDst>() == 24);
     assert!(size_of::<ConnKey>() == 48);
     assert!(size_of::<ListenerKey>() == 16);
+    assert!(size_of::<PodName>() == PodName::LEN);
 };
 
 // SAFETY (all below): `#[repr(C)]` structs of integers whose sizes add up to the struct's size (see
@@ -413,13 +457,33 @@ mod pod_impls {
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for ConnKey {}
     unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for PodName {}
 }
 
 #[cfg(test)]
 mod tests {
     use core::net::{Ipv4Addr, Ipv6Addr};
 
-    use super::Addr;
+    use super::{Addr, PodName};
+
+    #[test]
+    fn a_pod_name_round_trips_and_one_too_long_is_cut_at_a_character() {
+        assert_eq!(
+            PodName::new("shop/bookstore-v1-7d9f").as_str(),
+            "shop/bookstore-v1-7d9f"
+        );
+        let longest = [b'n'; PodName::LEN];
+        let longest = core::str::from_utf8(&longest).expect("ascii");
+        assert_eq!(PodName::new(longest).as_str(), longest);
+        // 319 ASCII bytes, then a two-byte character that does not fit.
+        let mut too_long = [b'n'; PodName::LEN + 1];
+        too_long[PodName::LEN - 1..].copy_from_slice("é".as_bytes());
+        let too_long = core::str::from_utf8(&too_long).expect("utf-8");
+        assert_eq!(
+            PodName::new(too_long).as_str(),
+            &longest[..PodName::LEN - 1]
+        );
+    }
 
     #[test]
     fn an_ipv4_address_and_its_ipv4_mapped_ipv6_form_are_one_key() {

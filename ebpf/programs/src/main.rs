@@ -53,8 +53,8 @@ use aya_ebpf::{
     programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use probe_bypass_common::{
-    Addr, CidrRule, Config, ConnKey, Counter, ListenerKey, OrigDst, PodEntry, PortRule, cidr_rule,
-    names, port_rule, redirect,
+    Addr, CidrRule, Config, ConnKey, Counter, ListenerKey, OrigDst, PodEntry, PodName, PortRule,
+    cidr_rule, names, port_rule, redirect,
 };
 
 /// Fails the build unless each program and map is named as `probe_bypass_common::names` says:
@@ -88,6 +88,7 @@ named!(
     EARLY_PROBES = EARLY_PROBES,
     LISTENERS = LISTENERS,
     LOCAL_CONNECTS = LOCAL_CONNECTS,
+    DEPENDENTS = DEPENDENTS,
 );
 
 /// Room for every pod of a large node twice over (dual-stack pods have an entry per family).
@@ -184,6 +185,12 @@ static LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(MAX_PODS * 
 /// leaves them alone (issue 5: the two paths never both act on one connection).
 #[map]
 static LOCAL_CONNECTS: LruHashMap<ConnKey, u8> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+
+/// The pods whose only interception is this datapath, by their first address: no program reads
+/// it. It lives here, pinned with the other maps, so that `probe-bypass uninstall` can name the
+/// pods it would leave unprotected, from the pins alone.
+#[map]
+static DEPENDENTS: HashMap<Addr, PodName> = HashMap::with_max_entries(MAX_PODS, 0);
 
 /// Event counters, indexed by [`Counter`]. Per CPU so that counting needs no atomics; the agent sums them.
 #[map]

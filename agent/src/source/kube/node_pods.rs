@@ -27,8 +27,7 @@ use self::fields::{identity, pod_ip, trim};
 use super::{KubeMetrics, mesh::MeshSelector};
 use crate::{
     discovery::NetnsQuery,
-    exclusions,
-    pod::{NetnsRef, Pod, PodKey},
+    pod::{self, NetnsRef, Pod, PodKey},
     source::{Pending, PodSet},
     time::Backoff,
 };
@@ -52,8 +51,8 @@ pub struct NodePods {
     node: String,
     mesh: MeshSelector,
     metrics: KubeMetrics,
-    /// The annotations a served pod keeps: the mesh's exclusion lists.
-    exclusion_keys: BTreeSet<String>,
+    /// The annotations a served pod keeps: those [`Pod::from_k8s`] reads.
+    kept_annotations: BTreeSet<String>,
     pods: BTreeMap<PodKey, Entry>,
     /// The pods of a relist in progress, applied all at once when it completes.
     relist: Option<Vec<Observed>>,
@@ -136,7 +135,7 @@ impl NodePods {
             node,
             mesh,
             metrics,
-            exclusion_keys: exclusions::annotation_keys().collect(),
+            kept_annotations: pod::read_annotations().collect(),
             pods: BTreeMap::new(),
             relist: None,
         }
@@ -425,7 +424,7 @@ impl NodePods {
                     Verdict::Ignored(Ignored::HostNetwork { marker })
                 }
                 Some(marker) => Verdict::Meshed {
-                    pod: Box::new(trim(pod, &self.exclusion_keys)),
+                    pod: Box::new(trim(pod, &self.kept_annotations)),
                     marker,
                 },
             }

@@ -36,9 +36,9 @@ pub(super) fn pod_ip(pod: &K8sPod) -> PodIp {
     }
 }
 
-/// The pod with only the fields [`Pod::from_k8s`] reads: name, namespace, the mesh's exclusion
-/// annotations, the containers' names, ports and probes, and the pod's IPs.
-pub(super) fn trim(pod: K8sPod, exclusion_keys: &BTreeSet<String>) -> K8sPod {
+/// The pod with only the fields [`Pod::from_k8s`] reads: name, namespace, the annotations it reads
+/// (`kept_annotations`), the containers' names, ports and probes, and the pod's IPs.
+pub(super) fn trim(pod: K8sPod, kept_annotations: &BTreeSet<String>) -> K8sPod {
     let K8sPod {
         metadata,
         spec,
@@ -48,7 +48,7 @@ pub(super) fn trim(pod: K8sPod, exclusion_keys: &BTreeSet<String>) -> K8sPod {
         .annotations
         .map(|all| {
             all.into_iter()
-                .filter(|(key, _)| exclusion_keys.contains(key))
+                .filter(|(key, _)| kept_annotations.contains(key))
                 .collect::<BTreeMap<_, _>>()
         })
         .filter(|kept| !kept.is_empty());

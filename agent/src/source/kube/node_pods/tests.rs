@@ -4,6 +4,10 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
+use probe_bypass_rewrite::{
+    ProbeKind,
+    contract::{ORIGINAL_PROBES_ANNOTATION, REPLACED_MESH_INIT_ANNOTATION},
+};
 use serde_json::json;
 
 use super::super::metrics::PendingLabels;
@@ -437,10 +441,39 @@ fn invalid_pod_ip_is_reported_once_per_change() {
     assert!(pods.pod_set().is_empty());
 }
 
+/// The original probes and the record of a replaced init container reach `Pod::from_k8s`
+/// through the trim: without them the pod's rewritten httpGet probes would fail with 404, and
+/// `uninstall` would not know the pod depends on the datapath.
+#[test]
+fn the_annotations_the_pod_is_served_from_survive_the_trim() {
+    let (pods, _) = node_pods();
+    let originals = r#"{"bookstore":{"liveness":{"httpGet":{"path":"/live","port":14001}}}}"#;
+    let annotated = pod("a", |pod| {
+        let annotations = pod["metadata"]["annotations"]
+            .as_object_mut()
+            .expect("annotations");
+        annotations.insert(ORIGINAL_PROBES_ANNOTATION.into(), json!(originals));
+        annotations.insert(REPLACED_MESH_INIT_ANNOTATION.into(), json!("{}"));
+    });
+    let kept = trim(annotated, &pods.kept_annotations);
+    let parsed = Pod::from_k8s(&kept, NetnsRef::Named("pod-a".into())).expect("a served pod");
+    assert!(parsed.pod.replaced_mesh_init);
+    assert!(parsed.pod.originals_error.is_none());
+    assert_eq!(
+        parsed
+            .pod
+            .originals
+            .iter()
+            .map(|(c, k, _)| (c.to_owned(), k))
+            .collect::<Vec<_>>(),
+        vec![("bookstore".to_owned(), ProbeKind::Liveness)]
+    );
+}
+
 #[test]
 fn only_the_fields_the_agent_serves_from_are_kept() {
     let (pods, _) = node_pods();
-    let kept = trim(pod("a", unchanged), &pods.exclusion_keys);
+    let kept = trim(pod("a", unchanged), &pods.kept_annotations);
     assert!(kept.metadata.managed_fields.is_none());
     assert!(kept.metadata.labels.is_none());
     assert_eq!(
