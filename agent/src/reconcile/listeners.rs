@@ -75,6 +75,9 @@ impl Reconciler {
         let cookie = if self.datapath.is_some() {
             let cookie = self.ctx.worker.run(&netns, netns_cookie).await?;
             self.with_datapath(|datapath| datapath.upsert_pod(&pod_rules(pod, cookie)))?;
+            self.ctx
+                .metrics
+                .in_datapath(&pod.key, pod.replaced_mesh_init);
             self.guard_inbound(pod, &netns, cookie).await?;
             cookie
         } else {

@@ -126,12 +126,17 @@ impl Reconciler {
             }
             if moved || matches!(entry.state, State::Failing { .. }) {
                 self.restart(key, 0).await;
-            } else if let State::Listening { cookie, .. } = entry.state
-                && let Err(error) =
-                    self.with_datapath(|datapath| datapath.upsert_pod(&pod_rules(pod, cookie)))
-            {
-                log::error!("pod {key}: cannot update it in the datapath: {error}; retrying");
-                self.restart(key, 0).await;
+            } else if let State::Listening { cookie, .. } = entry.state {
+                match self.with_datapath(|datapath| datapath.upsert_pod(&pod_rules(pod, cookie))) {
+                    Ok(Some(())) => self.ctx.metrics.in_datapath(key, pod.replaced_mesh_init),
+                    Ok(None) => {}
+                    Err(error) => {
+                        log::error!(
+                            "pod {key}: cannot update it in the datapath: {error}; retrying"
+                        );
+                        self.restart(key, 0).await;
+                    }
+                }
             }
         }
     }

@@ -69,6 +69,15 @@ pub struct AnnotationLabels {
     pub annotation: String,
 }
 
+/// A pod in the datapath: whether the datapath is its only interception (its mesh's iptables init
+/// container was replaced), `"true"` or `"false"`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DatapathPodLabels {
+    pub namespace: String,
+    pub pod: String,
+    pub replaced_mesh_init: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DialLabels {
     pub result: &'static str,
@@ -91,6 +100,7 @@ pub struct Metrics {
     dial_seconds: HistogramFamily<DialLabels>,
     pods_known: Gauge,
     pods_served: Gauge,
+    datapath_pods: Family<DatapathPodLabels, Gauge>,
     listener_errors: Family<PodLabels, Counter>,
     annotation_errors: Family<AnnotationLabels, Counter>,
     probes_before_served: Family<PodLabels, Counter>,
@@ -140,6 +150,14 @@ impl Default for Metrics {
             "pods_served",
             "Meshed pods with a healthcheck listener in their network namespace",
             pods_served.clone(),
+        );
+        let datapath_pods = Family::<DatapathPodLabels, Gauge>::default();
+        registry.register(
+            "datapath_pod",
+            "1 for each meshed pod in the eBPF datapath's maps (its traffic meets its sidecar), with \
+             replaced_mesh_init=\"true\" when the datapath is its only interception; always absent \
+             with --datapath none",
+            datapath_pods.clone(),
         );
         let listener_errors = Family::<PodLabels, Counter>::default();
         registry.register(
@@ -194,6 +212,7 @@ impl Default for Metrics {
             dial_seconds,
             pods_known,
             pods_served,
+            datapath_pods,
             listener_errors,
             annotation_errors,
             probes_before_served,
@@ -360,6 +379,19 @@ impl Metrics {
             .inc_by(probes);
     }
 
+    /// Marks `pod` as in the datapath, replacing its earlier series if the label changed.
+    pub fn in_datapath(&self, pod: &PodKey, replaced_mesh_init: bool) {
+        let labels = |replaced: bool| DatapathPodLabels {
+            namespace: pod.namespace.clone(),
+            pod: pod.name.clone(),
+            replaced_mesh_init: if replaced { "true" } else { "false" },
+        };
+        self.datapath_pods.remove(&labels(!replaced_mesh_init));
+        self.datapath_pods
+            .get_or_create(&labels(replaced_mesh_init))
+            .set(1);
+    }
+
     pub fn set_pods(&self, known: usize, served: usize) {
         self.pods_known
             .set(i64::try_from(known).unwrap_or(i64::MAX));
@@ -378,6 +410,13 @@ impl Metrics {
         }
         self.listener_errors.remove(&pod_labels(pod));
         self.probes_before_served.remove(&pod_labels(pod));
+        for replaced_mesh_init in ["true", "false"] {
+            self.datapath_pods.remove(&DatapathPodLabels {
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                replaced_mesh_init,
+            });
+        }
         let series = self
             .prober_series
             .lock()
@@ -511,6 +550,32 @@ mod tests {
             text.contains("annotation=\"openservicemesh.io/outbound-ip-range-inclusion-list\"} 1"),
             "{text}"
         );
+        metrics.forget_pod(&pod);
+        let text = metrics.encode().unwrap();
+        assert!(!text.contains("bookstore"), "{text}");
+    }
+
+    #[test]
+    fn a_pod_in_the_datapath_has_one_series_until_it_is_forgotten() {
+        let metrics = Metrics::default();
+        let pod = PodKey {
+            namespace: "shop".into(),
+            name: "bookstore".into(),
+        };
+        let series = |replaced| {
+            format!(
+                "probe_bypass_datapath_pod{{namespace=\"shop\",pod=\"bookstore\",\
+                 replaced_mesh_init=\"{replaced}\"}} 1"
+            )
+        };
+        metrics.in_datapath(&pod, true);
+        let text = metrics.encode().unwrap();
+        assert!(text.contains(&series(true)), "{text}");
+        // The pod re-created without the replacement: its series says so, and only it.
+        metrics.in_datapath(&pod, false);
+        let text = metrics.encode().unwrap();
+        assert!(text.contains(&series(false)), "{text}");
+        assert!(!text.contains(&series(true)), "{text}");
         metrics.forget_pod(&pod);
         let text = metrics.encode().unwrap();
         assert!(!text.contains("bookstore"), "{text}");
