@@ -1,6 +1,13 @@
 //! `cargo xtask demo`: the product's main job on one machine, no cluster needed.
 //!
-//! Builds two pods (network namespaces joined to the host by veths), runs a small app in one, runs
+//! The default demo ([`run_mesh`]) builds the agent and `probe-bypass-demo` (a binary of the test
+//! support crate, which xtask cannot depend on: it embeds the kernel object) and runs it: meshed
+//! pods A and B with HAProxy sidecars and pod C, called behind the mesh's iptables rules and behind
+//! the agent's eBPF datapath. It runs in its own process group, so Ctrl-C reaches only xtask, which
+//! passes it on and waits for the demo to unwind; then it sweeps whatever the demo's names say is
+//! left (a demo killed outright leaves its guards undropped).
+//!
+//! `--healthcheck-only` ([`run`]) builds two pods (network namespaces joined to the host by veths), runs a small app in one, runs
 //! the agent on a directory of their manifests, probes them from the host the way the kubelet does
 //! (with curl), prints what came back, and tears everything down, on Ctrl-C too.
 
@@ -8,6 +15,7 @@ use std::{
     fs,
     io::Read as _,
     net::{SocketAddr, TcpListener},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
@@ -66,6 +74,107 @@ impl Cleanup {
     }
 }
 
+/// `cargo xtask demo`: builds the agent and the demo binary, runs it, and sweeps after it.
+pub fn run_mesh() -> Result<()> {
+    setup::ensure()?;
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the demo creates network namespaces, cgroups and eBPF programs: run it as root");
+    }
+    println!("building the agent (with its eBPF object) and the demo…");
+    cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "probe-bypass",
+        "--bin",
+        "probe-bypass",
+    ])?;
+    cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "probe-bypass-testing",
+        "--bin",
+        "probe-bypass-demo",
+    ])?;
+    let demo_bin = crate::target_dir()?.join("release/probe-bypass-demo");
+    let child = Command::new(&demo_bin)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {}", demo_bin.display()))?;
+    let pid = child.id();
+    ctrlc::set_handler(move || {
+        eprintln!("\ninterrupted: the demo is tearing itself down…");
+        let _ = Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status();
+    })
+    .context("installing the Ctrl-C handler")?;
+    let mut child = child;
+    let status = child.wait().context("waiting for the demo")?;
+    let swept = sweep(pid);
+    if !swept.is_empty() {
+        println!("swept what the demo left: {}", swept.join(", "));
+    }
+    if !status.success() {
+        bail!("the demo failed: {status}");
+    }
+    Ok(())
+}
+
+/// Removes what the demo process `pid` made and did not remove (its resources are named after
+/// its pid: see tests/support), and names what it removed.
+fn sweep(pid: u32) -> Vec<String> {
+    let mut swept = Vec::new();
+    let cgroup_root = Path::new("/sys/fs/cgroup");
+    let entries = |dir: &Path| -> Vec<String> {
+        fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for name in entries(cgroup_root) {
+        if name.starts_with(&format!("probe-bypass-test-{pid}-")) {
+            let dir = cgroup_root.join(&name);
+            let _ = fs::write(dir.join("cgroup.kill"), "1");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while fs::remove_dir(&dir).is_err() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(50));
+            }
+            swept.push(format!("cgroup {}", dir.display()));
+        }
+    }
+    for name in entries(Path::new("/sys/class/net")) {
+        if name.starts_with(&format!("pbt{pid}x")) {
+            let _ = Command::new("ip").args(["link", "del", &name]).status();
+            swept.push(format!("veth {name}"));
+        }
+    }
+    for name in entries(Path::new("/run/netns")) {
+        if name.starts_with(&format!("pb-test-{pid}-")) {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            swept.push(format!("netns {name}"));
+        }
+    }
+    let tmp = std::env::temp_dir();
+    for name in entries(&tmp) {
+        let dir = tmp.join(&name);
+        if name.starts_with(&format!("pb-bpffs-{pid}-")) {
+            let _ = Command::new("umount").arg("--recursive").arg(&dir).status();
+        }
+        if name.starts_with("pb-") && name.contains(&format!("-{pid}-")) {
+            let _ = fs::remove_dir_all(&dir);
+            swept.push(format!("dir {}", dir.display()));
+        }
+    }
+    swept
+}
+
+/// `cargo xtask demo --healthcheck-only`: the healthcheck on 15904 alone.
 pub fn run() -> Result<()> {
     setup::ensure()?;
     if !nix::unistd::geteuid().is_root() {
@@ -73,7 +182,7 @@ pub fn run() -> Result<()> {
     }
     println!("building the agent (release, with its eBPF object)…");
     cargo(&["build", "--release", "--package", "probe-bypass"])?;
-    let agent_bin = crate::workspace_root().join("target/release/probe-bypass");
+    let agent_bin = crate::target_dir()?.join("release/probe-bypass");
 
     let cleanup = Arc::new(Mutex::new(Cleanup::default()));
     let on_interrupt = Arc::clone(&cleanup);

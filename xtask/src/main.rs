@@ -34,8 +34,13 @@ enum Task {
     Setup,
     /// Build the kernel programs on their own and list the programs and maps in the object.
     BuildEbpf,
-    /// Run the agent on two demo pods and probe them as the kubelet does (needs root).
-    Demo,
+    /// Show the product (needs root): meshed pods A and B and pod C, called behind the mesh's
+    /// iptables rules and behind the agent's eBPF datapath, as a table.
+    Demo {
+        /// Show only the healthcheck on 15904 (the agent with `--datapath none`).
+        #[arg(long)]
+        healthcheck_only: bool,
+    },
     /// Run every test, the privileged ones included (needs root for those).
     Test,
     /// Check that the agent's modules import nothing from a higher layer (see ARCHITECTURE.md).
@@ -66,7 +71,13 @@ fn main() -> Result<()> {
     match command {
         Task::Setup => setup::ensure(),
         Task::BuildEbpf => build_ebpf::run(),
-        Task::Demo => demo::run(),
+        Task::Demo { healthcheck_only } => {
+            if healthcheck_only {
+                demo::run()
+            } else {
+                demo::run_mesh()
+            }
+        }
         Task::Test => test::run(),
         Task::Layers => layers::run(),
         Task::Image { output } => image::run(output),
