@@ -43,6 +43,11 @@ pub const DEFAULT_WEBHOOK_HEALTHZ: &str = "0.0.0.0:9090";
 /// `clientConfig.service.path`).
 pub const WEBHOOK_MUTATE_PATH: &str = "/mutate";
 
+/// The path at which the webhook always replaces the mesh's iptables init container, whatever
+/// `--replace-mesh-init` says: a MutatingWebhookConfiguration entry that selects namespaces by
+/// label sends their pods here.
+pub const WEBHOOK_REPLACE_MESH_INIT_PATH: &str = "/mutate/replace-mesh-init";
+
 /// The webhook's health path, on [`DEFAULT_WEBHOOK_HEALTHZ`].
 pub const WEBHOOK_HEALTHZ_PATH: &str = "/healthz";
 
