@@ -25,7 +25,7 @@ use hyper::{Method, Request, StatusCode, body::Bytes};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::ByteString;
 use probe_bypass::{
-    defaults::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH},
+    defaults::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH, WEBHOOK_REPLACE_MESH_INIT_PATH},
     webhook::server::MAX_BODY,
 };
 use probe_bypass_rewrite::review::WARNING_PREFIX;
@@ -68,9 +68,14 @@ impl Webhook {
     /// Starts the webhook on ephemeral loopback ports and waits for its start-up log line, which
     /// names the bound addresses.
     fn start(cert: &Path, key: &Path, style: &str) -> Self {
+        Self::start_with(cert, key, &["--style", style])
+    }
+
+    /// [`Webhook::start`] with `args` (its options beyond the addresses and the certificate).
+    fn start_with(cert: &Path, key: &Path, args: &[&str]) -> Self {
         let dir = TempDir::new("webhook");
         let log = dir.path.join("webhook.log");
-        let child = webhook_command(cert, key, style, &log)
+        let child = webhook_command(cert, key, args, &log)
             .spawn()
             .expect("the webhook starts");
         let mut webhook = Self {
@@ -118,7 +123,7 @@ impl Drop for Webhook {
     }
 }
 
-fn webhook_command(cert: &Path, key: &Path, style: &str, log: &Path) -> Command {
+fn webhook_command(cert: &Path, key: &Path, args: &[&str], log: &Path) -> Command {
     let log = fs::File::create(log).expect("the log file");
     let mut command = Command::new(probe_bypass_testing::agent_bin());
     command
@@ -133,7 +138,7 @@ fn webhook_command(cert: &Path, key: &Path, style: &str, log: &Path) -> Command 
         .arg(cert)
         .arg("--tls-key")
         .arg(key)
-        .args(["--style", style])
+        .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -228,8 +233,17 @@ async fn send(
 }
 
 async fn post(client: &TlsConnector, addr: SocketAddr, body: &Value) -> (StatusCode, Value) {
+    post_to(client, addr, WEBHOOK_MUTATE_PATH, body).await
+}
+
+async fn post_to(
+    client: &TlsConnector,
+    addr: SocketAddr,
+    path: &str,
+    body: &Value,
+) -> (StatusCode, Value) {
     let body = serde_json::to_vec(body).expect("JSON");
-    let (status, answer) = send(client, addr, Method::POST, WEBHOOK_MUTATE_PATH, body).await;
+    let (status, answer) = send(client, addr, Method::POST, path, body).await;
     assert_eq!(
         status,
         StatusCode::OK,
@@ -282,6 +296,10 @@ impl ServerCerts {
         Webhook::start(Path::new(&self.cert), Path::new(&self.key), style)
     }
 
+    fn start_with(&self, args: &[&str]) -> Webhook {
+        Webhook::start_with(Path::new(&self.cert), Path::new(&self.key), args)
+    }
+
     fn client(&self, alpn: &[u8]) -> TlsConnector {
         tls_client(&[&self.certs.ca()], alpn)
     }
@@ -329,8 +347,15 @@ fn fixture_pods() -> Vec<(String, Value)> {
 
 /// What `probe-bypass rewrite --style <style>` prints for `pod` (as JSON), and its warnings.
 fn cli_rewrite(pod: &Value, style: &str) -> (Value, Vec<String>) {
+    cli_rewrite_with(pod, &["--style", style])
+}
+
+/// What `probe-bypass rewrite <args>` prints for `pod` (as JSON), and its warnings.
+fn cli_rewrite_with(pod: &Value, args: &[&str]) -> (Value, Vec<String>) {
     let input = serde_json::to_vec(pod).expect("JSON");
-    let output = run_rewrite(&["-f", "-", "--style", style], &input);
+    let mut argv = vec!["-f", "-"];
+    argv.extend_from_slice(args);
+    let output = run_rewrite(&argv, &input);
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(output.status.success(), "rewrite failed: {stderr}");
     let warnings = stderr
@@ -423,6 +448,87 @@ async fn every_fixture_pod_patched_over_https_equals_the_cli_rewrite() {
             "each admission is logged:\n{log}"
         );
     }
+}
+
+/// The pods of the `--replace-mesh-init` fixtures (`mesh-init/`, not their expected results).
+fn mesh_init_pods() -> Vec<(String, Value)> {
+    let dir = fixtures_dir().join("mesh-init");
+    let mut names: Vec<String> = fs::read_dir(&dir)
+        .expect("fixtures")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|name| !name.ends_with(".expected.yaml"))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| {
+            let text = fs::read_to_string(dir.join(&name)).expect("fixture");
+            (name, serde_norway::from_str(&text).expect("YAML"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replace_mesh_init_over_https_equals_the_cli_on_both_paths_and_with_the_flag() {
+    let certs = ServerCerts::new("webhook");
+    let plain = certs.start("osm");
+    let flagged = certs.start_with(&["--style", "osm", "--replace-mesh-init"]);
+    let client = certs.client(b"h2");
+    let mut replaced_pods = 0;
+    for (n, (name, pod)) in mesh_init_pods().into_iter().enumerate() {
+        let replacing = cli_rewrite_with(&pod, &["--style", "osm", "--replace-mesh-init"]);
+        let not_replacing = cli_rewrite(&pod, "osm");
+        replaced_pods += usize::from(replacing.0 != not_replacing.0);
+        for (webhook, flag, path, (expected, cli_warnings)) in [
+            (&plain, "", WEBHOOK_MUTATE_PATH, &not_replacing),
+            (&plain, "", WEBHOOK_REPLACE_MESH_INIT_PATH, &replacing),
+            (
+                &flagged,
+                "--replace-mesh-init",
+                WEBHOOK_MUTATE_PATH,
+                &replacing,
+            ),
+            (
+                &flagged,
+                "--replace-mesh-init",
+                WEBHOOK_REPLACE_MESH_INIT_PATH,
+                &replacing,
+            ),
+        ] {
+            let case = format!("{name}: webhook {flag} at {path}");
+            let uid = format!("00000000-0000-0000-0000-{n:012}");
+            let review = admission_review(&uid, &pod);
+            let (_, answer) = post_to(&client, webhook.reviews, path, &review).await;
+            let (patch, warnings) = response_of(&answer, &uid);
+            let mut patched = pod.clone();
+            json_patch::patch(&mut patched, &patch)
+                .unwrap_or_else(|error| panic!("{case}: the patch applies: {error}"));
+            assert_eq!(&patched, expected, "{case}");
+            assert_eq!(
+                warnings.iter().map(|w| substance(w)).collect::<Vec<_>>(),
+                cli_warnings
+                    .iter()
+                    .map(|w| substance(w))
+                    .collect::<Vec<_>>(),
+                "{case}"
+            );
+        }
+    }
+    assert!(
+        replaced_pods >= 4,
+        "most fixtures have their init container replaced"
+    );
+    let log = flagged.log();
+    assert!(
+        log.contains("replacing the mesh's init container: true"),
+        "the start-up line says what /mutate does:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -812,7 +918,7 @@ fn start_up_without_a_usable_certificate_fails_naming_the_file() {
     ];
     for (cert, key, expected) in cases {
         let log = dir.path.join("start.log");
-        let status = webhook_command(&cert, &key, "osm", &log)
+        let status = webhook_command(&cert, &key, &["--style", "osm"], &log)
             .status()
             .expect("the webhook runs");
         let log = fs::read_to_string(&log).expect("log");
