@@ -415,6 +415,33 @@ fn response_of(answer: &Value, uid: &str) -> (json_patch::Patch, Vec<String>) {
     (patch, warnings)
 }
 
+/// Posts `pod` for review to the webhook at (client, address, path), applies the patch it answers
+/// and checks the pod and the warnings against `cli` (the CLI's output and warnings); says the
+/// warnings.
+async fn assert_admission_equals_cli(
+    (client, addr, path): (&TlsConnector, SocketAddr, &str),
+    uid: &str,
+    pod: &Value,
+    (expected, cli_warnings): &(Value, Vec<String>),
+    case: &str,
+) -> Vec<String> {
+    let (_, answer) = post_to(client, addr, path, &admission_review(uid, pod)).await;
+    let (patch, warnings) = response_of(&answer, uid);
+    let mut patched = pod.clone();
+    json_patch::patch(&mut patched, &patch)
+        .unwrap_or_else(|error| panic!("{case}: the patch applies: {error}"));
+    assert_eq!(&patched, expected, "{case}");
+    assert_eq!(
+        warnings.iter().map(|w| substance(w)).collect::<Vec<_>>(),
+        cli_warnings
+            .iter()
+            .map(|w| substance(w))
+            .collect::<Vec<_>>(),
+        "{case}"
+    );
+    warnings
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_fixture_pod_patched_over_https_equals_the_cli_rewrite() {
     let certs = ServerCerts::new("webhook");
@@ -424,21 +451,10 @@ async fn every_fixture_pod_patched_over_https_equals_the_cli_rewrite() {
         let mut warned = 0;
         for (n, (name, pod)) in fixture_pods().into_iter().enumerate() {
             let uid = format!("00000000-0000-0000-0000-{n:012}");
-            let (_, answer) = post(&client, webhook.reviews, &admission_review(&uid, &pod)).await;
-            let (patch, warnings) = response_of(&answer, &uid);
-            let mut patched = pod.clone();
-            json_patch::patch(&mut patched, &patch)
-                .unwrap_or_else(|error| panic!("{name} ({style}): the patch applies: {error}"));
-            let (expected, cli_warnings) = cli_rewrite(&pod, style);
-            assert_eq!(patched, expected, "{name} ({style})");
-            assert_eq!(
-                warnings.iter().map(|w| substance(w)).collect::<Vec<_>>(),
-                cli_warnings
-                    .iter()
-                    .map(|w| substance(w))
-                    .collect::<Vec<_>>(),
-                "{name} ({style})"
-            );
+            let case = format!("{name} ({style})");
+            let cli = cli_rewrite(&pod, style);
+            let webhook_at = (&client, webhook.reviews, WEBHOOK_MUTATE_PATH);
+            let warnings = assert_admission_equals_cli(webhook_at, &uid, &pod, &cli, &case).await;
             warned += usize::from(!warnings.is_empty());
         }
         assert!(warned > 0, "some fixture warns (an unresolvable port, say)");
@@ -485,7 +501,7 @@ async fn replace_mesh_init_over_https_equals_the_cli_on_both_paths_and_with_the_
         let replacing = cli_rewrite_with(&pod, &["--style", "osm", "--replace-mesh-init"]);
         let not_replacing = cli_rewrite(&pod, "osm");
         replaced_pods += usize::from(replacing.0 != not_replacing.0);
-        for (webhook, flag, path, (expected, cli_warnings)) in [
+        for (webhook, flag, path, cli) in [
             (&plain, "", WEBHOOK_MUTATE_PATH, &not_replacing),
             (&plain, "", WEBHOOK_REPLACE_MESH_INIT_PATH, &replacing),
             (
@@ -503,21 +519,8 @@ async fn replace_mesh_init_over_https_equals_the_cli_on_both_paths_and_with_the_
         ] {
             let case = format!("{name}: webhook {flag} at {path}");
             let uid = format!("00000000-0000-0000-0000-{n:012}");
-            let review = admission_review(&uid, &pod);
-            let (_, answer) = post_to(&client, webhook.reviews, path, &review).await;
-            let (patch, warnings) = response_of(&answer, &uid);
-            let mut patched = pod.clone();
-            json_patch::patch(&mut patched, &patch)
-                .unwrap_or_else(|error| panic!("{case}: the patch applies: {error}"));
-            assert_eq!(&patched, expected, "{case}");
-            assert_eq!(
-                warnings.iter().map(|w| substance(w)).collect::<Vec<_>>(),
-                cli_warnings
-                    .iter()
-                    .map(|w| substance(w))
-                    .collect::<Vec<_>>(),
-                "{case}"
-            );
+            let webhook_at = (&client, webhook.reviews, path);
+            assert_admission_equals_cli(webhook_at, &uid, &pod, cli, &case).await;
         }
     }
     assert!(
