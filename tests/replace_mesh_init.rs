@@ -360,3 +360,23 @@ fn cli_diff_shows_what_was_removed_and_added_and_nothing_else() {
     assert!(output.status.success(), "{output:?}");
     assert_eq!(String::from_utf8_lossy(&output.stdout), "");
 }
+
+#[test]
+fn a_mesh_init_container_added_again_is_removed_without_a_second_validation_container() {
+    let pod = read_yaml(&fixture_path("fsm-bookstore.yaml"));
+    let mut replaced = read_yaml(&fixture_path("fsm-bookstore.expected.yaml"));
+    // An injector reinvoked after the webhook appends its init container again.
+    let init = pod["spec"]["initContainers"][0].clone();
+    replaced["spec"]["initContainers"]
+        .as_array_mut()
+        .expect("init containers")
+        .push(init);
+    let rewrite = rewrite_pod_with(&replaced, &replacing()).expect("rewrites");
+    let mut after = replaced.clone();
+    json_patch::patch(&mut after, &rewrite.patch).expect("the patch applies");
+    assert_eq!(init_names(&after), [VALIDATION_CONTAINER_NAME]);
+    assert_eq!(
+        after["spec"]["initContainers"],
+        read_yaml(&fixture_path("fsm-bookstore.expected.yaml"))["spec"]["initContainers"]
+    );
+}

@@ -35,6 +35,9 @@
 //!   rewritten from its recorded original, or, with none recorded, left as it is and never
 //!   recorded as an original.
 //! - A pod annotated [`REWRITE_ANNOTATION`]`: "disabled"` is left alone: no patch, no warning.
+//! - With [`Options::replace_mesh_init`], the mesh's iptables init container gives way to the
+//!   validation init container, its exclusions carried onto the pod, and the mesh's healthcheck
+//!   container goes ([`mesh_init`], `docs/replace-mesh-init.md`).
 
 pub mod contract;
 mod kind;

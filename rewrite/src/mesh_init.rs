@@ -3,7 +3,7 @@
 //! For a pod the mesh's injector wrote, the rewriter
 //! - recognises the injector's iptables init container (`fsm-init`, `osm-init`) by its name and
 //!   its shape: `/bin/sh -c` with a script of iptables rules, and NET_ADMIN or privileged;
-//! - reads the script ([`script`]) and, when the datapath does every rule of it, carries its
+//! - reads the script (`script`) and, when the datapath does every rule of it, carries its
 //!   exclusions (the pod's annotations' and the MeshConfig's, which the injector rendered into
 //!   it) onto the pod's exclusion annotations, merged with what they say already;
 //! - puts the validation init container ([`validation`]) in its place, at the same index, so that
