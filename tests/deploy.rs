@@ -41,7 +41,7 @@ use probe_bypass::{
     datapath::DatapathMode,
     defaults::{
         ALIVE_PATH, BPFFS_DEFAULT_MOUNT, DEFAULT_ADMIN_ADDR, METRICS_PATH, READY_PATH,
-        WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH,
+        WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH, WEBHOOK_REPLACE_MESH_INIT_PATH,
     },
     preflight,
     source::PodSource,
@@ -852,6 +852,11 @@ fn the_images_are_this_version_of_the_agent() {
     ] {
         assert_eq!(container.image.as_deref(), Some(expected.as_str()));
     }
+    // The webhook's validation init container runs the agent's image, and replacing the mesh's
+    // init container is off unless a namespace asks for it.
+    let args = webhook_args();
+    assert_eq!(args.validation_image, expected);
+    assert!(!args.replace_mesh_init);
 }
 
 /// The command of an exec probe, and the `health` arguments the agent reads from it.
@@ -1333,13 +1338,13 @@ fn every_webhook_sends_pod_creates_to_the_webhooks_path_and_never_blocks_them() 
     );
     let service_port = service.spec.and_then(|s| s.ports).expect("ports")[0].port;
     let webhooks = configuration.webhooks.expect("webhooks");
-    let mesh_labels: BTreeSet<String> = webhooks
+    let routes: BTreeSet<(String, String)> = webhooks
         .iter()
         .map(|webhook| {
             let client = webhook.client_config.service.as_ref().expect("a service");
             assert_eq!(Some(&client.name), service.metadata.name.as_ref());
             assert_eq!(client.namespace, NAMESPACE);
-            assert_eq!(client.path.as_deref(), Some(WEBHOOK_MUTATE_PATH));
+            let path = client.path.clone().expect("a path");
             assert_eq!(client.port, Some(service_port));
             assert_eq!(webhook.admission_review_versions, ["v1"]);
             assert_eq!(webhook.side_effects, "None");
@@ -1375,17 +1380,37 @@ fn every_webhook_sends_pod_creates_to_the_webhooks_path_and_never_blocks_them() 
                 .iter()
                 .find(|e| e.operator == "Exists")
                 .expect("a mesh label");
-            monitored.key.clone()
+            // The namespace label sends a pod to exactly one of the two paths.
+            let replace = expressions
+                .iter()
+                .find(|e| e.key == REPLACE_MESH_INIT_LABEL)
+                .expect("the replace-mesh-init label");
+            assert_eq!(replace.values.as_deref(), Some(&["enabled".to_owned()][..]));
+            let expected_operator = match path.as_str() {
+                WEBHOOK_MUTATE_PATH => "NotIn",
+                WEBHOOK_REPLACE_MESH_INIT_PATH => "In",
+                other => panic!("{}: path {other} is not the webhook's", webhook.name),
+            };
+            assert_eq!(replace.operator, expected_operator, "{}", webhook.name);
+            (monitored.key.clone(), path)
         })
         .collect();
+    let mut expected = BTreeSet::new();
+    for label in ["flomesh.io/monitored-by", "openservicemesh.io/monitored-by"] {
+        for path in [WEBHOOK_MUTATE_PATH, WEBHOOK_REPLACE_MESH_INIT_PATH] {
+            expected.insert((label.to_owned(), path.to_owned()));
+        }
+    }
+    assert_eq!(routes, expected);
     assert_eq!(
-        mesh_labels,
-        BTreeSet::from([
-            "flomesh.io/monitored-by".to_owned(),
-            "openservicemesh.io/monitored-by".to_owned()
-        ])
+        webhooks.len(),
+        expected.len(),
+        "one entry per mesh and path"
     );
 }
+
+/// The namespace label that turns `--replace-mesh-init` on, through the webhook's second path.
+const REPLACE_MESH_INIT_LABEL: &str = "probe-bypass.io/replace-mesh-init";
 
 #[test]
 fn the_webhook_runs_unprivileged_unmeshed_and_without_an_api_token() {

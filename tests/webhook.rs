@@ -25,7 +25,7 @@ use hyper::{Method, Request, StatusCode, body::Bytes};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::ByteString;
 use probe_bypass::{
-    defaults::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH},
+    defaults::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH, WEBHOOK_REPLACE_MESH_INIT_PATH},
     webhook::server::MAX_BODY,
 };
 use probe_bypass_rewrite::review::WARNING_PREFIX;
@@ -68,9 +68,14 @@ impl Webhook {
     /// Starts the webhook on ephemeral loopback ports and waits for its start-up log line, which
     /// names the bound addresses.
     fn start(cert: &Path, key: &Path, style: &str) -> Self {
+        Self::start_with(cert, key, &["--style", style])
+    }
+
+    /// [`Webhook::start`] with `args` (its options beyond the addresses and the certificate).
+    fn start_with(cert: &Path, key: &Path, args: &[&str]) -> Self {
         let dir = TempDir::new("webhook");
         let log = dir.path.join("webhook.log");
-        let child = webhook_command(cert, key, style, &log)
+        let child = webhook_command(cert, key, args, &log)
             .spawn()
             .expect("the webhook starts");
         let mut webhook = Self {
@@ -118,7 +123,7 @@ impl Drop for Webhook {
     }
 }
 
-fn webhook_command(cert: &Path, key: &Path, style: &str, log: &Path) -> Command {
+fn webhook_command(cert: &Path, key: &Path, args: &[&str], log: &Path) -> Command {
     let log = fs::File::create(log).expect("the log file");
     let mut command = Command::new(probe_bypass_testing::agent_bin());
     command
@@ -133,7 +138,7 @@ fn webhook_command(cert: &Path, key: &Path, style: &str, log: &Path) -> Command 
         .arg(cert)
         .arg("--tls-key")
         .arg(key)
-        .args(["--style", style])
+        .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -228,8 +233,17 @@ async fn send(
 }
 
 async fn post(client: &TlsConnector, addr: SocketAddr, body: &Value) -> (StatusCode, Value) {
+    post_to(client, addr, WEBHOOK_MUTATE_PATH, body).await
+}
+
+async fn post_to(
+    client: &TlsConnector,
+    addr: SocketAddr,
+    path: &str,
+    body: &Value,
+) -> (StatusCode, Value) {
     let body = serde_json::to_vec(body).expect("JSON");
-    let (status, answer) = send(client, addr, Method::POST, WEBHOOK_MUTATE_PATH, body).await;
+    let (status, answer) = send(client, addr, Method::POST, path, body).await;
     assert_eq!(
         status,
         StatusCode::OK,
@@ -282,6 +296,10 @@ impl ServerCerts {
         Webhook::start(Path::new(&self.cert), Path::new(&self.key), style)
     }
 
+    fn start_with(&self, args: &[&str]) -> Webhook {
+        Webhook::start_with(Path::new(&self.cert), Path::new(&self.key), args)
+    }
+
     fn client(&self, alpn: &[u8]) -> TlsConnector {
         tls_client(&[&self.certs.ca()], alpn)
     }
@@ -294,15 +312,12 @@ fn fixtures_dir() -> PathBuf {
 /// Every pod of the rewriter's fixtures, as a Pod: the review fixture's object, a Pod as it is,
 /// a workload's pod template made a Pod (the first document of each file).
 fn fixture_pods() -> Vec<(String, Value)> {
+    // Subdirectories hold fixtures of their own (mesh-init/, read by the test of its own below).
     let mut names: Vec<String> = fs::read_dir(fixtures_dir())
         .expect("fixtures")
-        .map(|entry| {
-            entry
-                .expect("entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
+        .map(|entry| entry.expect("entry"))
+        .filter(|entry| !entry.path().is_dir())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
     names
@@ -332,8 +347,15 @@ fn fixture_pods() -> Vec<(String, Value)> {
 
 /// What `probe-bypass rewrite --style <style>` prints for `pod` (as JSON), and its warnings.
 fn cli_rewrite(pod: &Value, style: &str) -> (Value, Vec<String>) {
+    cli_rewrite_with(pod, &["--style", style])
+}
+
+/// What `probe-bypass rewrite <args>` prints for `pod` (as JSON), and its warnings.
+fn cli_rewrite_with(pod: &Value, args: &[&str]) -> (Value, Vec<String>) {
     let input = serde_json::to_vec(pod).expect("JSON");
-    let output = run_rewrite(&["-f", "-", "--style", style], &input);
+    let mut argv = vec!["-f", "-"];
+    argv.extend_from_slice(args);
+    let output = run_rewrite(&argv, &input);
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(output.status.success(), "rewrite failed: {stderr}");
     let warnings = stderr
@@ -393,6 +415,33 @@ fn response_of(answer: &Value, uid: &str) -> (json_patch::Patch, Vec<String>) {
     (patch, warnings)
 }
 
+/// Posts `pod` for review to the webhook at (client, address, path), applies the patch it answers
+/// and checks the pod and the warnings against `cli` (the CLI's output and warnings); says the
+/// warnings.
+async fn assert_admission_equals_cli(
+    (client, addr, path): (&TlsConnector, SocketAddr, &str),
+    uid: &str,
+    pod: &Value,
+    (expected, cli_warnings): &(Value, Vec<String>),
+    case: &str,
+) -> Vec<String> {
+    let (_, answer) = post_to(client, addr, path, &admission_review(uid, pod)).await;
+    let (patch, warnings) = response_of(&answer, uid);
+    let mut patched = pod.clone();
+    json_patch::patch(&mut patched, &patch)
+        .unwrap_or_else(|error| panic!("{case}: the patch applies: {error}"));
+    assert_eq!(&patched, expected, "{case}");
+    assert_eq!(
+        warnings.iter().map(|w| substance(w)).collect::<Vec<_>>(),
+        cli_warnings
+            .iter()
+            .map(|w| substance(w))
+            .collect::<Vec<_>>(),
+        "{case}"
+    );
+    warnings
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_fixture_pod_patched_over_https_equals_the_cli_rewrite() {
     let certs = ServerCerts::new("webhook");
@@ -402,21 +451,10 @@ async fn every_fixture_pod_patched_over_https_equals_the_cli_rewrite() {
         let mut warned = 0;
         for (n, (name, pod)) in fixture_pods().into_iter().enumerate() {
             let uid = format!("00000000-0000-0000-0000-{n:012}");
-            let (_, answer) = post(&client, webhook.reviews, &admission_review(&uid, &pod)).await;
-            let (patch, warnings) = response_of(&answer, &uid);
-            let mut patched = pod.clone();
-            json_patch::patch(&mut patched, &patch)
-                .unwrap_or_else(|error| panic!("{name} ({style}): the patch applies: {error}"));
-            let (expected, cli_warnings) = cli_rewrite(&pod, style);
-            assert_eq!(patched, expected, "{name} ({style})");
-            assert_eq!(
-                warnings.iter().map(|w| substance(w)).collect::<Vec<_>>(),
-                cli_warnings
-                    .iter()
-                    .map(|w| substance(w))
-                    .collect::<Vec<_>>(),
-                "{name} ({style})"
-            );
+            let case = format!("{name} ({style})");
+            let cli = cli_rewrite(&pod, style);
+            let webhook_at = (&client, webhook.reviews, WEBHOOK_MUTATE_PATH);
+            let warnings = assert_admission_equals_cli(webhook_at, &uid, &pod, &cli, &case).await;
             warned += usize::from(!warnings.is_empty());
         }
         assert!(warned > 0, "some fixture warns (an unresolvable port, say)");
@@ -426,6 +464,74 @@ async fn every_fixture_pod_patched_over_https_equals_the_cli_rewrite() {
             "each admission is logged:\n{log}"
         );
     }
+}
+
+/// The pods of the `--replace-mesh-init` fixtures (`mesh-init/`, not their expected results).
+fn mesh_init_pods() -> Vec<(String, Value)> {
+    let dir = fixtures_dir().join("mesh-init");
+    let mut names: Vec<String> = fs::read_dir(&dir)
+        .expect("fixtures")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|name| !name.ends_with(".expected.yaml"))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| {
+            let text = fs::read_to_string(dir.join(&name)).expect("fixture");
+            (name, serde_norway::from_str(&text).expect("YAML"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replace_mesh_init_over_https_equals_the_cli_on_both_paths_and_with_the_flag() {
+    let certs = ServerCerts::new("webhook");
+    let plain = certs.start("osm");
+    let flagged = certs.start_with(&["--style", "osm", "--replace-mesh-init"]);
+    let client = certs.client(b"h2");
+    let mut replaced_pods = 0;
+    for (n, (name, pod)) in mesh_init_pods().into_iter().enumerate() {
+        let replacing = cli_rewrite_with(&pod, &["--style", "osm", "--replace-mesh-init"]);
+        let not_replacing = cli_rewrite(&pod, "osm");
+        replaced_pods += usize::from(replacing.0 != not_replacing.0);
+        for (webhook, flag, path, cli) in [
+            (&plain, "", WEBHOOK_MUTATE_PATH, &not_replacing),
+            (&plain, "", WEBHOOK_REPLACE_MESH_INIT_PATH, &replacing),
+            (
+                &flagged,
+                "--replace-mesh-init",
+                WEBHOOK_MUTATE_PATH,
+                &replacing,
+            ),
+            (
+                &flagged,
+                "--replace-mesh-init",
+                WEBHOOK_REPLACE_MESH_INIT_PATH,
+                &replacing,
+            ),
+        ] {
+            let case = format!("{name}: webhook {flag} at {path}");
+            let uid = format!("00000000-0000-0000-0000-{n:012}");
+            let webhook_at = (&client, webhook.reviews, path);
+            assert_admission_equals_cli(webhook_at, &uid, &pod, cli, &case).await;
+        }
+    }
+    assert!(
+        replaced_pods >= 4,
+        "most fixtures have their init container replaced"
+    );
+    let log = flagged.log();
+    assert!(
+        log.contains("replacing the mesh's init container: true"),
+        "the start-up line says what /mutate does:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -815,7 +921,7 @@ fn start_up_without_a_usable_certificate_fails_naming_the_file() {
     ];
     for (cert, key, expected) in cases {
         let log = dir.path.join("start.log");
-        let status = webhook_command(&cert, &key, "osm", &log)
+        let status = webhook_command(&cert, &key, &["--style", "osm"], &log)
             .status()
             .expect("the webhook runs");
         let log = fs::read_to_string(&log).expect("log");

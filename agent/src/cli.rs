@@ -4,7 +4,10 @@ use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration}
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
-use probe_bypass_rewrite::{Style, contract::HEALTHCHECK_PORT};
+use probe_bypass_rewrite::{
+    Options, Style,
+    contract::{DEFAULT_VALIDATION_IMAGE, HEALTHCHECK_PORT},
+};
 
 use crate::{
     datapath::DatapathMode,
@@ -81,6 +84,28 @@ pub struct WebhookArgs {
     /// The shape of rewritten httpGet probes, as `rewrite --style`.
     #[arg(long, value_enum, default_value_t = Style::Osm, env = "PROBE_BYPASS_WEBHOOK_STYLE")]
     pub style: Style,
+
+    /// Also replace the mesh's iptables init container on `/mutate`, as `rewrite
+    /// --replace-mesh-init`. `/mutate/replace-mesh-init` replaces it whatever this says, so that
+    /// a MutatingWebhookConfiguration can turn it on namespace by namespace.
+    #[arg(long, env = "PROBE_BYPASS_WEBHOOK_REPLACE_MESH_INIT")]
+    pub replace_mesh_init: bool,
+
+    /// The image of the validation init container, as `rewrite --validation-image`.
+    #[arg(long, value_name = "IMAGE", default_value = DEFAULT_VALIDATION_IMAGE,
+          env = "PROBE_BYPASS_WEBHOOK_VALIDATION_IMAGE")]
+    pub validation_image: String,
+}
+
+impl WebhookArgs {
+    /// What `/mutate` does to a pod.
+    pub fn options(&self) -> Options {
+        Options {
+            style: self.style,
+            replace_mesh_init: self.replace_mesh_init,
+            validation_image: self.validation_image.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Args)]
@@ -93,6 +118,33 @@ pub struct RewriteArgs {
     /// annotation) or fsm (the original port and path in headers, as FSM's injector writes).
     #[arg(long, value_enum, default_value_t = Style::Osm)]
     pub style: Style,
+
+    /// Also replace the mesh's iptables init container (`fsm-init`, `osm-init`) with the
+    /// validation init container `probe-bypass-validation`, carry its exclusions onto the pod's
+    /// annotations, and remove the mesh's healthcheck container: the node's datapath then does
+    /// what the init container's rules did. A rule the datapath cannot do keeps the init
+    /// container, with a warning naming the rule.
+    #[arg(long)]
+    pub replace_mesh_init: bool,
+
+    /// The image of the validation init container: the agent's.
+    #[arg(long, value_name = "IMAGE", default_value = DEFAULT_VALIDATION_IMAGE)]
+    pub validation_image: String,
+
+    /// Print a unified diff of the manifest, as read to as rewritten, instead of the manifest.
+    #[arg(long)]
+    pub diff: bool,
+}
+
+impl RewriteArgs {
+    /// What `rewrite` does to each pod.
+    pub fn options(&self) -> Options {
+        Options {
+            style: self.style,
+            replace_mesh_init: self.replace_mesh_init,
+            validation_image: self.validation_image.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Args)]

@@ -9,6 +9,14 @@
 /// [`NETNS_RUN_DIR`] or an absolute path (for example `/proc/<pid>/ns/net`).
 pub const NETNS_ANNOTATION: &str = "probe-bypass/netns";
 
+/// The proxy's UID and ports, and the mesh's exclusion annotations, which the rewriter writes
+/// too (`--replace-mesh-init` carries the mesh's exclusions into them).
+pub use probe_bypass_rewrite::contract::{
+    INBOUND_PORT_EXCLUSION_LIST, MESH_ANNOTATION_PREFIXES, OUTBOUND_IP_RANGE_EXCLUSION_LIST,
+    OUTBOUND_IP_RANGE_INCLUSION_LIST, OUTBOUND_PORT_EXCLUSION_LIST, PROXY_INBOUND_PORT,
+    PROXY_OUTBOUND_PORT, PROXY_UID,
+};
+
 /// Where `ip netns add` keeps named network namespaces.
 pub const NETNS_RUN_DIR: &str = "/run/netns";
 
@@ -20,36 +28,10 @@ pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:9091";
 /// private to the container (an emptyDir in the DaemonSet).
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/probe-bypass/admin.sock";
 
-/// UID the mesh's sidecar proxy runs as.
-pub const PROXY_UID: u32 = 1500;
-
-/// The proxy's inbound port: the mesh redirects connections to a meshed pod here.
-pub const PROXY_INBOUND_PORT: u16 = 15003;
-
-/// The proxy's outbound port: the mesh redirects a meshed pod's own connections here.
-pub const PROXY_OUTBOUND_PORT: u16 = 15001;
-
 /// Ports the mesh's iptables rules leave alone on the way in: the proxy's metrics port (15010), the
 /// liveness/readiness/startup probe ports the injector rewrites httpGet probes to (15901-15903) and
 /// the healthcheck (15904). The datapath lets only the kubelet reach them past the proxy.
 pub const DEFAULT_PROBE_PORTS: &str = "15010,15901,15902,15903,15904";
-
-/// Prefixes of the mesh's own pod annotations: FSM's, then OSM's. Both are honoured.
-pub const MESH_ANNOTATION_PREFIXES: [&str; 2] = ["flomesh.io/", "openservicemesh.io/"];
-
-/// Annotation (after a [`MESH_ANNOTATION_PREFIXES`] prefix): inbound ports that skip the proxy.
-pub const INBOUND_PORT_EXCLUSION_LIST: &str = "inbound-port-exclusion-list";
-
-/// Annotation (after a [`MESH_ANNOTATION_PREFIXES`] prefix): outbound ports that skip the proxy.
-pub const OUTBOUND_PORT_EXCLUSION_LIST: &str = "outbound-port-exclusion-list";
-
-/// Annotation (after a [`MESH_ANNOTATION_PREFIXES`] prefix): outbound destinations (CIDRs) that
-/// skip the proxy.
-pub const OUTBOUND_IP_RANGE_EXCLUSION_LIST: &str = "outbound-ip-range-exclusion-list";
-
-/// Annotation (after a [`MESH_ANNOTATION_PREFIXES`] prefix): when set, the only outbound
-/// destinations (CIDRs) that go through the proxy.
-pub const OUTBOUND_IP_RANGE_INCLUSION_LIST: &str = "outbound-ip-range-inclusion-list";
 
 /// Default address of the admission webhook's HTTPS listener; the webhook's Service sends 443 here.
 pub const DEFAULT_WEBHOOK_LISTEN: &str = "0.0.0.0:9443";
@@ -60,6 +42,11 @@ pub const DEFAULT_WEBHOOK_HEALTHZ: &str = "0.0.0.0:9090";
 /// The path the API server POSTs admission reviews to (the MutatingWebhookConfiguration's
 /// `clientConfig.service.path`).
 pub const WEBHOOK_MUTATE_PATH: &str = "/mutate";
+
+/// The path at which the webhook always replaces the mesh's iptables init container, whatever
+/// `--replace-mesh-init` says: a MutatingWebhookConfiguration entry that selects namespaces by
+/// label sends their pods here.
+pub const WEBHOOK_REPLACE_MESH_INIT_PATH: &str = "/mutate/replace-mesh-init";
 
 /// The webhook's health path, on [`DEFAULT_WEBHOOK_HEALTHZ`].
 pub const WEBHOOK_HEALTHZ_PATH: &str = "/healthz";

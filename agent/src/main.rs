@@ -25,14 +25,23 @@ fn main() -> ExitCode {
 /// nothing on stdout.
 fn rewrite(args: &RewriteArgs) -> ExitCode {
     let output = manifest::read_input(&args.file)
-        .and_then(|input| manifest::rewrite_manifests(&input, args.style));
+        .and_then(|input| manifest::rewrite_manifests_with(&input, &args.options()));
     match output {
         Ok(output) => {
             for warning in &output.warnings {
                 eprintln!("warning: {warning}");
             }
+            let text = if args.diff {
+                let name = args.file.display().to_string();
+                similar::TextDiff::from_lines(&output.original, &output.manifest)
+                    .unified_diff()
+                    .header(&name, &format!("{name} (rewritten)"))
+                    .to_string()
+            } else {
+                output.manifest
+            };
             // A closed pipe (`| head`) is the reader's choice, not a reason to panic.
-            match std::io::stdout().write_all(output.manifest.as_bytes()) {
+            match std::io::stdout().write_all(text.as_bytes()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("error: cannot write the manifest: {error}");

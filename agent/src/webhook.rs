@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use self::certs::{CertError, CertFiles};
 use crate::{
     cli::WebhookArgs,
-    defaults::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH},
+    defaults::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH, WEBHOOK_REPLACE_MESH_INIT_PATH},
 };
 
 /// How long the webhook keeps answering after SIGTERM (the Deployment's grace period is longer).
@@ -40,12 +40,15 @@ pub enum WebhookError {
 
 /// Serves admission reviews until SIGTERM or SIGINT.
 pub async fn run(args: WebhookArgs) -> Result<(), WebhookError> {
+    let options = args.options();
     let WebhookArgs {
         listen,
         tls_cert,
         tls_key,
         healthz,
         style,
+        replace_mesh_init,
+        validation_image,
     } = args;
     let cert = certs::load_and_watch(CertFiles {
         cert: tls_cert.clone(),
@@ -61,14 +64,16 @@ pub async fn run(args: WebhookArgs) -> Result<(), WebhookError> {
     let health = bind(healthz).await?;
     let local = |listener: &TcpListener, asked: SocketAddr| listener.local_addr().unwrap_or(asked);
     log::info!(
-        "admission webhook: reviews on https://{}{WEBHOOK_MUTATE_PATH}, health on http://{}{WEBHOOK_HEALTHZ_PATH}; \
-         style {style:?}, certificate {} and key {}",
+        "admission webhook: reviews on https://{0}{WEBHOOK_MUTATE_PATH} (replacing the mesh's init \
+         container: {replace_mesh_init}) and https://{0}{WEBHOOK_REPLACE_MESH_INIT_PATH} (always \
+         replacing it), validation image {validation_image}, health on \
+         http://{1}{WEBHOOK_HEALTHZ_PATH}; style {style:?}, certificate {2} and key {3}",
         local(&reviews, listen),
         local(&health, healthz),
         tls_cert.display(),
         tls_key.display()
     );
-    let reviews = tokio::spawn(server::serve_reviews(reviews, Arc::new(tls), style));
+    let reviews = tokio::spawn(server::serve_reviews(reviews, Arc::new(tls), options));
     let health = tokio::spawn(server::serve_healthz(health));
     let signal = crate::signal::shutdown_requested()
         .await

@@ -1,12 +1,13 @@
 //! Arbitrary bytes as a pod, or as an AdmissionReview carrying one, through the probe rewriter: it
 //! never panics, its patch always applies to the pod it was made for, a rewritten pod rewrites to
 //! itself, and the annotation it writes reads back. The same bytes also go to the annotation's
-//! parser on their own.
+//! parser on their own. The selector's second bit turns `--replace-mesh-init` on, so the mesh
+//! init container's script reader gets the bytes too (the seeds include the injectors' pods).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use probe_bypass_rewrite::{
-    OriginalProbes, Style, contract::ORIGINAL_PROBES_ANNOTATION, rewrite_pod,
+    Options, OriginalProbes, Style, contract::ORIGINAL_PROBES_ANNOTATION, rewrite_pod_with,
 };
 use serde_json::Value;
 
@@ -19,6 +20,8 @@ fuzz_target!(|data: &[u8]| {
     } else {
         Style::Fsm
     };
+    let mut options = Options::new(style);
+    options.replace_mesh_init = selector & 2 != 0;
     if let Ok(text) = std::str::from_utf8(json) {
         let _ = OriginalProbes::parse(text);
     }
@@ -30,11 +33,11 @@ fuzz_target!(|data: &[u8]| {
         Some(object) => object.clone(),
         None => document,
     };
-    let Ok(once) = rewrite_pod(&pod, style) else {
+    let Ok(once) = rewrite_pod_with(&pod, &options) else {
         return;
     };
     json_patch::patch(&mut pod, &once.patch).expect("the rewrite's patch applies to its pod");
-    let twice = rewrite_pod(&pod, style).expect("a rewritten pod rewrites again");
+    let twice = rewrite_pod_with(&pod, &options).expect("a rewritten pod rewrites again");
     assert!(
         twice.patch.is_empty(),
         "rewriting a second time changed {pod}: {}",

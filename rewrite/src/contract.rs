@@ -63,3 +63,49 @@ pub const REWRITE_DISABLED: &str = "disabled";
 /// init container: the record of what was removed. A pod that carries it has no interception but
 /// the node's datapath, which the agent records so that `probe-bypass uninstall` can name it.
 pub const REPLACED_MESH_INIT_ANNOTATION: &str = "probe-bypass.io/replaced-mesh-init";
+
+/// UID the mesh's sidecar proxy runs as (FSM's and OSM's injectors both use it). The datapath
+/// leaves this UID's own connections alone, as the mesh's iptables rules do.
+pub const PROXY_UID: u32 = 1500;
+
+/// The proxy's inbound port: the mesh redirects connections to a meshed pod here.
+pub const PROXY_INBOUND_PORT: u16 = 15003;
+
+/// The proxy's outbound port: the mesh redirects a meshed pod's own connections here.
+pub const PROXY_OUTBOUND_PORT: u16 = 15001;
+
+/// The proxy's Prometheus port, which the mesh's iptables rules leave alone on the way in.
+pub const PROXY_METRICS_PORT: u16 = 15010;
+
+/// FSM's prefix of its pod annotations (`flomesh.io/outbound-port-exclusion-list`, ...).
+pub const FSM_ANNOTATION_PREFIX: &str = "flomesh.io/";
+/// OSM's prefix of its pod annotations.
+pub const OSM_ANNOTATION_PREFIX: &str = "openservicemesh.io/";
+
+/// Prefixes of the mesh's own pod annotations: FSM's, then OSM's. The agent honours both.
+pub const MESH_ANNOTATION_PREFIXES: [&str; 2] = [FSM_ANNOTATION_PREFIX, OSM_ANNOTATION_PREFIX];
+
+/// Annotation (after a [`MESH_ANNOTATION_PREFIXES`] prefix): inbound ports that skip the proxy.
+pub const INBOUND_PORT_EXCLUSION_LIST: &str = "inbound-port-exclusion-list";
+
+/// Annotation (after a [`MESH_ANNOTATION_PREFIXES`] prefix): outbound ports that skip the proxy.
+pub const OUTBOUND_PORT_EXCLUSION_LIST: &str = "outbound-port-exclusion-list";
+
+/// Annotation (after a [`MESH_ANNOTATION_PREFIXES`] prefix): outbound destinations (CIDRs) that
+/// skip the proxy.
+pub const OUTBOUND_IP_RANGE_EXCLUSION_LIST: &str = "outbound-ip-range-exclusion-list";
+
+/// Annotation (after a [`MESH_ANNOTATION_PREFIXES`] prefix): when set, the only outbound
+/// destinations (CIDRs) that go through the proxy.
+pub const OUTBOUND_IP_RANGE_INCLUSION_LIST: &str = "outbound-ip-range-inclusion-list";
+
+/// Name of the init container `--replace-mesh-init` puts where the mesh's iptables init container
+/// was: `probe-bypass validate`, which holds the pod until the node's datapath intercepts it.
+pub const VALIDATION_CONTAINER_NAME: &str = "probe-bypass-validation";
+
+/// The agent's image, which runs the validation container unless told otherwise: the name and tag
+/// `cargo xtask image` builds and `deploy/` runs.
+pub const DEFAULT_VALIDATION_IMAGE: &str = concat!("probe-bypass:", env!("CARGO_PKG_VERSION"));
+
+/// The agent's binary in its image (`cargo xtask image`), which the validation container runs.
+pub const AGENT_BINARY: &str = "/probe-bypass";

@@ -35,10 +35,14 @@
 //!   rewritten from its recorded original, or, with none recorded, left as it is and never
 //!   recorded as an original.
 //! - A pod annotated [`REWRITE_ANNOTATION`]`: "disabled"` is left alone: no patch, no warning.
+//! - With [`Options::replace_mesh_init`], the mesh's iptables init container gives way to the
+//!   validation init container, its exclusions carried onto the pod, and the mesh's healthcheck
+//!   container goes ([`mesh_init`], `docs/replace-mesh-init.md`).
 
 pub mod contract;
 mod kind;
 pub mod manifest;
+pub mod mesh_init;
 pub mod original;
 mod patch;
 pub mod ports;
@@ -56,11 +60,45 @@ use serde_json::{Map, Value};
 use self::probe::{Check, Plan};
 pub use self::{
     kind::ProbeKind,
+    mesh_init::Kept,
     original::{Original, OriginalError, OriginalProbes},
     style::Style,
     warning::{Issue, Unchanged, Warning},
 };
-use crate::contract::{ORIGINAL_PROBES_ANNOTATION, REWRITE_ANNOTATION, REWRITE_DISABLED};
+use crate::contract::{
+    DEFAULT_VALIDATION_IMAGE, ORIGINAL_PROBES_ANNOTATION, REWRITE_ANNOTATION, REWRITE_DISABLED,
+};
+
+/// What the rewriter does to a pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// The shape of rewritten httpGet probes.
+    pub style: Style,
+    /// Replace the mesh's iptables init container with the validation init container, carrying
+    /// its exclusions onto the pod, and remove the mesh's healthcheck container ([`mesh_init`]).
+    pub replace_mesh_init: bool,
+    /// The image of the validation init container: the agent's.
+    pub validation_image: String,
+}
+
+impl Options {
+    /// Probes rewritten in `style`, nothing else.
+    pub fn new(style: Style) -> Options {
+        Options {
+            style,
+            replace_mesh_init: false,
+            validation_image: DEFAULT_VALIDATION_IMAGE.to_owned(),
+        }
+    }
+
+    /// These options with `--replace-mesh-init` on.
+    pub fn replacing_mesh_init(self) -> Options {
+        Options {
+            replace_mesh_init: true,
+            ..self
+        }
+    }
+}
 
 /// What rewriting a pod comes to.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -91,6 +129,12 @@ fn shape(pointer: impl Into<String>, problem: impl Into<String>) -> RewriteError
 /// The patch that rewrites `pod` (a Pod, or a pod template: anything with `metadata` and `spec`),
 /// and what the user should know about it.
 pub fn rewrite_pod(pod: &Value, style: Style) -> Result<Rewrite, RewriteError> {
+    rewrite_pod_with(pod, &Options::new(style))
+}
+
+/// [`rewrite_pod`] with every option.
+pub fn rewrite_pod_with(pod: &Value, options: &Options) -> Result<Rewrite, RewriteError> {
+    let style = options.style;
     let pod = pod
         .as_object()
         .ok_or_else(|| shape("the pod", "not a JSON object"))?;
@@ -126,7 +170,19 @@ pub fn rewrite_pod(pod: &Value, style: Style) -> Result<Rewrite, RewriteError> {
         }
     };
 
-    let containers = optional_object(pod.get("spec"), "/spec")?
+    let spec = optional_object(pod.get("spec"), "/spec")?;
+    let replacement = if options.replace_mesh_init {
+        let (replacement, issues) = mesh_init::plan(spec, annotations, &options.validation_image);
+        warnings.extend(issues.into_iter().map(|issue| Warning {
+            pod: pod_name.clone(),
+            issue,
+        }));
+        replacement
+    } else {
+        None
+    };
+    let removed = replacement.as_ref().and_then(|r| r.healthcheck_index);
+    let containers = spec
         .and_then(|spec| spec.get("containers"))
         .and_then(Value::as_array)
         .ok_or_else(|| shape("/spec/containers", "missing or not a list"))?;
@@ -141,7 +197,15 @@ pub fn rewrite_pod(pod: &Value, style: Style) -> Result<Rewrite, RewriteError> {
     };
     let mut names = BTreeSet::new();
     for (index, container) in containers.iter().enumerate() {
-        let name = rewriter.container(index, container)?;
+        let name = if removed == Some(index) {
+            // Removed below; its probes, if any, are the healthcheck's own.
+            container
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+        } else {
+            rewriter.container(index, container)?
+        };
         // The record is by container name: two containers of one name would overwrite each
         // other's originals.
         if !names.insert(name) {
@@ -162,6 +226,7 @@ pub fn rewrite_pod(pod: &Value, style: Style) -> Result<Rewrite, RewriteError> {
         warnings,
     } = rewriter;
     let existing = annotation(ORIGINAL_PROBES_ANNOTATION).and_then(Value::as_str);
+    let mut set = Vec::new();
     if originals.is_empty() {
         if existing.is_some() {
             patch.push(patch::remove_annotation(ORIGINAL_PROBES_ANNOTATION));
@@ -169,12 +234,24 @@ pub fn rewrite_pod(pod: &Value, style: Style) -> Result<Rewrite, RewriteError> {
     } else {
         let text = originals.to_annotation();
         if existing != Some(text.as_str()) {
-            patch.push(patch::set_annotation(
-                metadata,
-                ORIGINAL_PROBES_ANNOTATION,
-                text,
-            ));
+            set.push((ORIGINAL_PROBES_ANNOTATION.to_owned(), text));
         }
+    }
+    if let Some(replacement) = replacement {
+        set.extend(replacement.annotations);
+        patch.extend(patch::set_annotations(metadata, set));
+        // The probes' paths name containers by their index before any is removed, so the
+        // containers change last.
+        let init = patch::container_path("initContainers", replacement.init_index);
+        patch.push(match replacement.validation {
+            Some(validation) => patch::replace(init, validation),
+            None => patch::remove(init),
+        });
+        if let Some(index) = replacement.healthcheck_index {
+            patch.push(patch::remove(patch::container_path("containers", index)));
+        }
+    } else {
+        patch.extend(patch::set_annotations(metadata, set));
     }
     Ok(Rewrite {
         patch: Patch(patch),
@@ -184,7 +261,15 @@ pub fn rewrite_pod(pod: &Value, style: Style) -> Result<Rewrite, RewriteError> {
 
 /// Rewrites `pod` in place, as [`rewrite_pod`] would have it patched.
 pub fn rewrite_in_place(pod: &mut Value, style: Style) -> Result<Vec<Warning>, RewriteError> {
-    let Rewrite { patch, warnings } = rewrite_pod(pod, style)?;
+    rewrite_in_place_with(pod, &Options::new(style))
+}
+
+/// Rewrites `pod` in place, as [`rewrite_pod_with`] would have it patched.
+pub fn rewrite_in_place_with(
+    pod: &mut Value,
+    options: &Options,
+) -> Result<Vec<Warning>, RewriteError> {
+    let Rewrite { patch, warnings } = rewrite_pod_with(pod, options)?;
     json_patch::patch(pod, &patch)?;
     Ok(warnings)
 }

@@ -14,7 +14,7 @@ use std::{
 use serde::Deserialize as _;
 use serde_json::Value;
 
-use super::{RewriteError, Style, rewrite_in_place};
+use super::{Options, RewriteError, Style, rewrite_in_place_with};
 
 /// The kinds whose pods `rewrite` finds, and where: the pod itself or its template.
 const POD_TEMPLATES: [(&str, &str); 7] = [
@@ -68,6 +68,9 @@ struct Found {
 pub struct Output {
     pub manifest: String,
     pub warnings: Vec<String>,
+    /// The input as `manifest` renders it, but not rewritten (no comments, the same layout): what
+    /// a diff of the rewrite compares `manifest` with.
+    pub original: String,
 }
 
 /// Reads the manifest at `path`, or standard input for `-`.
@@ -86,20 +89,33 @@ pub fn read_input(path: &Path) -> Result<String, ManifestError> {
 
 /// Rewrites every pod in `input`, a YAML or JSON manifest.
 pub fn rewrite_manifests(input: &str, style: Style) -> Result<Output, ManifestError> {
+    rewrite_manifests_with(input, &Options::new(style))
+}
+
+/// [`rewrite_manifests`] with every option.
+pub fn rewrite_manifests_with(input: &str, options: &Options) -> Result<Output, ManifestError> {
     let mut warnings = Vec::new();
     let mut found = Found::default();
+    let original;
     let manifest = if looks_like_json(input) {
         let mut document: Value = serde_json::from_str(input).map_err(ManifestError::Json)?;
+        let render = |document: &Value| {
+            serde_json::to_string_pretty(document)
+                .map(|mut text| {
+                    text.push('\n');
+                    text
+                })
+                .map_err(ManifestError::Json)
+        };
+        original = render(&document)?;
         rewrite_document(
             &mut document,
-            style,
+            options,
             "the document",
             &mut warnings,
             &mut found,
         )?;
-        let mut text = serde_json::to_string_pretty(&document).map_err(ManifestError::Json)?;
-        text.push('\n');
-        text
+        render(&document)?
     } else {
         // Every document is read before any is rewritten, so that a syntax error comes first.
         let mut documents = Vec::new();
@@ -109,13 +125,16 @@ pub fn rewrite_manifests(input: &str, style: Style) -> Result<Output, ManifestEr
                 .map_err(|source| ManifestError::Yaml { document, source })?;
             documents.push((document, value));
         }
-        let mut rendered = Vec::new();
+        let (mut before, mut rendered) = (Vec::new(), Vec::new());
+        let render = |value: &Value| serde_norway::to_string(value).map_err(ManifestError::Render);
         // An empty document, such as one after a trailing `---`, holds no object to rewrite.
         for (document, mut value) in documents.into_iter().filter(|(_, v)| !v.is_null()) {
+            before.push(render(&value)?);
             let at = format!("document {document}");
-            rewrite_document(&mut value, style, &at, &mut warnings, &mut found)?;
-            rendered.push(serde_norway::to_string(&value).map_err(ManifestError::Render)?);
+            rewrite_document(&mut value, options, &at, &mut warnings, &mut found)?;
+            rendered.push(render(&value)?);
         }
+        original = before.join("---\n");
         rendered.join("---\n")
     };
     if found.pods == 0 {
@@ -130,7 +149,11 @@ pub fn rewrite_manifests(input: &str, style: Style) -> Result<Output, ManifestEr
             supported_kinds()
         ));
     }
-    Ok(Output { manifest, warnings })
+    Ok(Output {
+        manifest,
+        warnings,
+        original,
+    })
 }
 
 /// JSON is YAML too, but a JSON manifest should come back as JSON.
@@ -142,7 +165,7 @@ fn looks_like_json(input: &str) -> bool {
 /// kind that has no pods is left as it is.
 fn rewrite_document(
     document: &mut Value,
-    style: Style,
+    options: &Options,
     at: &str,
     warnings: &mut Vec<String>,
     found: &mut Found,
@@ -171,7 +194,7 @@ fn rewrite_document(
             .ok_or_else(|| kind_error("the List has no items list".to_owned()))?;
         for (index, item) in items.iter_mut().enumerate() {
             let at = format!("{at}, item {}", index + 1);
-            rewrite_document(item, style, &at, warnings, found)?;
+            rewrite_document(item, options, &at, warnings, found)?;
         }
         return Ok(());
     }
@@ -183,7 +206,7 @@ fn rewrite_document(
     let pod = document
         .pointer_mut(pointer)
         .ok_or_else(|| kind_error(format!("{object} has no pod template at {pointer}")))?;
-    let found = rewrite_in_place(pod, style).map_err(|source| ManifestError::Rewrite {
+    let found = rewrite_in_place_with(pod, options).map_err(|source| ManifestError::Rewrite {
         at: format!("{at} ({object})"),
         source,
     })?;

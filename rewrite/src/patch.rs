@@ -19,35 +19,59 @@ pub(super) fn probe_path(container_index: usize, field: &str) -> PointerBuf {
     ])
 }
 
+/// The path of a container in `list` (`containers`, `initContainers`).
+pub(super) fn container_path(list: &str, index: usize) -> PointerBuf {
+    PointerBuf::from_tokens(["spec".to_owned(), list.to_owned(), index.to_string()])
+}
+
+/// Removes the value at `path`, which must exist; a list's later items move down one.
+pub(super) fn remove(path: PointerBuf) -> PatchOperation {
+    PatchOperation::Remove(RemoveOperation { path })
+}
+
 /// Replaces the value at `path`, which must exist.
 pub(super) fn replace(path: PointerBuf, value: Value) -> PatchOperation {
     PatchOperation::Replace(ReplaceOperation { path, value })
 }
 
-/// Sets annotation `key` to `value` on a pod whose `metadata` is `metadata`. RFC 6902's `add`
-/// needs the parent to exist, so a pod without annotations (or without metadata) gets the whole
-/// object added; `add` on an existing key replaces its value.
-pub(super) fn set_annotation(
+/// Sets each annotation `(key, value)` of `set` on a pod whose `metadata` is `metadata`. RFC
+/// 6902's `add` needs the parent to exist, so a pod without annotations (or without metadata)
+/// gets the whole object added, once, with every key; `add` on an existing key replaces its value.
+pub(super) fn set_annotations(
     metadata: Option<&Map<String, Value>>,
-    key: &str,
-    value: String,
-) -> PatchOperation {
+    set: Vec<(String, String)>,
+) -> Vec<PatchOperation> {
+    if set.is_empty() {
+        return Vec::new();
+    }
     let annotations = metadata.and_then(|metadata| metadata.get("annotations"));
-    let (path, value) = match (metadata, annotations) {
-        (None, _) => (
-            PointerBuf::from_tokens(["metadata"]),
-            json!({ "annotations": { key: value } }),
-        ),
-        (Some(_), None | Some(Value::Null)) => (
-            PointerBuf::from_tokens(["metadata", "annotations"]),
-            json!({ key: value }),
-        ),
-        (Some(_), Some(_)) => (
-            PointerBuf::from_tokens(["metadata", "annotations", key]),
-            Value::String(value),
-        ),
+    let add = |path: PointerBuf, value: Value| PatchOperation::Add(AddOperation { path, value });
+    let object = || {
+        Value::Object(
+            set.iter()
+                .map(|(k, v)| (k.clone(), v.clone().into()))
+                .collect(),
+        )
     };
-    PatchOperation::Add(AddOperation { path, value })
+    match (metadata, annotations) {
+        (None, _) => vec![add(
+            PointerBuf::from_tokens(["metadata"]),
+            json!({ "annotations": object() }),
+        )],
+        (Some(_), None | Some(Value::Null)) => vec![add(
+            PointerBuf::from_tokens(["metadata", "annotations"]),
+            object(),
+        )],
+        (Some(_), Some(_)) => set
+            .into_iter()
+            .map(|(key, value)| {
+                add(
+                    PointerBuf::from_tokens(["metadata", "annotations", key.as_str()]),
+                    Value::String(value),
+                )
+            })
+            .collect(),
+    }
 }
 
 /// Removes annotation `key`, which must exist.
@@ -60,6 +84,17 @@ pub(super) fn remove_annotation(key: &str) -> PatchOperation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sets annotation `key` to `value` on a pod whose `metadata` is `metadata`, as
+    /// `set_annotations` does.
+    fn set_annotation(
+        metadata: Option<&Map<String, Value>>,
+        key: &str,
+        value: String,
+    ) -> PatchOperation {
+        let mut operations = set_annotations(metadata, vec![(key.to_owned(), value)]);
+        operations.remove(0)
+    }
 
     fn applied(mut doc: Value, operation: PatchOperation) -> Value {
         json_patch::patch(&mut doc, &[operation]).expect("the operation applies");

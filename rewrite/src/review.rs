@@ -21,7 +21,7 @@ use kube_core::{
 };
 use serde_json::Value;
 
-use crate::{Style, rewrite_pod};
+use crate::{Options, Style, rewrite_pod_with};
 
 /// Prefix of every admission warning: `kubectl` prints them without saying which webhook spoke.
 pub const WARNING_PREFIX: &str = "probe-bypass: ";
@@ -80,6 +80,11 @@ impl Admission {
 
 /// Answers the AdmissionReview in `body`, rewriting its pod's probes in `style`.
 pub fn review(body: &[u8], style: Style) -> Result<Admission, BadReview> {
+    review_with(body, &Options::new(style))
+}
+
+/// Answers the AdmissionReview in `body`, rewriting its pod with `options`.
+pub fn review_with(body: &[u8], options: &Options) -> Result<Admission, BadReview> {
     let mut document: Value = serde_json::from_slice(body).map_err(BadReview::NotJson)?;
     let envelope = document
         .as_object_mut()
@@ -109,19 +114,19 @@ pub fn review(body: &[u8], style: Style) -> Result<Admission, BadReview> {
         serde_json::from_value(document).map_err(BadReview::BadRequest)?;
     let request: AdmissionRequest<DynamicObject> =
         review.try_into().map_err(|_| BadReview::NoRequest)?;
-    Ok(answer(&request, object.filter(|o| !o.is_null()), style))
+    Ok(answer(&request, object.filter(|o| !o.is_null()), options))
 }
 
 fn answer(
     request: &AdmissionRequest<DynamicObject>,
     object: Option<Value>,
-    style: Style,
+    options: &Options,
 ) -> Admission {
     let pod = pod_name(request, object.as_ref());
     let allowed = AdmissionResponse::from(request);
     let (mut response, operations, warnings) =
         match (skip_reason(request, object.as_ref()), &object) {
-            (None, Some(pod)) => rewrite(allowed, pod, style),
+            (None, Some(pod)) => rewrite(allowed, pod, options),
             (reason, _) => (allowed, 0, reason.into_iter().collect()),
         };
     if !warnings.is_empty() {
@@ -183,9 +188,9 @@ fn skip_reason(
 fn rewrite(
     response: AdmissionResponse,
     pod: &Value,
-    style: Style,
+    options: &Options,
 ) -> (AdmissionResponse, usize, Vec<String>) {
-    let rewrite = match rewrite_pod(pod, style) {
+    let rewrite = match rewrite_pod_with(pod, options) {
         Ok(rewrite) => rewrite,
         Err(error) => {
             return (response, 0, vec![format!("probes left unchanged: {error}")]);

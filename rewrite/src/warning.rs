@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use super::{ProbeKind, ports::PortError};
+use super::{ProbeKind, mesh_init::Kept, ports::PortError};
 use crate::contract::{REWRITE_ANNOTATION, REWRITE_DISABLED};
 
 /// Why one probe was left as it was.
@@ -57,6 +57,11 @@ pub enum Issue {
     /// The opt-out annotation holds a value other than the one that opts out, so the pod was
     /// rewritten all the same.
     OptOutValue { value: String },
+    /// `--replace-mesh-init` left the mesh's iptables init container in the pod.
+    MeshInitKept { container: String, reason: Kept },
+    /// `--replace-mesh-init` left a container named as the mesh's healthcheck container, which is
+    /// not of its shape.
+    MeshHealthcheckKept { container: String, why: String },
 }
 
 impl fmt::Display for Warning {
@@ -77,6 +82,36 @@ impl fmt::Display for Warning {
                 f,
                 "annotation {REWRITE_ANNOTATION} is {value}, not {REWRITE_DISABLED:?}; the probes \
                  were rewritten"
+            ),
+            Issue::MeshInitKept { container, reason } => {
+                write!(
+                    f,
+                    "init container {container} kept, and with it the mesh's iptables rules: "
+                )?;
+                match reason {
+                    Kept::OtherShape(why) => write!(
+                        f,
+                        "it has the name of the mesh's iptables init container but not the \
+                         injector's shape: {why}"
+                    ),
+                    Kept::Rule(finding) => write!(f, "{finding}"),
+                    Kept::MalformedAnnotation { key, value } => write!(
+                        f,
+                        "annotation {key}={value:?} is malformed, so the agent ignores it whole \
+                         and the script's exclusions cannot be carried into it; correct it"
+                    ),
+                    Kept::SeveralInitContainers(names) => write!(
+                        f,
+                        "the pod has several mesh init containers ({}), so which rules apply is \
+                         not clear",
+                        names.join(", ")
+                    ),
+                }
+            }
+            Issue::MeshHealthcheckKept { container, why } => write!(
+                f,
+                "container {container} kept: it has the name of the mesh's healthcheck container, \
+                 but {why}"
             ),
         }
     }

@@ -14,7 +14,7 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use probe_bypass_rewrite::{
-    Style,
+    Options,
     review::{self, Admission},
 };
 use tokio::net::{TcpListener, TcpStream};
@@ -25,7 +25,7 @@ use tokio_rustls::{
 
 use super::certs::CurrentCert;
 use crate::{
-    defaults::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH},
+    defaults::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH, WEBHOOK_REPLACE_MESH_INIT_PATH},
     http_text::text,
 };
 
@@ -49,16 +49,19 @@ pub fn tls_config(cert: Arc<CurrentCert>) -> Result<ServerConfig, rustls::Error>
     Ok(config)
 }
 
-/// Serves admission reviews on `listener` until the task is dropped.
-pub async fn serve_reviews(listener: TcpListener, tls: Arc<ServerConfig>, style: Style) {
+/// Serves admission reviews on `listener` until the task is dropped: with `options` at
+/// [`WEBHOOK_MUTATE_PATH`], and with `--replace-mesh-init` on as well at
+/// [`WEBHOOK_REPLACE_MESH_INIT_PATH`].
+pub async fn serve_reviews(listener: TcpListener, tls: Arc<ServerConfig>, options: Options) {
+    let options = Arc::new(options);
     let acceptor = TlsAcceptor::from(tls);
     loop {
         let Some(stream) = accept(&listener, "admission webhook").await else {
             continue;
         };
-        let acceptor = acceptor.clone();
+        let (acceptor, options) = (acceptor.clone(), Arc::clone(&options));
         tokio::spawn(async move {
-            if let Err(error) = review_connection(stream, acceptor, style).await {
+            if let Err(error) = review_connection(stream, acceptor, options).await {
                 log::debug!("admission webhook: {error}");
             }
         });
@@ -101,7 +104,7 @@ async fn accept(listener: &TcpListener, what: &str) -> Option<TcpStream> {
 async fn review_connection(
     stream: TcpStream,
     acceptor: TlsAcceptor,
-    style: Style,
+    options: Arc<Options>,
 ) -> Result<(), String> {
     let peer = stream
         .peer_addr()
@@ -111,8 +114,10 @@ async fn review_connection(
         .map_err(|_| format!("{peer}: no TLS handshake within {CLIENT_TIMEOUT:?}"))?
         .map_err(|error: io::Error| format!("{peer}: TLS handshake: {error}"))?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let service =
-        service_fn(move |request| async move { Ok::<_, Infallible>(handle(request, style).await) });
+    let service = service_fn(move |request| {
+        let options = Arc::clone(&options);
+        async move { Ok::<_, Infallible>(handle(request, &options).await) }
+    });
     let io = TokioIo::new(tls);
     let served = if h2 {
         http2::Builder::new(TokioExecutor::new())
@@ -129,7 +134,7 @@ async fn review_connection(
     served.map_err(|error| format!("{peer}: {error}"))
 }
 
-async fn handle(request: Request<Incoming>, style: Style) -> Response<Full<Bytes>> {
+async fn handle(request: Request<Incoming>, options: &Options) -> Response<Full<Bytes>> {
     let too_large = || {
         text(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -164,23 +169,30 @@ async fn handle(request: Request<Incoming>, style: Style) -> Response<Full<Bytes
             }
         };
     let path = head.uri.path();
-    if path != WEBHOOK_MUTATE_PATH {
-        return text(
-            StatusCode::NOT_FOUND,
-            format!("no endpoint {path}; admission reviews go to POST {WEBHOOK_MUTATE_PATH}\n"),
-        );
-    }
+    let options = match path {
+        WEBHOOK_MUTATE_PATH => options.clone(),
+        WEBHOOK_REPLACE_MESH_INIT_PATH => options.clone().replacing_mesh_init(),
+        _ => {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no endpoint {path}; admission reviews go to POST {WEBHOOK_MUTATE_PATH} or \
+                     {WEBHOOK_REPLACE_MESH_INIT_PATH}\n"
+                ),
+            );
+        }
+    };
     if head.method != Method::POST {
         let mut response = text(
             StatusCode::METHOD_NOT_ALLOWED,
-            format!("{WEBHOOK_MUTATE_PATH} takes POST, not {}\n", head.method),
+            format!("{path} takes POST, not {}\n", head.method),
         );
         response
             .headers_mut()
             .insert(ALLOW, HeaderValue::from_static("POST"));
         return response;
     }
-    match review::review(&body, style) {
+    match review::review_with(&body, &options) {
         Ok(admission) => answer(&admission),
         Err(error) => {
             log::warn!("admission webhook: refused a request: {error}");
