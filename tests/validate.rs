@@ -53,6 +53,7 @@ fn passes_once_the_ebpf_datapath_serves_the_pod_and_the_pod_then_behaves_as_mesh
         &[("POD_IPS", Some(&pod_ips))],
         BOUND,
     );
+    eprintln!("{}", text(&output));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -141,6 +142,7 @@ fn fails_within_its_timeout_without_an_agent_and_names_the_daemonset() {
     require_privileges!();
     let stage = Stage::new(AgentMode::Absent, APP_PORT);
     let output = stage.validate(VALIDATION_UID, &["--timeout", SHORT], &[], BOUND);
+    eprintln!("{}", text(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
     for part in [
@@ -163,6 +165,7 @@ fn fails_within_its_timeout_with_the_agent_at_datapath_none_and_says_what_to_set
     require_privileges!();
     let stage = Stage::new(AgentMode::NoDatapath, APP_PORT);
     let output = stage.validate(VALIDATION_UID, &["--timeout", SHORT], &[], BOUND);
+    eprintln!("{}", text(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
     for part in [

@@ -37,7 +37,8 @@
 //!
 //! # Bounds
 //!
-//! Each attempt is bounded ([`ATTEMPT`]); a missed one is retried after [`RETRY`] until
+//! Each attempt is bounded ([`ATTEMPT`]; its connect, 100 ms, since a redirected connection is
+//! made to loopback at once); a missed one is retried after [`RETRY`] until
 //! `--timeout` (20 s by default). The agent serves a pod once its sandbox has an IP and a network
 //! namespace, while the init containers run, so on a node whose agent is up the check passes on
 //! its first or second attempt. Past the timeout it exits 1 with what to check, from the agent's
@@ -244,13 +245,13 @@ fn run(args: &ValidateArgs, plan: &Plan) -> Result<String, Failed> {
     Ok(format!(
         "probe-bypass validate: pod {} is intercepted by the eBPF datapath ({}): connections to \
          {} arrived on the outbound port {} with their original destination and nonce, after {} \
-         attempt(s) in {} ms{agent}",
+         attempt(s) in {:.1} ms{agent}",
         plan.pod,
         families.join(", "),
         shown.join(" and "),
         args.outbound_port,
         attempts,
-        took.as_millis()
+        took.as_secs_f64() * 1000.0
     ))
 }
 

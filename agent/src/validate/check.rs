@@ -17,6 +17,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 const NONCE_LEN: usize = 16;
 /// `SO_ORIGINAL_DST` (level `SOL_IP`) and `IP6T_SO_ORIGINAL_DST` (level `SOL_IPV6`) share the number.
 const SO_ORIGINAL_DST: libc::c_int = 80;
+/// Bound on the connect of an attempt. A redirected connection is to loopback and is made at
+/// once; one that is not redirected goes nowhere (its SYN is looped back and dropped) and would
+/// wait for the whole attempt, delaying the next one, which may be the first the datapath redirects.
+const CONNECT: Duration = Duration::from_millis(100);
 /// The destination ports an attempt picks from: above the mesh's own ports (15000-15999) and below
 /// the usual ephemeral range, so that no well-known port an exclusion list is likely to name.
 const PORTS: std::ops::RangeInclusive<u16> = 20000..=31999;
@@ -185,7 +189,7 @@ pub fn attempt(outbound: &Outbound, bound: Duration) -> Result<Proof, Miss> {
     // datapath its packets never leave the pod, whatever routes the pod has.
     client.bind_device(Some(b"lo")).map_err(Miss::Local)?;
     client
-        .connect_timeout(&target.into(), bound)
+        .connect_timeout(&target.into(), CONNECT.min(bound))
         .map_err(|error| Miss::Connect { target, error })?;
     let local = client
         .local_addr()
