@@ -6,15 +6,17 @@
 //!   sidecar and the app started and no iptables rule in the pod, the pod's outcomes hold: a call
 //!   from another pod meets the sidecar, the pod's own call goes out through it with its original
 //!   destination, and the kubelet's healthcheck call gets past it.
+//! - Started before the agent, it says it waits, and passes once the agent serves the pod.
 //! - Without an agent, and with the agent at `--datapath none`, it fails within its `--timeout`
 //!   with the message that names the node, the agent's mode and what to do; the pod's app port is
 //!   not reachable (the app never started).
 //! - As the proxy's UID, and on bad input, it refuses with its message.
 
 use std::{
+    io::{BufRead as _, BufReader, Read as _},
     net::{IpAddr, SocketAddr, TcpStream},
-    process::Output,
-    time::Duration,
+    process::{Output, Stdio},
+    time::{Duration, Instant},
 };
 
 use probe_bypass_testing::{
@@ -135,6 +137,52 @@ fn passes_once_the_ebpf_datapath_serves_the_pod_and_the_pod_then_behaves_as_mesh
     );
     let lines = sidecar.log_since(mark);
     assert!(lines.is_empty(), "the probe met the sidecar: {lines:?}");
+}
+
+/// The pod's validation starts before the node's agent, as on a node that just booted: it says it
+/// waits, then passes once the agent serves the pod.
+#[test]
+fn waits_for_the_agent_then_passes() {
+    require_privileges!();
+    let mut stage = Stage::new(AgentMode::Absent, APP_PORT);
+    let mut child = stage
+        .validation(VALIDATION_UID, &["--timeout", "20s"], &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the validation");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut waiting = String::new();
+    stderr.read_line(&mut waiting).expect("a line");
+    assert!(
+        waiting.contains("not intercepted yet") && waiting.contains("retrying"),
+        "{waiting}"
+    );
+    stage.start_agent(AgentMode::Ebpf);
+    let deadline = Instant::now() + BOUND;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the validation did not end once the agent served the pod");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut stdout)
+        .expect("stdout");
+    assert!(
+        status.success() && stdout.contains("is intercepted by the eBPF datapath"),
+        "{status}: {stdout}\nagent:\n{}",
+        stage.agent_log()
+    );
 }
 
 #[test]

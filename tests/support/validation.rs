@@ -55,7 +55,7 @@ pub struct Stage {
     pub cgroup: TestCgroup,
     pub a: TestPod,
     pub c: TestPod,
-    _manifests: ManifestDir,
+    manifests: ManifestDir,
 }
 
 impl Stage {
@@ -69,17 +69,33 @@ impl Stage {
         let cgroup = TestCgroup::new();
         let manifests = ManifestDir::new();
         manifests.write("a.json", &a.manifest(POD_NAME, &[probe_port]));
-        let running = match mode {
+        let mut stage = Self {
+            running: None,
+            cgroup,
+            a,
+            c,
+            manifests,
+        };
+        stage.start_agent(mode);
+        stage
+    }
+
+    /// Starts the node's agent in `mode` (none for [`AgentMode::Absent`]) and waits until it
+    /// serves the pod.
+    pub fn start_agent(&mut self, mode: AgentMode) {
+        assert!(self.running.is_none(), "the node has an agent already");
+        let manifests = &self.manifests;
+        self.running = match mode {
             AgentMode::Absent => None,
             AgentMode::NoDatapath => Some(Running {
-                agent: start_agent(&manifests, &["--datapath", "none"]),
+                agent: start_agent(manifests, &["--datapath", "none"]),
                 _pins: None,
             }),
             AgentMode::Ebpf => {
                 let pins = TestPins::new();
-                let cgroup_root = cgroup.path().display().to_string();
+                let cgroup_root = self.cgroup.path().display().to_string();
                 let agent = start_agent(
-                    &manifests,
+                    manifests,
                     &[
                         "--datapath",
                         "ebpf",
@@ -90,7 +106,7 @@ impl Stage {
                     ],
                 );
                 assert!(
-                    !attached_programs(cgroup.path())
+                    !attached_programs(self.cgroup.path())
                         .unwrap_or_else(|error| panic!("{error}"))
                         .is_empty(),
                     "the agent attached nothing to {cgroup_root}:\n{}",
@@ -102,15 +118,7 @@ impl Stage {
                 })
             }
         };
-        Self {
-            running,
-            cgroup,
-            a,
-            c,
-            _manifests: manifests,
-        }
     }
-
     /// The agent's log, or a note that there is none.
     pub fn agent_log(&self) -> String {
         self.running.as_ref().map_or_else(
