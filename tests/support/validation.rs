@@ -8,8 +8,9 @@
 //! validation passed.
 
 use std::{
-    io::Read as _,
-    process::{Command, Output, Stdio},
+    io::{BufRead as _, BufReader, Read as _},
+    process::{Command, ExitStatus, Output, Stdio},
+    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
@@ -224,4 +225,75 @@ fn start_agent(manifests: &ManifestDir, args: &[&str]) -> Agent {
         .start();
     agent.wait_ready(200, Duration::from_secs(10));
     agent
+}
+
+/// `probe-bypass validate` running in a pod, as its init container, in the calling process's
+/// cgroup (a benchmark enters the programs' cgroup itself); its end is timed by a thread of its own.
+pub struct Waiting {
+    /// When the validation exited, and how; sent by the thread that waits for it.
+    exited: mpsc::Receiver<(Instant, ExitStatus, String)>,
+    pid: u32,
+}
+
+impl Waiting {
+    /// Starts the validation of `pod` (named `name` in namespace `namespace` for its messages)
+    /// with `--timeout timeout`, and returns once it has said that it waits: it runs before the
+    /// pod is served.
+    pub fn start(pod: &TestPod, name: &str, namespace: &str, timeout: &str) -> Self {
+        let uid = VALIDATION_UID.to_string();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &pod.netns_name, "setpriv"])
+            .args([format!("--reuid={uid}"), format!("--regid={uid}")])
+            .arg("--clear-groups")
+            .arg(agent_bin())
+            .args(["validate", "--timeout", timeout])
+            .env("NODE_NAME", NODE)
+            .env("POD_NAME", name)
+            .env("POD_NAMESPACE", namespace)
+            .env("POD_IP", pod.ip.to_string())
+            .env_remove("POD_IPS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|error| panic!("start the validation of {name}: {error}"));
+        let pid = child.id();
+        let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut first = String::new();
+        stderr
+            .read_line(&mut first)
+            .expect("the validation's first line");
+        assert!(
+            first.contains("not intercepted yet"),
+            "the validation of {name} did not wait: {first}"
+        );
+        let (send, exited) = mpsc::channel();
+        thread::spawn(move || {
+            let status = child.wait().expect("wait for the validation");
+            let at = Instant::now();
+            let mut text = String::new();
+            let _ = child
+                .stdout
+                .take()
+                .map(|mut out| out.read_to_string(&mut text));
+            let _ = stderr.read_to_string(&mut text);
+            let _ = send.send((at, status, text));
+        });
+        Self { exited, pid }
+    }
+
+    /// Waits (at most `bound`) for the validation to pass, and returns how long after `started`
+    /// it exited; panics, with what it printed, if it failed or is still running.
+    pub fn passed(self, started: Instant, bound: Duration) -> Duration {
+        match self.exited.recv_timeout(bound) {
+            Ok((at, status, text)) => {
+                assert!(status.success(), "the validation failed ({status}): {text}");
+                at.saturating_duration_since(started)
+            }
+            Err(_) => {
+                let _ = Command::new("kill").arg(self.pid.to_string()).status();
+                panic!("the validation still ran after {bound:?}");
+            }
+        }
+    }
 }
