@@ -9,8 +9,10 @@
 //! until
 //!
 //! - the pod's address is in the datapath's pinned `PODS_BY_ADDR` map (read with
-//!   [`datapath::mapped_addrs`], as an operator's tool would), and
-//! - the pod's healthcheck listener accepts a connection from the host;
+//!   [`datapath::mapped_addrs`], as an operator's tool would),
+//! - the pod's healthcheck listener accepts a connection from the host; and
+//! - the pod's `probe-bypass validate` (its validation init container, issue 14), started before
+//!   the pod appears and waiting (as UID 65532 in the pod's netns), has exited 0;
 //!
 //! then the pod goes and the benchmark polls until both are gone again. Each time is taken from
 //! just before the change, and each is set against a baseline taken in the same run from the same
@@ -74,6 +76,7 @@ use probe_bypass_testing::{
     kube_api::{FSM_POD, FakeApi},
     kubepods::{Kubepods, PodProcess},
     pod::TestPod,
+    validation::Waiting,
 };
 use serde_json::{Value, json};
 use tokio::runtime::Runtime;
@@ -89,6 +92,10 @@ const GIVE_UP: Duration = Duration::from_secs(5);
 
 /// The requirement the figures are read against.
 const TARGET: Duration = Duration::from_millis(100);
+
+/// The `--timeout` of each pod's validation: far beyond [`GIVE_UP`], so that only the benchmark
+/// gives up.
+const VALIDATION_TIMEOUT: &str = "30s";
 
 /// The node the kube run's agent and pods are on.
 const NODE: &str = "worker-1";
@@ -152,11 +159,13 @@ fn manifests_run(pods: &[TestPod]) -> Timings {
     for (i, pod) in pods.iter().enumerate() {
         let file = format!("pod-{i}.json");
         let manifest = pod.manifest(&format!("pod-{i}"), &[8080]);
+        let validation = Waiting::start(pod, &format!("pod-{i}"), "test", VALIDATION_TIMEOUT);
         drain(&events);
         let started = Instant::now();
         dir.write(&file, &manifest);
         timings.added.push(until(pod, &pins, true, started));
         timings.added_baseline.push(first_event(&events, started));
+        timings.validated.push(validation.passed(started, GIVE_UP));
 
         drain(&events);
         let started = Instant::now();
@@ -232,12 +241,14 @@ fn kube_run(pods: &[TestPod]) -> Timings {
 
     let mut timings = Timings::default();
     for (i, (pod, mut sandbox)) in pods.iter().zip(sandboxes).enumerate() {
+        let validation = Waiting::start(pod, &pod_name(i), "bookstore", VALIDATION_TIMEOUT);
         let started = Instant::now();
         sandbox.enter(pod);
         timings
             .added_baseline
             .push(sandbox_seen(&sandbox, pod, started));
         timings.added.push(until(pod, &pins, true, started));
+        timings.validated.push(validation.passed(started, GIVE_UP));
 
         drain(&deletes);
         let started = Instant::now();
@@ -378,6 +389,9 @@ fn listening(addr: SocketAddr) -> bool {
 struct Timings {
     added: Vec<Seen>,
     added_baseline: Vec<Duration>,
+    /// From the same instant as `added`: the pod's `probe-bypass validate`, waiting already,
+    /// exits 0.
+    validated: Vec<Duration>,
     removed: Vec<Seen>,
     removed_baseline: Vec<Duration>,
 }
@@ -398,6 +412,7 @@ fn print_table(title: &str, baselines: [&str; 2], timings: &Timings) {
     let Timings {
         added,
         added_baseline,
+        validated,
         removed,
         removed_baseline,
     } = timings;
@@ -407,7 +422,7 @@ fn print_table(title: &str, baselines: [&str; 2], timings: &Timings) {
     println!();
     println!("| change | p50 | p99 | max | p50 / baseline p50 | max within target |");
     println!("|---|---:|---:|---:|---:|---|");
-    let rows: [(&str, Vec<Duration>, &[Duration]); 6] = [
+    let rows: [(&str, Vec<Duration>, &[Duration]); 7] = [
         (added_name, added_baseline.clone(), added_baseline),
         (
             "added: address in PODS_BY_ADDR",
@@ -417,6 +432,11 @@ fn print_table(title: &str, baselines: [&str; 2], timings: &Timings) {
         (
             "added: healthcheck listener accepts",
             added.iter().map(|seen| seen.listener).collect(),
+            added_baseline,
+        ),
+        (
+            "added: the pod's `probe-bypass validate` exits 0",
+            validated.clone(),
             added_baseline,
         ),
         (removed_name, removed_baseline.clone(), removed_baseline),

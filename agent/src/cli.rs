@@ -57,6 +57,57 @@ pub enum Command {
     /// Serve the mutating admission webhook that rewrites new Pods' probes as `rewrite` does:
     /// AdmissionReview v1 over HTTPS on `--listen`, at `/mutate`, with a plain-HTTP `/healthz`.
     Webhook(WebhookArgs),
+    /// The validation init container's check (`--replace-mesh-init`): exits 0 once this pod's
+    /// outbound connections are redirected by the node's eBPF datapath to the sidecar's outbound
+    /// port, which it listens on itself; run inside the pod, before the sidecar. Exits 1 with what
+    /// to check when that does not happen within `--timeout`, 2 on bad input.
+    Validate(ValidateArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct ValidateArgs {
+    /// The sidecar's outbound port, where the datapath sends the pod's own connections.
+    #[arg(long, value_name = "PORT", default_value_t = PROXY_OUTBOUND_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub outbound_port: u16,
+
+    /// How long to keep trying before exiting 1. The kubelet then restarts the container after
+    /// its back-off (10 s, doubling up to 5 min), so a longer wait here spares a pod that comes
+    /// up with its node's agent most of that back-off.
+    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = positive_duration)]
+    pub timeout: Duration,
+
+    /// The sidecar proxy's UID, whose connections the datapath lets through: the check refuses to
+    /// run as it.
+    #[arg(long, value_name = "UID", default_value_t = PROXY_UID, env = "PROBE_BYPASS_PROXY_UID")]
+    pub proxy_uid: u32,
+
+    /// The agent's healthcheck port in the pod, asked which agent serves the pod when the check
+    /// fails.
+    #[arg(long, value_name = "PORT", default_value_t = HEALTHCHECK_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub healthcheck_port: u16,
+
+    /// The pod's IP (downward API `status.podIP`); its family picks the check's (IPv4 or IPv6).
+    #[arg(long, value_name = "IP", env = "POD_IP")]
+    pub pod_ip: Option<String>,
+
+    /// All the pod's IPs, comma-separated (downward API `status.podIPs`): a dual-stack pod is
+    /// checked in both families.
+    #[arg(long, value_name = "IPS", env = "POD_IPS")]
+    pub pod_ips: Option<String>,
+
+    /// The pod's name (downward API `metadata.name`), for the messages.
+    #[arg(long, value_name = "NAME", env = "POD_NAME")]
+    pub pod_name: Option<String>,
+
+    /// The pod's namespace (downward API `metadata.namespace`), for the messages.
+    #[arg(long, value_name = "NAMESPACE", env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+
+    /// The node's name (downward API `spec.nodeName`), for the messages.
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    pub node_name: Option<String>,
 }
 
 #[derive(Clone, Debug, Args)]

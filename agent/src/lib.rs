@@ -19,7 +19,8 @@
 //! 4. **[`reconcile`]**: the pod set made real, each pod's datapath entries and listeners opened,
 //!    moved, closed and retried.
 //! 5. **Commands.** [`cli`], [`run`] (`probe-bypass run`, which wires the layers together) and
-//!    [`webhook`] (`probe-bypass webhook`). Only the binary uses `run`.
+//!    [`webhook`] (`probe-bypass webhook`), [`validate`] (`probe-bypass validate`, the validation
+//!    init container's check). Only the binary uses `run`.
 //!
 //! The probe rewriter (a pod's probes pointed at the agent, the originals recorded in an
 //! annotation), the webhook's review function, and the names the rewriter and the agent share are
@@ -45,4 +46,5 @@ pub mod serve;
 pub mod signal;
 pub mod source;
 pub mod time;
+pub mod validate;
 pub mod webhook;

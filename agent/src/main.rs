@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Command::MountBpffs(args) => mount_bpffs(&args.at),
         Command::Rewrite(args) => rewrite(&args),
         Command::Webhook(args) => serve(probe_bypass::webhook::run(args)),
+        Command::Validate(args) => probe_bypass::validate::main(&args),
     }
 }
 

@@ -24,7 +24,7 @@ use crate::{
     netns::{NetnsError, NetnsWorker},
     preflight::{self, PreflightFailed, Report},
     reconcile::Reconciler,
-    serve::healthcheck::{Context, Settings},
+    serve::healthcheck::{Context, Settings, status::AgentStatus},
     serve::metrics::Metrics,
     signal,
     source::{
@@ -210,6 +210,16 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         metrics: Arc::clone(&metrics),
         worker,
         tracker: TaskTracker::new(),
+        status: AgentStatus {
+            node: args.pods.node_name.clone(),
+            agent_pod: std::env::var("POD_NAME")
+                .ok()
+                .filter(|name| !name.is_empty()),
+            datapath: match args.datapath.mode {
+                DatapathMode::Ebpf => "ebpf",
+                DatapathMode::None => "none",
+            },
+        },
     });
     let reconciler = tokio::spawn(
         Reconciler::new(Arc::clone(&ctx), datapath, status_tx).run(pods, stop.clone()),

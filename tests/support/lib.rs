@@ -26,5 +26,6 @@ pub mod privilege;
 pub mod probe_apps;
 pub mod rewrite_cli;
 pub mod sidecar;
+pub mod validation;
 
 pub use agent::agent_bin;

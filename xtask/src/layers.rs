@@ -56,7 +56,7 @@ pub const LAYERS: [(&str, &[&str]); 5] = [
     ("4 reconcile: the pod set made real", &["reconcile"]),
     (
         "5 commands: the command line and what it runs",
-        &["cli", "run", "webhook"],
+        &["cli", "run", "validate", "webhook"],
     ),
 ];
 

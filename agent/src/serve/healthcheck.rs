@@ -6,6 +6,9 @@
 //! gRPC probe asks `/probe-bypass-grpc` with `Original-Grpc-Port` (and `Original-Grpc-Service`);
 //! the agent runs the gRPC health check from inside the pod ([`grpc`]) and answers 200 or 503.
 //!
+//! `GET /probe-bypass-status` tells the pod's validation init container which agent serves it
+//! ([`status`]).
+//!
 //! With `--serve-http-probes` each pod also gets a listener on each of 15901-15903, which answers
 //! the pod's rewritten httpGet probes of that port's kind ([`probes`]).
 
@@ -14,6 +17,7 @@ mod handler;
 pub mod http;
 mod listener;
 mod probes;
+pub mod status;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},

@@ -295,6 +295,25 @@ mod tests {
     }
 
     #[test]
+    fn pod_whose_init_containers_run_is_read_like_a_running_one() {
+        // Pending while its validation init container runs: an IP and a sandbox already.
+        let status = r#""status":{"phase":"Pending","podIP":"198.18.0.2",
+          "initContainerStatuses":[{"name":"probe-bypass-validation","ready":false,
+            "restartCount":0,"image":"","imageID":"","state":{"running":{}}}],
+          "containerStatuses":[{"name":"app","ready":false,"restartCount":0,"image":"",
+            "imageID":"","state":{"waiting":{"reason":"PodInitializing"}}}]}}"#;
+        let dir = temp_dir("initializing");
+        let pending = POD
+            .replace("NAME", "a")
+            .replace(r#""status":{"podIP":"198.18.0.2"}}"#, status);
+        assert!(pending.contains("PodInitializing"), "{pending}");
+        write(&dir, "a.json", &pending);
+        let pods = ManifestDir::new(&dir).scan().expect("scan");
+        assert_eq!(names(&pods), ["ns/a"]);
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
     fn missing_directory_is_a_clear_error() {
         let error = watch(Path::new("/nonexistent/probe-bypass")).expect_err("no dir");
         assert!(

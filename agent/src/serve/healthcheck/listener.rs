@@ -17,9 +17,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     Outcome, Settings, grpc,
-    handler::{HEADERS, Route, route},
+    handler::{HEADERS, Rejection, Route, route},
     http::{ReadError, Response, read_request, write_response},
     probes,
+    status::{self, AgentStatus, STATUS_PATH},
 };
 use crate::{
     dial::{Dialed, Failure, dial},
@@ -42,6 +43,8 @@ pub struct Context {
     pub worker: NetnsWorker,
     /// Every connection in flight, so shutdown can let them finish.
     pub tracker: TaskTracker,
+    /// What `GET /probe-bypass-status` says of this agent.
+    pub status: AgentStatus,
 }
 
 /// What a listener answers.
@@ -135,6 +138,11 @@ async fn answer(
                     .map(|value| String::from_utf8_lossy(value).into_owned());
                 let user_agent = user_agent.as_deref();
                 let routed = match endpoint {
+                    // Answered, not routed: the status is no probe (and counts as a success).
+                    Endpoint::Healthcheck if request.path == STATUS_PATH => Err(Rejection {
+                        outcome: Outcome::Success,
+                        response: status::answer(&ctx.status, &pod),
+                    }),
                     Endpoint::Healthcheck => route(&request, &pod, settings.allow_any_port),
                     Endpoint::Probes(kind) => probes::route(&request, &pod, kind, settings),
                 };

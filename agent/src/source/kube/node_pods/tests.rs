@@ -494,3 +494,70 @@ fn only_the_fields_the_agent_serves_from_are_kept() {
     assert_eq!(status.pod_ip.as_deref(), Some("10.244.1.17"));
     assert!(status.conditions.is_none() && status.container_statuses.is_none());
 }
+
+/// A pod whose validation init container (`--replace-mesh-init`) is running: the sandbox is up,
+/// with its IP, but the pod is Pending, not initialized, and its app and sidecar wait. The agent
+/// must serve it now, or the validation would wait for it forever.
+fn initializing(pod: &mut serde_json::Value) {
+    let status = pod["status"].as_object_mut().expect("status");
+    status.insert("phase".into(), json!("Pending"));
+    status.insert(
+        "conditions".into(),
+        json!([
+            {"type": "PodReadyToStartContainers", "status": "True", "lastProbeTime": null, "lastTransitionTime": "2025-03-11T09:14:29Z"},
+            {"type": "Initialized", "status": "False", "lastProbeTime": null, "lastTransitionTime": "2025-03-11T09:14:27Z", "reason": "ContainersNotInitialized", "message": "containers with incomplete status: [probe-bypass-validation]"},
+            {"type": "Ready", "status": "False", "lastProbeTime": null, "lastTransitionTime": "2025-03-11T09:14:27Z", "reason": "ContainersNotReady", "message": "containers with unready status: [bookstore sidecar]"},
+            {"type": "ContainersReady", "status": "False", "lastProbeTime": null, "lastTransitionTime": "2025-03-11T09:14:27Z", "reason": "ContainersNotReady", "message": "containers with unready status: [bookstore sidecar]"},
+            {"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": "2025-03-11T09:14:27Z"}
+        ]),
+    );
+    status.insert(
+        "initContainerStatuses".into(),
+        json!([{
+            "name": "probe-bypass-validation",
+            "state": {"running": {"startedAt": "2025-03-11T09:14:29Z"}},
+            "lastState": {},
+            "ready": false,
+            "restartCount": 0,
+            "image": "docker.io/flomesh/probe-bypass:0.1.0",
+            "imageID": "",
+            "containerID": "containerd://5a1f0c3e9d7b2a48e6c1f0d9b3a7e5c2d4f6a8b0c1e3d5f7a9b2c4d6e8f0a1b3",
+            "started": true
+        }]),
+    );
+    status.insert(
+        "containerStatuses".into(),
+        json!(["bookstore", "sidecar"].map(|name| json!({
+            "name": name,
+            "state": {"waiting": {"reason": "PodInitializing"}},
+            "lastState": {},
+            "ready": false,
+            "restartCount": 0,
+            "image": "",
+            "imageID": "",
+            "started": false
+        }))),
+    );
+}
+
+#[test]
+fn pod_whose_init_containers_run_is_served_with_its_sandbox() {
+    let (mut pods, _metrics) = node_pods();
+    let lookup = FakeLookup::knowing(&[("a", "cni-a")]);
+    let now = Instant::now();
+    pods.handle(Event::Apply(pod("a", initializing)), now);
+    resolve(&mut pods, &lookup, now);
+    assert_eq!(
+        served(&pods),
+        [("a".into(), "10.244.1.17".into(), "/run/netns/cni-a".into())],
+        "a Pending pod with an IP and a sandbox is served while its init containers run"
+    );
+    assert_eq!(pods.pending(), (0, 0));
+    // When the validation has passed and the pod runs, it stays served as it was.
+    pods.handle(Event::Apply(pod("a", unchanged)), now);
+    resolve(&mut pods, &lookup, now);
+    assert_eq!(
+        served(&pods),
+        [("a".into(), "10.244.1.17".into(), "/run/netns/cni-a".into())]
+    );
+}

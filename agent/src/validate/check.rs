@@ -1,0 +1,352 @@
+//! One attempt of the check: a connection to an address outside the pod, and whether it arrived
+//! on the outbound port with its original destination and its nonce.
+
+use std::{
+    fmt,
+    io::{self, Read as _, Write as _},
+    mem,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener},
+    os::fd::AsRawFd as _,
+    thread,
+    time::{Duration, Instant},
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Bytes of the nonce the client sends and the listener must receive.
+const NONCE_LEN: usize = 16;
+/// `SO_ORIGINAL_DST` (level `SOL_IP`) and `IP6T_SO_ORIGINAL_DST` (level `SOL_IPV6`) share the number.
+const SO_ORIGINAL_DST: libc::c_int = 80;
+/// Bound on the connect of an attempt. A redirected connection is to loopback and is made at
+/// once; one that is not redirected goes nowhere (its SYN is looped back and dropped) and would
+/// wait for the whole attempt, delaying the next one, which may be the first the datapath redirects.
+const CONNECT: Duration = Duration::from_millis(100);
+/// The destination ports an attempt picks from: above the mesh's own ports (15000-15999) and below
+/// the usual ephemeral range, so that no well-known port an exclusion list is likely to name.
+const PORTS: std::ops::RangeInclusive<u16> = 20000..=31999;
+
+/// The family of an attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: IpAddr) -> Self {
+        if ip.is_ipv4() { Self::V4 } else { Self::V6 }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        }
+    }
+
+    /// Where the datapath sends a redirected connection of this family: the proxy's outbound port
+    /// on the loopback address.
+    fn loopback(self, port: u16) -> SocketAddr {
+        match self {
+            Self::V4 => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
+            Self::V6 => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port),
+        }
+    }
+
+    /// A random destination no network routes (RFC 5737 TEST-NET-1, RFC 3849 documentation
+    /// prefix) on a random port of [`PORTS`].
+    pub fn random_target(self) -> SocketAddr {
+        let [a, b, c, d, e, f, g, p0, p1, ..] = random_bytes::<16>();
+        let span = u16::from_be_bytes([p0, p1]) % (PORTS.end() - PORTS.start() + 1);
+        let port = PORTS.start() + span;
+        let ip: IpAddr = match self {
+            Self::V4 => Ipv4Addr::new(192, 0, 2, 1 + a % 254).into(),
+            Self::V6 => Ipv6Addr::new(
+                0x2001,
+                0xdb8,
+                u16::from_be_bytes([a, b]),
+                u16::from_be_bytes([c, d]),
+                0,
+                0,
+                u16::from_be_bytes([e, f]),
+                u16::from(g) + 1,
+            )
+            .into(),
+        };
+        SocketAddr::new(ip, port)
+    }
+}
+
+/// The stand-in for the sidecar's outbound listener, on the loopback address of one family.
+pub struct Outbound {
+    listener: TcpListener,
+    family: Family,
+}
+
+impl Outbound {
+    /// Listens on the outbound port on loopback; fails when something holds it already (the
+    /// sidecar, if it started before this container).
+    pub fn bind(family: Family, port: u16) -> io::Result<Self> {
+        let addr = family.loopback(port);
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        // A listener left in TIME_WAIT by the previous run of this container must not block this one.
+        socket.set_reuse_address(true)?;
+        if family == Family::V6 {
+            socket.set_only_v6(true)?;
+        }
+        socket.bind(&addr.into())?;
+        socket.listen(64)?;
+        socket.set_nonblocking(true)?;
+        Ok(Self {
+            listener: socket.into(),
+            family,
+        })
+    }
+
+    pub fn family(&self) -> Family {
+        self.family
+    }
+}
+
+/// What a passed attempt saw.
+#[derive(Debug)]
+pub struct Proof {
+    pub target: SocketAddr,
+    /// The client's own address, as the listener saw the connection come from.
+    pub client: SocketAddr,
+}
+
+/// Why an attempt did not pass.
+#[derive(Debug)]
+pub enum Miss {
+    /// The connect failed: nothing redirected it (the address is never routed).
+    Connect {
+        target: SocketAddr,
+        error: io::Error,
+    },
+    /// The connect succeeded but the connection never reached the listener.
+    NotArrived { target: SocketAddr },
+    /// It arrived, but `SO_ORIGINAL_DST` did not give the destination asked for.
+    OriginalDst {
+        target: SocketAddr,
+        answer: io::Result<SocketAddr>,
+    },
+    /// It arrived with its destination, but the nonce did not.
+    Nonce { target: SocketAddr, error: String },
+    /// The check itself could not run (a socket call failed).
+    Local(io::Error),
+}
+
+impl fmt::Display for Miss {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Connect { target, error } => {
+                write!(f, "a connection to {target} was not redirected ({error})")
+            }
+            Self::NotArrived { target } => write!(
+                f,
+                "a connection to {target} was made but did not arrive on the outbound port"
+            ),
+            Self::OriginalDst {
+                target,
+                answer: Ok(got),
+            } => write!(
+                f,
+                "a connection to {target} arrived on the outbound port, but its original \
+                 destination (SO_ORIGINAL_DST) reads {got}"
+            ),
+            Self::OriginalDst {
+                target,
+                answer: Err(error),
+            } => write!(
+                f,
+                "a connection to {target} arrived on the outbound port, but its original \
+                 destination (SO_ORIGINAL_DST) cannot be read: {error}"
+            ),
+            Self::Nonce { target, error } => write!(
+                f,
+                "a connection to {target} arrived on the outbound port, but not the data sent on \
+                 it: {error}"
+            ),
+            Self::Local(error) => write!(f, "the check could not run: {error}"),
+        }
+    }
+}
+
+/// One attempt, bounded by `bound`: connects to a fresh random `target`, bound to the loopback
+/// device, and passes only if `outbound` accepts this very connection with `target` as its
+/// original destination and the nonce written on it.
+pub fn attempt(outbound: &Outbound, bound: Duration) -> Result<Proof, Miss> {
+    let deadline = Instant::now() + bound;
+    let target = outbound.family.random_target();
+    let client = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )
+    .map_err(Miss::Local)?;
+    // Bound to `lo`, the connection can only ever reach an address of this pod: without the
+    // datapath its packets never leave the pod, whatever routes the pod has.
+    client.bind_device(Some(b"lo")).map_err(Miss::Local)?;
+    client
+        .connect_timeout(&target.into(), CONNECT.min(bound))
+        .map_err(|error| Miss::Connect { target, error })?;
+    let local = client
+        .local_addr()
+        .ok()
+        .and_then(|addr| addr.as_socket())
+        .ok_or_else(|| Miss::Local(io::Error::other("the client socket has no address")))?;
+    let nonce = random_bytes::<NONCE_LEN>();
+    let mut client: std::net::TcpStream = client.into();
+    client.write_all(&nonce).map_err(|error| Miss::Nonce {
+        target,
+        error: format!("writing it: {error}"),
+    })?;
+    let mut accepted = accept_from(&outbound.listener, local, deadline)
+        .map_err(Miss::Local)?
+        .ok_or(Miss::NotArrived { target })?;
+    let answer = original_dst(&accepted, outbound.family);
+    if !matches!(answer, Ok(got) if got == target) {
+        return Err(Miss::OriginalDst { target, answer });
+    }
+    let left = deadline.saturating_duration_since(Instant::now());
+    accepted
+        .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+        .map_err(Miss::Local)?;
+    let mut got = [0u8; NONCE_LEN];
+    match accepted.read_exact(&mut got) {
+        Ok(()) if got == nonce => Ok(Proof {
+            target,
+            client: local,
+        }),
+        Ok(()) => Err(Miss::Nonce {
+            target,
+            error: "other bytes arrived".to_owned(),
+        }),
+        Err(error) => Err(Miss::Nonce {
+            target,
+            error: error.to_string(),
+        }),
+    }
+}
+
+/// Accepts connections until the one from `client` arrives or `deadline` passes; any other
+/// connection is closed.
+fn accept_from(
+    listener: &TcpListener,
+    client: SocketAddr,
+    deadline: Instant,
+) -> io::Result<Option<std::net::TcpStream>> {
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) if peer == client => {
+                stream.set_nonblocking(false)?;
+                return Ok(Some(stream));
+            }
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Ok(None);
+                }
+                thread::sleep(Duration::from_millis(2));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// The original destination of an accepted connection, as the proxy reads it.
+fn original_dst(stream: &std::net::TcpStream, family: Family) -> io::Result<SocketAddr> {
+    let fd = stream.as_raw_fd();
+    match family {
+        Family::V4 => {
+            // SAFETY: a zeroed sockaddr_in is a valid value; getsockopt writes at most `len` bytes.
+            let mut addr: libc::sockaddr_in = unsafe { mem::zeroed() };
+            let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            // SAFETY: `addr` and `len` outlive the call, and `len` is `addr`'s size.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_IP,
+                    SO_ORIGINAL_DST,
+                    (&raw mut addr).cast(),
+                    &raw mut len,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
+            Ok(SocketAddrV4::new(ip, u16::from_be(addr.sin_port)).into())
+        }
+        Family::V6 => {
+            // SAFETY: as above, for sockaddr_in6.
+            let mut addr: libc::sockaddr_in6 = unsafe { mem::zeroed() };
+            let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+            // SAFETY: as above.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_IPV6,
+                    SO_ORIGINAL_DST,
+                    (&raw mut addr).cast(),
+                    &raw mut len,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let ip = Ipv6Addr::from(addr.sin6_addr.s6_addr);
+            Ok(SocketAddrV6::new(ip, u16::from_be(addr.sin6_port), 0, 0).into())
+        }
+    }
+}
+
+/// Bytes from the kernel's random source.
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    let mut filled = 0;
+    while filled < N {
+        // SAFETY: the pointer and length describe the unfilled part of `bytes`.
+        let got = unsafe { libc::getrandom(bytes[filled..].as_mut_ptr().cast(), N - filled, 0) };
+        if got > 0 {
+            filled += got as usize;
+        }
+    }
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_targets_are_documentation_addresses_on_unremarkable_ports() {
+        for _ in 0..200 {
+            let v4 = Family::V4.random_target();
+            let IpAddr::V4(ip) = v4.ip() else {
+                panic!("{v4}")
+            };
+            assert_eq!(ip.octets()[..3], [192, 0, 2], "{v4}");
+            assert!(ip.octets()[3] != 0 && ip.octets()[3] != 255, "{v4}");
+            assert!(PORTS.contains(&v4.port()), "{v4}");
+            let v6 = Family::V6.random_target();
+            let IpAddr::V6(ip) = v6.ip() else {
+                panic!("{v6}")
+            };
+            assert_eq!(ip.segments()[..2], [0x2001, 0xdb8], "{v6}");
+            assert!(PORTS.contains(&v6.port()), "{v6}");
+        }
+    }
+
+    #[test]
+    fn without_a_datapath_an_attempt_never_passes() {
+        // No eBPF here: the connection to a documentation address, bound to `lo`, goes nowhere.
+        let outbound = Outbound::bind(Family::V4, 0).expect("listen");
+        let miss = attempt(&outbound, Duration::from_millis(300)).expect_err("no datapath");
+        assert!(
+            matches!(miss, Miss::Connect { .. } | Miss::NotArrived { .. }),
+            "{miss}"
+        );
+    }
+}
