@@ -4,19 +4,16 @@
 use std::{
     fmt,
     io::{self, Read as _, Write as _},
-    mem,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener},
-    os::fd::AsRawFd as _,
     thread,
     time::{Duration, Instant},
 };
 
+use nix::sys::socket::{getsockopt, sockopt};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Bytes of the nonce the client sends and the listener must receive.
 const NONCE_LEN: usize = 16;
-/// `SO_ORIGINAL_DST` (level `SOL_IP`) and `IP6T_SO_ORIGINAL_DST` (level `SOL_IPV6`) share the number.
-const SO_ORIGINAL_DST: libc::c_int = 80;
 /// Bound on the connect of an attempt. A redirected connection is to loopback and is made at
 /// once; one that is not redirected goes nowhere (its SYN is looped back and dropped) and would
 /// wait for the whole attempt, delaying the next one, which may be the first the datapath redirects.
@@ -255,47 +252,17 @@ fn accept_from(
     }
 }
 
-/// The original destination of an accepted connection, as the proxy reads it.
+/// The original destination of an accepted connection, as the proxy reads it:
+/// `getsockopt(SO_ORIGINAL_DST)` for IPv4, `getsockopt(IP6T_SO_ORIGINAL_DST)` for IPv6.
 fn original_dst(stream: &std::net::TcpStream, family: Family) -> io::Result<SocketAddr> {
-    let fd = stream.as_raw_fd();
     match family {
         Family::V4 => {
-            // SAFETY: a zeroed sockaddr_in is a valid value; getsockopt writes at most `len` bytes.
-            let mut addr: libc::sockaddr_in = unsafe { mem::zeroed() };
-            let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            // SAFETY: `addr` and `len` outlive the call, and `len` is `addr`'s size.
-            let rc = unsafe {
-                libc::getsockopt(
-                    fd,
-                    libc::SOL_IP,
-                    SO_ORIGINAL_DST,
-                    (&raw mut addr).cast(),
-                    &raw mut len,
-                )
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            let addr = getsockopt(stream, sockopt::OriginalDst)?;
             let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
             Ok(SocketAddrV4::new(ip, u16::from_be(addr.sin_port)).into())
         }
         Family::V6 => {
-            // SAFETY: as above, for sockaddr_in6.
-            let mut addr: libc::sockaddr_in6 = unsafe { mem::zeroed() };
-            let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-            // SAFETY: as above.
-            let rc = unsafe {
-                libc::getsockopt(
-                    fd,
-                    libc::SOL_IPV6,
-                    SO_ORIGINAL_DST,
-                    (&raw mut addr).cast(),
-                    &raw mut len,
-                )
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            let addr = getsockopt(stream, sockopt::Ip6tOriginalDst)?;
             let ip = Ipv6Addr::from(addr.sin6_addr.s6_addr);
             Ok(SocketAddrV6::new(ip, u16::from_be(addr.sin6_port), 0, 0).into())
         }
