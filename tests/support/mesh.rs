@@ -779,7 +779,7 @@ fn start_agent(manifests: &ManifestDir, args: &[&str]) -> Agent {
 /// on a bpffs of the test's own. On drop the agent is stopped and `probe-bypass uninstall`
 /// removes the pins, which detaches the programs: afterwards the pin directory must be gone and
 /// nothing attached to the cgroup.
-struct EbpfAgent {
+pub struct EbpfAgent {
     agent: Option<Agent>,
     // After the agent: unmounts the bpffs (and uninstalls what `probe-bypass uninstall` did not).
     pins: TestPins,
@@ -787,8 +787,16 @@ struct EbpfAgent {
 }
 
 impl EbpfAgent {
-    /// Starts the agent and waits until it serves every pod and has attached its programs.
+    /// Starts the agent on the node's manifests and waits until it serves every pod and has
+    /// attached its programs.
     fn start(manifests: &ManifestDir, cgroup: &TestCgroup) -> Self {
+        Self::start_with(cgroup, |args| start_agent(manifests, args))
+    }
+
+    /// Starts the agent with `start`, given the datapath's arguments (attached to `cgroup`, pinned
+    /// on a bpffs of the guard's own), and waits until it has attached its programs; `start`
+    /// returns once the agent serves its pods.
+    pub fn start_with(cgroup: &TestCgroup, start: impl FnOnce(&[&str]) -> Agent) -> Self {
         // From here on, dropping the guard uninstalls whatever the agent pinned.
         let mut guard = Self {
             agent: None,
@@ -797,17 +805,14 @@ impl EbpfAgent {
         };
         let cgroup_root = cgroup.path().display().to_string();
         let pin_path = guard.pins.arg();
-        let agent = guard.agent.insert(start_agent(
-            manifests,
-            &[
-                "--datapath",
-                "ebpf",
-                "--cgroup-root",
-                &cgroup_root,
-                "--pin-path",
-                &pin_path,
-            ],
-        ));
+        let agent = guard.agent.insert(start(&[
+            "--datapath",
+            "ebpf",
+            "--cgroup-root",
+            &cgroup_root,
+            "--pin-path",
+            &pin_path,
+        ]));
         let deadline = Instant::now() + Duration::from_secs(10);
         while attached_programs(cgroup.path())
             .unwrap_or_else(|error| panic!("{error}"))
@@ -821,6 +826,13 @@ impl EbpfAgent {
             thread::sleep(Duration::from_millis(20));
         }
         guard
+    }
+
+    /// The running agent.
+    pub fn agent(&self) -> &Agent {
+        self.agent
+            .as_ref()
+            .expect("the agent runs until the guard drops")
     }
 
     /// What is wrong after `probe-bypass uninstall`, if anything.

@@ -17,8 +17,8 @@ use std::{
 
 use crate::{
     agent::{Agent, ManifestDir, agent_bin},
-    bpffs::TestPins,
-    cgroup::{TestCgroup, attached_programs},
+    cgroup::TestCgroup,
+    mesh::EbpfAgent,
     pod::TestPod,
 };
 
@@ -43,11 +43,20 @@ pub enum AgentMode {
     Ebpf,
 }
 
-/// The agent and, with the datapath, the bpffs its pins are on. Dropped in this order: the agent
-/// stops, then the pins go, which detaches its programs from the test cgroup.
-struct Running {
-    agent: Agent,
-    _pins: Option<TestPins>,
+/// The node's agent. With the datapath, its guard uninstalls the pins when it drops, which
+/// detaches its programs from the test cgroup, and fails the test if anything is left.
+enum Running {
+    NoDatapath(Agent),
+    Ebpf(EbpfAgent),
+}
+
+impl Running {
+    fn agent(&self) -> &Agent {
+        match self {
+            Self::NoDatapath(agent) => agent,
+            Self::Ebpf(guard) => guard.agent(),
+        }
+    }
 }
 
 /// The meshed pod `a`, the client pod `c`, and the node's agent.
@@ -88,43 +97,20 @@ impl Stage {
         let manifests = &self.manifests;
         self.running = match mode {
             AgentMode::Absent => None,
-            AgentMode::NoDatapath => Some(Running {
-                agent: start_agent(manifests, &["--datapath", "none"]),
-                _pins: None,
-            }),
-            AgentMode::Ebpf => {
-                let pins = TestPins::new();
-                let cgroup_root = self.cgroup.path().display().to_string();
-                let agent = start_agent(
-                    manifests,
-                    &[
-                        "--datapath",
-                        "ebpf",
-                        "--cgroup-root",
-                        &cgroup_root,
-                        "--pin-path",
-                        &pins.arg(),
-                    ],
-                );
-                assert!(
-                    !attached_programs(self.cgroup.path())
-                        .unwrap_or_else(|error| panic!("{error}"))
-                        .is_empty(),
-                    "the agent attached nothing to {cgroup_root}:\n{}",
-                    agent.log_text()
-                );
-                Some(Running {
-                    agent,
-                    _pins: Some(pins),
-                })
-            }
+            AgentMode::NoDatapath => Some(Running::NoDatapath(start_agent(
+                manifests,
+                &["--datapath", "none"],
+            ))),
+            AgentMode::Ebpf => Some(Running::Ebpf(EbpfAgent::start_with(&self.cgroup, |args| {
+                start_agent(manifests, args)
+            }))),
         };
     }
     /// The agent's log, or a note that there is none.
     pub fn agent_log(&self) -> String {
         self.running.as_ref().map_or_else(
             || "(no agent)".to_owned(),
-            |running| running.agent.log_text(),
+            |running| running.agent().log_text(),
         )
     }
 
