@@ -21,7 +21,9 @@ use std::{fmt::Write as _, net::IpAddr};
 
 use probe_bypass_testing::require_privileges;
 use probe_bypass_testing::{
-    mesh::{Call, Caller, MeshSpec, Mode, Node, Outcome, PodSpec, REMOTE_POD, Target},
+    mesh::{
+        Call, Caller, Manifests, MeshSpec, Mode, Node, Outcome, PodSpec, REMOTE_POD, Report, Target,
+    },
     sidecar::{ProxyEvent, ProxyLog},
 };
 
@@ -364,9 +366,14 @@ fn outcome((answered, proxies): (&str, &[&str])) -> Outcome {
 /// Builds the node in `mode`, makes every call of [`SCENARIOS`] in order, and takes the node down.
 /// Prints each call with the proxies' raw log lines (shown when a test fails).
 fn run_scenarios(mode: Mode) -> Vec<Outcome> {
+    run_scenarios_from(mode, Manifests::Annotated)
+}
+
+/// Like [`run_scenarios`], the meshed pods' manifests and start-up as `manifests` says.
+fn run_scenarios_from(mode: Mode, manifests: Manifests) -> Vec<Outcome> {
     let specs = node_spec();
-    let node = Node::start(mode, &specs);
-    println!("--- {mode:?} mode ---");
+    let node = Node::start_from(mode, manifests, &specs, &mut print_report);
+    println!("--- {mode:?} mode, {manifests:?} manifests ---");
     SCENARIOS
         .iter()
         .map(|scenario| {
@@ -381,6 +388,29 @@ fn run_scenarios(mode: Mode) -> Vec<Outcome> {
             observed.outcome
         })
         .collect()
+}
+
+/// Prints a step of the node's start-up (shown when a test fails).
+fn print_report(report: Report<'_>) {
+    match report {
+        Report::MeshInit { pod, container } => println!("{pod}: ran {container}"),
+        Report::Rewritten {
+            pod,
+            diff,
+            warnings,
+        } => println!("{pod}: rewritten{warnings}\n{diff}"),
+        Report::AgentUp => println!("the agent serves the node"),
+        Report::Validation {
+            pod,
+            agent_up,
+            output,
+        } => println!(
+            "{pod}: validation {} the agent: {}\n{}",
+            if agent_up { "with" } else { "before" },
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    }
 }
 
 /// A Markdown table of the scenarios with one column per set of outcomes.
@@ -515,6 +545,47 @@ fn ebpf_on_the_mesh_rules_gives_the_ebpf_table() {
         &layered,
         "with the datapath over pods that keep the mesh's rules, scenarios {wrong} did not come \
          out as the datapath's table",
+    );
+}
+
+/// The injector's own output, its init container run in each meshed pod, gives the mesh's table:
+/// the script carries every exclusion that the annotated pods' rules have.
+#[test]
+fn the_injectors_init_container_gives_the_mesh_table() {
+    require_privileges!();
+    let expected: Vec<Outcome> = SCENARIOS.iter().map(|s| outcome(s.iptables)).collect();
+
+    let observed = run_scenarios_from(Mode::Iptables, Manifests::Injected);
+
+    assert_outcomes(
+        &[
+            ("expected", &expected),
+            ("injector's init container", &observed),
+        ],
+        &expected,
+        &observed,
+        "with the injector's init container run in the pods, scenarios {wrong} did not come out \
+         as behind the mesh's rules",
+    );
+}
+
+/// The same output after `probe-bypass rewrite --replace-mesh-init`: no iptables in the pods, the
+/// validation failing before the agent and passing with it, and the exclusions known to the
+/// datapath only through what the rewriter carried from the script. The outcomes must be the
+/// datapath's table: each carried exclusion does what the script's rule did.
+#[test]
+fn replacing_the_injectors_init_container_gives_the_ebpf_table() {
+    require_privileges!();
+    let expected = expected_ebpf();
+
+    let replaced = run_scenarios_from(Mode::Ebpf, Manifests::Injected);
+
+    assert_outcomes(
+        &[("ebpf, expected", &expected), ("init replaced", &replaced)],
+        &expected,
+        &replaced,
+        "with the mesh's init container replaced, scenarios {wrong} did not come out as the \
+         datapath's table",
     );
 }
 

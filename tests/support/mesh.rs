@@ -20,34 +20,29 @@
 
 use std::{
     fmt, fs,
-    io::Write as _,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::PathBuf,
-    process::{Command, Output, Stdio},
+    process::{Command, Output},
     thread,
     time::{Duration, Instant},
 };
 
 use crate::{
     agent::{Agent, ManifestDir},
-    bpffs::TestPins,
-    cgroup::{TestCgroup, attached_programs},
+    cgroup::TestCgroup,
+    injected::{self, VALIDATION_CONTAINER_NAME},
     pod::{App, TestPod},
     sidecar::{Certificates, PROXY_UID, ProxyEvent, ProxyLog, Sidecar},
+    validation::{NODE, run_bounded, start_agent},
+};
+pub use crate::{
+    ebpf_agent::EbpfAgent,
+    mesh_rules::{FSM_INIT_RULES, OUTBOUND_CATCH_ALL, comma_list, fsm_rules, load_iptables},
 };
 
 /// The mesh's healthcheck port and path, written out here rather than taken from the agent, so
 /// that a wrong value in the agent shows up as a difference from the mesh.
 pub const HEALTHCHECK_PORT: u16 = 15904;
 const HEALTHCHECK_PATH: &str = "/fsm-healthcheck";
-
-/// The mesh's rules, copied from `shared/fixtures` into the repository (CI clones only the repo).
-/// This crate is `tests/support`, so the fixtures are a directory up.
-pub const FSM_INIT_RULES: &str =
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/fsm-init.iptables");
-
-/// The final rule of the fixture's outbound chain; FSM adds outbound exclusions before it.
-pub const OUTBOUND_CATCH_ALL: &str = "-A FSM_PROXY_OUTBOUND -j FSM_PROXY_OUT_REDIRECT";
 
 /// curl as every call runs it: `-q` first, so no ~/.curlrc; `--noproxy`, so no proxy from the
 /// environment either; and a bound on the call, so a connection the datapath swallows fails the
@@ -83,6 +78,48 @@ impl Mode {
         matches!(self, Mode::Iptables | Mode::EbpfOnMeshRules)
     }
 }
+
+/// Where the meshed pods' manifests come from, and how they start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Manifests {
+    /// Written from the [`MeshSpec`]: the annotations FSM's injector reads. In the modes with the
+    /// mesh's rules, the rules of `tests/fixtures/fsm-init.iptables` with the pod's exclusions.
+    Annotated,
+    /// The injector's output ([`injected::injector_output`]): the exclusions only in its init
+    /// container's script. In the modes with the mesh's rules, that init container runs in the
+    /// pod. In [`Mode::Ebpf`], `probe-bypass rewrite --replace-mesh-init` replaces it, and the
+    /// validation init container runs before the agent starts (it must fail within its bound) and
+    /// after (it must pass); the sidecar and the app start only then.
+    Injected,
+}
+
+/// A step of [`Node::start_from`], for a caller that shows how the node starts.
+pub enum Report<'a> {
+    /// The injector's init container `container` ran in `pod`: the mesh's rules are in.
+    MeshInit { pod: &'a str, container: &'a str },
+    /// `probe-bypass rewrite --replace-mesh-init` rewrote `pod`'s manifest: its diff, and what it
+    /// warned of.
+    Rewritten {
+        pod: &'a str,
+        diff: &'a str,
+        warnings: &'a str,
+    },
+    /// The agent serves the node's pods.
+    AgentUp,
+    /// `pod`'s validation init container ran to its end, before the agent (`agent_up` false) or
+    /// after.
+    Validation {
+        pod: &'a str,
+        agent_up: bool,
+        output: &'a Output,
+    },
+}
+
+/// The bound the validation is given when it runs before the agent: it must fail, and the
+/// kubelet would run it again; its default bound (20 s) would only make the wait longer.
+const VALIDATION_EARLY: &str = "1s";
+/// How long past its own bound a validation may run before the test calls it hung.
+const VALIDATION_SLACK: Duration = Duration::from_secs(5);
 
 /// A pod of the node, as a test declares it.
 pub struct PodSpec {
@@ -234,14 +271,17 @@ pub struct Observation {
 pub struct Node {
     // Fields drop in this order: the agent (and the datapath's pins) before the processes it
     // redirects, those before the cgroup that holds them, and that before the namespaces.
-    _interception: Interception,
+    interception: Interception,
     sidecars: Vec<(&'static str, Sidecar)>,
     /// Each app with the pod and port it serves.
     apps: Vec<(&'static str, u16, App)>,
     cgroup: TestCgroup,
     other_node: OtherNode,
     pods: Vec<(&'static str, TestPod)>,
-    _manifests: ManifestDir,
+    manifests: ManifestDir,
+    /// Whether a pod's mesh init container was replaced: the datapath is all that intercepts it,
+    /// so `probe-bypass uninstall` refuses until the pod is gone (see [`Drop`]).
+    replaced: bool,
     certs: Certificates,
     /// The other node's client certificate (PEM with its key), for [`Call::Mtls`].
     remote_pem: String,
@@ -266,17 +306,29 @@ impl OtherNode {
 enum Interception {
     /// The mesh's iptables rules; the agent serves only the healthcheck.
     Iptables {
-        _agent: Agent,
+        agent: Agent,
     },
     Ebpf {
-        _agent: EbpfAgent,
+        agent: EbpfAgent,
     },
 }
 
 impl Node {
-    /// Builds the node of `specs` and starts intercepting in `mode`. Returns once every sidecar
+    /// Builds the node of `specs` and starts intercepting in `mode`, the meshed pods' manifests
+    /// written from their [`MeshSpec`]s ([`Manifests::Annotated`]). Returns once every sidecar
     /// listens and the agent reports every meshed pod ready.
     pub fn start(mode: Mode, specs: &[PodSpec]) -> Self {
+        Self::start_from(mode, Manifests::Annotated, specs, &mut |_| {})
+    }
+
+    /// Like [`Self::start`], the meshed pods' manifests and start-up as `manifests` says;
+    /// `report` is told each step a user would want to see (the demo prints them).
+    pub fn start_from(
+        mode: Mode,
+        manifests: Manifests,
+        specs: &[PodSpec],
+        report: &mut dyn FnMut(Report<'_>),
+    ) -> Self {
         let pods: Vec<(&'static str, TestPod)> = specs
             .iter()
             .map(|spec| {
@@ -285,67 +337,141 @@ impl Node {
                 (spec.name, pod)
             })
             .collect();
-        let apps = specs
-            .iter()
-            .zip(&pods)
-            .flat_map(|(spec, (name, pod))| {
-                spec.app_ports.iter().map(move |&port| {
-                    let addr = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
-                    (
-                        *name,
-                        port,
-                        pod.serve_http(addr, &format!("app {name}:{port}")),
-                    )
-                })
-            })
-            .collect();
+        let apps = start_apps(specs, &pods);
         assert_pods_reach_each_other(specs, &pods);
         let other_node = OtherNode::new();
         assert_other_node_reaches_the_pods(&other_node, specs, &pods);
+        // An injected pod's app starts after its init containers; these only showed the way.
+        let apps = (manifests == Manifests::Annotated).then_some(apps);
 
         let cgroup = TestCgroup::new();
         let certs = Certificates::new();
         let remote_pem = certs.issue(REMOTE_POD);
-        let manifests = ManifestDir::new();
+        let manifest_dir = ManifestDir::new();
         let mut sidecars = Vec::new();
+        let mut validations = Vec::new();
         for (spec, (name, pod)) in specs.iter().zip(&pods) {
             let Some(mesh) = &spec.mesh else { continue };
-            let pem = certs.issue(name);
-            sidecars.push((*name, Sidecar::start(&cgroup, pod, &certs, &pem)));
             let exclusions = mesh.outbound_cidrs(&pods);
-            let annotations = mesh.annotations(&exclusions);
-            let annotations: Vec<(&str, &str)> = annotations
-                .iter()
-                .map(|(key, value)| (key.as_str(), value.as_str()))
-                .collect();
-            manifests.write(
-                &format!("{name}.json"),
-                &pod.manifest_with_annotations(
-                    &format!("pod-{}", name.to_lowercase()),
-                    mesh.probe_ports,
-                    &annotations,
-                ),
-            );
-            if mode.installs_mesh_rules() {
-                install_fsm_rules(pod, mesh, &exclusions);
+            let pod_name = format!("pod-{}", name.to_lowercase());
+            match manifests {
+                Manifests::Annotated => {
+                    let annotations = mesh.annotations(&exclusions);
+                    let annotations: Vec<(&str, &str)> = annotations
+                        .iter()
+                        .map(|(key, value)| (key.as_str(), value.as_str()))
+                        .collect();
+                    manifest_dir.write(
+                        &format!("{name}.json"),
+                        &pod.manifest_with_annotations(&pod_name, mesh.probe_ports, &annotations),
+                    );
+                    if mode.installs_mesh_rules() {
+                        install_fsm_rules(pod, mesh, &exclusions);
+                    }
+                }
+                Manifests::Injected => {
+                    let kind = injected::Mesh::of(mesh);
+                    let injected = injected::injector_output(
+                        &pod_name,
+                        pod,
+                        spec.app_ports,
+                        mesh,
+                        &exclusions,
+                    );
+                    let manifest = if mode.installs_mesh_rules() {
+                        run_init_container(&injected, kind.init_container(), pod, &cgroup);
+                        report(Report::MeshInit {
+                            pod: name,
+                            container: kind.init_container(),
+                        });
+                        injected
+                    } else {
+                        let replaced = injected::replace_mesh_init(&injected, kind);
+                        report(Report::Rewritten {
+                            pod: name,
+                            diff: &replaced.diff,
+                            warnings: &replaced.warnings,
+                        });
+                        assert!(
+                            injected::has_init_container(
+                                &replaced.manifest,
+                                VALIDATION_CONTAINER_NAME
+                            ),
+                            "the rewriter kept {}'s mesh init container:\n{}",
+                            name,
+                            replaced.warnings
+                        );
+                        validations.push((*name, pod, replaced.manifest.clone()));
+                        replaced.manifest
+                    };
+                    manifest_dir.write(&format!("{name}.yaml"), &manifest);
+                }
             }
+            if manifests == Manifests::Annotated {
+                let pem = certs.issue(name);
+                sidecars.push((*name, Sidecar::start(&cgroup, pod, &certs, &pem)));
+            }
+        }
+
+        // No agent yet: each validation must fail, and within its bound.
+        for (name, pod, manifest) in &validations {
+            let output = run_validation(manifest, pod, &cgroup, &["--timeout", VALIDATION_EARLY]);
+            report(Report::Validation {
+                pod: name,
+                agent_up: false,
+                output: &output,
+            });
+            assert_eq!(
+                output.status.code(),
+                Some(1),
+                "the validation of {name} did not fail without the agent:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
         let interception = match mode {
             Mode::Iptables => Interception::Iptables {
-                _agent: start_agent(&manifests, &["--datapath", "none"]),
+                agent: start_agent(&manifest_dir, &["--datapath", "none"]),
             },
             Mode::Ebpf | Mode::EbpfOnMeshRules => Interception::Ebpf {
-                _agent: EbpfAgent::start(&manifests, &cgroup),
+                agent: EbpfAgent::start_with(&cgroup, |args| start_agent(&manifest_dir, args)),
             },
         };
+        report(Report::AgentUp);
+        // The kubelet runs the validation again: with the datapath, it must pass.
+        for (name, pod, manifest) in &validations {
+            let output = run_validation(manifest, pod, &cgroup, &[]);
+            report(Report::Validation {
+                pod: name,
+                agent_up: true,
+                output: &output,
+            });
+            assert!(
+                output.status.success(),
+                "the validation of {name} failed with the agent up ({}):\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let replaced = !validations.is_empty();
+        // Only then do the injected pods' containers start: the sidecar and the app.
+        if manifests == Manifests::Injected {
+            for (spec, (name, pod)) in specs.iter().zip(&pods) {
+                if spec.mesh.is_some() {
+                    let pem = certs.issue(name);
+                    sidecars.push((*name, Sidecar::start(&cgroup, pod, &certs, &pem)));
+                }
+            }
+        }
+        let apps = apps.unwrap_or_else(|| start_apps(specs, &pods));
         Self {
-            _interception: interception,
+            interception,
             sidecars,
             apps,
             cgroup,
             other_node,
             pods,
-            _manifests: manifests,
+            manifests: manifest_dir,
+            replaced,
             certs,
             remote_pem,
         }
@@ -358,6 +484,27 @@ impl Node {
             .find(|(name, app_port, _)| *name == pod && *app_port == port)
             .map(|(_, _, app)| app.peers())
             .unwrap_or_else(|| panic!("pod {pod} has no app on port {port}"))
+    }
+
+    /// The node's cgroup: its processes run in it, and the datapath is attached to it.
+    pub fn cgroup(&self) -> &TestCgroup {
+        &self.cgroup
+    }
+
+    /// The node's agent.
+    pub fn agent(&self) -> &Agent {
+        match &self.interception {
+            Interception::Iptables { agent } => agent,
+            Interception::Ebpf { agent: guard } => guard.agent(),
+        }
+    }
+
+    /// Where the datapath's programs and maps are pinned, when the node has the datapath.
+    pub fn pin_path(&self) -> Option<&std::path::Path> {
+        match &self.interception {
+            Interception::Iptables { .. } => None,
+            Interception::Ebpf { agent: guard } => Some(guard.pin_path()),
+        }
     }
 
     /// The other node's client pod.
@@ -523,6 +670,41 @@ impl Node {
     }
 }
 
+impl Drop for Node {
+    /// A pod whose mesh init container was replaced depends on the datapath, and `probe-bypass
+    /// uninstall` (which the agent's guard runs) refuses while it is served. So, as a user rolls
+    /// back, the pods go first: their manifests are removed, and the agent is waited for until it
+    /// no longer has any such pod in its maps.
+    fn drop(&mut self) {
+        let Interception::Ebpf { agent: guard } = &self.interception else {
+            return;
+        };
+        if !self.replaced {
+            return;
+        }
+        if let Ok(entries) = fs::read_dir(&self.manifests.path) {
+            for entry in entries.flatten() {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let served = guard.agent().get("/metrics").is_none_or(|(_, body)| {
+                body.lines().any(|line| {
+                    line.starts_with("probe_bypass_datapath_pod{")
+                        && line.contains("replaced_mesh_init=\"true\"")
+                        && line.ends_with(" 1")
+                })
+            });
+            if !served {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("the agent still serves pods whose mesh init was replaced after 10 s");
+    }
+}
+
 impl MeshSpec {
     /// The outbound destinations this pod's traffic skips the proxy for, as CIDRs.
     fn outbound_cidrs(&self, pods: &[(&'static str, TestPod)]) -> Vec<String> {
@@ -573,12 +755,57 @@ fn shell_words(program: &str, args: &[String]) -> String {
     words.join(" ")
 }
 
-fn comma_list(ports: &[u16]) -> String {
-    ports
+/// Each pod's apps, started in its namespace: `app <pod>:<port>` on every port of its spec.
+fn start_apps(
+    specs: &[PodSpec],
+    pods: &[(&'static str, TestPod)],
+) -> Vec<(&'static str, u16, App)> {
+    specs
         .iter()
-        .map(u16::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
+        .zip(pods)
+        .flat_map(|(spec, (name, pod))| {
+            spec.app_ports.iter().map(move |&port| {
+                let addr = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
+                (
+                    *name,
+                    port,
+                    pod.serve_http(addr, &format!("app {name}:{port}")),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Runs init container `container` of `manifest` in `pod` to its end; it must succeed.
+fn run_init_container(manifest: &str, container: &str, pod: &TestPod, cgroup: &TestCgroup) {
+    let command = injected::container_command(manifest, container, pod, cgroup, NODE, &[]);
+    let output = run_bounded(command, Duration::from_secs(10));
+    assert!(
+        output.status.success(),
+        "init container {container} failed in {} ({}): {}",
+        pod.netns_name,
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Runs the validation init container of `manifest` in `pod` to its end, with `extra_args`.
+fn run_validation(
+    manifest: &str,
+    pod: &TestPod,
+    cgroup: &TestCgroup,
+    extra_args: &[&str],
+) -> Output {
+    let command = injected::container_command(
+        manifest,
+        VALIDATION_CONTAINER_NAME,
+        pod,
+        cgroup,
+        NODE,
+        extra_args,
+    );
+    // Its own bound is at most its default, 20 s.
+    run_bounded(command, Duration::from_secs(20) + VALIDATION_SLACK)
 }
 
 /// Pod-to-pod traffic goes through the host; a host that does not forward it (a `FORWARD` chain
@@ -652,93 +879,6 @@ fn curl_error_class(code: i32, stderr: &str) -> String {
     }
 }
 
-/// `--match multiport` takes at most this many ports.
-const MULTIPORT_MAX: usize = 15;
-
-/// The mesh's rules (the fixture, as `iptables-restore` input) with a pod's exclusions added the
-/// way FSM adds them (see the fixture's header): `inbound_ports` at the head of the inbound chain,
-/// `outbound_cidrs` and then `outbound_ports` just before the outbound chain's final catch-all.
-/// Ports go [`MULTIPORT_MAX`] to a `multiport` rule, its limit.
-pub fn fsm_rules(
-    inbound_ports: &[u16],
-    outbound_cidrs: &[impl fmt::Display],
-    outbound_ports: &[u16],
-) -> String {
-    let fixture = fs::read_to_string(FSM_INIT_RULES)
-        .unwrap_or_else(|error| panic!("read {FSM_INIT_RULES}: {error}"));
-    let multiport = |chain: &str, ports: &[u16]| -> Vec<String> {
-        ports
-            .chunks(MULTIPORT_MAX)
-            .map(|chunk| {
-                format!(
-                    "-A {chain} -p tcp --match multiport --dports {} -j RETURN",
-                    comma_list(chunk)
-                )
-            })
-            .collect()
-    };
-    let inbound = multiport("FSM_PROXY_INBOUND", inbound_ports);
-    let mut outbound: Vec<String> = outbound_cidrs
-        .iter()
-        .map(|cidr| format!("-A FSM_PROXY_OUTBOUND -d {cidr} -j RETURN"))
-        .collect();
-    outbound.extend(multiport("FSM_PROXY_OUTBOUND", outbound_ports));
-
-    let mut rules = String::new();
-    let (mut inbound_placed, mut outbound_placed) = (false, false);
-    for line in fixture.lines() {
-        if !inbound_placed && line.starts_with("-A FSM_PROXY_INBOUND ") {
-            // FSM inserts them (-I) at the head of the inbound chain.
-            for rule in &inbound {
-                rules.push_str(rule);
-                rules.push('\n');
-            }
-            inbound_placed = true;
-        }
-        if line == OUTBOUND_CATCH_ALL {
-            for rule in &outbound {
-                rules.push_str(rule);
-                rules.push('\n');
-            }
-            outbound_placed = true;
-        }
-        rules.push_str(line);
-        rules.push('\n');
-    }
-    assert!(
-        inbound_placed && outbound_placed,
-        "{FSM_INIT_RULES} no longer has the chains the exclusions go into"
-    );
-    rules
-}
-
-/// Loads `rules` (`iptables-restore` input) into `pod`'s namespace, replacing the tables they
-/// name. The rules go with the namespace.
-pub fn load_iptables(pod: &TestPod, rules: &str) {
-    let mut restore = Command::new("ip")
-        .args(["netns", "exec", &pod.netns_name, "iptables-restore"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run iptables-restore (cargo xtask setup installs iptables)");
-    restore
-        .stdin
-        .take()
-        .expect("iptables-restore's stdin")
-        .write_all(rules.as_bytes())
-        .expect("write the rules");
-    let output = restore
-        .wait_with_output()
-        .expect("wait for iptables-restore");
-    assert!(
-        output.status.success(),
-        "iptables-restore in {}: {}",
-        pod.netns_name,
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 /// Loads the mesh's rules into `pod`'s namespace as FSM's init container does, with the pod's
 /// exclusions added the way FSM adds them ([`fsm_rules`]).
 fn install_fsm_rules(pod: &TestPod, mesh: &MeshSpec, outbound_cidrs: &[String]) {
@@ -766,121 +906,4 @@ fn outbound_chain(pod: &TestPod) -> Vec<String> {
         .filter(|line| line.starts_with("-A "))
         .map(str::to_owned)
         .collect()
-}
-
-/// Starts the agent on the node's manifests with `args` and waits until it serves every pod.
-fn start_agent(manifests: &ManifestDir, args: &[&str]) -> Agent {
-    let agent = Agent::start(&manifests.path, args);
-    agent.wait_ready(200, Duration::from_secs(10));
-    agent
-}
-
-/// The agent with its eBPF datapath attached to the test's cgroup (never the root) and pinned
-/// on a bpffs of the test's own. On drop the agent is stopped and `probe-bypass uninstall`
-/// removes the pins, which detaches the programs: afterwards the pin directory must be gone and
-/// nothing attached to the cgroup.
-pub struct EbpfAgent {
-    agent: Option<Agent>,
-    // After the agent: unmounts the bpffs (and uninstalls what `probe-bypass uninstall` did not).
-    pins: TestPins,
-    cgroup: PathBuf,
-}
-
-impl EbpfAgent {
-    /// Starts the agent on the node's manifests and waits until it serves every pod and has
-    /// attached its programs.
-    fn start(manifests: &ManifestDir, cgroup: &TestCgroup) -> Self {
-        Self::start_with(cgroup, |args| start_agent(manifests, args))
-    }
-
-    /// Starts the agent with `start`, given the datapath's arguments (attached to `cgroup`, pinned
-    /// on a bpffs of the guard's own), and waits until it has attached its programs; `start`
-    /// returns once the agent serves its pods.
-    pub fn start_with(cgroup: &TestCgroup, start: impl FnOnce(&[&str]) -> Agent) -> Self {
-        // From here on, dropping the guard uninstalls whatever the agent pinned.
-        let mut guard = Self {
-            agent: None,
-            pins: TestPins::new(),
-            cgroup: cgroup.path().to_owned(),
-        };
-        let cgroup_root = cgroup.path().display().to_string();
-        let pin_path = guard.pins.arg();
-        let agent = guard.agent.insert(start(&[
-            "--datapath",
-            "ebpf",
-            "--cgroup-root",
-            &cgroup_root,
-            "--pin-path",
-            &pin_path,
-        ]));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while attached_programs(cgroup.path())
-            .unwrap_or_else(|error| panic!("{error}"))
-            .is_empty()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the agent attached nothing to {cgroup_root}:\n{}",
-                agent.log_text()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        guard
-    }
-
-    /// The running agent.
-    pub fn agent(&self) -> &Agent {
-        self.agent
-            .as_ref()
-            .expect("the agent runs until the guard drops")
-    }
-
-    /// What is wrong after `probe-bypass uninstall`, if anything.
-    fn uninstall(&self) -> Option<String> {
-        let output = match Command::new(crate::agent_bin())
-            .arg("uninstall")
-            .arg("--pin-path")
-            .arg(self.pins.path())
-            .output()
-        {
-            Ok(output) => output,
-            Err(error) => return Some(format!("could not run `probe-bypass uninstall`: {error}")),
-        };
-        if !output.status.success() {
-            return Some(format!(
-                "`probe-bypass uninstall --pin-path {}` failed ({}): {}",
-                self.pins.path().display(),
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            ));
-        }
-        if self.pins.path().exists() {
-            return Some(format!(
-                "`probe-bypass uninstall` left {} behind",
-                self.pins.path().display()
-            ));
-        }
-        match attached_programs(&self.cgroup) {
-            Ok(attached) if attached.is_empty() => None,
-            Ok(attached) => Some(format!(
-                "after `probe-bypass uninstall`, {} still has {attached:?} attached",
-                self.cgroup.display()
-            )),
-            Err(error) => Some(error),
-        }
-    }
-}
-
-impl Drop for EbpfAgent {
-    fn drop(&mut self) {
-        drop(self.agent.take());
-        let Some(problem) = self.uninstall() else {
-            return;
-        };
-        if thread::panicking() {
-            eprintln!("{problem}");
-        } else {
-            panic!("{problem}");
-        }
-    }
 }

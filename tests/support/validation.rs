@@ -18,7 +18,7 @@ use std::{
 use crate::{
     agent::{Agent, ManifestDir, agent_bin},
     cgroup::TestCgroup,
-    mesh::EbpfAgent,
+    ebpf_agent::EbpfAgent,
     pod::TestPod,
 };
 
@@ -200,9 +200,10 @@ pub fn run_bounded(mut command: Command, bound: Duration) -> Output {
     }
 }
 
-/// The agent on `manifests` with `args` (and the validation's node and agent pod names), once it
-/// serves every pod.
-fn start_agent(manifests: &ManifestDir, args: &[&str]) -> Agent {
+/// The agent on `manifests` with `args`, once it serves every pod. It is given the node's name and
+/// its own pod's ([`NODE`], [`AGENT_POD`]) as the DaemonSet gives them (the downward API), so that
+/// a validation names it.
+pub(crate) fn start_agent(manifests: &ManifestDir, args: &[&str]) -> Agent {
     let agent = Agent::builder()
         .pod_manifests(&manifests.path)
         .args(args)

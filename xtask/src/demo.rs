@@ -74,8 +74,9 @@ impl Cleanup {
     }
 }
 
-/// `cargo xtask demo`: builds the agent and the demo binary, runs it, and sweeps after it.
-pub fn run_mesh() -> Result<()> {
+/// `cargo xtask demo [--keep]`: builds the agent and the demo binary, runs it, and sweeps after
+/// it.
+pub fn run_mesh(keep: bool) -> Result<()> {
     setup::ensure()?;
     if !nix::unistd::geteuid().is_root() {
         bail!("the demo creates network namespaces, cgroups and eBPF programs: run it as root");
@@ -98,7 +99,11 @@ pub fn run_mesh() -> Result<()> {
         "probe-bypass-demo",
     ])?;
     let demo_bin = crate::target_dir()?.join("release/probe-bypass-demo");
-    let child = Command::new(&demo_bin)
+    let mut command = Command::new(&demo_bin);
+    if keep {
+        command.arg("--keep");
+    }
+    let child = command
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting {}", demo_bin.display()))?;

@@ -34,12 +34,17 @@ enum Task {
     Setup,
     /// Build the kernel programs on their own and list the programs and maps in the object.
     BuildEbpf,
-    /// Show the product (needs root): meshed pods A and B and pod C, called behind the mesh's
-    /// iptables rules and behind the agent's eBPF datapath, as a table.
+    /// Show the product (needs root): meshed pods A and B (from the mesh's injector output,
+    /// passed through `probe-bypass rewrite --replace-mesh-init`) and pod C, called behind the
+    /// mesh's iptables rules and behind the agent's eBPF datapath, as a table.
     Demo {
         /// Show only the healthcheck on 15904 (the agent with `--datapath none`).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "keep")]
         healthcheck_only: bool,
+        /// Leave the datapath's node up after the table, print commands to poke at it, and tear
+        /// it down on Ctrl-C.
+        #[arg(long)]
+        keep: bool,
     },
     /// Run every test, the privileged ones included (needs root for those).
     Test,
@@ -71,11 +76,14 @@ fn main() -> Result<()> {
     match command {
         Task::Setup => setup::ensure(),
         Task::BuildEbpf => build_ebpf::run(),
-        Task::Demo { healthcheck_only } => {
+        Task::Demo {
+            healthcheck_only,
+            keep,
+        } => {
             if healthcheck_only {
                 demo::run()
             } else {
-                demo::run_mesh()
+                demo::run_mesh(keep)
             }
         }
         Task::Test => test::run(),
