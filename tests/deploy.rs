@@ -59,6 +59,8 @@ const KUSTOMIZATION: &str = "kustomization.yaml";
 const UNINSTALL_JOB: &str = "uninstall-job.yaml";
 /// The node name the tests give the downward API's `spec.nodeName`.
 const NODE: &str = "node-a";
+/// The agent's pod on it, as the DaemonSet controller names it.
+const AGENT_POD: &str = "probe-bypass-7xk2p";
 
 /// Environment variables are process-wide and clap reads them when the command is built: every
 /// test that sets them, builds the agent's command, or starts a process holds this lock.
@@ -289,8 +291,11 @@ fn container_env(container: &Container) -> BTreeMap<String, String> {
             (Some(value), None) => value.clone(),
             (None, Some(from)) => {
                 let field = from.field_ref.as_ref().expect("a downward API field");
-                assert_eq!(field.field_path, "spec.nodeName", "{}", var.name);
-                NODE.to_owned()
+                match field.field_path.as_str() {
+                    "spec.nodeName" => NODE.to_owned(),
+                    "metadata.name" => AGENT_POD.to_owned(),
+                    other => panic!("env {}: the test does not fill field {other}", var.name),
+                }
             }
             _ => panic!("env {}: a value or a field", var.name),
         };
@@ -551,6 +556,19 @@ fn every_config_map_key_is_an_environment_variable_the_agent_reads() {
     for var in container.env.iter().flatten() {
         assert!(read.contains_key(&var.name), "env {} is not read", var.name);
     }
+}
+
+/// A pod whose validation fails names the node's agent pod, which the agent learns from POD_NAME
+/// (reported on its pods' 15904 as /probe-bypass-status): the DaemonSet must give it.
+#[test]
+fn the_agent_is_given_its_own_pod_name() {
+    let container = only_container(pod_spec(&agent_daemon_set())).clone();
+    let env = container_env(&container);
+    assert_eq!(
+        env.get("POD_NAME").map(String::as_str),
+        Some(AGENT_POD),
+        "the DaemonSet's env: {env:?}"
+    );
 }
 
 #[test]
