@@ -380,3 +380,38 @@ fn a_mesh_init_container_added_again_is_removed_without_a_second_validation_cont
         read_yaml(&fixture_path("fsm-bookstore.expected.yaml"))["spec"]["initContainers"]
     );
 }
+
+/// A pod whose script excludes every outbound address leaves the validation's check nothing the
+/// datapath would redirect: replacing its init container would hold it forever, so it is kept,
+/// with a warning that says why.
+#[test]
+fn a_pod_that_excludes_every_outbound_address_keeps_its_init_container() {
+    let mut pod = read_yaml(&fixture_path("fsm-bookstore.yaml"));
+    let script = &mut pod["spec"]["initContainers"][0]["args"][1];
+    let catch_all = "-A FSM_PROXY_OUTBOUND -j FSM_PROXY_OUT_REDIRECT";
+    let text = script.as_str().expect("the script").to_owned();
+    assert!(text.contains(catch_all), "the fixture's script changed");
+    *script = text
+        .replace(
+            catch_all,
+            &format!("-A FSM_PROXY_OUTBOUND -d 0.0.0.0/0 -j RETURN\n{catch_all}"),
+        )
+        .into();
+
+    let rewrite = rewrite_pod_with(&pod, &replacing()).expect("rewrites");
+    let mut after = pod.clone();
+    json_patch::patch(&mut after, &rewrite.patch).expect("the patch applies");
+
+    assert_eq!(init_names(&after), init_names(&pod), "init containers kept");
+    assert!(!annotations(&after).contains_key(REPLACED_MESH_INIT_ANNOTATION));
+    let said: Vec<String> = rewrite.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        said,
+        [
+            "pod bookstore-v1-5d8c7b9f6-x2k4q: init container fsm-init kept, and with it the \
+             mesh's iptables rules: the pod could not be validated: its outbound IP range \
+             exclusions cover every documentation range of IPv4, so the validation's check has \
+             no address the datapath would redirect"
+        ]
+    );
+}

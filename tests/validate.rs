@@ -10,6 +10,8 @@
 //! - Without an agent, and with the agent at `--datapath none`, it fails within its `--timeout`
 //!   with the message that names the node, the agent's mode and what to do; the pod's app port is
 //!   not reachable (the app never started).
+//! - Told a `--target-range` inside the pod's outbound IP range inclusion list, it passes where
+//!   the default range, outside the list, is never redirected.
 //! - As the proxy's UID, and on bad input, it refuses with its message.
 
 use std::{
@@ -229,6 +231,42 @@ fn fails_within_its_timeout_with_the_agent_at_datapath_none_and_says_what_to_set
     assert_app_unreachable(&stage);
 }
 
+/// A pod whose outbound IP range inclusion list (carried from FSM's MeshConfig, say) leaves the
+/// documentation ranges out has none of its connections there redirected: the default check would
+/// hold it forever. Aimed inside the list (`--target-range`, which the rewriter sets), it passes.
+#[test]
+fn aims_inside_the_pods_inclusion_list_when_told_to() {
+    require_privileges!();
+    let stage = Stage::with_annotations(
+        AgentMode::Ebpf,
+        APP_PORT,
+        &[(
+            "flomesh.io/outbound-ip-range-inclusion-list",
+            "10.96.0.0/12",
+        )],
+    );
+    let output = stage.validate(VALIDATION_UID, &["--timeout", SHORT], &[], BOUND);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "the default range is outside the inclusion list: {}",
+        text(&output)
+    );
+    let output = stage.validate(
+        VALIDATION_UID,
+        &["--timeout", SHORT, "--target-range", "10.96.0.0/24"],
+        &[],
+        BOUND,
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("connections to 10.96.0."),
+        "{}\nagent:\n{}",
+        text(&output),
+        stage.agent_log()
+    );
+}
+
 #[test]
 fn refuses_to_run_as_the_proxy_uid() {
     require_privileges!();
@@ -327,6 +365,25 @@ fn refuses_bad_input_with_its_message() {
         "{}",
         text(&output)
     );
+    for (range, says) in [
+        (
+            "10.0.0.0/8,10.1.0.0/16",
+            "--target-range has 2 IPv4 ranges (10.0.0.0/8, 10.1.0.0/16)",
+        ),
+        ("fd00::/8", "no --target-range of the pod's families (IPv4)"),
+        (
+            "10.0.0.0/33",
+            "invalid value '10.0.0.0/33' for '--target-range",
+        ),
+    ] {
+        let output = run(&["--target-range", range], &full);
+        assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains(says),
+            "no {says:?} in: {}",
+            text(&output)
+        );
+    }
 }
 
 fn any(port: u16) -> SocketAddr {

@@ -88,6 +88,14 @@ pub struct ValidateArgs {
           value_parser = clap::value_parser!(u16).range(1..))]
     pub healthcheck_port: u16,
 
+    /// The ranges the check connects into, at most one per family (comma-separated, or the flag
+    /// repeated); only the pod's families that have one are checked. `rewrite --replace-mesh-init`
+    /// sets them when the pod's outbound IP range inclusion list (or an exclusion covering the
+    /// default) means the default would not be redirected for the pod.
+    /// [default: 192.0.2.0/24 and 2001:db8::/32]
+    #[arg(long, value_name = "CIDR", value_delimiter = ',')]
+    pub target_range: Vec<IpNet>,
+
     /// The pod's IP (downward API `status.podIP`); its family picks the check's (IPv4 or IPv6).
     #[arg(long, value_name = "IP", env = "POD_IP")]
     pub pod_ip: Option<String>,

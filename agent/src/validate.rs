@@ -18,6 +18,10 @@
 //! 4. reads `SO_ORIGINAL_DST` on the accepted socket, which the datapath's getsockopt program
 //!    answers, and reads the nonce.
 //!
+//! The address is drawn from `--target-range` instead when the pod's exclusions would let the
+//! documentation ranges through (`rewrite --replace-mesh-init` sets it: inside the pod's outbound
+//! IP range inclusion list, say); only the families given a range are then checked.
+//!
 //! It passes only if the accepted connection comes from the client's address, its original
 //! destination is exactly the address and port asked for, and the nonce arrives. A pod with an
 //! IPv6 address (`POD_IP`, or any of `POD_IPS`) is checked the same way over IPv6, with an address
@@ -56,6 +60,7 @@ use std::{
 };
 
 use check::{Family, Miss, Outbound, Proof};
+use ipnet::IpNet;
 use status::{Names, Status};
 
 use crate::cli::ValidateArgs;
@@ -70,7 +75,8 @@ const PROGRESS: Duration = Duration::from_secs(5);
 /// What to check, from the environment and the flags.
 #[derive(Debug)]
 struct Plan {
-    families: Vec<Family>,
+    /// The range each checked family's attempts connect into.
+    targets: Vec<IpNet>,
     pod_ip: IpAddr,
     pod: String,
     namespace: String,
@@ -149,16 +155,61 @@ fn plan(args: &ValidateArgs) -> Result<Plan, String> {
             families.push(Family::of(ip));
         }
     }
+    let targets = targets(&families, &args.target_range)?;
     let namespace = given(&args.pod_namespace).unwrap_or_default();
     let name = given(&args.pod_name).unwrap_or_default();
     Ok(Plan {
-        families,
+        targets,
         pod_ip,
         pod: format!("{namespace}/{name}"),
         namespace,
         name,
         node: given(&args.node_name).unwrap_or_default(),
     })
+}
+
+/// The range to aim at for each of the pod's `families`: the default, or the one of
+/// `--target-range` of that family; a family without one is not checked, since no connection of
+/// it is redirected for the pod (its inclusion list names none).
+fn targets(families: &[Family], given: &[IpNet]) -> Result<Vec<IpNet>, String> {
+    if given.is_empty() {
+        return Ok(families
+            .iter()
+            .map(|family| family.default_range())
+            .collect());
+    }
+    for family in [Family::V4, Family::V6] {
+        let of_family: Vec<String> = given
+            .iter()
+            .filter(|range| Family::of(range.addr()) == family)
+            .map(ToString::to_string)
+            .collect();
+        if of_family.len() > 1 {
+            return Err(format!(
+                "--target-range has {} {} ranges ({}): give at most one per family",
+                of_family.len(),
+                family.label(),
+                of_family.join(", ")
+            ));
+        }
+    }
+    let targets: Vec<IpNet> = families
+        .iter()
+        .filter_map(|&family| {
+            given
+                .iter()
+                .find(|range| Family::of(range.addr()) == family)
+                .copied()
+        })
+        .collect();
+    if targets.is_empty() {
+        let families: Vec<&str> = families.iter().map(|family| family.label()).collect();
+        return Err(format!(
+            "no --target-range of the pod's families ({}): nothing to check",
+            families.join(", ")
+        ));
+    }
+    Ok(targets)
 }
 
 fn run(args: &ValidateArgs, plan: &Plan) -> Result<String, Failed> {
@@ -181,8 +232,9 @@ fn run(args: &ValidateArgs, plan: &Plan) -> Result<String, Failed> {
         ))
     })?;
     let mut outbounds = Vec::new();
-    for &family in &plan.families {
-        let outbound = Outbound::bind(family, args.outbound_port).map_err(|error| {
+    for &range in &plan.targets {
+        let family = Family::of(range.addr());
+        let outbound = Outbound::bind(range, args.outbound_port).map_err(|error| {
             let hint = if error.kind() == io::ErrorKind::AddrInUse {
                 ": something in the pod listens on it already; the validation container must \
                  run before the sidecar (the mesh's proxy) starts"
@@ -229,7 +281,11 @@ fn run(args: &ValidateArgs, plan: &Plan) -> Result<String, Failed> {
         }
     }
     let took = started.elapsed();
-    let families: Vec<&str> = plan.families.iter().map(|f| f.label()).collect();
+    let families: Vec<&str> = plan
+        .targets
+        .iter()
+        .map(|range| Family::of(range.addr()).label())
+        .collect();
     let shown: Vec<String> = proofs
         .iter()
         .map(|proof| format!("{} (from {})", proof.target, proof.client))

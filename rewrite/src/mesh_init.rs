@@ -6,7 +6,8 @@
 //! - reads the script (`script`) and, when the datapath does every rule of it, carries its
 //!   exclusions (the pod's annotations' and the MeshConfig's, which the injector rendered into
 //!   it) onto the pod's exclusion annotations, merged with what they say already;
-//! - puts the validation init container ([`validation`]) in its place, at the same index, so that
+//! - puts the validation init container ([`validation`]) in its place, aimed at an address the
+//!   datapath redirects for the pod ([`target`]), at the same index, so that
 //!   it runs where the rules were installed: after the app's own init containers, before the
 //!   sidecar (a native sidecar too, an init container with `restartPolicy: Always`);
 //! - removes the mesh's healthcheck container (`fsm-healthcheck`, `osm-healthcheck`): the agent
@@ -19,6 +20,7 @@
 //! The pod then keeps its iptables rules, and the agent serves it on top of them.
 
 mod script;
+mod target;
 pub mod validation;
 
 use serde_json::{Map, Value, json};
@@ -103,6 +105,9 @@ pub enum Kept {
     MalformedAnnotation { key: String, value: String },
     /// The pod has more than one mesh init container.
     SeveralInitContainers(Vec<String>),
+    /// The validation's check would have no address that the datapath redirects for the pod
+    /// ([`target`]), so the validation could never pass.
+    NoValidationTarget(String),
 }
 
 /// What replacing a pod's mesh init container comes to.
@@ -204,6 +209,31 @@ pub(crate) fn plan(
     if !problems.is_empty() {
         return kept(problems);
     }
+    // The lists the agent will read: the pod's own items and the carried ones.
+    let effective = |suffix: &str, carried: &[ipnet::IpNet]| {
+        let key = format!("{}{suffix}", mesh.annotation_prefix());
+        let mut all = carried.to_vec();
+        if let Some(Value::String(text)) = annotations.and_then(|a| a.get(&key)) {
+            all.extend(
+                text.split(',')
+                    .filter_map(|item| item.trim().parse::<ipnet::IpNet>().ok()),
+            );
+        }
+        all
+    };
+    let targets = match target::ranges(
+        &effective(
+            OUTBOUND_IP_RANGE_EXCLUSION_LIST,
+            &carried.outbound_ip_ranges,
+        ),
+        &effective(
+            OUTBOUND_IP_RANGE_INCLUSION_LIST,
+            &carried.outbound_ip_range_inclusions,
+        ),
+    ) {
+        Ok(targets) => targets,
+        Err(why) => return kept(vec![Kept::NoValidationTarget(why)]),
+    };
 
     let mut warnings = Vec::new();
     let healthcheck = containers.iter().enumerate().find(|(_, container)| {
@@ -246,7 +276,7 @@ pub(crate) fn plan(
     let replacement = Replacement {
         init_index,
         validation: (!has_validation)
-            .then(|| validation::container(validation_image, carried.outbound_port)),
+            .then(|| validation::container(validation_image, carried.outbound_port, &targets)),
         healthcheck_index: healthcheck.map(|(index, _)| index),
         annotations: merged,
     };

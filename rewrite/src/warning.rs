@@ -106,6 +106,9 @@ impl fmt::Display for Warning {
                          not clear",
                         names.join(", ")
                     ),
+                    Kept::NoValidationTarget(why) => {
+                        write!(f, "the pod could not be validated: {why}")
+                    }
                 }
             }
             Issue::MeshHealthcheckKept { container, why } => write!(

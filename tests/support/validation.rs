@@ -72,13 +72,25 @@ impl Stage {
     /// Builds the pods, writes the meshed pod's manifest (a tcpSocket probe on `probe_port`) and
     /// starts the agent in `mode`, waiting until it serves the pod.
     pub fn new(mode: AgentMode, probe_port: u16) -> Self {
+        Self::with_annotations(mode, probe_port, &[])
+    }
+
+    /// Like [`Self::new`], the meshed pod's manifest with `annotations` (its exclusions, say).
+    pub fn with_annotations(
+        mode: AgentMode,
+        probe_port: u16,
+        annotations: &[(&str, &str)],
+    ) -> Self {
         let a = TestPod::new();
         let c = TestPod::new();
         a.route_to_other_pods();
         c.route_to_other_pods();
         let cgroup = TestCgroup::new();
         let manifests = ManifestDir::new();
-        manifests.write("a.json", &a.manifest(POD_NAME, &[probe_port]));
+        manifests.write(
+            "a.json",
+            &a.manifest_with_annotations(POD_NAME, &[probe_port], annotations),
+        );
         let mut stage = Self {
             running: None,
             cgroup,

@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nix::sys::socket::{getsockopt, sockopt};
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -50,40 +51,60 @@ impl Family {
         }
     }
 
-    /// A random destination no network routes (RFC 5737 TEST-NET-1, RFC 3849 documentation
-    /// prefix) on a random port of [`PORTS`].
-    pub fn random_target(self) -> SocketAddr {
-        let [a, b, c, d, e, f, g, p0, p1, ..] = random_bytes::<16>();
-        let span = u16::from_be_bytes([p0, p1]) % (PORTS.end() - PORTS.start() + 1);
-        let port = PORTS.start() + span;
-        let ip: IpAddr = match self {
-            Self::V4 => Ipv4Addr::new(192, 0, 2, 1 + a % 254).into(),
-            Self::V6 => Ipv6Addr::new(
-                0x2001,
-                0xdb8,
-                u16::from_be_bytes([a, b]),
-                u16::from_be_bytes([c, d]),
-                0,
-                0,
-                u16::from_be_bytes([e, f]),
-                u16::from(g) + 1,
-            )
-            .into(),
-        };
-        SocketAddr::new(ip, port)
+    /// The range the check aims at unless told otherwise: one no network routes (RFC 5737
+    /// TEST-NET-1, RFC 3849's documentation prefix).
+    pub fn default_range(self) -> IpNet {
+        match self {
+            Self::V4 => IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(192, 0, 2, 0), 24)),
+            Self::V6 => IpNet::V6(Ipv6Net::new_assert(
+                Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0),
+                32,
+            )),
+        }
     }
+}
+
+/// A random address of `range` (neither its first nor its last when it has more than two) on a
+/// random port of [`PORTS`].
+pub fn random_target(range: IpNet) -> SocketAddr {
+    let bytes = random_bytes::<18>();
+    let [.., p0, p1] = bytes;
+    let mut host = [0; 16];
+    host.copy_from_slice(&bytes[..16]);
+    let random = u128::from_be_bytes(host);
+    let span = u16::from_be_bytes([p0, p1]) % (PORTS.end() - PORTS.start() + 1);
+    let port = PORTS.start() + span;
+    let bits = u32::from(range.max_prefix_len() - range.prefix_len());
+    let offset = match 1u128.checked_shl(bits) {
+        Some(size) if size <= 2 => random % size,
+        Some(size) => 1 + random % (size - 2),
+        None => random.max(1),
+    };
+    let ip: IpAddr = match range.trunc() {
+        IpNet::V4(net) => {
+            // At most 32 host bits: the offset fits.
+            let offset = u32::try_from(offset).unwrap_or(u32::MAX);
+            Ipv4Addr::from(u32::from(net.network()).wrapping_add(offset)).into()
+        }
+        IpNet::V6(net) => Ipv6Addr::from(u128::from(net.network()).wrapping_add(offset)).into(),
+    };
+    SocketAddr::new(ip, port)
 }
 
 /// The stand-in for the sidecar's outbound listener, on the loopback address of one family.
 pub struct Outbound {
     listener: TcpListener,
     family: Family,
+    /// Where its attempts connect to.
+    range: IpNet,
 }
 
 impl Outbound {
-    /// Listens on the outbound port on loopback; fails when something holds it already (the
-    /// sidecar, if it started before this container).
-    pub fn bind(family: Family, port: u16) -> io::Result<Self> {
+    /// Listens on the outbound port on loopback, for attempts that connect into `range` (whose
+    /// family it takes); fails when something holds the port already (the sidecar, if it started
+    /// before this container).
+    pub fn bind(range: IpNet, port: u16) -> io::Result<Self> {
+        let family = Family::of(range.addr());
         let addr = family.loopback(port);
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         // A listener left in TIME_WAIT by the previous run of this container must not block this one.
@@ -97,6 +118,7 @@ impl Outbound {
         Ok(Self {
             listener: socket.into(),
             family,
+            range,
         })
     }
 
@@ -175,7 +197,7 @@ impl fmt::Display for Miss {
 /// original destination and the nonce written on it.
 pub fn attempt(outbound: &Outbound, bound: Duration) -> Result<Proof, Miss> {
     let deadline = Instant::now() + bound;
-    let target = outbound.family.random_target();
+    let target = random_target(outbound.range);
     let client = Socket::new(
         Domain::for_address(target),
         Type::STREAM,
@@ -290,14 +312,14 @@ mod tests {
     #[test]
     fn random_targets_are_documentation_addresses_on_unremarkable_ports() {
         for _ in 0..200 {
-            let v4 = Family::V4.random_target();
+            let v4 = random_target(Family::V4.default_range());
             let IpAddr::V4(ip) = v4.ip() else {
                 panic!("{v4}")
             };
             assert_eq!(ip.octets()[..3], [192, 0, 2], "{v4}");
             assert!(ip.octets()[3] != 0 && ip.octets()[3] != 255, "{v4}");
             assert!(PORTS.contains(&v4.port()), "{v4}");
-            let v6 = Family::V6.random_target();
+            let v6 = random_target(Family::V6.default_range());
             let IpAddr::V6(ip) = v6.ip() else {
                 panic!("{v6}")
             };
@@ -307,9 +329,32 @@ mod tests {
     }
 
     #[test]
+    fn random_targets_stay_inside_a_given_range() {
+        let net = |text: &str| text.parse::<IpNet>().expect("a range");
+        for _ in 0..200 {
+            let wide = random_target(net("10.96.0.0/12"));
+            assert!(net("10.96.0.0/12").contains(&wide.ip()), "{wide}");
+            assert_ne!(wide.ip(), net("10.96.0.0/12").network(), "{wide}");
+            assert_ne!(wide.ip(), net("10.96.0.0/12").broadcast(), "{wide}");
+            let small = random_target(net("10.1.2.4/30"));
+            assert!(
+                ["10.1.2.5", "10.1.2.6"].contains(&small.ip().to_string().as_str()),
+                "{small}"
+            );
+            assert_eq!(
+                random_target(net("10.1.2.3/32")).ip().to_string(),
+                "10.1.2.3"
+            );
+            let v6 = random_target(net("fd00:10::/108"));
+            assert!(net("fd00:10::/108").contains(&v6.ip()), "{v6}");
+            assert!(PORTS.contains(&v6.port()), "{v6}");
+        }
+    }
+
+    #[test]
     fn without_a_datapath_an_attempt_never_passes() {
         // No eBPF here: the connection to a documentation address, bound to `lo`, goes nowhere.
-        let outbound = Outbound::bind(Family::V4, 0).expect("listen");
+        let outbound = Outbound::bind(Family::V4.default_range(), 0).expect("listen");
         let miss = attempt(&outbound, Duration::from_millis(300)).expect_err("no datapath");
         assert!(
             matches!(miss, Miss::Connect { .. } | Miss::NotArrived { .. }),

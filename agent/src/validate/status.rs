@@ -186,7 +186,8 @@ pub fn advice(status: &Status, names: &Names<'_>, outbound_port: u16) -> String 
                  the connection was not sent to the outbound port {outbound_port}. Check the \
                  pod's outbound exclusions (the outbound-ip-range-exclusion-list, \
                  outbound-ip-range-inclusion-list and outbound-port-exclusion-list annotations: \
-                 the check connects to 192.0.2.0/24 or 2001:db8::/32 on a port of 20000-31999), \
+                 the check connects into its --target-range, by default 192.0.2.0/24 or \
+                 2001:db8::/32, on a port of 20000-31999), \
                  that the agent's --cgroup-root holds this pod's cgroup, and the agent's log: \
                  kubectl -n probe-bypass logs {agent_log}"
             )

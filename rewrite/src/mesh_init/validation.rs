@@ -6,6 +6,7 @@
 //! It reads who it is from the downward API: the node (whose agent it names when it fails), the
 //! pod, and the pod's IP.
 
+use ipnet::IpNet;
 use serde_json::{Value, json};
 
 use crate::contract::{AGENT_BINARY, VALIDATION_CONTAINER_NAME};
@@ -15,14 +16,20 @@ use crate::contract::{AGENT_BINARY, VALIDATION_CONTAINER_NAME};
 pub const VALIDATION_UID: u32 = 65532;
 
 /// The container, running `image`, checking that connections reach `outbound_port` (the proxy's
-/// outbound port, where the mesh's rules sent them).
-pub fn container(image: &str, outbound_port: u16) -> Value {
+/// outbound port, where the mesh's rules sent them); aimed at `target_ranges` when the defaults
+/// would not be redirected for the pod (see `target`).
+pub fn container(image: &str, outbound_port: u16, target_ranges: &[IpNet]) -> Value {
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
+    let mut args = vec!["--outbound-port".to_owned(), outbound_port.to_string()];
+    if !target_ranges.is_empty() {
+        let ranges: Vec<String> = target_ranges.iter().map(ToString::to_string).collect();
+        args.extend(["--target-range".to_owned(), ranges.join(",")]);
+    }
     json!({
         "name": VALIDATION_CONTAINER_NAME,
         "image": image,
         "command": [AGENT_BINARY, "validate"],
-        "args": ["--outbound-port", outbound_port.to_string()],
+        "args": args,
         "env": [
             field("NODE_NAME", "spec.nodeName"),
             field("POD_NAME", "metadata.name"),
