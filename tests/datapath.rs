@@ -14,8 +14,10 @@
 
 use std::{
     collections::BTreeSet,
+    fs,
     io::{BufRead as _, BufReader},
     net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::mpsc,
     thread,
@@ -23,7 +25,9 @@ use std::{
 };
 
 use probe_bypass::{
-    datapath::{self, Counters, Datapath, PodRules, Settings, listeners},
+    datapath::{
+        self, Counters, Datapath, KubeletCgroup, PodRules, ProbeBypass, Settings, listeners,
+    },
     exclusions::Exclusions,
     netns::NetnsWorker,
     preflight,
@@ -31,7 +35,7 @@ use probe_bypass::{
 use probe_bypass_testing::require_privileges;
 use probe_bypass_testing::{
     bpffs::TestPins,
-    cgroup::{TestCgroup, attached_programs, netns_links},
+    cgroup::{TestCgroup, attached_programs, command_in, netns_links, remove_cgroup},
     pod::TestPod,
 };
 
@@ -279,7 +283,7 @@ fn settings() -> Settings {
         inbound_port: 15003,
         outbound_port: 15001,
         probe_ports: [15010, 15901, 15902, 15903, 15904].into(),
-        probe_bypass_from_any: false,
+        probe_bypass: ProbeBypass::Host,
         sk_msg: true,
         node: Exclusions::default(),
         proc_root: "/proc".into(),
@@ -322,11 +326,11 @@ fn uninstall_leaves_what_is_not_the_agents() {
     require_privileges!();
     let node = Node::new();
     let foreign = node.pins.path().join("someone-elses");
-    std::fs::create_dir(&foreign).expect("mkdir on bpffs");
+    fs::create_dir(&foreign).expect("mkdir on bpffs");
     let report = datapath::uninstall(node.pins.path()).expect("uninstall");
     assert_eq!(report.left, vec![foreign.clone()]);
     assert_eq!(node.attached(), Vec::<String>::new(), "ours are detached");
-    std::fs::remove_dir(&foreign).expect("clean up");
+    fs::remove_dir(&foreign).expect("clean up");
 }
 
 #[test]
@@ -414,7 +418,7 @@ fn probe_bypass_from_any_lets_every_caller_reach_the_probe_ports() {
     require_privileges!();
     let mut node = Node::new();
     node.install(Settings {
-        probe_bypass_from_any: true,
+        probe_bypass: ProbeBypass::Any,
         ..settings()
     });
     let target = Listening::new(&node.cgroup);
@@ -423,6 +427,85 @@ fn probe_bypass_from_any_lets_every_caller_reach_the_probe_ports() {
 
     assert!(node.connect(Some(&other), None, target.ip(), 15904));
     assert_eq!(target.next(), "15904 none");
+}
+
+/// A cgroup below the node's, removed on drop (after its processes, which exit with each call).
+struct ChildCgroup(PathBuf);
+
+impl ChildCgroup {
+    fn new(parent: &TestCgroup, name: &str) -> Self {
+        let path = parent.path().join(name);
+        fs::create_dir(&path).unwrap_or_else(|error| panic!("create {}: {error}", path.display()));
+        Self(path)
+    }
+
+    /// Like [`Node::connect`], from a process in this cgroup, in the host network namespace.
+    fn connect(&self, to: IpAddr, port: u16) -> bool {
+        let args = connect_command(None, None, to, port);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        command_in(&self.0, args[0], &args[1..])
+            .status()
+            .expect("run the client")
+            .success()
+    }
+}
+
+impl Drop for ChildCgroup {
+    fn drop(&mut self) {
+        remove_cgroup(&self.0);
+    }
+}
+
+/// With `--probe-bypass-from kubelet`, a stand-in kubelet (a host-netns process in a cgroup of
+/// its own, under the test's) reaches every probe port directly, over IPv4 and IPv6; a host-netns
+/// process in a sibling cgroup (a node daemon, a hostNetwork pod) meets the proxy on each, like
+/// any pod. The cross-node path is unchanged: sk_lookup gives no probe port a bypass.
+#[test]
+fn probe_bypass_from_kubelet_lets_only_the_kubelets_cgroup_past_the_proxy() {
+    require_privileges!();
+    let mut node = Node::new();
+    let kubelet = ChildCgroup::new(&node.cgroup, "kubelet.service");
+    let daemon = ChildCgroup::new(&node.cgroup, "node-exporter.service");
+    let found = KubeletCgroup::at(&kubelet.0).expect("the stand-in kubelet's cgroup");
+    node.install(Settings {
+        probe_bypass: ProbeBypass::Kubelet(found),
+        ..settings()
+    });
+    let probe_ports = ["15901", "15902", "15903", "15904"];
+    let mut ports = vec!["15003"];
+    ports.extend(probe_ports);
+    let target = Listening::on(&node.cgroup, &ports);
+    let v6 = IpAddr::V6(target.pod.add_ipv6());
+    let v4 = target.ip();
+    node.mesh_with_addrs(&target.pod, vec![v4, v6], Exclusions::default());
+    node.guard_inbound(&target.pod);
+
+    for ip in [v4, v6] {
+        let shown = |port: &str| match ip {
+            IpAddr::V4(_) => format!("{ip}:{port}"),
+            IpAddr::V6(_) => format!("[{ip}]:{port}"),
+        };
+        for port in probe_ports {
+            let number: u16 = port.parse().expect("a port");
+            assert!(
+                kubelet.connect(ip, number),
+                "the kubelet to {}",
+                shown(port)
+            );
+            assert_eq!(target.next(), format!("{port} none"), "the kubelet");
+            assert!(daemon.connect(ip, number), "the daemon to {}", shown(port));
+            assert_eq!(
+                target.next(),
+                format!("15003 {}", shown(port)),
+                "a host process that is not the kubelet"
+            );
+        }
+    }
+    // From another node: no hook of this node's cgroup runs, and sk_lookup sends the probe port
+    // to the proxy, as before.
+    let remote = routed_pod();
+    assert!(node.connect_from_another_node(Some(&remote), None, v4, 15904));
+    assert_eq!(target.next(), format!("15003 {v4}:15904"));
 }
 
 #[test]

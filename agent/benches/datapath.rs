@@ -94,7 +94,7 @@ use std::{
 
 use ipnet::IpNet;
 use probe_bypass::{
-    datapath::{self, Counters, Datapath, Inbound, PodRules, Settings},
+    datapath::{self, Counters, Datapath, Inbound, PodRules, ProbeBypass, Settings},
     exclusions::Exclusions,
     netns::NetnsWorker,
     preflight,
@@ -861,7 +861,7 @@ impl Ebpf {
             inbound_port: INBOUND_PORT,
             outbound_port: OUTBOUND_PORT,
             probe_ports: [15010, 15901, 15902, 15903, 15904].into(),
-            probe_bypass_from_any: false,
+            probe_bypass: ProbeBypass::Host,
             sk_msg,
             node: Exclusions::default(),
             proc_root: "/proc".into(),

@@ -381,6 +381,9 @@ pub enum ProbeBypassFrom {
     Host,
     /// Every caller, as the mesh's iptables rules do.
     Any,
+    /// Only the kubelet: callers in the host network namespace whose cgroup is the kubelet's
+    /// (`--kubelet-cgroup`, or found from the kubelet's process), or below it.
+    Kubelet,
 }
 
 #[derive(Clone, Debug, Args)]
@@ -486,11 +489,19 @@ pub struct DatapathArgs {
           value_parser = parse_port_list, env = "PROBE_BYPASS_PROBE_PORTS")]
     pub probe_ports: BTreeSet<u16>,
 
-    /// `host`: only the host network namespace (the kubelet) gets past the proxy on the probe
-    /// ports. `any`: every caller does, as under the mesh's iptables rules.
+    /// `host`: only the host network namespace (the kubelet, and hostNetwork pods and node
+    /// daemons with it) gets past the proxy on the probe ports. `kubelet`: only the kubelet's
+    /// cgroup in it; when that cannot be found, the agent falls back to `host` and says so. `any`:
+    /// every caller does, as under the mesh's iptables rules.
     #[arg(long, value_enum, default_value_t = ProbeBypassFrom::Host,
           env = "PROBE_BYPASS_PROBE_BYPASS_FROM")]
     pub probe_bypass_from: ProbeBypassFrom,
+
+    /// With `--probe-bypass-from kubelet`: the kubelet's cgroup v2 directory
+    /// (`/host/sys/fs/cgroup/system.slice/kubelet.service`). Without it, the agent finds the
+    /// `kubelet` process under `--proc-root` and its cgroup under the cgroup root.
+    #[arg(long, value_name = "PATH", env = "PROBE_BYPASS_KUBELET_CGROUP")]
+    pub kubelet_cgroup: Option<PathBuf>,
 
     /// Short-circuit connections between sockets on this node with sk_msg (`--sk-msg=false` to
     /// turn it off).

@@ -32,6 +32,7 @@ mod cgroup;
 mod counters;
 mod error;
 mod inbound;
+mod kubelet;
 pub mod listeners;
 mod load;
 mod pins;
@@ -54,6 +55,7 @@ pub use cgroup::cgroup2_mount;
 pub use counters::{Counters, DatapathCollector};
 pub use error::DatapathError;
 pub use inbound::Inbound;
+pub use kubelet::KubeletCgroup;
 pub use pins::{Uninstalled, dependents, mapped_addrs, uninstall};
 
 use crate::exclusions::Exclusions;
@@ -73,6 +75,18 @@ pub enum DatapathMode {
 /// counters.
 pub type SharedDatapath = Arc<Mutex<Datapath>>;
 
+/// Who gets past the proxy on a meshed pod's probe ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProbeBypass {
+    /// Every caller in the host network namespace: the kubelet, and hostNetwork pods and node
+    /// daemons with it.
+    Host,
+    /// Every caller, as the mesh's iptables rules let them.
+    Any,
+    /// Only callers in the host network namespace whose cgroup is the kubelet's, or below it.
+    Kubelet(KubeletCgroup),
+}
+
 /// Node-wide settings of the datapath.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
@@ -84,8 +98,8 @@ pub struct Settings {
     pub outbound_port: u16,
     /// Ports that the host network namespace (the kubelet) reaches directly.
     pub probe_ports: BTreeSet<u16>,
-    /// Let every caller reach the probe ports directly, as the mesh's iptables rules do.
-    pub probe_bypass_from_any: bool,
+    /// Who reaches the probe ports directly.
+    pub probe_bypass: ProbeBypass,
     /// Short-circuit same-node connections with sk_msg.
     pub sk_msg: bool,
     /// Exclusions for every meshed pod, on top of each pod's own.

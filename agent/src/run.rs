@@ -16,7 +16,9 @@ use crate::{
     admin::NodeStatus,
     admin::{self, Admin},
     cli::{DatapathArgs, PodSourceError, ProbeBypassFrom, RunArgs, SelectedSource},
-    datapath::{self, Datapath, DatapathError, DatapathMode, SharedDatapath},
+    datapath::{
+        self, Datapath, DatapathError, DatapathMode, KubeletCgroup, ProbeBypass, SharedDatapath,
+    },
     discovery::ProcLookup,
     error::error_chain,
     exclusions::Exclusions,
@@ -74,6 +76,42 @@ fn check_host(args: &DatapathArgs, source: PodSource) -> Result<Option<Report>, 
     Ok(Some(report))
 }
 
+/// Who gets past the proxy on the probe ports, from `--probe-bypass-from`. A kubelet that cannot
+/// be found leaves the host network namespace trusted, as `host` does, with a warning that says
+/// why and what to pass.
+fn probe_bypass(args: &DatapathArgs, proc_root: &Path, cgroup_root: &Path) -> ProbeBypass {
+    match args.probe_bypass_from {
+        ProbeBypassFrom::Host => ProbeBypass::Host,
+        ProbeBypassFrom::Any => ProbeBypass::Any,
+        ProbeBypassFrom::Kubelet => {
+            let found = match &args.kubelet_cgroup {
+                Some(path) => KubeletCgroup::at(path),
+                None => KubeletCgroup::find(proc_root, cgroup_root),
+            };
+            match found {
+                Ok(kubelet) => {
+                    log::info!(
+                        "probe ports: only the kubelet's cgroup {} (id {}, level {}) gets past the \
+                         proxy",
+                        kubelet.path.display(),
+                        kubelet.id,
+                        kubelet.level
+                    );
+                    ProbeBypass::Kubelet(kubelet)
+                }
+                Err(why) => {
+                    log::warn!(
+                        "--probe-bypass-from kubelet: {why}; falling back to host (every caller \
+                         in the host network namespace gets past the proxy on the probe ports). \
+                         Pass --kubelet-cgroup to name the kubelet's cgroup"
+                    );
+                    ProbeBypass::Host
+                }
+            }
+        }
+    }
+}
+
 /// Installs the datapath the host checks passed for (or adopts the one a previous agent pinned).
 fn install_datapath(
     args: &DatapathArgs,
@@ -89,7 +127,7 @@ fn install_datapath(
         inbound_port: args.proxy_inbound_port,
         outbound_port: args.proxy_outbound_port,
         probe_ports: args.probe_ports.clone(),
-        probe_bypass_from_any: args.probe_bypass_from == ProbeBypassFrom::Any,
+        probe_bypass: probe_bypass(args, proc_root, &report.cgroup_root),
         sk_msg: args.sk_msg,
         node: Exclusions {
             inbound_ports: args.inbound_port_exclusion_list.clone(),

@@ -11,7 +11,7 @@ use probe_bypass_common::{
 };
 
 use super::{
-    Datapath, DatapathError, PodRules, Settings,
+    Datapath, DatapathError, PodRules, ProbeBypass, Settings,
     error::{absent_is_fine, map_error},
 };
 use crate::exclusions::Exclusions;
@@ -140,8 +140,14 @@ impl Datapath {
     /// Writes the node-wide settings and rules; pods' inclusion flags follow the node's list.
     pub(super) fn apply_settings(&mut self, settings: Settings) -> Result<(), DatapathError> {
         let mut flags = 0;
-        if settings.probe_bypass_from_any {
-            flags |= Config::PROBE_BYPASS_FROM_ANY;
+        let (mut kubelet_cgroup_id, mut kubelet_cgroup_level) = (0, 0);
+        match &settings.probe_bypass {
+            ProbeBypass::Host => {}
+            ProbeBypass::Any => flags |= Config::PROBE_BYPASS_FROM_ANY,
+            ProbeBypass::Kubelet(kubelet) => {
+                flags |= Config::PROBE_BYPASS_FROM_KUBELET;
+                (kubelet_cgroup_id, kubelet_cgroup_level) = (kubelet.id, kubelet.level);
+            }
         }
         if settings.sk_msg {
             flags |= Config::SK_MSG;
@@ -151,7 +157,8 @@ impl Datapath {
             inbound_port: settings.inbound_port,
             outbound_port: settings.outbound_port,
             flags,
-            _reserved: 0,
+            kubelet_cgroup_level,
+            kubelet_cgroup_id,
         };
         self.config
             .set(0, config, 0)

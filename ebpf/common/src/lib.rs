@@ -12,7 +12,7 @@
 
 /// Bumped whenever a map's key or value layout, or a map's meaning, changes. The agent keeps its
 /// pins in a directory named after it, so a new layout never reads an old one's bytes.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// The names of the object's programs and maps. The agent finds and pins them by these names; the
 /// kernel side fails to build if a program or map is named otherwise.
@@ -186,9 +186,14 @@ pub struct Config {
     pub inbound_port: u16,
     /// The proxy's outbound port (15001): where a meshed pod's own connections are sent.
     pub outbound_port: u16,
-    /// [`Config::PROBE_BYPASS_FROM_ANY`], [`Config::SK_MSG`].
+    /// [`Config::PROBE_BYPASS_FROM_ANY`], [`Config::SK_MSG`], [`Config::PROBE_BYPASS_FROM_KUBELET`].
     pub flags: u32,
-    pub _reserved: u32,
+    /// With [`Config::PROBE_BYPASS_FROM_KUBELET`]: the level of the kubelet's cgroup in the
+    /// cgroup v2 hierarchy (the root is 0).
+    pub kubelet_cgroup_level: u32,
+    /// With [`Config::PROBE_BYPASS_FROM_KUBELET`]: the id of the kubelet's cgroup (its directory's
+    /// inode number).
+    pub kubelet_cgroup_id: u64,
 }
 
 impl Config {
@@ -197,6 +202,9 @@ impl Config {
     pub const PROBE_BYPASS_FROM_ANY: u32 = 1;
     /// Same-node connections are short-circuited with sk_msg.
     pub const SK_MSG: u32 = 2;
+    /// Probe ports are reached directly only by callers in the host network namespace whose
+    /// cgroup is the kubelet's ([`Config::kubelet_cgroup_id`]) or below it.
+    pub const PROBE_BYPASS_FROM_KUBELET: u32 = 4;
 }
 
 /// A meshed pod: the value of `PODS_BY_ADDR` (keyed by each of its addresses) and of
@@ -433,7 +441,7 @@ const _: () = {
 // The layouts have no implicit padding: each size is the sum of its fields.
 const _: () = {
     assert!(size_of::<Addr>() == 16);
-    assert!(size_of::<Config>() == 16);
+    assert!(size_of::<Config>() == 24);
     assert!(size_of::<PodEntry>() == 32);
     assert!(size_of::<PortRule>() == 20);
     assert!(size_of::<CidrRule>() == 36);

@@ -47,7 +47,10 @@ use aya_ebpf::{
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
         sk_action::{SK_DROP, SK_PASS},
     },
-    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_uid_gid, bpf_get_netns_cookie,
+        bpf_get_socket_cookie,
+    },
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key as LpmKey},
     programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
@@ -256,7 +259,8 @@ pub fn pb_connect6(ctx: SockAddrContext) -> i32 {
 /// anywhere. Records the original destination under the socket's cookie when it redirects.
 ///
 /// The order follows the mesh's iptables rules (OUTPUT in the caller's pod, then PREROUTING in the
-/// destination pod), with the probe ports open to the host network namespace only.
+/// destination pod), with the probe ports open to the host network namespace only (with
+/// `--probe-bypass-from kubelet`, to the kubelet's cgroup in it).
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, dst: Addr, port: u16) -> Option<(Addr, u16)> {
     count(Counter::Connects);
@@ -310,7 +314,22 @@ fn decide(ctx: &SockAddrContext, dst: Addr, port: u16) -> Option<(Addr, u16)> {
     if has_port_rule(Addr::UNSPECIFIED, port, port_rule::PROBE) {
         // SAFETY: NULL asks for the initial network namespace's cookie.
         let host_netns = unsafe { bpf_get_netns_cookie(core::ptr::null_mut()) };
-        if caller_netns == host_netns || config.flags & Config::PROBE_BYPASS_FROM_ANY != 0 {
+        let trusted = if config.flags & Config::PROBE_BYPASS_FROM_ANY != 0 {
+            true
+        } else if caller_netns != host_netns {
+            false
+        } else if config.flags & Config::PROBE_BYPASS_FROM_KUBELET != 0 {
+            // The caller's cgroup at the kubelet's level: the kubelet's own for the kubelet and
+            // anything it runs below itself (its exec probes' helpers), another's for the rest of
+            // the host network namespace (hostNetwork pods, node daemons, the runtime).
+            // SAFETY: the helper takes a level and reads the current task's cgroup.
+            let ancestor =
+                unsafe { bpf_get_current_ancestor_cgroup_id(config.kubelet_cgroup_level as i32) };
+            ancestor == config.kubelet_cgroup_id
+        } else {
+            true
+        };
+        if trusted {
             count(Counter::ProbeBypassed);
             return None;
         }
