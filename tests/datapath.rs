@@ -17,7 +17,6 @@ use std::{
     fs,
     io::{BufRead as _, BufReader},
     net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::mpsc,
     thread,
@@ -34,8 +33,10 @@ use probe_bypass::{
 };
 use probe_bypass_testing::require_privileges;
 use probe_bypass_testing::{
+    agent::Agent,
     bpffs::TestPins,
-    cgroup::{TestCgroup, attached_programs, command_in, netns_links, remove_cgroup},
+    cgroup::{ChildCgroup, TestCgroup, attached_programs, netns_links},
+    ebpf_agent::EbpfAgent,
     pod::TestPod,
 };
 
@@ -429,31 +430,15 @@ fn probe_bypass_from_any_lets_every_caller_reach_the_probe_ports() {
     assert_eq!(target.next(), "15904 none");
 }
 
-/// A cgroup below the node's, removed on drop (after its processes, which exit with each call).
-struct ChildCgroup(PathBuf);
-
-impl ChildCgroup {
-    fn new(parent: &TestCgroup, name: &str) -> Self {
-        let path = parent.path().join(name);
-        fs::create_dir(&path).unwrap_or_else(|error| panic!("create {}: {error}", path.display()));
-        Self(path)
-    }
-
-    /// Like [`Node::connect`], from a process in this cgroup, in the host network namespace.
-    fn connect(&self, to: IpAddr, port: u16) -> bool {
-        let args = connect_command(None, None, to, port);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        command_in(&self.0, args[0], &args[1..])
-            .status()
-            .expect("run the client")
-            .success()
-    }
-}
-
-impl Drop for ChildCgroup {
-    fn drop(&mut self) {
-        remove_cgroup(&self.0);
-    }
+/// Like [`Node::connect`], from a process in `cgroup`, in the host network namespace.
+fn connect_from(cgroup: &ChildCgroup, to: IpAddr, port: u16) -> bool {
+    let args = connect_command(None, None, to, port);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    cgroup
+        .command(args[0], &args[1..])
+        .status()
+        .expect("run the client")
+        .success()
 }
 
 /// With `--probe-bypass-from kubelet`, a stand-in kubelet (a host-netns process in a cgroup of
@@ -466,7 +451,7 @@ fn probe_bypass_from_kubelet_lets_only_the_kubelets_cgroup_past_the_proxy() {
     let mut node = Node::new();
     let kubelet = ChildCgroup::new(&node.cgroup, "kubelet.service");
     let daemon = ChildCgroup::new(&node.cgroup, "node-exporter.service");
-    let found = KubeletCgroup::at(&kubelet.0).expect("the stand-in kubelet's cgroup");
+    let found = KubeletCgroup::at(kubelet.path()).expect("the stand-in kubelet's cgroup");
     node.install(Settings {
         probe_bypass: ProbeBypass::Kubelet(found),
         ..settings()
@@ -488,12 +473,16 @@ fn probe_bypass_from_kubelet_lets_only_the_kubelets_cgroup_past_the_proxy() {
         for port in probe_ports {
             let number: u16 = port.parse().expect("a port");
             assert!(
-                kubelet.connect(ip, number),
+                connect_from(&kubelet, ip, number),
                 "the kubelet to {}",
                 shown(port)
             );
             assert_eq!(target.next(), format!("{port} none"), "the kubelet");
-            assert!(daemon.connect(ip, number), "the daemon to {}", shown(port));
+            assert!(
+                connect_from(&daemon, ip, number),
+                "the daemon to {}",
+                shown(port)
+            );
             assert_eq!(
                 target.next(),
                 format!("15003 {}", shown(port)),
@@ -506,6 +495,73 @@ fn probe_bypass_from_kubelet_lets_only_the_kubelets_cgroup_past_the_proxy() {
     let remote = routed_pod();
     assert!(node.connect_from_another_node(Some(&remote), None, v4, 15904));
     assert_eq!(target.next(), format!("15003 {v4}:15904"));
+}
+
+/// The agent with `--probe-bypass-from kubelet` and a `--kubelet-cgroup` that does not exist yet:
+/// it falls back to host and says so in `/health/ready` and its metrics; once the cgroup appears
+/// it is found on the next look and trusted alone, without a restart.
+#[test]
+fn the_agent_falls_back_to_host_until_the_kubelets_cgroup_appears() {
+    require_privileges!();
+    let cgroup = TestCgroup::new();
+    let kubelet = cgroup.path().join("kubelet.service");
+    let kubelet_arg = kubelet.display().to_string();
+    let guard = EbpfAgent::start_with(&cgroup, |args| {
+        Agent::builder()
+            .pods(&[])
+            .args(args)
+            .args([
+                "--probe-bypass-from",
+                "kubelet",
+                "--kubelet-cgroup",
+                &kubelet_arg,
+            ])
+            .start()
+    });
+    let agent = guard.agent();
+    let metric = |name: &str| {
+        agent.get("/metrics").and_then(|(_, body)| {
+            body.lines().find_map(|line| {
+                line.strip_prefix(&format!("probe_bypass_{name} "))
+                    .map(str::to_owned)
+            })
+        })
+    };
+    let (_, ready) = agent.get("/health/ready").expect("ready answers");
+    assert!(
+        ready.contains("probe bypass: host, not kubelet") && ready.contains(&kubelet_arg),
+        "{ready}"
+    );
+    assert_eq!(metric("kubelet_cgroup_not_found").as_deref(), Some("1"));
+    assert_eq!(metric("kubelet_cgroup_trusted").as_deref(), Some("0"));
+    assert!(
+        agent.log_text().contains("falling back to host"),
+        "{}",
+        agent.log_text()
+    );
+
+    fs::create_dir(&kubelet).expect("the kubelet's cgroup appears");
+    let created = ChildCgroup::adopt(kubelet);
+    // The agent looks again every 10 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(25);
+    while metric("kubelet_cgroup_trusted").as_deref() != Some("1") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not take the kubelet's cgroup:\n{}",
+            agent.log_text()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(metric("kubelet_cgroup_not_found").as_deref(), Some("0"));
+    let (_, ready) = agent.get("/health/ready").expect("ready answers");
+    assert!(!ready.contains("probe bypass"), "{ready}");
+    assert!(
+        agent.log_text().contains("the kubelet's cgroup is now"),
+        "{}",
+        agent.log_text()
+    );
+    drop(guard);
+    drop(created);
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! The node: meshed pods A (FSM annotations) and B (OSM annotations), each with an HTTP app and
 //! HAProxy as its sidecar; non-meshed pods C and D with only the app. Every app answers
 //! `app <pod>:<port>`. A's outbound exclusions: port 9091 and D's address; A's and B's inbound
-//! exclusion: port 9090. The callers are the kubelet (host network namespace), the pods' apps and
+//! exclusion: port 9090. The callers are the kubelet (host network namespace, in a cgroup of its
+//! own), another host process (a cgroup beside the kubelet's), the pods' apps and
 //! A's proxy UID, and a client pod R on a second node (a namespace routed to this node's pods
 //! through veths, outside the test's cgroup) calling as an app and as a proxy's UID (issue 5);
 //! see [`SCENARIOS`].
@@ -128,6 +129,20 @@ const SCENARIOS: &[Scenario] = &[
         },
         iptables: ("app B:9090", &[]),
         ebpf: Ebpf::Same,
+    },
+    Scenario {
+        what: "a host process that is not the kubelet probes A's healthcheck",
+        from: Caller::HostDaemon,
+        call: Call::Healthcheck {
+            pod: "A",
+            port: APP_PORT,
+        },
+        iptables: ("healthcheck 200", &[]),
+        ebpf: Ebpf::Differs {
+            outcome: (PLAINTEXT_TO_MTLS, &["A inbound: SSL handshake failure"]),
+            why: "only the kubelet's cgroup gets past the sidecar on the probe ports \
+                  (--probe-bypass-from kubelet); a node daemon or a hostNetwork pod meets it",
+        },
     },
     Scenario {
         what: "non-meshed C probes B's healthcheck",

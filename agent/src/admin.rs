@@ -28,6 +28,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    datapath::SharedDatapath,
     defaults::{ALIVE_PATH, METRICS_PATH, READY_PATH},
     http_text::text,
     pod::PodKey,
@@ -48,6 +49,8 @@ pub struct Admin {
     pub status: watch::Receiver<NodeStatus>,
     /// How long an unserved pod holds readiness back (`run --ready-grace`).
     pub ready_grace: Duration,
+    /// The datapath, whose fallbacks `/health/ready` reports.
+    pub datapath: Option<SharedDatapath>,
 }
 
 /// A listener the admin endpoints are served on.
@@ -123,7 +126,26 @@ fn respond(admin: &Admin, request: &Request<Incoming>) -> Response<Full<Bytes>> 
     }
     match request.uri().path() {
         ALIVE_PATH => text(StatusCode::OK, "alive\n".to_owned()),
-        READY_PATH => ready(&admin.status.borrow(), Instant::now(), admin.ready_grace),
+        READY_PATH => {
+            let fallback = admin.datapath.as_ref().and_then(|datapath| {
+                let datapath = datapath.lock().ok()?;
+                datapath
+                    .settings()
+                    .probe_bypass
+                    .fallback()
+                    .map(str::to_owned)
+            });
+            let (code, mut body) =
+                readiness(&admin.status.borrow(), Instant::now(), admin.ready_grace);
+            if let Some(why) = fallback {
+                let _ = writeln!(
+                    body,
+                    "probe bypass: host, not kubelet (every caller in the host network namespace \
+                     gets past the proxy on the probe ports): {why}"
+                );
+            }
+            text(code, body)
+        }
         METRICS_PATH => match admin.metrics.encode() {
             Ok(body) => {
                 let mut response = text(StatusCode::OK, body);
@@ -142,11 +164,6 @@ fn respond(admin: &Admin, request: &Request<Incoming>) -> Response<Full<Bytes>> 
             format!("no endpoint {path}; try {ALIVE_PATH}, {READY_PATH} or {METRICS_PATH}\n"),
         ),
     }
-}
-
-fn ready(status: &NodeStatus, now: Instant, grace: Duration) -> Response<Full<Bytes>> {
-    let (code, body) = readiness(status, now, grace);
-    text(code, body)
 }
 
 /// The readiness answer: 503 while the source is unread or a pod unserved for less than `grace`

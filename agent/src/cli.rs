@@ -493,7 +493,7 @@ pub struct DatapathArgs {
     /// daemons with it) gets past the proxy on the probe ports. `kubelet`: only the kubelet's
     /// cgroup in it; when that cannot be found, the agent falls back to `host` and says so. `any`:
     /// every caller does, as under the mesh's iptables rules.
-    #[arg(long, value_enum, default_value_t = ProbeBypassFrom::Host,
+    #[arg(long, value_enum, default_value_t = ProbeBypassFrom::Kubelet,
           env = "PROBE_BYPASS_PROBE_BYPASS_FROM")]
     pub probe_bypass_from: ProbeBypassFrom,
 
@@ -574,7 +574,8 @@ mod tests {
             datapath.probe_ports,
             [15010, 15901, 15902, 15903, 15904].into()
         );
-        assert_eq!(datapath.probe_bypass_from, ProbeBypassFrom::Host);
+        assert_eq!(datapath.probe_bypass_from, ProbeBypassFrom::Kubelet);
+        assert_eq!(datapath.kubelet_cgroup, None);
         assert!(datapath.sk_msg);
         assert!(datapath.inbound_port_exclusion_list.is_empty());
         assert!(datapath.outbound_ip_range_inclusion_list.is_empty());

@@ -85,6 +85,18 @@ pub enum ProbeBypass {
     Any,
     /// Only callers in the host network namespace whose cgroup is the kubelet's, or below it.
     Kubelet(KubeletCgroup),
+    /// The kubelet's cgroup was asked for but not found (why): as [`Self::Host`], until it is.
+    KubeletNotFound(String),
+}
+
+impl ProbeBypass {
+    /// Why the kubelet's cgroup is not what the datapath trusts, when it was asked for.
+    pub fn fallback(&self) -> Option<&str> {
+        match self {
+            Self::KubeletNotFound(why) => Some(why),
+            _ => None,
+        }
+    }
 }
 
 /// Node-wide settings of the datapath.
@@ -150,6 +162,16 @@ pub struct Datapath {
 }
 
 impl Datapath {
+    /// Changes who gets past the proxy on the probe ports, at once (the kubelet's cgroup moved,
+    /// or was found).
+    pub fn set_probe_bypass(&mut self, probe_bypass: ProbeBypass) -> Result<(), DatapathError> {
+        let settings = Settings {
+            probe_bypass,
+            ..self.settings.clone()
+        };
+        self.apply_settings(settings)
+    }
+
     /// The node-wide settings the datapath runs with.
     pub fn settings(&self) -> &Settings {
         &self.settings

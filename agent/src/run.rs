@@ -83,33 +83,89 @@ fn probe_bypass(args: &DatapathArgs, proc_root: &Path, cgroup_root: &Path) -> Pr
     match args.probe_bypass_from {
         ProbeBypassFrom::Host => ProbeBypass::Host,
         ProbeBypassFrom::Any => ProbeBypass::Any,
-        ProbeBypassFrom::Kubelet => {
-            let found = match &args.kubelet_cgroup {
-                Some(path) => KubeletCgroup::at(path),
-                None => KubeletCgroup::find(proc_root, cgroup_root),
-            };
-            match found {
-                Ok(kubelet) => {
-                    log::info!(
-                        "probe ports: only the kubelet's cgroup {} (id {}, level {}) gets past the \
+        ProbeBypassFrom::Kubelet => match probe_bypass_quietly(args, proc_root, cgroup_root) {
+            ProbeBypass::Kubelet(kubelet) => {
+                log::info!(
+                    "probe ports: only the kubelet's cgroup {} (id {}, level {}) gets past the \
                          proxy",
-                        kubelet.path.display(),
-                        kubelet.id,
-                        kubelet.level
-                    );
-                    ProbeBypass::Kubelet(kubelet)
-                }
-                Err(why) => {
-                    log::warn!(
-                        "--probe-bypass-from kubelet: {why}; falling back to host (every caller \
-                         in the host network namespace gets past the proxy on the probe ports). \
-                         Pass --kubelet-cgroup to name the kubelet's cgroup"
-                    );
-                    ProbeBypass::Host
-                }
+                    kubelet.path.display(),
+                    kubelet.id,
+                    kubelet.level
+                );
+                ProbeBypass::Kubelet(kubelet)
             }
+            other => {
+                let why = other.fallback().unwrap_or_default().to_owned();
+                log::warn!(
+                    "--probe-bypass-from kubelet: {why}; falling back to host (every caller \
+                         in the host network namespace gets past the proxy on the probe ports) \
+                         and looking again every {}s. Pass --kubelet-cgroup to name the \
+                         kubelet's cgroup",
+                    KUBELET_RECHECK.as_secs()
+                );
+                ProbeBypass::KubeletNotFound(why)
+            }
+        },
+    }
+}
+
+/// How often the kubelet's cgroup is looked for again: it moves when the kubelet is restarted in
+/// another unit, and one not found at start may appear.
+const KUBELET_RECHECK: Duration = Duration::from_secs(10);
+
+/// Looks for the kubelet's cgroup every [`KUBELET_RECHECK`] until `stop`, and applies and logs a
+/// change.
+async fn recheck_kubelet(
+    args: DatapathArgs,
+    proc_root: PathBuf,
+    datapath: SharedDatapath,
+    stop: CancellationToken,
+) {
+    let Some(cgroup_root) = args
+        .cgroup_root
+        .clone()
+        .or_else(|| datapath::cgroup2_mount().ok())
+    else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(KUBELET_RECHECK) => {}
+        }
+        let found = probe_bypass_quietly(&args, &proc_root, &cgroup_root);
+        let Ok(mut datapath) = datapath.lock() else {
+            return;
+        };
+        let current = &datapath.settings().probe_bypass;
+        if *current == found || (current.fallback().is_some() && found.fallback().is_some()) {
+            continue;
+        }
+        match &found {
+            ProbeBypass::Kubelet(kubelet) => log::info!(
+                "the kubelet's cgroup is now {} (id {}, level {}): only it gets past the proxy",
+                kubelet.path.display(),
+                kubelet.id,
+                kubelet.level
+            ),
+            other => log::warn!(
+                "the kubelet's cgroup is gone ({}): falling back to host",
+                other.fallback().unwrap_or("no reason")
+            ),
+        }
+        if let Err(error) = datapath.set_probe_bypass(found) {
+            log::error!("applying the kubelet's cgroup to the datapath: {error}");
         }
     }
+}
+
+/// [`probe_bypass`] for `kubelet`, without its logging.
+fn probe_bypass_quietly(args: &DatapathArgs, proc_root: &Path, cgroup_root: &Path) -> ProbeBypass {
+    let found = match &args.kubelet_cgroup {
+        Some(path) => KubeletCgroup::at(path),
+        None => KubeletCgroup::find(proc_root, cgroup_root),
+    };
+    found.map_or_else(ProbeBypass::KubeletNotFound, ProbeBypass::Kubelet)
 }
 
 /// Installs the datapath the host checks passed for (or adopts the one a previous agent pinned).
@@ -212,7 +268,18 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         metrics: Arc::clone(&metrics),
         status,
         ready_grace: args.ready_grace,
+        datapath: datapath.clone(),
     });
+    if let Some(datapath) = &datapath
+        && args.datapath.probe_bypass_from == ProbeBypassFrom::Kubelet
+    {
+        tokio::spawn(recheck_kubelet(
+            args.datapath.clone(),
+            args.pods.proc_root.clone(),
+            Arc::clone(datapath),
+            stop.clone(),
+        ));
+    }
     tokio::spawn(admin::serve(
         admin_listener,
         Arc::clone(&admin),

@@ -128,6 +128,42 @@ fn move_self(dir: &Path) {
         .unwrap_or_else(|error| panic!("move into {}: {error}", dir.display()));
 }
 
+/// A cgroup below a test's, for processes that must be told apart from the test's others (a
+/// stand-in kubelet, say). Removed on drop, once its processes are gone; it must drop before the
+/// test cgroup it is in.
+pub struct ChildCgroup {
+    path: PathBuf,
+}
+
+impl ChildCgroup {
+    pub fn new(parent: &TestCgroup, name: &str) -> Self {
+        let path = parent.path().join(name);
+        fs::create_dir(&path).unwrap_or_else(|error| panic!("create {}: {error}", path.display()));
+        Self { path }
+    }
+
+    /// Takes over the cgroup at `path`, made by someone else (an agent's test that creates it
+    /// late), to remove it on drop.
+    pub fn adopt(path: PathBuf) -> Self {
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A command that runs `program` with `args` inside this cgroup (see [`command_in`]).
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+        command_in(&self.path, program, args)
+    }
+}
+
+impl Drop for ChildCgroup {
+    fn drop(&mut self) {
+        remove_cgroup(&self.path);
+    }
+}
+
 /// A command that runs `program` with `args` inside the cgroup at `dir`: a shell moves itself in
 /// (by writing its pid to `cgroup.procs`) and then becomes the program, one pid throughout, so
 /// the program is in the cgroup from its first instruction on.

@@ -28,7 +28,7 @@ use std::{
 
 use crate::{
     agent::{Agent, ManifestDir},
-    cgroup::TestCgroup,
+    cgroup::{ChildCgroup, TestCgroup},
     injected::{self, VALIDATION_CONTAINER_NAME},
     pod::{App, TestPod},
     sidecar::{Certificates, PROXY_UID, ProxyEvent, ProxyLog, Sidecar},
@@ -149,8 +149,12 @@ pub struct MeshSpec {
 /// Who makes a call. Every caller is a process inside the test's cgroup.
 #[derive(Clone, Copy, Debug)]
 pub enum Caller {
-    /// A process in the host's network namespace, as the kubelet is.
+    /// The kubelet: a process in the host's network namespace, in the kubelet's cgroup (one of
+    /// its own below the test's, which the agent is told with `--kubelet-cgroup`).
     Host,
+    /// Another process in the host's network namespace, in a cgroup beside the kubelet's: a node
+    /// daemon, or a hostNetwork pod.
+    HostDaemon,
     /// An app in the named pod (root, in the pod's namespace).
     App(&'static str),
     /// A process in the named pod running as the proxy's UID: the proxy's own connections.
@@ -174,6 +178,7 @@ impl fmt::Display for Caller {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Host => f.write_str("host"),
+            Self::HostDaemon => f.write_str("host daemon"),
             Self::App(pod) => f.write_str(pod),
             Self::Proxy(pod) => write!(f, "{pod} uid {PROXY_UID}"),
             Self::Remote => write!(f, "node 2 {REMOTE_POD}"),
@@ -275,6 +280,7 @@ pub struct Node {
     sidecars: Vec<(&'static str, Sidecar)>,
     /// Each app with the pod and port it serves.
     apps: Vec<(&'static str, u16, App)>,
+    host: HostCgroups,
     cgroup: TestCgroup,
     other_node: OtherNode,
     pods: Vec<(&'static str, TestPod)>,
@@ -299,6 +305,22 @@ impl OtherNode {
         let node = TestPod::new();
         let pod = TestPod::behind(&node);
         Self { pod, node }
+    }
+}
+
+/// The cgroups of the host's processes, below the test's: the kubelet's, and a node daemon's
+/// beside it.
+struct HostCgroups {
+    kubelet: ChildCgroup,
+    daemon: ChildCgroup,
+}
+
+impl HostCgroups {
+    fn new(cgroup: &TestCgroup) -> Self {
+        Self {
+            kubelet: ChildCgroup::new(cgroup, "kubelet.service"),
+            daemon: ChildCgroup::new(cgroup, "node-daemon.service"),
+        }
     }
 }
 
@@ -345,6 +367,7 @@ impl Node {
         let apps = (manifests == Manifests::Annotated).then_some(apps);
 
         let cgroup = TestCgroup::new();
+        let host = HostCgroups::new(&cgroup);
         let certs = Certificates::new();
         let remote_pem = certs.issue(REMOTE_POD);
         let manifest_dir = ManifestDir::new();
@@ -433,7 +456,17 @@ impl Node {
                 agent: start_agent(&manifest_dir, &["--datapath", "none"]),
             },
             Mode::Ebpf | Mode::EbpfOnMeshRules => Interception::Ebpf {
-                agent: EbpfAgent::start_with(&cgroup, |args| start_agent(&manifest_dir, args)),
+                agent: EbpfAgent::start_with(&cgroup, |args| {
+                    let kubelet = host.kubelet.path().display().to_string();
+                    let mut all = args.to_vec();
+                    all.extend([
+                        "--probe-bypass-from",
+                        "kubelet",
+                        "--kubelet-cgroup",
+                        &kubelet,
+                    ]);
+                    start_agent(&manifest_dir, &all)
+                }),
             },
         };
         report(Report::AgentUp);
@@ -467,6 +500,7 @@ impl Node {
             interception,
             sidecars,
             apps,
+            host,
             cgroup,
             other_node,
             pods,
@@ -527,10 +561,15 @@ impl Node {
                 .output()
                 .unwrap_or_else(|error| panic!("run {program}: {error}"))
         } else {
-            self.cgroup.output(
-                &program,
-                &args.iter().map(String::as_str).collect::<Vec<_>>(),
-            )
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut command = match caller {
+                Caller::Host => self.host.kubelet.command(&program, &args),
+                Caller::HostDaemon => self.host.daemon.command(&program, &args),
+                _ => self.cgroup.command(&program, &args),
+            };
+            command
+                .output()
+                .unwrap_or_else(|error| panic!("run {program}: {error}"))
         };
         self.wait_for_quiet_logs();
 
@@ -564,7 +603,7 @@ impl Node {
         .map(str::to_owned);
         let remote_netns = self.other_node.pod.netns_name.as_str();
         let mut command: Vec<String> = match caller {
-            Caller::Host => Vec::new(),
+            Caller::Host | Caller::HostDaemon => Vec::new(),
             Caller::App(pod) => in_netns(&self.pod(pod).netns_name),
             Caller::Proxy(pod) => [in_netns(&self.pod(pod).netns_name), as_proxy.to_vec()].concat(),
             Caller::Remote => in_netns(remote_netns),

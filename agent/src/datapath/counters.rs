@@ -4,10 +4,10 @@ use probe_bypass_common::{Counter, names};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
-    metrics::{MetricType, counter::ConstCounter},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
 };
 
-use super::{Datapath, DatapathError, SharedDatapath, error::map_error};
+use super::{Datapath, DatapathError, ProbeBypass, SharedDatapath, error::map_error};
 
 /// The datapath's counters, summed over all CPUs since the maps were created (they survive
 /// restarts of the agent).
@@ -131,11 +131,32 @@ pub struct DatapathCollector(pub SharedDatapath);
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let counters = match self.0.lock() {
-            Ok(datapath) => datapath.counters(),
+        let (counters, probe_bypass) = match self.0.lock() {
+            Ok(datapath) => (
+                datapath.counters(),
+                datapath.settings().probe_bypass.clone(),
+            ),
             // A scrape must not fail because of this; the metric is simply absent this time.
             Err(_) => return Ok(()),
         };
+        let gauges = [
+            (
+                "kubelet_cgroup_trusted",
+                "1 when only the kubelet's cgroup gets past the proxy on the probe ports \
+                 (--probe-bypass-from kubelet, the cgroup found)",
+                matches!(probe_bypass, ProbeBypass::Kubelet(_)),
+            ),
+            (
+                "kubelet_cgroup_not_found",
+                "1 when --probe-bypass-from kubelet could not find the kubelet's cgroup and the \
+                 whole host network namespace gets past the proxy on the probe ports meanwhile",
+                probe_bypass.fallback().is_some(),
+            ),
+        ];
+        for (name, help, on) in gauges {
+            let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(i64::from(on)).encode(metric)?;
+        }
         let counters = match counters {
             Ok(counters) => counters,
             Err(error) => {

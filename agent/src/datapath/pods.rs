@@ -142,7 +142,7 @@ impl Datapath {
         let mut flags = 0;
         let (mut kubelet_cgroup_id, mut kubelet_cgroup_level) = (0, 0);
         match &settings.probe_bypass {
-            ProbeBypass::Host => {}
+            ProbeBypass::Host | ProbeBypass::KubeletNotFound(_) => {}
             ProbeBypass::Any => flags |= Config::PROBE_BYPASS_FROM_ANY,
             ProbeBypass::Kubelet(kubelet) => {
                 flags |= Config::PROBE_BYPASS_FROM_KUBELET;

@@ -82,10 +82,10 @@ struct Row {
     call: Call,
 }
 
-fn rows() -> [Row; 4] {
+fn rows() -> [Row; 5] {
     [
         Row {
-            who: "kubelet (host netns)",
+            who: "kubelet (its cgroup, host netns)",
             what: "A:15904 healthcheck of 8080",
             from: Caller::Host,
             call: Call::Healthcheck {
@@ -94,11 +94,20 @@ fn rows() -> [Row; 4] {
             },
         },
         Row {
-            who: "kubelet (host netns)",
+            who: "kubelet (its cgroup, host netns)",
             what: "A:8080",
             from: Caller::Host,
             call: Call::Http {
                 to: Target::Pod("A"),
+                port: APP_PORT,
+            },
+        },
+        Row {
+            who: "node daemon (host netns)",
+            what: "A:15904 healthcheck of 8080",
+            from: Caller::HostDaemon,
+            call: Call::Healthcheck {
+                pod: "A",
                 port: APP_PORT,
             },
         },
@@ -304,8 +313,10 @@ fn main() -> ExitCode {
     println!("\n| caller | calls | mesh's iptables rules | probe-bypass eBPF datapath |");
     println!("|---|---|---|---|");
     for ((row, before), after) in rows().iter().zip(&iptables).zip(&ebpf) {
-        // C reaching A's app through 15904 without meeting A's sidecar: the mesh's hole.
-        let hole = matches!(row.from, Caller::App("C")) && before.proxies.is_empty();
+        // C, or a host process that is not the kubelet, reaching A's app through 15904 without
+        // meeting A's sidecar: the mesh's hole.
+        let hole =
+            matches!(row.from, Caller::App("C") | Caller::HostDaemon) && before.proxies.is_empty();
         let mark = if hole {
             " ⚠ hole: skips A's mTLS"
         } else {
