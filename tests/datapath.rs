@@ -15,8 +15,9 @@
 use std::{
     collections::BTreeSet,
     fs,
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{IpAddr, Ipv4Addr},
+    os::fd::AsFd as _,
     process::{Child, Command, Stdio},
     sync::mpsc,
     thread,
@@ -562,6 +563,58 @@ fn the_agent_falls_back_to_host_until_the_kubelets_cgroup_appears() {
     );
     drop(guard);
     drop(created);
+}
+
+/// Two listeners of one SO_REUSEPORT group, as an old and a new agent have during a rolling
+/// update, one given the datapath's sk_reuseport program. Connections the kernel queued at the
+/// first, which nobody accepted, must go to the second when the first closes (as when its agent
+/// is killed), not be reset: every client is accepted by the second and gets its byte through.
+#[test]
+fn a_closing_listeners_queued_connections_move_to_the_other_listener_of_its_group() {
+    require_privileges!();
+    let mut node = Node::new();
+    let program = node.datapath().reuseport_program();
+    let probe = probe_bypass::listen::shared("127.0.0.1:0".parse().expect("an address"))
+        .expect("a free port");
+    let addr = probe.local_addr().expect("its address");
+    drop(probe);
+    let first = probe_bypass::listen::shared(addr).expect("the first listener");
+    probe_bypass::listen::migrate_on_close(&first, program.as_fd()).expect("attach the program");
+    let second = probe_bypass::listen::shared(addr).expect("the second listener");
+
+    const CLIENTS: usize = 32;
+    let clients: Vec<std::net::TcpStream> = (0..CLIENTS)
+        .map(|_| {
+            let mut client = std::net::TcpStream::connect(addr).expect("connect");
+            client.write_all(b"x").expect("write");
+            client
+        })
+        .collect();
+    // Both listeners have some of them queued; the first closes without accepting any.
+    drop(first);
+    let mut accepted = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while accepted < CLIENTS && std::time::Instant::now() < deadline {
+        match second.accept() {
+            Ok((mut conn, _)) => {
+                conn.set_nonblocking(false).expect("blocking");
+                conn.set_read_timeout(Some(Duration::from_secs(1)))
+                    .expect("timeout");
+                let mut byte = [0u8; 1];
+                conn.read_exact(&mut byte).expect("the client's byte");
+                accepted += 1;
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(error) => panic!("accept: {error}"),
+        }
+    }
+    assert_eq!(
+        accepted, CLIENTS,
+        "the second listener accepted {accepted} of {CLIENTS}: the rest were lost with the first"
+    );
+    drop(clients);
 }
 
 #[test]

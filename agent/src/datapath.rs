@@ -150,6 +150,9 @@ pub struct Datapath {
     dependents: HashMap<MapData, Addr, PodName>,
     /// The loaded sk_lookup program, which [`Self::attach_netns`] attaches to pods' namespaces.
     sk_lookup: OwnedFd,
+    /// The loaded sk_reuseport program, which the agent's listeners are given
+    /// ([`Self::reuseport_program`]).
+    reuseport: Arc<OwnedFd>,
     /// The cookies of the namespaces with a pinned sk_lookup link.
     netns_links: BTreeSet<u64>,
     settings: Settings,
@@ -170,6 +173,12 @@ impl Datapath {
             ..self.settings.clone()
         };
         self.apply_settings(settings)
+    }
+
+    /// The sk_reuseport program that makes the kernel hand a closing listener's queued
+    /// connections to another listener of its SO_REUSEPORT group (see `listen::migrate_on_close`).
+    pub fn reuseport_program(&self) -> Arc<OwnedFd> {
+        Arc::clone(&self.reuseport)
     }
 
     /// The node-wide settings the datapath runs with.

@@ -4,6 +4,7 @@
 use std::{
     io,
     net::{SocketAddr, TcpListener},
+    os::fd::{AsRawFd as _, BorrowedFd},
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -28,4 +29,29 @@ pub fn shared(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(TcpListener::from(socket))
+}
+
+/// Gives `listener` the sk_reuseport `program` (`SO_ATTACH_REUSEPORT_EBPF`), which holds for its
+/// whole SO_REUSEPORT group: the agent's program of attach type
+/// `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`, under which the kernel moves the connections a closing
+/// listener has queued to another listener of the group instead of resetting them. Without it, a
+/// killed agent's queued probes would fail although the agent beside it listens on the port.
+pub fn migrate_on_close(listener: &TcpListener, program: BorrowedFd<'_>) -> io::Result<()> {
+    let fd: libc::c_int = program.as_raw_fd();
+    // SAFETY: the option's value is an int (the program's fd), passed with its size; both sockets
+    // and the program outlive the call.
+    let result = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_EBPF,
+            (&raw const fd).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

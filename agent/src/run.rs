@@ -325,6 +325,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 DatapathMode::None => "none",
             },
         },
+        reuseport: datapath.as_ref().and_then(|datapath| {
+            datapath
+                .lock()
+                .ok()
+                .map(|datapath| datapath.reuseport_program())
+        }),
     });
     let reconciler = tokio::spawn(
         Reconciler::new(Arc::clone(&ctx), datapath, status_tx).run(pods, stop.clone()),

@@ -7,12 +7,15 @@ use std::{
     io::ErrorKind,
     os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, MapError, SockHash},
-    programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SockOps},
+    programs::{
+        CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SkMsg, SkReuseport, SockOps,
+    },
 };
 use probe_bypass_common::{ConnKey, names};
 
@@ -81,6 +84,20 @@ impl Datapath {
                 source,
             })?;
 
+        let reuseport: &mut SkReuseport = program(&mut ebpf, names::REUSEPORT)?;
+        reuseport
+            .load()
+            .map_err(|error| load_error(names::REUSEPORT, error))?;
+        let reuseport = reuseport
+            .fd()
+            .map_err(|source| program_error(names::REUSEPORT, "get its fd", source))?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| DatapathError::Pin {
+                path: pins.to_path_buf(),
+                source,
+            })?;
+
         let mut datapath = Self {
             config: take_map(&mut ebpf, names::CONFIG)?,
             pods_by_addr: take_map(&mut ebpf, names::PODS_BY_ADDR)?,
@@ -92,6 +109,7 @@ impl Datapath {
             listeners: take_map(&mut ebpf, names::LISTENERS)?,
             dependents: take_map(&mut ebpf, names::DEPENDENTS)?,
             sk_lookup,
+            reuseport: Arc::new(reuseport),
             netns_links: BTreeSet::new(),
             node_rules: Rules::default(),
             pods: BTreeMap::new(),

@@ -83,8 +83,7 @@ impl Reconciler {
         } else {
             0
         };
-        let listener =
-            healthcheck::bind(&self.ctx.worker, &netns, pod.ip, self.ctx.settings.port).await?;
+        let listener = healthcheck::bind(&self.ctx, &netns, pod.ip, self.ctx.settings.port).await?;
         let stop = CancellationToken::new();
         tokio::spawn(healthcheck::serve(
             listener,
@@ -127,7 +126,7 @@ impl Reconciler {
         let mut missing = BTreeMap::new();
         for &kind in kinds {
             let port = kind.port();
-            match healthcheck::bind(&self.ctx.worker, netns, pod.ip, port).await {
+            match healthcheck::bind(&self.ctx, netns, pod.ip, port).await {
                 Ok(listener) => {
                     if before.contains_key(&kind) {
                         log::info!("pod {}: now answers {kind} probes on port {port}", pod.key);

@@ -23,6 +23,7 @@ pub mod names {
     pub const GETSOCKOPT: &str = "pb_getsockopt";
     pub const SK_MSG: &str = "pb_sk_msg";
     pub const SK_LOOKUP: &str = "pb_sk_lookup";
+    pub const REUSEPORT: &str = "pb_reuseport";
     /// The programs attached to the cgroup, each through a link of its own.
     pub const CGROUP_PROGRAMS: [&str; 4] = [CONNECT4, CONNECT6, SOCKOPS, GETSOCKOPT];
 

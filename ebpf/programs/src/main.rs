@@ -51,9 +51,12 @@ use aya_ebpf::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_uid_gid, bpf_get_netns_cookie,
         bpf_get_socket_cookie,
     },
-    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sk_reuseport, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key as LpmKey},
-    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
+    programs::{
+        SkLookupContext, SkMsgContext, SkReuseportContext, SockAddrContext, SockOpsContext,
+        SockoptContext,
+    },
 };
 use probe_bypass_common::{
     Addr, CidrRule, Config, ConnKey, Counter, ListenerKey, OrigDst, PodEntry, PodName, PortRule,
@@ -79,6 +82,7 @@ named!(
     pb_getsockopt = GETSOCKOPT,
     pb_sk_msg = SK_MSG,
     pb_sk_lookup = SK_LOOKUP,
+    pb_reuseport = REUSEPORT,
     CONFIG = CONFIG,
     PODS_BY_ADDR = PODS_BY_ADDR,
     PODS_BY_NETNS = PODS_BY_NETNS,
@@ -870,6 +874,18 @@ fn count(counter: Counter) {
         // kernel can interleave two runs on one CPU, and then a count may be lost, never corrupted.
         unsafe { *value += 1 };
     }
+}
+
+/// Attached to the agent's own listeners (the healthcheck's in each pod), in their SO_REUSEPORT
+/// group with the listeners of the agent beside it during a rolling update. It selects nothing,
+/// so the kernel spreads connections as it would without it; its attach type
+/// (`BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`) is what it is for: when a listener closes (its agent
+/// stopped or killed), the connections it has queued but not accepted move to another listener of
+/// the group instead of being reset. `net.ipv4.tcp_migrate_req` would do that for every listener
+/// of the pod's namespace; this does it for the agent's alone, with no write to a pod's sysctls.
+#[sk_reuseport(migrate)]
+pub fn pb_reuseport(_ctx: SkReuseportContext) -> u32 {
+    SK_PASS
 }
 
 /// The programs cannot panic: the verifier rejects any path that could reach this endless loop, so

@@ -3,6 +3,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd as _, OwnedFd},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -45,6 +46,9 @@ pub struct Context {
     pub tracker: TaskTracker,
     /// What `GET /probe-bypass-status` says of this agent.
     pub status: AgentStatus,
+    /// With the eBPF datapath: the sk_reuseport program each listener is given, so that a killed
+    /// agent's queued connections go to the agent beside it ([`listen::migrate_on_close`]).
+    pub reuseport: Option<Arc<OwnedFd>>,
 }
 
 /// What a listener answers.
@@ -59,7 +63,7 @@ pub enum Endpoint {
 /// Opens a listener inside `netns`, on the wildcard address of the pod IP's family
 /// (for IPv6, dual-stack). SO_REUSEPORT lets a new agent bind beside this one and take over.
 pub async fn bind(
-    worker: &NetnsWorker,
+    ctx: &Context,
     netns: &Arc<Netns>,
     pod_ip: IpAddr,
     port: u16,
@@ -68,7 +72,20 @@ pub async fn bind(
         IpAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
         IpAddr::V6(_) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
     };
-    let listener = worker.run(netns, move || listen::shared(addr)).await?;
+    let reuseport = ctx.reuseport.clone();
+    let listener = ctx
+        .worker
+        .run(netns, move || {
+            let listener = listen::shared(addr)?;
+            if let Some(program) = &reuseport
+                && let Err(error) = listen::migrate_on_close(&listener, program.as_fd())
+            {
+                // The listener still works; only a killed agent's queue would be lost.
+                log::warn!("{addr}: cannot attach the sk_reuseport program: {error}");
+            }
+            Ok(listener)
+        })
+        .await?;
     TcpListener::from_std(listener).map_err(|source| NetnsError::Op {
         path: netns.path().to_owned(),
         source,
