@@ -35,14 +35,15 @@
 use std::{
     io::{self, Write as _},
     net::SocketAddr,
-    panic, thread,
     time::{Duration, Instant},
 };
 
 use probe_bypass_rewrite::{ProbeKind, Style, rewrite_in_place};
 use probe_bypass_testing::{
     agent::{Agent, ManifestDir, Memory},
-    bench::{Measured, connect_with_reset, machine, micros, requests, run_load},
+    bench::{
+        Measured, connect_with_reset, create_pods, delete_pods, machine, micros, requests, run_load,
+    },
     kubelet,
     pod::{App, TestPod},
 };
@@ -83,11 +84,6 @@ const MEASURE_LIMIT: Duration = Duration::from_secs(60);
 /// they only turn a hang into an error.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Threads that create and delete the pods. Each pod takes about ten `ip` runs, mostly waiting on
-/// the kernel rather than using a CPU, so a few in parallel make setup of 500 pods seconds instead
-/// of a minute, even on 2 cores.
-const SETUP_THREADS: usize = 8;
 
 /// How long the agent may take to have a listener in every pod.
 const READY_WITHIN: Duration = Duration::from_secs(60);
@@ -227,44 +223,6 @@ fn rewritten_manifest(pod: &TestPod, name: &str) -> String {
         "the rewritten probe"
     );
     manifest.to_string()
-}
-
-/// Creates `count` pods on [`SETUP_THREADS`] threads. If any creation fails, the pods already
-/// made are deleted (by their guards) before the panic goes on.
-fn create_pods(count: usize) -> Vec<TestPod> {
-    let threads = SETUP_THREADS.min(count);
-    thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|t| {
-                let share = count / threads + usize::from(t < count % threads);
-                scope.spawn(move || (0..share).map(|_| TestPod::new()).collect::<Vec<_>>())
-            })
-            .collect();
-        let mut pods = Vec::with_capacity(count);
-        let mut failure = None;
-        for worker in workers {
-            match worker.join() {
-                Ok(mut made) => pods.append(&mut made),
-                Err(payload) => failure = Some(payload),
-            }
-        }
-        if let Some(payload) = failure {
-            delete_pods(pods);
-            panic::resume_unwind(payload);
-        }
-        pods
-    })
-}
-
-/// Drops the pods' guards on [`SETUP_THREADS`] threads.
-fn delete_pods(mut pods: Vec<TestPod>) {
-    let share = pods.len().div_ceil(SETUP_THREADS).max(1);
-    thread::scope(|scope| {
-        while !pods.is_empty() {
-            let batch: Vec<TestPod> = pods.drain(..share.min(pods.len())).collect();
-            scope.spawn(move || drop(batch));
-        }
-    });
 }
 
 /// The baseline: a tcpSocket probe without a mesh, a connect and an immediate close.
