@@ -525,6 +525,11 @@ impl Node {
         &self.cgroup
     }
 
+    /// The kubelet's cgroup (below the node's), which the agent is told with `--kubelet-cgroup`.
+    pub fn kubelet_cgroup(&self) -> &std::path::Path {
+        self.host.kubelet.path()
+    }
+
     /// The node's agent.
     pub fn agent(&self) -> &Agent {
         match &self.interception {

@@ -234,18 +234,22 @@ fn run_mode(
 /// What `--keep` prints: commands to run against the datapath's node while it is up.
 fn print_keep_commands(node: &Node) {
     let cgroup = node.cgroup().path().display().to_string();
+    let kubelet = node.kubelet_cgroup().display().to_string();
     let a = node.pod("A");
-    let enter = format!("sh -c 'echo $$ > {cgroup}/cgroup.procs && exec \"$0\" \"$@\"'");
+    let enter = |dir: &str| format!("sh -c 'echo $$ > {dir}/cgroup.procs && exec \"$0\" \"$@\"'");
     println!(
         "\nthe datapath's node is up (Ctrl-C tears it down). Commands run inside the demo's cgroup,"
     );
     println!("where the programs are attached (a shell of yours outside it is not intercepted):");
-    println!(
-        "  the kubelet's probe:  {enter} curl --noproxy '*' -s -w '%{{http_code}}\\n' -H 'Original-Tcp-Port: 8080' http://{}:{HEALTHCHECK_PORT}/fsm-healthcheck",
+    let probe = format!(
+        "curl --noproxy '*' -s -w '%{{http_code}}\\n' -H 'Original-Tcp-Port: 8080' http://{}:{HEALTHCHECK_PORT}/fsm-healthcheck",
         a.ip
     );
+    println!("  the kubelet's probe:  {} {probe}", enter(&kubelet));
+    println!("  a node daemon's:      {} {probe}", enter(&cgroup));
     println!(
-        "  A's app calling B:    {enter} ip netns exec {} curl --noproxy '*' -s http://{}:8080/",
+        "  A's app calling B:    {} ip netns exec {} curl --noproxy '*' -s http://{}:8080/",
+        enter(&cgroup),
         a.netns_name,
         node.pod("B").ip
     );
