@@ -109,3 +109,11 @@ pub const DEFAULT_VALIDATION_IMAGE: &str = concat!("probe-bypass:", env!("CARGO_
 
 /// The agent's binary in its image (`cargo xtask image`), which the validation container runs.
 pub const AGENT_BINARY: &str = "/probe-bypass";
+
+/// Where `probe-bypass validate` connects unless told otherwise (`--target-range`): documentation
+/// ranges no network routes (RFC 5737 TEST-NET-1, RFC 3849). The rewriter aims it elsewhere only
+/// when a pod's exclusions leave these unredirected.
+pub const VALIDATION_TARGET_V4: ipnet::Ipv4Net =
+    ipnet::Ipv4Net::new_assert(std::net::Ipv4Addr::new(192, 0, 2, 0), 24);
+pub const VALIDATION_TARGET_V6: ipnet::Ipv6Net =
+    ipnet::Ipv6Net::new_assert(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0), 32);

@@ -9,8 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 use nix::sys::socket::{getsockopt, sockopt};
+use probe_bypass_rewrite::contract::{VALIDATION_TARGET_V4, VALIDATION_TARGET_V6};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Bytes of the nonce the client sends and the listener must receive.
@@ -55,11 +56,8 @@ impl Family {
     /// TEST-NET-1, RFC 3849's documentation prefix).
     pub fn default_range(self) -> IpNet {
         match self {
-            Self::V4 => IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(192, 0, 2, 0), 24)),
-            Self::V6 => IpNet::V6(Ipv6Net::new_assert(
-                Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0),
-                32,
-            )),
+            Self::V4 => IpNet::V4(VALIDATION_TARGET_V4),
+            Self::V6 => IpNet::V6(VALIDATION_TARGET_V6),
         }
     }
 }
@@ -94,8 +92,7 @@ pub fn random_target(range: IpNet) -> SocketAddr {
 /// The stand-in for the sidecar's outbound listener, on the loopback address of one family.
 pub struct Outbound {
     listener: TcpListener,
-    family: Family,
-    /// Where its attempts connect to.
+    /// Where its attempts connect to; its family is the listener's.
     range: IpNet,
 }
 
@@ -117,13 +114,12 @@ impl Outbound {
         socket.set_nonblocking(true)?;
         Ok(Self {
             listener: socket.into(),
-            family,
             range,
         })
     }
 
     pub fn family(&self) -> Family {
-        self.family
+        Family::of(self.range.addr())
     }
 }
 
@@ -224,7 +220,7 @@ pub fn attempt(outbound: &Outbound, bound: Duration) -> Result<Proof, Miss> {
     let mut accepted = accept_from(&outbound.listener, local, deadline)
         .map_err(Miss::Local)?
         .ok_or(Miss::NotArrived { target })?;
-    let answer = original_dst(&accepted, outbound.family);
+    let answer = original_dst(&accepted, outbound.family());
     if !matches!(answer, Ok(got) if got == target) {
         return Err(Miss::OriginalDst { target, answer });
     }

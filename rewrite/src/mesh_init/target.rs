@@ -16,23 +16,20 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-/// The documentation ranges (RFC 5737, RFC 3849, RFC 9637), the first of each family the default.
+use crate::contract::{VALIDATION_TARGET_V4, VALIDATION_TARGET_V6};
+
+/// The documentation ranges (RFC 5737, RFC 3849, RFC 9637), the first of each family the check's
+/// own default.
 fn documentation(v4: bool) -> Vec<IpNet> {
     if v4 {
-        [
-            Ipv4Addr::new(192, 0, 2, 0),
-            Ipv4Addr::new(198, 51, 100, 0),
-            Ipv4Addr::new(203, 0, 113, 0),
+        vec![
+            IpNet::V4(VALIDATION_TARGET_V4),
+            IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(198, 51, 100, 0), 24)),
+            IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(203, 0, 113, 0), 24)),
         ]
-        .into_iter()
-        .map(|ip| IpNet::V4(Ipv4Net::new_assert(ip, 24)))
-        .collect()
     } else {
         vec![
-            IpNet::V6(Ipv6Net::new_assert(
-                Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0),
-                32,
-            )),
+            IpNet::V6(VALIDATION_TARGET_V6),
             IpNet::V6(Ipv6Net::new_assert(
                 Ipv6Addr::new(0x3fff, 0, 0, 0, 0, 0, 0, 0),
                 20,
@@ -48,13 +45,13 @@ fn blocks(range: IpNet) -> Vec<IpNet> {
     if range.prefix_len() >= longest {
         return vec![range];
     }
-    // The first and the last block of the range.
-    let Ok(mut subnets) = range.subnets(longest) else {
-        return vec![range];
-    };
-    let first = subnets.next();
-    let last = subnets.last();
-    first.into_iter().chain(last).collect()
+    // The first and the last block of the range, computed rather than iterated to: a wide IPv6
+    // range has 2^56 blocks of /64 and more.
+    let block = |addr| IpNet::new(addr, longest).map(|block| block.trunc());
+    [block(range.network()), block(range.broadcast())]
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 fn overlaps(a: &IpNet, b: &IpNet) -> bool {
@@ -154,6 +151,10 @@ mod tests {
         assert_eq!(
             ranges(&nets(&["10.96.0.0/24"]), &nets(&["10.96.0.0/12"])),
             Ok(nets(&["10.111.255.0/24"]))
+        );
+        assert_eq!(
+            ranges(&nets(&["fd00::/64"]), &nets(&["fd00::/8"])),
+            Ok(nets(&["fdff:ffff:ffff:ffff::/64"]))
         );
         assert_eq!(
             ranges(&[], &nets(&["10.1.2.3/32", "fd00:10::/108"])),
