@@ -216,7 +216,10 @@ pub(crate) fn plan(
         if let Some(Value::String(text)) = annotations.and_then(|a| a.get(&key)) {
             all.extend(
                 text.split(',')
-                    .filter_map(|item| item.trim().parse::<ipnet::IpNet>().ok()),
+                    .filter_map(|item| match Item::of(item.trim()) {
+                        Some(Item::Range(range)) => Some(range),
+                        _ => None,
+                    }),
             );
         }
         all
