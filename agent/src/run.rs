@@ -83,29 +83,26 @@ fn probe_bypass(args: &DatapathArgs, proc_root: &Path, cgroup_root: &Path) -> Pr
     match args.probe_bypass_from {
         ProbeBypassFrom::Host => ProbeBypass::Host,
         ProbeBypassFrom::Any => ProbeBypass::Any,
-        ProbeBypassFrom::Kubelet => match probe_bypass_quietly(args, proc_root, cgroup_root) {
-            ProbeBypass::Kubelet(kubelet) => {
-                log::info!(
+        ProbeBypassFrom::Kubelet => {
+            let found = probe_bypass_quietly(args, proc_root, cgroup_root);
+            match &found {
+                ProbeBypass::Kubelet(kubelet) => log::info!(
                     "probe ports: only the kubelet's cgroup {} (id {}, level {}) gets past the \
-                         proxy",
+                     proxy",
                     kubelet.path.display(),
                     kubelet.id,
                     kubelet.level
-                );
-                ProbeBypass::Kubelet(kubelet)
-            }
-            other => {
-                let why = other.fallback().unwrap_or_default().to_owned();
-                log::warn!(
-                    "--probe-bypass-from kubelet: {why}; falling back to host (every caller \
-                         in the host network namespace gets past the proxy on the probe ports) \
-                         and looking again every {}s. Pass --kubelet-cgroup to name the \
-                         kubelet's cgroup",
+                ),
+                other => log::warn!(
+                    "--probe-bypass-from kubelet: {}; falling back to host (every caller in the \
+                     host network namespace gets past the proxy on the probe ports) and looking \
+                     again every {}s. Pass --kubelet-cgroup to name the kubelet's cgroup",
+                    other.fallback().unwrap_or_default(),
                     KUBELET_RECHECK.as_secs()
-                );
-                ProbeBypass::KubeletNotFound(why)
+                ),
             }
-        },
+            found
+        }
     }
 }
 
@@ -113,21 +110,15 @@ fn probe_bypass(args: &DatapathArgs, proc_root: &Path, cgroup_root: &Path) -> Pr
 /// another unit, and one not found at start may appear.
 const KUBELET_RECHECK: Duration = Duration::from_secs(10);
 
-/// Looks for the kubelet's cgroup every [`KUBELET_RECHECK`] until `stop`, and applies and logs a
-/// change.
+/// Looks for the kubelet's cgroup (under `cgroup_root`, where the datapath is attached) every
+/// [`KUBELET_RECHECK`] until `stop`, and applies and logs a change.
 async fn recheck_kubelet(
     args: DatapathArgs,
     proc_root: PathBuf,
+    cgroup_root: PathBuf,
     datapath: SharedDatapath,
     stop: CancellationToken,
 ) {
-    let Some(cgroup_root) = args
-        .cgroup_root
-        .clone()
-        .or_else(|| datapath::cgroup2_mount().ok())
-    else {
-        return;
-    };
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -257,6 +248,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         }
     };
     let mut shutdown = pin!(signal::shutdown_requested());
+    // Where the datapath is attached: the kubelet's cgroup is looked for under it again later.
+    let cgroup_root = host.as_ref().map(|report| report.cgroup_root.clone());
     let datapath = install_datapath(&args.datapath, &args.pods.proc_root, host)?;
     if let Some(datapath) = &datapath {
         metrics.register_datapath(Arc::clone(datapath));
@@ -270,12 +263,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         ready_grace: args.ready_grace,
         datapath: datapath.clone(),
     });
-    if let Some(datapath) = &datapath
+    if let (Some(datapath), Some(cgroup_root)) = (&datapath, cgroup_root)
         && args.datapath.probe_bypass_from == ProbeBypassFrom::Kubelet
     {
         tokio::spawn(recheck_kubelet(
             args.datapath.clone(),
             args.pods.proc_root.clone(),
+            cgroup_root,
             Arc::clone(datapath),
             stop.clone(),
         ));
