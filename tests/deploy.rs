@@ -494,17 +494,52 @@ fn assert_kustomize_renders(dir: &Path, listed: &[Doc]) {
     }
 }
 
+/// The ClusterRole of `deploy/` named `name`.
+fn cluster_role(name: &str) -> ClusterRole {
+    let docs = all_documents()
+        .into_iter()
+        .filter(|doc| doc.kind() == "ClusterRole" && doc.name() == name)
+        .collect();
+    the_one_in(docs, "ClusterRole", &format!("deploy/ named {name}"))
+}
+
+/// Each rule of `role` as (API groups, resources, verbs), sorted.
+fn resource_rules(role: &ClusterRole) -> BTreeSet<(String, String, String)> {
+    let join = |list: Option<&Vec<String>>| list.map(|list| list.join(",")).unwrap_or_default();
+    role.rules
+        .iter()
+        .flatten()
+        .map(|rule| {
+            assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+            let mut verbs = rule.verbs.clone();
+            verbs.sort();
+            (
+                join(rule.api_groups.as_ref()),
+                join(rule.resources.as_ref()),
+                verbs.join(","),
+            )
+        })
+        .collect()
+}
+
 #[test]
-fn the_cluster_role_grants_only_reading_pods() {
-    let role: ClusterRole = the("ClusterRole");
-    let rules = role.rules.expect("rules");
-    assert_eq!(rules.len(), 1, "{rules:?}");
-    let rule = &rules[0];
-    assert_eq!(rule.api_groups.as_deref(), Some(&[String::new()][..]));
-    assert_eq!(rule.resources.as_deref(), Some(&["pods".to_owned()][..]));
-    let verbs: BTreeSet<&str> = rule.verbs.iter().map(String::as_str).collect();
-    assert_eq!(verbs, BTreeSet::from(["get", "list", "watch"]));
-    assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+fn the_cluster_role_grants_reading_pods_and_asking_for_reviews_only() {
+    let role = cluster_role(NAMESPACE);
+    let owned = |(groups, resources, verbs): (&str, &str, &str)| {
+        (groups.to_owned(), resources.to_owned(), verbs.to_owned())
+    };
+    assert_eq!(
+        resource_rules(&role),
+        [
+            ("", "pods", "get,list,watch"),
+            // The HTTPS admin address's checks of its callers (`run --secure-admin-addr`).
+            ("authentication.k8s.io", "tokenreviews", "create"),
+            ("authorization.k8s.io", "subjectaccessreviews", "create"),
+        ]
+        .into_iter()
+        .map(owned)
+        .collect()
+    );
     assert!(role.aggregation_rule.is_none());
 
     let binding: ClusterRoleBinding = the("ClusterRoleBinding");
@@ -531,6 +566,105 @@ fn the_cluster_role_grants_only_reading_pods() {
         pod_spec(&agent_daemon_set()).service_account_name,
         account.metadata.name
     );
+}
+
+/// A scraper's role grants `get` on what the HTTPS admin address reviews, and nothing else.
+#[test]
+fn the_metrics_reader_role_grants_get_on_the_reviewed_paths_only() {
+    let role = cluster_role("probe-bypass-metrics-reader");
+    let rules = role.rules.expect("rules");
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    let rule = &rules[0];
+    assert!(rule.api_groups.is_none() && rule.resources.is_none());
+    assert_eq!(rule.verbs, ["get"]);
+    let urls: BTreeSet<&str> = rule
+        .non_resource_urls
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(urls, BTreeSet::from([METRICS_PATH, READY_PATH]));
+}
+
+const MONITORING_KUSTOMIZATION: &str = "monitoring/kustomization.yaml";
+
+/// deploy/monitoring/: a headless Service on the DaemonSet's HTTPS admin port, prometheus-operator's
+/// ServiceMonitor scraping it with a bearer token, and the metrics reader role bound to Prometheus.
+#[test]
+fn the_service_monitor_scrapes_the_https_admin_port_with_a_bearer_token() {
+    let listed: BTreeSet<String> = kustomization_resources_of(MONITORING_KUSTOMIZATION)
+        .into_iter()
+        .collect();
+    assert_eq!(listed, manifest_files_in("monitoring"));
+    let docs = documents_listed_by(MONITORING_KUSTOMIZATION);
+    let secure = daemon_set_run_args()
+        .secure_admin_addr
+        .expect("the DaemonSet gives --secure-admin-addr");
+
+    let service: Service = the_one_in(
+        documents_listed_by(MONITORING_KUSTOMIZATION),
+        "Service",
+        "deploy/monitoring/",
+    );
+    assert_eq!(service.metadata.namespace.as_deref(), Some(NAMESPACE));
+    let spec = service.spec.expect("a spec");
+    assert_eq!(spec.cluster_ip.as_deref(), Some("None"), "headless");
+    let daemon_set = agent_daemon_set();
+    let pod_labels = daemon_set
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|metadata| metadata.labels.clone())
+        .expect("pod labels");
+    for (key, value) in spec.selector.iter().flatten() {
+        assert_eq!(
+            pod_labels.get(key),
+            Some(value),
+            "the Service selects the agents"
+        );
+    }
+    let ports = spec.ports.expect("ports");
+    assert_eq!(ports.len(), 1);
+    assert_eq!(ports[0].port, i32::from(secure.port()));
+    assert_eq!(
+        ports[0].target_port,
+        Some(IntOrString::Int(i32::from(secure.port())))
+    );
+
+    let monitor = docs
+        .iter()
+        .find(|doc| doc.kind() == "ServiceMonitor")
+        .expect("a ServiceMonitor");
+    assert_eq!(monitor.value["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(monitor.value["metadata"]["namespace"], NAMESPACE);
+    let service_labels = service.metadata.labels.expect("Service labels");
+    for (key, value) in monitor.value["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("matchLabels")
+    {
+        assert_eq!(service_labels.get(key).map(String::as_str), value.as_str());
+    }
+    let endpoints = monitor.value["spec"]["endpoints"]
+        .as_array()
+        .expect("endpoints");
+    assert_eq!(endpoints.len(), 1);
+    let endpoint = &endpoints[0];
+    assert_eq!(endpoint["port"].as_str(), ports[0].name.as_deref());
+    assert_eq!(endpoint["path"], METRICS_PATH);
+    assert_eq!(endpoint["scheme"], "https");
+    assert_eq!(
+        endpoint["bearerTokenFile"],
+        "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    );
+
+    let binding: ClusterRoleBinding = the_one_in(
+        documents_listed_by(MONITORING_KUSTOMIZATION),
+        "ClusterRoleBinding",
+        "deploy/monitoring/",
+    );
+    assert_eq!(binding.role_ref.name, "probe-bypass-metrics-reader");
+    assert_kustomize_renders(&deploy_dir().join("monitoring"), &docs);
 }
 
 #[test]
@@ -919,6 +1053,8 @@ fn start_agent(admin: SocketAddr, pods: &[(&str, &str)]) -> Agent {
         .command_line(args_of(&container))
         .pods(pods)
         .flag("--datapath", "none")
+        // It checks its callers with the API server; tests/admin_access.rs runs it.
+        .without_flag("--secure-admin-addr")
         .admin_addr(admin)
         .admin_socket()
         .env_clear()

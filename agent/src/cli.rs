@@ -391,10 +391,42 @@ pub struct RunArgs {
     #[command(flatten)]
     pub pods: PodSourceArgs,
 
-    /// Address of the admin endpoints (/health/alive, /health/ready, /metrics), in the host network
-    /// namespace.
+    /// Address of the admin endpoints (/health/alive, /health/ready, /metrics) over plain HTTP,
+    /// in the host network namespace, for people on the node. Every caller that reaches it is
+    /// told everything, pod names included: keep it on loopback, and give Prometheus
+    /// `--secure-admin-addr`.
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADMIN_ADDR, env = "PROBE_BYPASS_ADMIN_ADDR")]
     pub admin_addr: SocketAddr,
+
+    /// Also serve the admin endpoints over HTTPS on this address, for Prometheus: `/metrics`, and
+    /// a `/health/ready` that names pods, only to a caller whose bearer token the API server
+    /// accepts (TokenReview) and whose user may `get` the path (SubjectAccessReview on the
+    /// non-resource URL); `/health/alive` and `/health/ready`'s bare status line to anyone.
+    /// Needs the Kubernetes API server, found as `--pod-source kube` finds it. None by default;
+    /// deploy/ sets 0.0.0.0:9092.
+    #[arg(long, value_name = "ADDR", env = "PROBE_BYPASS_SECURE_ADMIN_ADDR")]
+    pub secure_admin_addr: Option<SocketAddr>,
+
+    /// The HTTPS admin address's certificate (PEM, the leaf first), re-read when it changes.
+    /// Without it the agent makes a self-signed certificate at start, as Kubernetes' own
+    /// components do; the scraper then cannot verify it.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "PROBE_BYPASS_ADMIN_TLS_CERT",
+        requires = "admin_tls_key",
+        requires = "secure_admin_addr"
+    )]
+    pub admin_tls_cert: Option<PathBuf>,
+
+    /// The certificate's private key (PEM), re-read with it.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "PROBE_BYPASS_ADMIN_TLS_KEY",
+        requires = "admin_tls_cert"
+    )]
+    pub admin_tls_key: Option<PathBuf>,
 
     /// Also serve the admin endpoints on this Unix socket, for the container's own probes
     /// (`probe-bypass health`): while a rolling update runs two agents on the admin port, only
@@ -557,7 +589,8 @@ mod tests {
     fn defaults_match_the_mesh() {
         let args = parse(&[]).expect("defaults parse");
         assert_eq!(args.healthcheck_port, 15904);
-        assert_eq!(args.admin_addr.to_string(), "0.0.0.0:9091");
+        assert_eq!(args.admin_addr.to_string(), "127.0.0.1:9091");
+        assert_eq!(args.secure_admin_addr, None);
         assert_eq!(args.admin_socket, None);
         assert_eq!(args.tcp_target, TcpTarget::PodIp);
         assert_eq!(args.dial_timeout, Duration::from_secs(1));

@@ -20,9 +20,10 @@ pub use probe_bypass_rewrite::contract::{
 /// Where `ip netns add` keeps named network namespaces.
 pub const NETNS_RUN_DIR: &str = "/run/netns";
 
-/// Default address of the admin endpoints (health and metrics), in the host network namespace.
-/// 9091 is the port FSM's controller uses for the same endpoints.
-pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:9091";
+/// Default address of the plain-HTTP admin endpoints (health and metrics), in the host network
+/// namespace: loopback, as it names pods to every caller. 9091 is the port FSM's controller uses
+/// for the same endpoints.
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9091";
 
 /// The Unix socket the agent's container probes ask it on (`probe-bypass health`), in a directory
 /// private to the container (an emptyDir in the DaemonSet).

@@ -7,7 +7,7 @@
 //! 1. **Leaf: helpers, defaults and the pod model.** [`defaults`] (every default path, port and
 //!    name), [`netns`] (namespace handles and the thread that enters them), [`dial`] (TCP connects
 //!    from inside a pod), [`listen`], [`signal`], [`error`], [`time`] (backoff, deadlines),
-//!    [`dir_watch`], [`http_text`]; [`pod`] (the agent's view of a meshed pod) and [`exclusions`]
+//!    [`dir_watch`], [`http_text`], [`serving_cert`] (a TLS server's certificate); [`pod`] (the agent's view of a meshed pod) and [`exclusions`]
 //!    (the traffic that skips the sidecar).
 //! 2. **The node.** [`datapath`] (the eBPF programs embedded in this binary, and their loader),
 //!    [`discovery`] (a pod's network namespace found from the host's `/proc`), [`source`] (where
@@ -43,6 +43,7 @@ pub mod preflight;
 pub mod reconcile;
 pub mod run;
 pub mod serve;
+pub mod serving_cert;
 pub mod signal;
 pub mod source;
 pub mod time;

@@ -10,11 +10,12 @@ use std::{
 };
 
 use tokio::{net::TcpListener, sync::watch};
+use tokio_rustls::rustls::{self, ServerConfig};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin::NodeStatus,
-    admin::{self, Admin},
+    admin::{self, Admin, access::Reviewer},
     cli::{DatapathArgs, PodSourceError, ProbeBypassFrom, RunArgs, SelectedSource},
     datapath::{
         self, Datapath, DatapathError, DatapathMode, KubeletCgroup, ProbeBypass, SharedDatapath,
@@ -28,6 +29,7 @@ use crate::{
     reconcile::Reconciler,
     serve::healthcheck::{Context, Settings, status::AgentStatus},
     serve::metrics::Metrics,
+    serving_cert::{self, CertError, CertFiles},
     signal,
     source::{
         PodSource, kube,
@@ -44,6 +46,15 @@ pub enum RunError {
     AdminBind { addr: SocketAddr, source: io::Error },
     #[error("cannot listen on the admin socket {}: {source}", path.display())]
     AdminSocket { path: PathBuf, source: io::Error },
+    #[error("the HTTPS admin address's certificate: {0}")]
+    AdminCert(#[from] CertError),
+    #[error("the HTTPS admin address's TLS set-up: {0}")]
+    AdminTls(#[from] rustls::Error),
+    #[error(
+        "--secure-admin-addr checks its callers' tokens with the Kubernetes API server, which \
+         cannot be reached: {0}"
+    )]
+    AdminApi(kube::SourceError),
     #[error(transparent)]
     PodSource(#[from] PodSourceError),
     #[error(transparent)]
@@ -194,6 +205,59 @@ fn install_datapath(
     Ok(Some(Arc::new(Mutex::new(datapath))))
 }
 
+/// The client of the API server, made at its first use and shared after.
+async fn api_client(
+    client: &mut Option<::kube::Client>,
+) -> Result<::kube::Client, kube::SourceError> {
+    if let Some(client) = client {
+        return Ok(client.clone());
+    }
+    Ok(client.insert(kube::client().await?).clone())
+}
+
+/// The HTTPS admin address, bound, and what it is served with.
+struct SecureAdmin {
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    /// The certificate, for the log.
+    cert: String,
+}
+
+/// Binds `--secure-admin-addr` (beside another agent's, as the plain-HTTP one) and loads its
+/// certificate, or makes a self-signed one.
+fn bind_secure_admin(args: &RunArgs, addr: SocketAddr) -> Result<SecureAdmin, RunError> {
+    let listener = listen::shared(addr)
+        .and_then(TcpListener::from_std)
+        .map_err(|source| RunError::AdminBind { addr, source })?;
+    let (cert, described) = match (&args.admin_tls_cert, &args.admin_tls_key) {
+        (Some(cert), Some(key)) => (
+            serving_cert::load_and_watch(CertFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            })?,
+            format!("{} and key {}", cert.display(), key.display()),
+        ),
+        _ => {
+            let mut names = vec!["localhost".to_owned()];
+            names.extend(
+                std::env::var("NODE_NAME")
+                    .ok()
+                    .filter(|name| !name.is_empty()),
+            );
+            if !addr.ip().is_unspecified() {
+                names.push(addr.ip().to_string());
+            }
+            let described = format!("self-signed for {} (no --admin-tls-cert)", names.join(", "));
+            (serving_cert::self_signed(names)?, described)
+        }
+    };
+    Ok(SecureAdmin {
+        listener,
+        tls: Arc::new(admin::tls_config(cert)?),
+        cert: described,
+    })
+}
+
 /// Runs until SIGTERM or SIGINT.
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
     log::info!(
@@ -222,11 +286,20 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             }),
         })
         .transpose()?;
+    let mut api = None;
+    let secure_admin = match args.secure_admin_addr {
+        Some(addr) => {
+            let bound = bind_secure_admin(&args, addr)?;
+            let client = api_client(&mut api).await.map_err(RunError::AdminApi)?;
+            Some((bound, addr, Reviewer::new(client)))
+        }
+        None => None,
+    };
     let mut metrics = Metrics::default();
     let (mut pods, listing) = match source {
         SelectedSource::Manifests { dir } => (manifests::watch(&dir)?, false),
         SelectedSource::Kube { node_name } => {
-            let client = kube::client().await?;
+            let client = api_client(&mut api).await?;
             let lookup = Arc::new(ProcLookup::new(
                 args.pods.proc_root.clone(),
                 args.datapath.cgroup_root.clone(),
@@ -280,6 +353,27 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         stop.clone(),
     ));
     log::info!("admin endpoints on http://{}", args.admin_addr);
+    if !args.admin_addr.ip().is_loopback() {
+        log::warn!(
+            "--admin-addr {} is not a loopback address: it names the node's pods to every caller \
+             that reaches it; give Prometheus --secure-admin-addr instead",
+            args.admin_addr
+        );
+    }
+    if let Some((bound, addr, reviewer)) = secure_admin {
+        tokio::spawn(admin::serve_tls(
+            bound.listener,
+            bound.tls,
+            Arc::new(reviewer),
+            Arc::clone(&admin),
+            stop.clone(),
+        ));
+        log::info!(
+            "and on https://{addr}, where /metrics and the pods /health/ready names need a \
+             bearer token the API server allows; certificate {}",
+            bound.cert
+        );
+    }
     if let Some((listener, path)) = admin_socket {
         tokio::spawn(admin::serve(listener, admin, stop.clone()));
         log::info!("and on the Unix socket {}", path.display());

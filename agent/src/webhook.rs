@@ -3,23 +3,23 @@
 //!
 //! - [`probe_bypass_rewrite::review`]: an AdmissionReview v1 request body in, the answer out (a
 //!   JSON Patch and the rewriter's warnings), or why the body is not a review. Pure, and fuzzed.
-//! - [`certs`]: the serving certificate, re-read when cert-manager renews it.
+//! - [`serving_cert`](crate::serving_cert): the serving certificate, re-read when cert-manager
+//!   renews it.
 //! - [`server`]: HTTPS (HTTP/2 or HTTP/1.1 by ALPN) at [`WEBHOOK_MUTATE_PATH`], and a plain-HTTP
 //!   [`WEBHOOK_HEALTHZ_PATH`] for the webhook's own probes.
 //!
 //! The webhook needs no access to the Kubernetes API: everything it reads is in the review.
 
-pub mod certs;
 pub mod server;
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 
-use self::certs::{CertError, CertFiles};
 use crate::{
     cli::WebhookArgs,
     defaults::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH, WEBHOOK_REPLACE_MESH_INIT_PATH},
+    serving_cert::{self, CertError, CertFiles},
 };
 
 /// How long the webhook keeps answering after SIGTERM (the Deployment's grace period is longer).
@@ -50,7 +50,7 @@ pub async fn run(args: WebhookArgs) -> Result<(), WebhookError> {
         replace_mesh_init,
         validation_image,
     } = args;
-    let cert = certs::load_and_watch(CertFiles {
+    let cert = serving_cert::load_and_watch(CertFiles {
         cert: tls_cert.clone(),
         key: tls_key.clone(),
     })?;

@@ -164,6 +164,16 @@ impl AgentBuilder {
         self
     }
 
+    /// Removes `flag` and its value from the command line: a flag of a manifest's command line
+    /// that cannot work here (one that needs an API server, say).
+    pub fn without_flag(mut self, flag: &str) -> Self {
+        if let Some(at) = self.command_line.iter().position(|arg| arg == flag) {
+            let end = (at + 2).min(self.command_line.len());
+            self.command_line.drain(at..end);
+        }
+        self
+    }
+
     /// Adds `args` at the end of the command line.
     pub fn args<S: AsRef<OsStr>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
         self.command_line

@@ -171,11 +171,6 @@ impl FakeApi {
 
     /// A kubeconfig naming this server, for the agent binary (`KUBECONFIG`).
     pub fn kubeconfig(&self) -> Kubeconfig {
-        let path = std::env::temp_dir().join(format!(
-            "pb-test-kubeconfig-{}-{}",
-            std::process::id(),
-            self.addr.port()
-        ));
         let text = format!(
             "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
              clusters:\n- name: test\n  cluster:\n    server: {}\n\
@@ -183,8 +178,7 @@ impl FakeApi {
              users:\n- name: test\n  user:\n    token: test\n",
             self.url()
         );
-        fs::write(&path, text).expect("write the kubeconfig");
-        Kubeconfig { path }
+        Kubeconfig::write(self.addr.port(), &text)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -195,6 +189,16 @@ impl FakeApi {
 /// A temporary kubeconfig file; deleted on drop.
 pub struct Kubeconfig {
     pub path: PathBuf,
+}
+
+impl Kubeconfig {
+    /// Writes `text` to a temporary file named after this process and the server's `port`.
+    pub fn write(port: u16, text: &str) -> Self {
+        let path =
+            std::env::temp_dir().join(format!("pb-test-kubeconfig-{}-{port}", std::process::id()));
+        fs::write(&path, text).expect("write the kubeconfig");
+        Self { path }
+    }
 }
 
 impl Drop for Kubeconfig {

@@ -27,6 +27,7 @@ pub mod mesh_rules;
 pub mod pod;
 pub mod privilege;
 pub mod probe_apps;
+pub mod review_api;
 pub mod rewrite_cli;
 pub mod sidecar;
 pub mod validation;

@@ -328,7 +328,8 @@ fn self_signed_server_config() -> ServerConfig {
     server_config(&cert, &key)
 }
 
-fn server_config(cert: &Path, key: &Path) -> ServerConfig {
+/// A server configuration serving the certificate in `cert` with its key in `key` (PEM files).
+pub fn server_config(cert: &Path, key: &Path) -> ServerConfig {
     let certs = CertificateDer::pem_file_iter(cert)
         .expect("read the certificate")
         .collect::<Result<Vec<_>, _>>()

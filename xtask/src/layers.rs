@@ -41,6 +41,7 @@ pub const LAYERS: [(&str, &[&str]); 5] = [
             "listen",
             "netns",
             "pod",
+            "serving_cert",
             "signal",
             "time",
         ],

@@ -2,7 +2,7 @@
 //! connection's trouble (a failed handshake, a slow or broken client, a body too large) ends that
 //! connection or request only.
 
-use std::{convert::Infallible, io, sync::Arc, time::Duration};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
 use hyper::{
@@ -20,13 +20,13 @@ use probe_bypass_rewrite::{
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{
     TlsAcceptor,
-    rustls::{self, ServerConfig, crypto::ring},
+    rustls::{self, ServerConfig},
 };
 
-use super::certs::CurrentCert;
 use crate::{
     defaults::{WEBHOOK_HEALTHZ_PATH, WEBHOOK_MUTATE_PATH, WEBHOOK_REPLACE_MESH_INIT_PATH},
     http_text::text,
+    serving_cert::{self, CurrentCert},
 };
 
 /// Largest review read. The API server caps a request at 3 MiB, and a CREATE's review carries the
@@ -41,12 +41,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The TLS configuration: TLS 1.2 and 1.3 with ring, HTTP/2 or HTTP/1.1 by ALPN (the API server
 /// asks for HTTP/2), the certificate from `cert` at each handshake.
 pub fn tls_config(cert: Arc<CurrentCert>) -> Result<ServerConfig, rustls::Error> {
-    let mut config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_cert_resolver(cert);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
+    serving_cert::server_config(cert, &[b"h2", b"http/1.1"])
 }
 
 /// Serves admission reviews on `listener` until the task is dropped: with `options` at
@@ -109,10 +104,7 @@ async fn review_connection(
     let peer = stream
         .peer_addr()
         .map_or_else(|_| "?".to_owned(), |peer| peer.to_string());
-    let tls = tokio::time::timeout(CLIENT_TIMEOUT, acceptor.accept(stream))
-        .await
-        .map_err(|_| format!("{peer}: no TLS handshake within {CLIENT_TIMEOUT:?}"))?
-        .map_err(|error: io::Error| format!("{peer}: TLS handshake: {error}"))?;
+    let tls = serving_cert::handshake(stream, &acceptor, CLIENT_TIMEOUT).await?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let service = service_fn(move |request| {
         let options = Arc::clone(&options);

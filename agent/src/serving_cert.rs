@@ -1,11 +1,15 @@
-//! The serving certificate, re-read when its files change.
+//! A TLS server's certificate: the webhook's, and the admin port's.
 //!
+//! Given as files, it is re-read when they change.
 //! cert-manager renews the certificate into a Secret, and the kubelet updates a Secret volume by
 //! writing a new directory and swapping the `..data` symlink the files point through, so the
 //! files' directories are watched (inotify) and any event there re-reads both files; they are
 //! also re-read every [`RESYNC`] in case an event was missed or the files live elsewhere. A pair
 //! that reads and matches serves every new TLS connection from then on; a broken pair (a
 //! half-written file, a key of another certificate) is logged and the old pair kept.
+//!
+//! Not given (the admin port's default, as Kubernetes' own components and controller-runtime's
+//! secure metrics do), it is a self-signed certificate made at start and held in memory only.
 
 use std::{
     fs, io,
@@ -16,13 +20,48 @@ use std::{
 };
 
 use crate::dir_watch::{DirWatch, DirWatchError};
-use tokio_rustls::rustls::{
-    self,
-    crypto::ring::sign::any_supported_type,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
-    server::{ClientHello, ResolvesServerCert},
-    sign::CertifiedKey,
+use tokio::net::TcpStream;
+use tokio_rustls::{
+    TlsAcceptor,
+    rustls::{
+        self, ServerConfig,
+        crypto::ring::{self as ring_provider, sign::any_supported_type},
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+        server::{ClientHello, ResolvesServerCert},
+        sign::CertifiedKey,
+    },
+    server::TlsStream,
 };
+
+/// A server configuration: TLS 1.2 and 1.3 with ring, the protocols `alpn` by ALPN, the
+/// certificate from `cert` at each handshake.
+pub fn server_config(
+    cert: Arc<CurrentCert>,
+    alpn: &[&[u8]],
+) -> Result<ServerConfig, rustls::Error> {
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(ring_provider::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(cert);
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
+    Ok(config)
+}
+
+/// The TLS handshake of a new connection, within `timeout`; the error names the peer.
+pub async fn handshake(
+    stream: TcpStream,
+    acceptor: &TlsAcceptor,
+    timeout: Duration,
+) -> Result<TlsStream<TcpStream>, String> {
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "?".to_owned(), |peer| peer.to_string());
+    tokio::time::timeout(timeout, acceptor.accept(stream))
+        .await
+        .map_err(|_| format!("{peer}: no TLS handshake within {timeout:?}"))?
+        .map_err(|error: io::Error| format!("{peer}: TLS handshake: {error}"))
+}
 
 /// Re-read period when no event arrives.
 const RESYNC: Duration = Duration::from_secs(30);
@@ -60,6 +99,8 @@ pub enum CertError {
     },
     #[error(transparent)]
     Watch(#[from] DirWatchError),
+    #[error("cannot make a self-signed certificate: {0}")]
+    SelfSigned(#[from] rcgen::Error),
 }
 
 /// Where the certificate and its key are.
@@ -156,7 +197,24 @@ impl CurrentCert {
     }
 }
 
-/// Reads the pair once (an error here stops the webhook from starting), then follows the files on
+/// A self-signed certificate for `names` (DNS names or IP addresses), with a fresh P-256 key that
+/// never leaves the process.
+pub fn self_signed(names: Vec<String>) -> Result<Arc<CurrentCert>, CertError> {
+    let made = rcgen::generate_simple_self_signed(names)?;
+    let key = PrivateKeyDer::Pkcs8(made.signing_key.serialize_der().into());
+    let key = any_supported_type(&key).map_err(|source| CertError::Key {
+        path: PathBuf::from("(self-signed)"),
+        source,
+    })?;
+    Ok(Arc::new(CurrentCert {
+        current: RwLock::new(Arc::new(CertifiedKey::new(
+            vec![made.cert.der().clone()],
+            key,
+        ))),
+    }))
+}
+
+/// Reads the pair once (an error here stops the server from starting), then follows the files on
 /// a thread of its own for as long as the process runs.
 pub fn load_and_watch(files: CertFiles) -> Result<Arc<CurrentCert>, CertError> {
     let pems = files.read()?;
@@ -172,7 +230,7 @@ pub fn load_and_watch(files: CertFiles) -> Result<Arc<CurrentCert>, CertError> {
         refused: None,
     };
     thread::Builder::new()
-        .name("webhook-certs".to_owned())
+        .name("serving-cert".to_owned())
         .spawn(move || {
             follower.follow(&changes);
         })
