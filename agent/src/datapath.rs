@@ -56,7 +56,7 @@ use probe_bypass_common::{Addr, CidrRule, Config, ListenerKey, PodEntry, PodName
 pub use cgroup::cgroup2_mount;
 pub use counters::{Counters, DatapathCollector};
 pub use error::DatapathError;
-pub use inbound::Inbound;
+pub use inbound::{FiledListeners, Inbound};
 pub use kubelet::KubeletCgroup;
 pub use pins::{Uninstalled, dependents, mapped_addrs, uninstall};
 
