@@ -19,14 +19,15 @@ use std::{
     net::{IpAddr, Ipv4Addr},
     os::fd::AsFd as _,
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::{Mutex, mpsc},
     thread,
     time::Duration,
 };
 
 use probe_bypass::{
     datapath::{
-        self, Counters, Datapath, KubeletCgroup, PodRules, ProbeBypass, Settings, listeners,
+        self, Counters, Datapath, FiledListeners, Inbound, KubeletCgroup, PodRules, ProbeBypass,
+        Settings,
     },
     exclusions::Exclusions,
     netns::NetnsWorker,
@@ -232,6 +233,26 @@ impl Node {
             .status()
             .expect("run the client")
             .success()
+    }
+
+    /// Has the datapath hand a meshed pod's connections from other nodes to its proxy, as the
+    /// agent does when it serves the pod ([`Datapath::guard_inbound`]), with `filed` shared by the
+    /// pods of one pass.
+    fn guard_inbound_as_the_agent(&mut self, pod: &TestPod, filed: &FiledListeners) -> Inbound {
+        let shared = Mutex::new(self.datapath.take().expect("installed"));
+        let worker = NetnsWorker::spawn().expect("netns worker");
+        let inbound = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime")
+            .block_on(Datapath::guard_inbound(
+                &shared,
+                filed,
+                &worker,
+                pod.netns(),
+                pod.netns_cookie(),
+            ));
+        self.datapath = Some(shared.into_inner().expect("the datapath's lock"));
+        inbound.expect("guard the pod's inbound connections")
     }
 
     /// Attaches sk_lookup to a meshed pod's namespace, as the agent does when it serves the pod.
@@ -1033,51 +1054,62 @@ fn connections_from_another_node_meet_the_proxy_and_learn_their_original_destina
 }
 
 #[test]
-fn a_proxy_listening_before_the_programs_is_found_and_a_pod_without_one_refuses() {
+fn one_pass_takes_over_a_proxy_listening_before_the_programs_and_a_pod_without_one_refuses() {
     require_privileges!();
     // The proxy listens first; the datapath is installed afterwards, so sockops never saw it.
     let cgroup = TestCgroup::new();
-    let target = Listening::on(&cgroup, &["8080", "15003"]);
+    let older = Listening::on(&cgroup, &["8080", "15003"]);
     let mut node = Node::with_cgroup(cgroup);
-    node.mesh(&target.pod, Exclusions::default());
-    let ip = target.ip();
-    let cookie = target.pod.netns_cookie();
+    // These listen under the programs: sockops files the first one's listeners.
+    let newer = Listening::on(&node.cgroup, &["8080", "15003"]);
+    let without = Listening::on(&node.cgroup, &["8080"]);
+    for pod in [&older, &newer, &without] {
+        node.mesh(&pod.pod, Exclusions::default());
+    }
 
     // Without a listener the datapath knows, a connection from another node is refused, as the
     // mesh's redirect to a port nobody listens on is; it never reaches the app.
-    assert!(
-        !node
-            .datapath()
-            .has_listener(cookie)
-            .expect("read LISTENERS")
-    );
-    node.guard_inbound(&target.pod);
-    assert!(!node.connect_from_another_node(None, None, ip, 8080));
+    node.guard_inbound(&older.pod);
+    assert!(!node.connect_from_another_node(None, None, older.ip(), 8080));
     assert_eq!(node.counters().remote_refused, 1);
 
-    // Found among the processes of the pod's namespace, and taken over.
-    let worker = NetnsWorker::spawn().expect("netns worker");
-    let found = tokio::runtime::Runtime::new()
-        .expect("runtime")
-        .block_on(listeners::find(
-            &worker,
-            target.pod.netns(),
-            15003,
-            std::path::Path::new("/proc"),
-        ))
-        .expect("find the listener");
-    assert_eq!(
-        found.iter().map(|l| l.family).collect::<BTreeSet<_>>(),
-        [2, 10].into(),
-        "the IPv4 and the IPv6 listener"
+    // One pass over the pods, as at the agent's start: the map of listeners is read once, for
+    // all of them. The older proxy's listeners are found among the processes of its namespace
+    // and taken over.
+    let filed = FiledListeners::default();
+    let inbound = node.guard_inbound_as_the_agent(&newer.pod, &filed);
+    assert!(matches!(inbound, Inbound::Known), "{inbound:?}");
+    let inbound = node.guard_inbound_as_the_agent(&older.pod, &filed);
+    assert!(
+        matches!(inbound, Inbound::TookOver { listeners: 2, .. }),
+        "the IPv4 and the IPv6 listener: {inbound:?}"
     );
-    for listener in &found {
-        node.datapath()
-            .add_listener(cookie, listener)
-            .expect("add the listener");
+    let inbound = node.guard_inbound_as_the_agent(&without.pod, &filed);
+    assert!(
+        matches!(inbound, Inbound::TookOver { listeners: 0, .. }),
+        "{inbound:?}"
+    );
+    // A proxy that listens after the pass read the map: sockops files it, the pass does not know
+    // and takes it over, the same sockets under the same keys.
+    let late = Listening::on(&node.cgroup, &["8080", "15003"]);
+    node.mesh(&late.pod, Exclusions::default());
+    let inbound = node.guard_inbound_as_the_agent(&late.pod, &filed);
+    assert!(
+        matches!(inbound, Inbound::TookOver { listeners: 2, .. }),
+        "{inbound:?}"
+    );
+
+    for pod in [&older, &newer, &late] {
+        assert!(node.connect_from_another_node(None, None, pod.ip(), 8080));
+        assert_eq!(pod.next(), format!("15003 {}:8080", pod.ip()));
     }
-    assert!(node.connect_from_another_node(None, None, ip, 8080));
-    assert_eq!(target.next(), format!("15003 {ip}:8080"));
+    // sk_lookup is attached without a listener too: refused, not let past the proxy.
+    assert!(!node.connect_from_another_node(None, None, without.ip(), 8080));
+    assert_eq!(node.counters().remote_refused, 2);
+    for pod in [&older, &newer, &without, &late] {
+        let links = netns_links(pod.pod.netns().id().ino).unwrap_or_else(|error| panic!("{error}"));
+        assert_eq!(links.len(), 1, "sk_lookup attached to each pod");
+    }
 }
 
 #[test]

@@ -94,7 +94,9 @@ use std::{
 
 use ipnet::IpNet;
 use probe_bypass::{
-    datapath::{self, Counters, Datapath, Inbound, PodRules, ProbeBypass, Settings},
+    datapath::{
+        self, Counters, Datapath, FiledListeners, Inbound, PodRules, ProbeBypass, Settings,
+    },
     exclusions::Exclusions,
     netns::NetnsWorker,
     preflight,
@@ -712,6 +714,7 @@ fn guard_inbound(datapath: &Mutex<Datapath>, pod: &TestPod) {
         .expect("a runtime")
         .block_on(Datapath::guard_inbound(
             datapath,
+            &FiledListeners::default(),
             &worker,
             pod.netns(),
             pod.netns_cookie(),

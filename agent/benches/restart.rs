@@ -3,8 +3,8 @@
 //! the kubelet restarts a crashed container, and the benchmark times, from the new agent's start,
 //! until every pod's 15904 accepts again.
 //!
-//! Each size runs on its own test cgroup and a directory of the pods' manifests, twice, each time
-//! an agent started, then SIGKILLed and a new one started:
+//! Each size runs on its own test cgroup and a directory of the pods' manifests, three times, each
+//! time an agent started, then SIGKILLed and a new one started:
 //!
 //! - **baseline**: with `--datapath none`: the new agent only opens a listener in every pod;
 //! - **restart**: with the eBPF datapath (release-built, its pins on a bpffs of the run's own),
@@ -12,6 +12,8 @@
 //!   attached, so that sockops filed it in the pinned map, as on a running node). The new agent
 //!   adopts the pinned datapath (the programs and maps the dead agent left, which kept
 //!   redirecting meanwhile) and opens a listener in every pod again;
+//! - **no sidecars**: the same restart with the datapath, no pod's sidecar listening (yet): the
+//!   new agent looks for each pod's inbound listener in its namespace and finds none;
 //! - **limit**: the new agent's admin endpoint answering `/health/alive`, before any pod is
 //!   served: what a restart costs that opens no listener at all.
 //!
@@ -84,15 +86,19 @@ fn main() {
     println!();
     println!(
         "| pods | baseline: restart without the datapath, every pod answers | restart with the \
-         datapath, every pod answers | restart / baseline | limit: restarted agent alive |"
+         datapath, every pod answers | restart / baseline | same, no sidecar listening | no \
+         sidecars / baseline | limit: restarted agent alive |"
     );
-    println!("|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     for (count, times) in rows {
+        let ratio = |time: Duration| time.as_secs_f64() / times.baseline.as_secs_f64();
         println!(
-            "| {count} | {} | {} | {:.2}× | {} |",
+            "| {count} | {} | {} | {:.2}× | {} | {:.2}× | {} |",
             millis(times.baseline),
             millis(times.restart),
-            times.restart.as_secs_f64() / times.baseline.as_secs_f64(),
+            ratio(times.restart),
+            millis(times.no_sidecars),
+            ratio(times.no_sidecars),
             millis(times.alive),
         );
     }
@@ -101,6 +107,7 @@ fn main() {
 struct Times {
     baseline: Duration,
     restart: Duration,
+    no_sidecars: Duration,
     alive: Duration,
 }
 
@@ -143,6 +150,11 @@ fn run(pods: &[TestPod]) -> Times {
         "== {} pods: restart without the datapath {baseline:?}",
         pods.len()
     );
+    let (no_sidecars, _) = restart(&ebpf, &|| {});
+    eprintln!(
+        "== {} pods: restart with the datapath, no sidecars {no_sidecars:?}",
+        pods.len()
+    );
     let sidecars = std::cell::RefCell::new(Vec::new());
     let (with_datapath, alive) = restart(&ebpf, &|| {
         // The sidecars start listening under the programs, as on a running node.
@@ -160,6 +172,7 @@ fn run(pods: &[TestPod]) -> Times {
     Times {
         baseline,
         restart: with_datapath,
+        no_sidecars,
         alive,
     }
 }

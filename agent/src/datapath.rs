@@ -24,7 +24,8 @@
 //! - `load`: the embedded object loaded against the pinned maps, its programs attached.
 //! - `pods`: the pods' entries and exclusion rules in the maps, kept as diffs.
 //! - `inbound`: connections from other nodes, through sk_lookup and the proxies' listeners
-//!   ([`listeners`] finds those that listened before the programs were attached).
+//!   ([`listeners`] finds those that listened before the programs were attached, asking
+//!   `sock_diag` for the listening sockets of a pod's namespace).
 //! - `counters`: the event counters, and their `/metrics` collector.
 //! - `pins`: where everything is pinned, and [`uninstall`].
 
@@ -37,6 +38,7 @@ pub mod listeners;
 mod load;
 mod pins;
 mod pods;
+mod sock_diag;
 mod sys;
 
 use std::{
@@ -54,7 +56,7 @@ use probe_bypass_common::{Addr, CidrRule, Config, ListenerKey, PodEntry, PodName
 pub use cgroup::cgroup2_mount;
 pub use counters::{Counters, DatapathCollector};
 pub use error::DatapathError;
-pub use inbound::Inbound;
+pub use inbound::{FiledListeners, Inbound};
 pub use kubelet::KubeletCgroup;
 pub use pins::{Uninstalled, dependents, mapped_addrs, uninstall};
 

@@ -4,9 +4,10 @@
 //! The sockops program files every socket that starts listening on the inbound port, in any
 //! namespace, from the moment it is attached. Listeners older than that (the agent's first start on
 //! a node with meshed pods running, or maps of a new layout) are found here instead: the socket's
-//! inode in the pod namespace's TCP table, the process holding it among the host's processes, and a
-//! duplicate of its descriptor through `pidfd_getfd` (Linux 5.6+, CAP_SYS_PTRACE). The pids under
-//! the host's /proc must be the agent's own: it shares the host's PID namespace (`hostPID`).
+//! inode among the listening TCP sockets of the pod's namespace, the process holding it among the
+//! host's processes, and a duplicate of its descriptor through `pidfd_getfd` (Linux 5.6+,
+//! CAP_SYS_PTRACE). The pids under the host's /proc must be the agent's own: it shares the host's
+//! PID namespace (`hostPID`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -16,6 +17,7 @@ use std::{
     sync::Arc,
 };
 
+use super::sock_diag;
 use crate::netns::{Netns, NetnsError, NetnsId, NetnsWorker};
 
 const AF_INET: u32 = 2;
@@ -88,8 +90,28 @@ pub async fn find(
 }
 
 /// The inodes of the sockets listening on `port` in the calling thread's namespace, with their
-/// families.
+/// families: asked of sock_diag, or read from /proc/net/tcp(6) where the kernel does not answer it
+/// (no `inet_diag` module), which is much slower (see [`sock_diag`]).
 fn listening_inodes(port: u16) -> io::Result<BTreeMap<u64, u32>> {
+    let mut inodes = BTreeMap::new();
+    for family in [AF_INET, AF_INET6] {
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "AF_INET and AF_INET6 fit in u8"
+        )]
+        match sock_diag::listening_inodes(family as u8, port) {
+            Ok(found) => inodes.extend(found.into_iter().map(|inode| (inode, family))),
+            Err(error) => {
+                log::debug!("sock_diag cannot list the listening sockets ({error}): reading /proc");
+                return table_inodes(port);
+            }
+        }
+    }
+    Ok(inodes)
+}
+
+/// [`listening_inodes`] from the namespace's /proc/net/tcp and tcp6 tables.
+fn table_inodes(port: u16) -> io::Result<BTreeMap<u64, u32>> {
     let mut inodes = BTreeMap::new();
     for (table, family) in [("tcp", AF_INET), ("tcp6", AF_INET6)] {
         let path = Path::new("/proc/thread-self/net").join(table);
@@ -236,6 +258,16 @@ mod tests {
         let table =
             "header\n   0: 00000000:3A9B\n   1: nonsense 00000000:0000 0A x x x x x notanumber\n";
         assert!(parse_listeners(table, 15003).is_empty());
+    }
+
+    #[test]
+    fn sock_diag_and_the_tables_find_the_same_listeners() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let port = listener.local_addr().expect("its port").port();
+        let found = listening_inodes(port).expect("sock_diag");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found.values().collect::<Vec<_>>(), [&AF_INET]);
+        assert_eq!(found, table_inodes(port).expect("the tables"));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Entry, RETRY, Reconciler, ServeError, State, pods::pod_rules};
 use crate::{
-    datapath::{Datapath, Inbound},
+    datapath::{Datapath, FiledListeners, Inbound},
     netns::{Netns, NetnsError, NetnsId, netns_cookie},
     pod::{Pod, PodKey},
     serve::healthcheck::{self, Endpoint},
@@ -18,16 +18,17 @@ use crate::{
 impl Reconciler {
     /// Opens `pod`'s listener and returns the resulting state. A failure is logged when it first
     /// happens or changes, not on every retry; `failing_since` is when the failures began, if this
-    /// is a retry.
+    /// is a retry. `filed` is shared by the pods of one pass ([`FiledListeners`]).
     pub(super) async fn start(
         &self,
         pod: &Pod,
         sender: &watch::Sender<Arc<Pod>>,
+        filed: &FiledListeners,
         attempts: u32,
         previous_error: Option<&str>,
         failing_since: Option<Instant>,
     ) -> State {
-        match self.open(pod, sender).await {
+        match self.open(pod, sender, filed).await {
             Ok(state) => {
                 if attempts > 0 {
                     log::info!("pod {} served after {attempts} failed attempts", pod.key);
@@ -63,6 +64,7 @@ impl Reconciler {
         &self,
         pod: &Pod,
         sender: &watch::Sender<Arc<Pod>>,
+        filed: &FiledListeners,
     ) -> Result<State, ServeError> {
         let netns = Arc::new(Netns::open(&pod.netns.path())?);
         if let Some(expected) = pod.netns.expected()
@@ -78,7 +80,7 @@ impl Reconciler {
             self.ctx
                 .metrics
                 .in_datapath(&pod.key, pod.replaced_mesh_init);
-            self.guard_inbound(pod, &netns, cookie).await?;
+            self.guard_inbound(pod, &netns, cookie, filed).await?;
             cookie
         } else {
             0
@@ -184,11 +186,12 @@ impl Reconciler {
         pod: &Pod,
         netns: &Arc<Netns>,
         cookie: u64,
+        filed: &FiledListeners,
     ) -> Result<(), ServeError> {
         let Some(datapath) = &self.datapath else {
             return Ok(());
         };
-        match Datapath::guard_inbound(datapath, &self.ctx.worker, netns, cookie).await? {
+        match Datapath::guard_inbound(datapath, filed, &self.ctx.worker, netns, cookie).await? {
             Inbound::Known | Inbound::TookOver { listeners: 0, .. } => {}
             Inbound::TookOver { port, .. } => log::info!(
                 "pod {}: took over its proxy's inbound listener on port {port}",
@@ -205,7 +208,7 @@ impl Reconciler {
 
     /// Replaces the listener of `key`: the new one is bound before the old one closes (SO_REUSEPORT),
     /// so a pod that moved keeps answering throughout.
-    pub(super) async fn restart(&mut self, key: &PodKey, attempts: u32) {
+    pub(super) async fn restart(&mut self, key: &PodKey, attempts: u32, filed: &FiledListeners) {
         let Some(entry) = self.entries.get(key) else {
             return;
         };
@@ -215,7 +218,14 @@ impl Reconciler {
             State::Listening { .. } => (None, None),
         };
         let state = self
-            .start(&pod, &entry.pod, attempts, previous_error, failing_since)
+            .start(
+                &pod,
+                &entry.pod,
+                filed,
+                attempts,
+                previous_error,
+                failing_since,
+            )
             .await;
         if let Some(entry) = self.entries.get_mut(key) {
             let old = std::mem::replace(&mut entry.state, state);
@@ -247,8 +257,9 @@ impl Reconciler {
                 _ => None,
             })
             .collect();
+        let filed = FiledListeners::default();
         for (key, attempts) in due {
-            self.restart(&key, attempts).await;
+            self.restart(&key, attempts, &filed).await;
         }
     }
 
@@ -268,9 +279,10 @@ impl Reconciler {
             })
             .map(|(key, _)| key.clone())
             .collect();
+        let filed = FiledListeners::default();
         for key in stale {
             log::warn!("pod {key}: its network namespace is gone or was replaced; reopening");
-            self.restart(&key, 0).await;
+            self.restart(&key, 0, &filed).await;
         }
     }
 

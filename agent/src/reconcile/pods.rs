@@ -11,7 +11,7 @@ use tokio::{sync::watch, time::Instant};
 
 use super::{Entry, Reconciler, State};
 use crate::{
-    datapath::PodRules,
+    datapath::{FiledListeners, PodRules},
     pod::{Pod, PodKey},
     source::{PodSet, Snapshot},
 };
@@ -94,12 +94,14 @@ impl Reconciler {
                 log::info!("pod {key} removed: listener closed");
             }
         }
+        // The pods this pass starts or restarts read the datapath's listeners once between them.
+        let filed = FiledListeners::default();
         for (key, pod) in pods {
             let Some(entry) = self.entries.get(key) else {
                 log::info!("pod {key} added: ip {}, netns {}", pod.ip, pod.netns);
                 self.report_annotation_errors(pod);
                 let (sender, _) = watch::channel(Arc::clone(pod));
-                let state = self.start(pod, &sender, 0, None, None).await;
+                let state = self.start(pod, &sender, &filed, 0, None, None).await;
                 self.entries
                     .insert(key.clone(), Entry { pod: sender, state });
                 continue;
@@ -125,7 +127,7 @@ impl Reconciler {
                 self.forget_in_datapath(key, current.ip);
             }
             if moved || matches!(entry.state, State::Failing { .. }) {
-                self.restart(key, 0).await;
+                self.restart(key, 0, &filed).await;
             } else if let State::Listening { cookie, .. } = entry.state {
                 match self.with_datapath(|datapath| datapath.upsert_pod(&pod_rules(pod, cookie))) {
                     Ok(Some(())) => self.ctx.metrics.in_datapath(key, pod.replaced_mesh_init),
@@ -134,7 +136,7 @@ impl Reconciler {
                         log::error!(
                             "pod {key}: cannot update it in the datapath: {error}; retrying"
                         );
-                        self.restart(key, 0).await;
+                        self.restart(key, 0, &filed).await;
                     }
                 }
             }
