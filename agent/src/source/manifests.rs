@@ -211,12 +211,17 @@ fn read_manifest(path: &Path) -> Result<crate::pod::Parsed, String> {
         ));
     }
     let text = fs::read_to_string(path).map_err(|e| e.to_string())?;
+    parse(&text)
+}
+
+/// Reads the text of a manifest file: one Pod, in YAML or JSON.
+pub fn parse(text: &str) -> Result<crate::pod::Parsed, String> {
     if text.trim().is_empty() {
         return Err("the file is empty".to_owned());
     }
     // YAML is a superset of JSON, so one parser reads both.
     let doc: serde_json::Value =
-        serde_norway::from_str(&text).map_err(|e| format!("not valid YAML or JSON: {e}"))?;
+        serde_norway::from_str(text).map_err(|e| format!("not valid YAML or JSON: {e}"))?;
     Pod::from_manifest(doc).map_err(|e| e.to_string())
 }
 
