@@ -80,6 +80,8 @@ impl AppPod {
 pub struct HostConnector;
 
 impl probe_bypass::serve::prober::Connector for HostConnector {
+    type Stream = TcpStream;
+
     async fn connect(
         &self,
         addr: SocketAddr,

@@ -18,7 +18,10 @@ mod tls;
 
 use std::{future::Future, net::SocketAddr, pin::pin, sync::Arc, time::Duration};
 
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 
 use crate::{
     dial::{StreamError, connect_stream},
@@ -95,10 +98,13 @@ pub const DEFAULT_USER_AGENT: &str = "kube-probe";
 /// Makes the TCP connections a probe talks over. The probe bounds the whole of its time, so a
 /// connector need not.
 pub trait Connector: Sync {
+    /// The connection: a [`TcpStream`] in the agent; any byte stream a probe can talk over.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
     fn connect(
         &self,
         addr: SocketAddr,
-    ) -> impl Future<Output = Result<TcpStream, StreamError>> + Send;
+    ) -> impl Future<Output = Result<Self::Stream, StreamError>> + Send;
 }
 
 /// The agent's connector: connections made from inside a pod's network namespace, like the app's
@@ -118,6 +124,8 @@ impl NetnsConnector {
 }
 
 impl Connector for NetnsConnector {
+    type Stream = TcpStream;
+
     async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, StreamError> {
         connect_stream(&self.worker, &self.netns, addr).await
     }

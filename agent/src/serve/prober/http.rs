@@ -374,16 +374,13 @@ async fn exchange<C: Connector>(
 pub async fn connect_first<C: Connector>(
     connector: &C,
     probe: &HttpProbe,
-) -> Result<tokio::net::TcpStream, HttpError> {
+) -> Result<C::Stream, HttpError> {
     connect(connector, &probe.url).await
 }
 
 /// Connects to the URL's host: its address, or each address its name resolves to in turn (in the
 /// agent's own network namespace, the node's, where the kubelet resolves it too).
-async fn connect<C: Connector>(
-    connector: &C,
-    url: &Url,
-) -> Result<tokio::net::TcpStream, HttpError> {
+async fn connect<C: Connector>(connector: &C, url: &Url) -> Result<C::Stream, HttpError> {
     let addrs: Vec<SocketAddr> = match url.host.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, url.port)],
         Err(_) => tokio::net::lookup_host((url.host.as_str(), url.port))
