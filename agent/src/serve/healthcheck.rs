@@ -26,6 +26,16 @@ use std::{
 
 pub use listener::{Context, Endpoint, bind, serve};
 
+/// What a request read by [`http::read_request`] asks of a pod, on the healthcheck's port and on a
+/// probe kind's, for the fuzz targets in `fuzz/`.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::{
+        handler::{HEADERS, Rejection, Route, route},
+        probes::route as probes_route,
+    };
+}
+
 /// Which address of the pod a probe connects to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum TcpTarget {

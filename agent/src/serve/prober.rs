@@ -28,6 +28,16 @@ use crate::{
     netns::{Netns, NetnsWorker},
 };
 
+/// The prober's parsers of what an app sends, for the fuzz targets in `fuzz/`: the gRPC health
+/// response's framing and where a redirect leads.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::{
+        health_proto::{DecodeError, ServingStatus, decode_response},
+        redirect::{Decision, MAX_REQUESTS, RedirectError, Scheme, Url, decide},
+    };
+}
+
 /// What the kubelet makes of a probe's answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
