@@ -13,10 +13,11 @@
 //!   redirects"), so at most 9 redirects are followed.
 //! - A `Location` that cannot be parsed fails the probe, and so does a followed one whose scheme is
 //!   neither http nor https.
-//! - A relative `Location` is resolved against the URL of the request it answers (RFC 3986). The
-//!   probe's `Host` header is kept only when the `Location` has no scheme; the other headers are kept
-//!   on every followed redirect, and `Referer` names the request redirected from (not after a move
-//!   from https to http).
+//! - A relative `Location` is resolved against the URL of the request it answers (RFC 3986; as in
+//!   Go, dot segments are removed even from a path taken whole from that URL). The probe's `Host`
+//!   header is kept only when the `Location` has no scheme; the other headers are kept on every
+//!   followed redirect, and `Referer` names the request redirected from (not after a move from
+//!   https to http).
 
 use std::fmt;
 
@@ -221,15 +222,17 @@ impl<'a> Reference<'a> {
         })
     }
 
-    /// Resolves the reference against `base` (RFC 3986 §5.2.2).
+    /// Resolves the reference against `base` (RFC 3986 §5.2.2), as Go's `ResolveReference` does.
     fn resolve(self, base: &Url) -> Resolved {
         let (host, port, path, query) = match (self.scheme, self.authority) {
             (_, Some((host, port))) => (host, port, remove_dot_segments(&self.path), self.query),
             // A scheme without an authority (`mailto:x`) names no host at all.
             (Some(_), None) => (String::new(), None, self.path, self.query),
             (None, None) => {
+                // Go removes the dot segments of a path taken whole from the base too, where
+                // RFC 3986 leaves it as it is: the probe's own path is sent as written.
                 let path = if self.path.is_empty() {
-                    base.path().to_owned()
+                    remove_dot_segments(base.path())
                 } else if self.path.starts_with('/') {
                     remove_dot_segments(&self.path)
                 } else {
@@ -400,6 +403,16 @@ mod tests {
         assert_eq!(follow(base, ""), "http://10.1.2.3:8080/app/health?x=1");
         assert_eq!(follow(base, "/a/./b/../c#frag"), "http://10.1.2.3:8080/a/c");
         assert_eq!(follow(base, "//10.1.2.3:9090/x"), "http://10.1.2.3:9090/x");
+    }
+
+    #[test]
+    fn a_location_without_a_path_drops_the_dot_segments_of_the_request_path() {
+        // The probe's own path is sent as written; Go's client resolves a redirect's path through
+        // its dot-segment removal even when the Location has no path of its own.
+        let base = "http://10.1.2.3:8080/app/../health/./?x=1";
+        assert_eq!(follow(base, "?y=2"), "http://10.1.2.3:8080/health/?y=2");
+        assert_eq!(follow(base, ""), "http://10.1.2.3:8080/health/?x=1");
+        assert_eq!(follow(base, "#top"), "http://10.1.2.3:8080/health/?x=1");
     }
 
     #[test]
