@@ -282,8 +282,10 @@ fn two_pods_on_the_same_port_are_answered_independently() {
     }
 }
 
+/// How fast is for the reconcile benchmark to say (`cargo xtask bench reconcile`); here the
+/// bound only turns a pod that is never served into a failure instead of a hang.
 #[test]
-fn pod_added_while_running_is_answered_within_a_second() {
+fn pod_added_while_running_is_answered() {
     require_privileges!();
     let dir = ManifestDir::new();
     let agent = Agent::start(&dir.path, &[]);
@@ -298,8 +300,8 @@ fn pod_added_while_running_is_answered_within_a_second() {
             break;
         }
         assert!(
-            written.elapsed() < Duration::from_secs(1),
-            "no listener 1 s after the manifest appeared:\n{}",
+            written.elapsed() < Duration::from_secs(10),
+            "no listener 10 s after the manifest appeared:\n{}",
             agent.log_text()
         );
         std::thread::sleep(Duration::from_millis(10));

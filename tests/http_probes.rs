@@ -29,7 +29,7 @@ use probe_bypass_testing::{
     agent::{Agent, ManifestDir},
     kubelet,
     pod::TestPod,
-    probe_apps::{AppPod, CLOSED_PORT, GRPC_PORT, HTTP_PORT, HTTPS_PORT, HostConnector},
+    probe_apps::{AppPod, CLOSED_PORT, GRPC_PORT, HTTP_PORT, HTTPS_PORT, HostConnector, SLOW},
 };
 use serde_json::{Value, json};
 
@@ -376,9 +376,14 @@ fn check(case: &Case, style: Style, direct: &Outcome, relayed: &Outcome) -> Resu
     }
     let original: Probe =
         serde_json::from_value(case.original.clone()).unwrap_or_else(|e| panic!("{e}"));
+    // Ended by the probe's own timeout, not at the slow app's pace. Only the order is checked:
+    // how close to the timeout it ends depends on the machine's load.
     let timeout = timeout_of(&original);
-    if relayed.latency > timeout + Duration::from_millis(500) {
-        return Err(format!("the rewritten probe took {:?}", relayed.latency));
+    if relayed.latency >= SLOW.max(timeout + Duration::from_secs(1)) {
+        return Err(format!(
+            "the rewritten probe took {:?}, its timeout is {timeout:?}",
+            relayed.latency
+        ));
     }
     let passes_status = case.is_http() && case.fsm_tcp_only.is_none_or(|_| style == Style::Osm);
     if passes_status && case.status.is_some() && relayed.status != case.status {
