@@ -1,6 +1,9 @@
 //! Directories watched for any change (inotify), for readers that re-read everything on a change,
 //! and every so often in case an event was lost (inotify's queue overflows): the pod manifests
 //! source and the webhook's certificate.
+//!
+//! Only events that can mean a change count ([`is_change`]): notify also reports every open of a
+//! watched file, and the readers' own re-read opens them all.
 
 use std::{
     path::{Path, PathBuf},
@@ -9,7 +12,10 @@ use std::{
     time::Duration,
 };
 
-use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
+use notify::{
+    Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _,
+    event::{AccessKind, AccessMode},
+};
 
 /// A directory that could not be watched.
 #[derive(Debug, thiserror::Error)]
@@ -34,9 +40,11 @@ impl DirWatch {
             move |source| DirWatchError { path, source }
         };
         let first = dirs.first().copied().unwrap_or(Path::new("."));
-        let mut watcher = notify::recommended_watcher(move |_event| {
-            // Any event means "re-read"; the receiver goes with the watcher.
-            let _ = changes.send(());
+        let mut watcher = notify::recommended_watcher(move |event| {
+            if is_change(&event) {
+                // Any change means "re-read"; the receiver goes with the watcher.
+                let _ = changes.send(());
+            }
         })
         .map_err(error(first))?;
         for dir in dirs {
@@ -51,11 +59,71 @@ impl DirWatch {
     }
 
     /// Returns after a change, then `debounce` more so that a burst of events is read once; or
-    /// after `resync` without one.
-    pub fn wait(&self, resync: Duration, debounce: Duration) {
-        if self.events.recv_timeout(resync).is_ok() {
-            thread::sleep(debounce);
-            while self.events.try_recv().is_ok() {}
+    /// after `resync` without one. Says whether a change ended the wait.
+    pub fn wait(&self, resync: Duration, debounce: Duration) -> bool {
+        if self.events.recv_timeout(resync).is_err() {
+            return false;
         }
+        thread::sleep(debounce);
+        while self.events.try_recv().is_ok() {}
+        true
+    }
+}
+
+/// Whether an event can mean that what is in the directory changed. notify watches for opens too
+/// (`IN_OPEN`, reported as an access), and a reader that re-reads everything opens every file: if
+/// an open counted, each re-read would start the next one a debounce later, for as long as the
+/// agent runs. With 500 pod manifests that loop took half of a 2-core node's CPU. Opens, reads and
+/// closes after reading change nothing; a close after writing (`IN_CLOSE_WRITE`) does. An error
+/// (the event queue overflowed, say) may hide a change, so it counts as one.
+fn is_change(event: &notify::Result<Event>) -> bool {
+    match event {
+        Ok(event) => match event.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+            EventKind::Access(_) => false,
+            _ => true,
+        },
+        Err(_) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+
+    /// Long enough for inotify to deliver an event of the test's own action, which comes within
+    /// milliseconds; a wait that ends without one returns `false`.
+    const SETTLE: Duration = Duration::from_millis(500);
+
+    #[test]
+    fn reading_the_files_is_no_change_and_writing_one_is() {
+        let dir = std::env::temp_dir().join(format!("pb-dir-watch-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("a temporary directory");
+        let file = dir.join("pod.yaml");
+        fs::write(&file, "a").expect("write");
+        let watch = DirWatch::new(&[&dir]).expect("watch");
+
+        // What a reader's re-read does: list the directory, open and read every file.
+        let listed: Vec<_> = fs::read_dir(&dir)
+            .expect("list")
+            .map(|entry| entry.expect("entry").path())
+            .collect();
+        for path in &listed {
+            assert_eq!(fs::read_to_string(path).expect("read"), "a");
+        }
+        assert!(
+            !watch.wait(SETTLE, Duration::ZERO),
+            "a read counted as a change"
+        );
+
+        fs::write(&file, "b").expect("rewrite");
+        assert!(watch.wait(SETTLE, Duration::ZERO), "a write was missed");
+        fs::remove_file(&file).expect("remove");
+        assert!(watch.wait(SETTLE, Duration::ZERO), "a removal was missed");
+        drop(watch);
+        fs::remove_dir_all(&dir).expect("remove the temporary directory");
     }
 }
