@@ -97,17 +97,34 @@ mod tests {
     /// milliseconds; a wait that ends without one returns `false`.
     const SETTLE: Duration = Duration::from_millis(500);
 
+    /// A directory of the test's own, removed when the test ends, a failed assertion included.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("pb-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).expect("a temporary directory");
+            Self(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn reading_the_files_is_no_change_and_writing_one_is() {
-        let dir = std::env::temp_dir().join(format!("pb-dir-watch-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("a temporary directory");
+        let temp = TempDir::new("dir-watch");
+        let dir = &temp.0;
         let file = dir.join("pod.yaml");
         fs::write(&file, "a").expect("write");
-        let watch = DirWatch::new(&[&dir]).expect("watch");
+        let watch = DirWatch::new(&[dir]).expect("watch");
 
         // What a reader's re-read does: list the directory, open and read every file.
-        let listed: Vec<_> = fs::read_dir(&dir)
+        let listed: Vec<_> = fs::read_dir(dir)
             .expect("list")
             .map(|entry| entry.expect("entry").path())
             .collect();
@@ -123,7 +140,5 @@ mod tests {
         assert!(watch.wait(SETTLE, Duration::ZERO), "a write was missed");
         fs::remove_file(&file).expect("remove");
         assert!(watch.wait(SETTLE, Duration::ZERO), "a removal was missed");
-        drop(watch);
-        fs::remove_dir_all(&dir).expect("remove the temporary directory");
     }
 }
