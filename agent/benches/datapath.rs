@@ -79,33 +79,24 @@
 )]
 
 use std::{
-    env, fmt, fs,
+    env, fmt,
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, Stdio},
-    sync::{
-        Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
 
-use ipnet::IpNet;
-use probe_bypass::{
-    datapath::{
-        self, Counters, Datapath, FiledListeners, Inbound, PodRules, ProbeBypass, Settings,
-    },
-    exclusions::Exclusions,
-    netns::NetnsWorker,
-    preflight,
-};
 use probe_bypass_testing::{
-    bench::{connect_with_reset, machine, micros, requests, run_load},
-    bpffs::TestPins,
-    cgroup::{TestCgroup, attached_programs},
-    mesh::{self, load_iptables},
+    bench::{
+        bench_may_run, catch_interrupts, client_output, command_line, connect_with_reset,
+        haproxy_version, load_average, machine, median, micros, requests, run_load, spread,
+        stop_if_interrupted,
+    },
+    cgroup::TestCgroup,
+    in_process::{InProcessDatapath, Redirects, unused_exclusions},
+    mesh::load_iptables,
+    mesh_rules::{fsm_rules_with_unused, nat_rule_count},
     pod::{App, TestPod, listener},
     sidecar::{Certificates, INBOUND_PORT, OUTBOUND_PORT, PROXY_UID, Sidecar, SidecarConfig},
 };
@@ -147,9 +138,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// A measurement that reaches this bound reports the connections it made, and says so.
 const MEASURE_LIMIT: Duration = Duration::from_secs(30);
 
-/// Set by SIGINT or SIGTERM; the run stops (and cleans up) at its next step.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
 fn main() {
     match env::var(ROLE).as_deref() {
         Ok("client") => return client::main(),
@@ -157,14 +145,10 @@ fn main() {
         Ok(other) => panic!("{ROLE}={other:?}: expected client or app"),
         Err(_) => {}
     }
-    if !probe_bypass_testing::privilege::bench_can_run("datapath") {
-        return;
-    }
-    if let Some(missing) = missing_tools() {
-        if env::var_os("CI").is_some() {
-            panic!("bench datapath: cannot run ({missing}) and CI is set");
-        }
-        eprintln!("SKIPPED bench datapath: {missing}");
+    if !bench_may_run(
+        "datapath",
+        &["haproxy", "iptables-restore", "openssl", "ss", "bpftool"],
+    ) {
         return;
     }
     catch_interrupts();
@@ -182,46 +166,6 @@ fn main() {
     drop(nodes);
     eprintln!("== done in {:.0} s", started.elapsed().as_secs_f64());
     print_report(&plan, &samples, &outside_load);
-}
-
-/// The tools the node needs besides `ip`, which the privilege check looks for.
-fn missing_tools() -> Option<String> {
-    let missing: Vec<&str> = ["haproxy", "iptables-restore", "openssl", "ss", "bpftool"]
-        .into_iter()
-        .filter(|tool| {
-            !["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-                .iter()
-                .any(|dir| Path::new(dir).join(tool).exists())
-        })
-        .collect();
-    (!missing.is_empty()).then(|| {
-        format!(
-            "{} not installed (run `cargo xtask setup`)",
-            missing.join(", ")
-        )
-    })
-}
-
-/// SIGINT and SIGTERM only set [`INTERRUPTED`]: the run then panics at its next step and the
-/// guards remove everything on the way out. The children (exec'd, so back to the default action)
-/// die of a Ctrl-C themselves, which ends the step in progress at once.
-fn catch_interrupts() {
-    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    extern "C" fn note(_: libc::c_int) {
-        INTERRUPTED.store(true, Ordering::SeqCst);
-    }
-    let action = SigAction::new(SigHandler::Handler(note), SaFlags::empty(), SigSet::empty());
-    for signal in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { sigaction(signal, &action) }.expect("install a signal handler");
-    }
-}
-
-fn stop_if_interrupted() {
-    assert!(
-        !INTERRUPTED.load(Ordering::SeqCst),
-        "interrupted; cleaning up"
-    );
 }
 
 /// How much to measure, per measurement (one path, one configuration, one round).
@@ -456,7 +400,7 @@ impl Nodes {
 /// drop in declaration order if a panic unwinds through here: the datapath's pins first, then the
 /// processes it redirects, the cgroup that holds them, and the namespaces last.
 struct Node {
-    ebpf: Option<Ebpf>,
+    ebpf: Option<InProcessDatapath>,
     /// The meshed pods' proxies: plain ones, then the mTLS ones in their place.
     sidecars: Vec<Sidecar>,
     apps: Vec<AppProcess>,
@@ -552,15 +496,15 @@ impl Node {
     /// Loads the mesh's rules with `n` exclusions of each kind into C and S, replacing their nat
     /// table.
     fn load_iptables(&self, n: usize) {
-        let (rules, count) = fsm_rules(n);
+        let (rules, count) = fsm_rules_with_unused(n);
         for pod in [&self.c, &self.s] {
             load_iptables(pod, &rules);
-            let loaded = pod
-                .exec(&["iptables", "-t", "nat", "-S"])
-                .lines()
-                .filter(|line| line.starts_with("-A "))
-                .count();
-            assert_eq!(loaded, count, "nat rules in {}", pod.netns_name);
+            assert_eq!(
+                nat_rule_count(pod),
+                count,
+                "nat rules in {}",
+                pod.netns_name
+            );
         }
     }
 
@@ -569,23 +513,14 @@ impl Node {
     fn configure_ebpf(&mut self, sk_msg: bool, n: usize, reinstall: bool, rules: bool) {
         let ebpf = match &mut self.ebpf {
             Some(ebpf) => ebpf,
-            None => self.ebpf.insert(Ebpf::new(&self.cgroup)),
+            None => self.ebpf.insert(InProcessDatapath::new(&self.cgroup)),
         };
         if reinstall {
             ebpf.install(sk_msg);
         }
         if rules {
-            let exclusions = exclusions(n);
             for pod in [&self.c, &self.s] {
-                ebpf.datapath()
-                    .upsert_pod(&PodRules {
-                        addrs: vec![IpAddr::V4(pod.ip)],
-                        netns_cookie: pod.netns_cookie(),
-                        exclusions: exclusions.clone(),
-                        dependent: None,
-                    })
-                    .expect("mesh the pod");
-                guard_inbound(ebpf.shared(), pod);
+                ebpf.mesh(pod, unused_exclusions(n));
             }
         }
     }
@@ -615,7 +550,12 @@ impl Node {
             (Some(before), Some(after)) => {
                 let delta = after.since(&before);
                 eprintln!("   {label}: {load}; {delta}");
-                delta.check(route, config.interception, load.done, &label);
+                delta.check(
+                    route.redirects(),
+                    config.interception == Interception::Ebpf { sk_msg: true },
+                    load.done as u64,
+                    &label,
+                );
             }
             _ => eprintln!("   {label}: {load}"),
         }
@@ -642,7 +582,7 @@ impl Node {
             }
         };
         args.extend(client_args.iter().map(String::as_str));
-        let mut command = match caller {
+        let command = match caller {
             // No hook of this node may run for the other node's client.
             Caller::Remote(_) => {
                 let mut command = Command::new(program);
@@ -651,18 +591,7 @@ impl Node {
             }
             Caller::Host | Caller::Pod(_) => self.cgroup.command(program, &args),
         };
-        let output = command
-            .env(ROLE, "client")
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run the client");
-        stop_if_interrupted();
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "client to {to} failed ({}): {stdout}",
-            output.status
-        );
+        let stdout = client_output(command, ROLE, to);
         Load::decode(&stdout)
             .unwrap_or_else(|| panic!("client to {to}: unexpected output {stdout:?}"))
     }
@@ -671,238 +600,10 @@ impl Node {
     fn redirects(&self, interception: Interception) -> Option<Redirects> {
         match interception {
             Interception::Direct => None,
-            Interception::Iptables => Some(Redirects {
-                inbound: redirect_packets(&self.s, "FSM_PROXY_IN_REDIRECT"),
-                outbound: redirect_packets(&self.c, "FSM_PROXY_OUT_REDIRECT"),
-                sk_msg: None,
-            }),
-            Interception::Ebpf { .. } => {
-                let Counters {
-                    redirected_inbound,
-                    redirected_outbound,
-                    sk_msg_redirected,
-                    remote_redirected,
-                    ..
-                } = self
-                    .ebpf
-                    .as_ref()
-                    .expect("installed")
-                    .shared()
-                    .lock()
-                    .expect("no panic while it was shared")
-                    .counters()
-                    .expect("read the datapath's counters");
-                Some(Redirects {
-                    // Same-node at connect(), cross-node at sk_lookup: both meet S's proxy.
-                    inbound: redirected_inbound + remote_redirected,
-                    outbound: redirected_outbound,
-                    sk_msg: Some(sk_msg_redirected),
-                })
-            }
-        }
-    }
-}
-
-/// Has the datapath hand `pod`'s connections from other nodes to its proxy, as the agent does
-/// when it serves a pod ([`Datapath::guard_inbound`]): its proxy's listener (started before the
-/// datapath, so sockops never saw it listen) is taken over, then sk_lookup is attached to its
-/// namespace.
-fn guard_inbound(datapath: &Mutex<Datapath>, pod: &TestPod) {
-    let worker = NetnsWorker::spawn().expect("netns worker");
-    let inbound = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("a runtime")
-        .block_on(Datapath::guard_inbound(
-            datapath,
-            &FiledListeners::default(),
-            &worker,
-            pod.netns(),
-            pod.netns_cookie(),
-        ))
-        .expect("guard the pod's inbound connections");
-    assert!(
-        matches!(
-            inbound,
-            Inbound::Known | Inbound::TookOver { listeners: 1.., .. }
-        ),
-        "no proxy listens in {}: {inbound:?}",
-        pod.netns_name
-    );
-}
-
-/// Redirected connections (and, for eBPF, messages sk_msg moved).
-#[derive(Clone, Copy)]
-struct Redirects {
-    inbound: u64,
-    outbound: u64,
-    sk_msg: Option<u64>,
-}
-
-impl Redirects {
-    fn since(&self, before: &Self) -> Self {
-        Self {
-            inbound: self.inbound.saturating_sub(before.inbound),
-            outbound: self.outbound.saturating_sub(before.outbound),
-            sk_msg: self
-                .sk_msg
-                .zip(before.sk_msg)
-                .map(|(now, then)| now.saturating_sub(then)),
-        }
-    }
-
-    /// Panics unless at least `done` connections met each redirect the route passes, and sk_msg
-    /// moved messages exactly when it is on.
-    fn check(&self, route: Route, interception: Interception, done: usize, label: &str) {
-        let done = done as u64;
-        let (inbound, outbound) = route.redirects();
-        assert!(
-            !inbound || self.inbound >= done,
-            "{label}: {} inbound redirects for {done} connections",
-            self.inbound
-        );
-        assert!(
-            !outbound || self.outbound >= done,
-            "{label}: {} outbound redirects for {done} connections",
-            self.outbound
-        );
-        if let (Interception::Ebpf { sk_msg }, Some(moved)) = (interception, self.sk_msg) {
-            assert_eq!(moved > 0, sk_msg, "{label}: sk_msg moved {moved} messages");
-        }
-    }
-}
-
-impl fmt::Display for Redirects {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "redirected: {} inbound, {} outbound",
-            self.inbound, self.outbound
-        )?;
-        if let Some(moved) = self.sk_msg {
-            write!(f, "; sk_msg moved {moved} messages")?;
-        }
-        Ok(())
-    }
-}
-
-/// Packets (first packets of connections, for a nat rule) through the first rule of `chain`, the
-/// REDIRECT.
-fn redirect_packets(pod: &TestPod, chain: &str) -> u64 {
-    let listing = pod.exec(&["iptables", "-t", "nat", "-L", chain, "-n", "-v", "-x"]);
-    listing
-        .lines()
-        .find_map(|line| {
-            // `pkts bytes target ...`: the rule's line, not the chain's heading.
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            (fields.get(2) == Some(&"REDIRECT")).then(|| fields[0].parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("no REDIRECT counter in {chain}:\n{listing}"))
-}
-
-/// The mesh's rules with `n` exclusions of each kind, and how many rules that makes.
-fn fsm_rules(n: usize) -> (String, usize) {
-    let rules = mesh::fsm_rules(&excluded_ports(n), &excluded_cidrs(n), &excluded_ports(n));
-    let count = rules.lines().filter(|line| line.starts_with("-A ")).count();
-    (rules, count)
-}
-
-/// Ports that none of the traffic uses: 20000 and up.
-fn excluded_ports(n: usize) -> Vec<u16> {
-    (0..n)
-        .map(|i| 20_000 + u16::try_from(i).expect("fewer than 45,000 exclusions"))
-        .collect()
-}
-
-/// /24s in 10.0.0.0/8, which none of the traffic goes to (the pods are in 198.18.0.0/15).
-fn excluded_cidrs(n: usize) -> Vec<IpNet> {
-    (0..n)
-        .map(|i| {
-            let net = format!("10.{}.{}.0/24", i / 256 % 256, i % 256);
-            net.parse().expect("a CIDR")
-        })
-        .collect()
-}
-
-/// The datapath's form of the same exclusions as [`fsm_rules`] adds.
-fn exclusions(n: usize) -> Exclusions {
-    Exclusions {
-        inbound_ports: excluded_ports(n).into_iter().collect(),
-        outbound_ports: excluded_ports(n).into_iter().collect(),
-        outbound_ip_ranges: excluded_cidrs(n).into_iter().collect(),
-        outbound_ip_range_inclusions: Default::default(),
-    }
-}
-
-/// The datapath installed under the node's cgroup, pinned on a bpffs of this run's own. On drop
-/// the handles go, the pins are uninstalled (with the bpffs), and nothing may be left attached to
-/// the cgroup.
-struct Ebpf {
-    /// Behind a mutex only because [`Datapath::guard_inbound`] takes the agent's shared datapath.
-    datapath: Option<Mutex<Datapath>>,
-    pins: TestPins,
-    cgroup: PathBuf,
-}
-
-impl Ebpf {
-    fn new(cgroup: &TestCgroup) -> Self {
-        let pins = TestPins::new();
-        preflight::check(&preflight::DATAPATH_NEEDS, Some(cgroup.path()), pins.path())
-            .expect("host checks");
-        Self {
-            datapath: None,
-            pins,
-            cgroup: cgroup.path().to_owned(),
-        }
-    }
-
-    /// Installs, or reinstalls over the pins with new settings as a restarted agent would; pods
-    /// stay in the pinned maps.
-    fn install(&mut self, sk_msg: bool) {
-        self.datapath = None;
-        let settings = Settings {
-            proxy_uid: PROXY_UID,
-            inbound_port: INBOUND_PORT,
-            outbound_port: OUTBOUND_PORT,
-            probe_ports: [15010, 15901, 15902, 15903, 15904].into(),
-            probe_bypass: ProbeBypass::Host,
-            sk_msg,
-            node: Exclusions::default(),
-            proc_root: "/proc".into(),
-        };
-        self.datapath = Some(Mutex::new(
-            Datapath::install(&self.cgroup, self.pins.path(), settings)
-                .unwrap_or_else(|error| panic!("install: {:?}", anyhow::Error::new(error))),
-        ));
-    }
-
-    fn datapath(&mut self) -> &mut Datapath {
-        self.datapath
-            .as_mut()
-            .expect("installed")
-            .get_mut()
-            .expect("no panic while it was shared")
-    }
-
-    fn shared(&self) -> &Mutex<Datapath> {
-        self.datapath.as_ref().expect("installed")
-    }
-}
-
-impl Drop for Ebpf {
-    fn drop(&mut self) {
-        self.datapath = None;
-        match datapath::uninstall(self.pins.path()) {
-            Ok(report) if report.left.is_empty() => {}
-            Ok(report) => eprintln!("uninstall left {:?} behind", report.left),
-            Err(error) => eprintln!("uninstall {}: {error}", self.pins.path().display()),
-        }
-        match attached_programs(&self.cgroup) {
-            Ok(attached) if attached.is_empty() => {}
-            Ok(attached) => eprintln!(
-                "after uninstall, {} still has {attached:?}",
-                self.cgroup.display()
-            ),
-            Err(error) => eprintln!("{error}"),
+            Interception::Iptables => Some(Redirects::of_iptables(&self.s, &self.c)),
+            Interception::Ebpf { .. } => Some(Redirects::of_datapath(
+                self.ebpf.as_ref().expect("installed"),
+            )),
         }
     }
 }
@@ -1176,14 +877,7 @@ struct Row<'a> {
 
 impl Row<'_> {
     fn median(&self, of: impl Fn(&Load) -> f64) -> f64 {
-        let mut values: Vec<f64> = self.loads.iter().map(|load| of(load)).collect();
-        values.sort_by(f64::total_cmp);
-        let middle = values.len() / 2;
-        if values.len() % 2 == 1 {
-            values[middle]
-        } else {
-            (values[middle - 1] + values[middle]) / 2.0
-        }
+        median(self.loads.iter().map(|load| of(load)).collect())
     }
 
     fn rate(&self) -> f64 {
@@ -1192,11 +886,8 @@ impl Row<'_> {
 
     /// Half the range of the rounds' rates, as a share of their median.
     fn spread(&self) -> String {
-        let rates = self.loads.iter().map(|load| load.per_second());
-        let (low, high) = rates.fold((f64::MAX, 0.0_f64), |(low, high), rate| {
-            (low.min(rate), high.max(rate))
-        });
-        format!("{:.0}%", (high - low) / 2.0 / self.rate() * 100.0)
+        let rates: Vec<f64> = self.loads.iter().map(|load| load.per_second()).collect();
+        spread(&rates)
     }
 
     fn p50(&self) -> String {
@@ -1259,11 +950,6 @@ fn iptables_twin(config: Config) -> Option<Config> {
 }
 
 fn print_report(plan: &Plan, samples: &[Sample], outside_load: &str) {
-    let skip = if env::var_os("AYA_BUILD_SKIP").is_some() {
-        "AYA_BUILD_SKIP=1 "
-    } else {
-        ""
-    };
     let exclusions = |row: &Row<'_>| {
         row.config
             .exclusions
@@ -1271,9 +957,7 @@ fn print_report(plan: &Plan, samples: &[Sample], outside_load: &str) {
     };
     let twin_rate =
         |route, config| iptables_twin(config).and_then(|twin| rate_of(samples, route, twin));
-    println!(
-        "command: `{skip}cargo bench -p probe-bypass --bench datapath` (`cargo xtask bench datapath`)"
-    );
+    println!("{}", command_line("datapath"));
     println!(
         "machine: {}; load average before the run {outside_load}",
         machine()
@@ -1295,11 +979,11 @@ fn print_report(plan: &Plan, samples: &[Sample], outside_load: &str) {
          N: per meshed pod N inbound ports + N outbound ports + N outbound CIDRs, none matching \
          the traffic; under iptables {} nat rules per pod at N = {}, {} at N = {} (the fixture \
          alone: {})",
-        fsm_rules(EXCLUSIONS[0]).1,
+        fsm_rules_with_unused(EXCLUSIONS[0]).1,
         EXCLUSIONS[0],
-        fsm_rules(EXCLUSIONS[2]).1,
+        fsm_rules_with_unused(EXCLUSIONS[2]).1,
         EXCLUSIONS[2],
-        fsm_rules(0).1
+        fsm_rules_with_unused(0).1
     );
     println!();
     println!("Connect + first byte:");
@@ -1371,27 +1055,4 @@ fn print_report(plan: &Plan, samples: &[Sample], outside_load: &str) {
             ratio(rate, twin_rate(Route::PodToPodMtls, row.config)),
         );
     }
-}
-
-/// The machine's load averages (1, 5, 15 minutes): other work on the two cores moves every figure.
-fn load_average() -> String {
-    let text = fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    text.split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn haproxy_version() -> String {
-    Command::new("haproxy")
-        .arg("-v")
-        .output()
-        .ok()
-        .and_then(|output| {
-            String::from_utf8_lossy(&output.stdout)
-                .split_whitespace()
-                .nth(2)
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| "?".to_owned())
 }

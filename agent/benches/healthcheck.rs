@@ -42,7 +42,8 @@ use probe_bypass_rewrite::{ProbeKind, Style, rewrite_in_place};
 use probe_bypass_testing::{
     agent::{Agent, ManifestDir, Memory},
     bench::{
-        Measured, connect_with_reset, create_pods, delete_pods, machine, micros, requests, run_load,
+        Measured, command_line, connect_with_reset, create_pods, delete_pods, machine, micros,
+        requests, run_load,
     },
     kubelet,
     pod::{App, TestPod},
@@ -382,12 +383,7 @@ fn mib(kib: u64) -> String {
 }
 
 fn print_report(requests: usize, rows: &[Row]) {
-    let skip = if std::env::var_os("AYA_BUILD_SKIP").is_some() {
-        "AYA_BUILD_SKIP=1 "
-    } else {
-        ""
-    };
-    println!("command: `{skip}cargo bench -p probe-bypass --bench healthcheck`");
+    println!("{}", command_line("healthcheck"));
     println!("machine: {}", machine());
     println!(
         "load: {requests} requests per path and size after a warm-up, {CLIENTS} client threads, \

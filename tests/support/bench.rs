@@ -7,7 +7,9 @@ use std::{
     net::{SocketAddr, TcpStream},
     ops::RangeInclusive,
     panic,
-    sync::atomic::{AtomicUsize, Ordering},
+    path::Path,
+    process::Command,
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -28,6 +30,163 @@ pub fn machine() -> String {
         .map(|(_, model)| model.trim().to_owned())
         .unwrap_or_else(|| "unknown CPU".to_owned());
     format!("{cpus} CPUs (nproc), {model}, Linux {}", kernel.trim())
+}
+
+/// The machine's load averages (1, 5, 15 minutes): other work on the two cores moves every figure.
+pub fn load_average() -> String {
+    let text = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The installed HAProxy's version, as `haproxy -v` prints it.
+pub fn haproxy_version() -> String {
+    Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .ok()
+        .and_then(|output| {
+            String::from_utf8_lossy(&output.stdout)
+                .split_whitespace()
+                .nth(2)
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "?".to_owned())
+}
+
+/// Which of `tools` is not installed, as a sentence for a skip or failure, if any is missing.
+fn missing_tools(tools: &[&str]) -> Option<String> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|tool| {
+            !["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+                .iter()
+                .any(|dir| Path::new(dir).join(tool).exists())
+        })
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "{} not installed (run `cargo xtask setup`)",
+            missing.join(", ")
+        )
+    })
+}
+
+/// Whether benchmark `name` can run here: root (see [`crate::privilege`]) and each of `tools`
+/// installed. If not, it says why and the benchmark should return, unless `CI` is set, where a
+/// benchmark that cannot run fails.
+pub fn bench_may_run(name: &str, tools: &[&str]) -> bool {
+    if !crate::privilege::bench_can_run(name) {
+        return false;
+    }
+    let Some(missing) = missing_tools(tools) else {
+        return true;
+    };
+    if std::env::var_os("CI").is_some() {
+        panic!("bench {name}: cannot run ({missing}) and CI is set");
+    }
+    eprintln!("SKIPPED bench {name}: {missing}");
+    false
+}
+
+/// The command that ran benchmark `name`, as the report's first line gives it.
+pub fn command_line(name: &str) -> String {
+    let skip = if std::env::var_os("AYA_BUILD_SKIP").is_some() {
+        "AYA_BUILD_SKIP=1 "
+    } else {
+        ""
+    };
+    format!(
+        "command: `{skip}cargo bench -p probe-bypass --bench {name}` (`cargo xtask bench {name}`)"
+    )
+}
+
+/// Set by SIGINT or SIGTERM once [`catch_interrupts`] ran; the run stops at its next step.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// SIGINT and SIGTERM only set a flag: the run then panics at its next step
+/// ([`stop_if_interrupted`]) and the guards remove everything on the way out. Children (exec'd, so
+/// back to the default action) die of a Ctrl-C themselves, which ends the step in progress at once.
+pub fn catch_interrupts() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    extern "C" fn note(_: libc::c_int) {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+    }
+    let action = SigAction::new(SigHandler::Handler(note), SaFlags::empty(), SigSet::empty());
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(signal, &action) }.expect("install a signal handler");
+    }
+}
+
+/// Panics (so that the guards clean up) if SIGINT or SIGTERM came since [`catch_interrupts`].
+pub fn stop_if_interrupted() {
+    assert!(
+        !INTERRUPTED.load(Ordering::SeqCst),
+        "interrupted; cleaning up"
+    );
+}
+
+/// Runs a benchmark's own binary in its client role (`command`, with `role_variable=client` set
+/// here) and returns what it printed, panicking with it if the client failed. `to` names the
+/// client's target in the message.
+pub fn client_output(
+    mut command: Command,
+    role_variable: &str,
+    to: impl std::fmt::Display,
+) -> String {
+    let output = command
+        .env(role_variable, "client")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run the client");
+    stop_if_interrupted();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "client to {to} failed ({}): {stdout}",
+        output.status
+    );
+    stdout
+}
+
+/// The median of `values`, which must not be empty.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[middle]
+    } else {
+        (values[middle - 1] + values[middle]) / 2.0
+    }
+}
+
+/// Half the range of `values`, as a share of their median: `±3%`.
+pub fn spread(values: &[f64]) -> String {
+    let (low, high) = values.iter().fold((f64::MAX, f64::MIN), |(low, high), &v| {
+        (low.min(v), high.max(v))
+    });
+    format!(
+        "{:.0}%",
+        (high - low) / 2.0 / median(values.to_vec()) * 100.0
+    )
+}
+
+/// The CPU time process `pid` has used, all its threads together, user and system (the
+/// scheduler's own count, `/proc/<pid>/task/*/schedstat`, in nanoseconds). A thread that ended is
+/// no longer counted, so measure processes whose threads live as long as they do.
+pub fn cpu_time(pid: u32) -> Duration {
+    let tasks = format!("/proc/{pid}/task");
+    let entries = fs::read_dir(&tasks).unwrap_or_else(|error| panic!("read {tasks}: {error}"));
+    let nanos: u64 = entries
+        .filter_map(Result::ok)
+        .filter_map(|task| fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|line| line.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(nanos)
 }
 
 /// A duration in whole microseconds, as the reports' tables give latencies.
@@ -88,7 +247,13 @@ pub struct Measured {
 impl Measured {
     /// Nearest-rank percentile `p` (0 < p ≤ 100) of the latencies, which must not be empty.
     pub fn percentile(&self, p: usize) -> Duration {
-        let rank = (self.latencies.len() * p).div_ceil(100).max(1);
+        self.per_mille(p * 10)
+    }
+
+    /// Nearest-rank quantile `pm` per mille (0 < pm ≤ 1000), for p99.9; the latencies must not be
+    /// empty.
+    pub fn per_mille(&self, pm: usize) -> Duration {
+        let rank = (self.latencies.len() * pm).div_ceil(1000).max(1);
         self.latencies[rank - 1]
     }
 }

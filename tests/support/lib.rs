@@ -18,6 +18,7 @@ pub mod bench;
 pub mod bpffs;
 pub mod cgroup;
 pub mod ebpf_agent;
+pub mod in_process;
 pub mod injected;
 pub mod kube_api;
 pub mod kubelet;

@@ -4,8 +4,11 @@
 use std::{
     fmt, fs,
     io::Write as _,
+    net::Ipv4Addr,
     process::{Command, Stdio},
 };
+
+use ipnet::{IpNet, Ipv4Net};
 
 use crate::pod::TestPod;
 
@@ -111,4 +114,53 @@ pub fn comma_list(ports: &[u16]) -> String {
         .map(u16::to_string)
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// Packets (first packets of connections, for a nat rule) through the REDIRECT rule of `chain` in
+/// `pod`'s nat table: how a benchmark checks that the connections it made really met the rules.
+pub fn redirect_packets(pod: &TestPod, chain: &str) -> u64 {
+    let listing = pod.exec(&["iptables", "-t", "nat", "-L", chain, "-n", "-v", "-x"]);
+    listing
+        .lines()
+        .find_map(|line| {
+            // `pkts bytes target ...`: the rule's line, not the chain's heading.
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(2) == Some(&"REDIRECT")).then(|| fields[0].parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no REDIRECT counter in {chain}:\n{listing}"))
+}
+
+/// `n` ports that no benchmark traffic uses: 20000 and up.
+pub fn unused_ports(n: usize) -> Vec<u16> {
+    (0..n)
+        .map(|i| 20_000 + u16::try_from(i).expect("fewer than 45,000 ports"))
+        .collect()
+}
+
+/// `n` /24s in 10.0.0.0/8, where no benchmark traffic goes (the pods are in 198.18.0.0/15).
+pub fn unused_cidrs(n: usize) -> Vec<IpNet> {
+    (0..n)
+        .map(|i| {
+            let [_, _, b, c] = u32::try_from(i)
+                .expect("fewer than 65,536 ranges")
+                .to_be_bytes();
+            IpNet::V4(Ipv4Net::new(Ipv4Addr::new(10, b, c, 0), 24).expect("a /24"))
+        })
+        .collect()
+}
+
+/// The mesh's rules with `n` exclusions of each kind that match no traffic (`n` inbound ports,
+/// `n` outbound CIDRs, `n` outbound ports), and how many rules that makes.
+pub fn fsm_rules_with_unused(n: usize) -> (String, usize) {
+    let rules = fsm_rules(&unused_ports(n), &unused_cidrs(n), &unused_ports(n));
+    let count = rules.lines().filter(|line| line.starts_with("-A ")).count();
+    (rules, count)
+}
+
+/// How many `-A` rules `pod`'s nat table holds.
+pub fn nat_rule_count(pod: &TestPod) -> usize {
+    pod.exec(&["iptables", "-t", "nat", "-S"])
+        .lines()
+        .filter(|line| line.starts_with("-A "))
+        .count()
 }

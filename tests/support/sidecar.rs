@@ -10,7 +10,7 @@
 
 use std::{
     fmt, fs,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -28,6 +28,14 @@ pub const INBOUND_PORT: u16 = 15003;
 
 /// Where the mesh redirects a meshed pod's outbound connections.
 pub const OUTBOUND_PORT: u16 = 15001;
+
+/// Explicit proxying (no interception), where [`SidecarConfig::explicit`] adds it: the app sends
+/// its requests to this port on 127.0.0.1, and the proxy forwards them to the peer pod's
+/// [`EXPLICIT_INBOUND_PORT`].
+pub const EXPLICIT_OUTBOUND_PORT: u16 = 15080;
+
+/// Explicit proxying's inbound port: the proxy forwards what arrives here to the app on 127.0.0.1.
+pub const EXPLICIT_INBOUND_PORT: u16 = 15081;
 
 /// Name of the inbound frontend (and its bind) in the proxy's configuration and log.
 pub const INBOUND: &str = "inbound";
@@ -205,12 +213,21 @@ impl Sidecar {
     /// ports.
     pub fn start_with(cgroup: &TestCgroup, pod: &TestPod, config: &SidecarConfig) -> Self {
         let dir = TempDir::new("sidecar");
-        let child = start_haproxy(cgroup, pod, &dir, &config.render());
+        let mut ports = vec![INBOUND_PORT, OUTBOUND_PORT];
+        if config.explicit.is_some() {
+            ports.extend([EXPLICIT_OUTBOUND_PORT, EXPLICIT_INBOUND_PORT]);
+        }
+        let child = start_haproxy(cgroup, pod, &dir, &config.render(), &ports);
         Self {
             child,
             dir,
             netns: pod.netns_name.clone(),
         }
+    }
+
+    /// HAProxy's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// A mark in the log: the lines written after it are [`Self::log_since`] it.
@@ -243,9 +260,15 @@ impl Sidecar {
 }
 
 /// Starts HAProxy with `config` in `pod`'s namespace and in `cgroup`, its stdout and stderr in
-/// `dir` (`stdout.log`, `stderr.log`), and waits until it listens on both proxy ports, or fails
+/// `dir` (`stdout.log`, `stderr.log`), and waits until it listens on each of `ports`, or fails
 /// with HAProxy's own words. The caller owns the child; the cgroup kills it in any case.
-fn start_haproxy(cgroup: &TestCgroup, pod: &TestPod, dir: &TempDir, config: &str) -> Child {
+fn start_haproxy(
+    cgroup: &TestCgroup,
+    pod: &TestPod,
+    dir: &TempDir,
+    config: &str,
+    ports: &[u16],
+) -> Child {
     let config_path = dir.path.join("haproxy.cfg");
     fs::write(&config_path, config)
         .unwrap_or_else(|error| panic!("write {}: {error}", config_path.display()));
@@ -280,7 +303,7 @@ fn start_haproxy(cgroup: &TestCgroup, pod: &TestPod, dir: &TempDir, config: &str
                 .split_whitespace()
                 .any(|field| field.ends_with(&format!(":{port}")))
         };
-        if listens(INBOUND_PORT) && listens(OUTBOUND_PORT) {
+        if ports.iter().all(|&port| listens(port)) {
             return child;
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -294,7 +317,7 @@ fn start_haproxy(cgroup: &TestCgroup, pod: &TestPod, dir: &TempDir, config: &str
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "HAProxy in {} does not listen on {INBOUND_PORT} and {OUTBOUND_PORT}:\n{}",
+                "HAProxy in {} does not listen on each of {ports:?}:\n{}",
                 pod.netns_name,
                 stderr_text(dir)
             );
@@ -339,6 +362,8 @@ pub struct SidecarConfig {
     mtls: Option<Mtls>,
     log: bool,
     nolinger: bool,
+    /// The peer pod and the local app's port, for explicit proxying.
+    explicit: Option<(Ipv4Addr, u16)>,
 }
 
 impl SidecarConfig {
@@ -352,6 +377,7 @@ impl SidecarConfig {
             }),
             log: true,
             nolinger: false,
+            explicit: None,
         }
     }
 
@@ -361,6 +387,7 @@ impl SidecarConfig {
             mtls: None,
             log: false,
             nolinger: false,
+            explicit: None,
         }
     }
 
@@ -374,6 +401,15 @@ impl SidecarConfig {
     /// benchmark's clients do, and leaves no TIME_WAIT behind.
     pub fn nolinger(mut self) -> Self {
         self.nolinger = true;
+        self
+    }
+
+    /// Adds explicit proxying, the mesh's frontends left as they are: the app's requests to
+    /// 127.0.0.1:[`EXPLICIT_OUTBOUND_PORT`] go to `peer`:[`EXPLICIT_INBOUND_PORT`], and what
+    /// arrives on that port goes to the app on 127.0.0.1:`app_port`. No interception is needed:
+    /// this is what the same proxies cost when the app is configured to use them.
+    pub fn explicit(mut self, peer: Ipv4Addr, app_port: u16) -> Self {
+        self.explicit = Some((peer, app_port));
         self
     }
 
@@ -407,6 +443,25 @@ impl SidecarConfig {
         } else {
             ("", "", String::new())
         };
+        let explicit = self.explicit.map_or_else(String::new, |(peer, app_port)| {
+            format!(
+                "
+frontend explicit_outbound
+    bind 127.0.0.1:{EXPLICIT_OUTBOUND_PORT}
+    default_backend to_peer
+
+backend to_peer
+    server peer {peer}:{EXPLICIT_INBOUND_PORT}
+
+frontend explicit_inbound
+    bind :{EXPLICIT_INBOUND_PORT}
+    default_backend to_app
+
+backend to_app
+    server app 127.0.0.1:{app_port}
+"
+            )
+        });
         let nolinger = if self.nolinger {
             "    option nolinger\n"
         } else {
@@ -437,8 +492,57 @@ frontend {OUTBOUND}
 
 backend to_original_dst
     server orig 0.0.0.0:0{outbound_tls}
-"
+{explicit}"
         )
+    }
+}
+
+/// A fast HTTP app: HAProxy answering every request itself (`http-request return`) with 200
+/// and `ok`, on `port` of every address of its pod, keeping connections alive as long as the
+/// client does. A benchmark's app, so that the proxies in front of it, not the app, are measured.
+pub struct HttpResponder {
+    child: Child,
+    _dir: TempDir,
+}
+
+impl HttpResponder {
+    /// The body of every answer.
+    pub const BODY: &str = "ok";
+
+    /// Starts it in `pod`'s namespace and in `cgroup`, and waits until it listens.
+    pub fn start(cgroup: &TestCgroup, pod: &TestPod, port: u16) -> Self {
+        let dir = TempDir::new("http-app");
+        let config = format!(
+            "global
+    nbthread 2
+
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 10s
+    timeout server 10s
+    timeout http-keep-alive 10s
+
+frontend app
+    bind :{port}
+    http-request return status 200 content-type text/plain string {}
+",
+            Self::BODY
+        );
+        let child = start_haproxy(cgroup, pod, &dir, &config, &[port]);
+        Self { child, _dir: dir }
+    }
+
+    /// HAProxy's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for HttpResponder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -21,14 +21,19 @@ pub enum Which {
     /// Time until every pod's healthcheck answers again after the node's only agent is SIGKILLed
     /// and restarted, for 110 and 500 pods, against the agent's first start on the node.
     Restart,
+    /// Requests/s, p50/p99/p99.9 and CPU per request between two meshed apps with `wrk` over 100
+    /// kept-alive connections (same node, from another node) and with a new connection per
+    /// request: direct, explicit proxying, the mesh's iptables rules, eBPF with sk_msg off and on.
+    Mesh,
 }
 
 impl Which {
-    const ALL: [Self; 4] = [
+    const ALL: [Self; 5] = [
         Self::Healthcheck,
         Self::Datapath,
         Self::Reconcile,
         Self::Restart,
+        Self::Mesh,
     ];
 
     /// The `[[bench]]` target's name in agent/Cargo.toml.
@@ -38,6 +43,7 @@ impl Which {
             Self::Datapath => "datapath",
             Self::Reconcile => "reconcile",
             Self::Restart => "restart",
+            Self::Mesh => "mesh",
         }
     }
 }

@@ -37,13 +37,14 @@ const MUSL_PACKAGE: (&str, &str) = (
 );
 
 /// The other Debian packages the project uses, and why.
-const TOOL_PACKAGES: [(&str, &str); 7] = [
+const TOOL_PACKAGES: [(&str, &str); 8] = [
     (
         "bpftool",
         "inspects loaded eBPF programs; the datapath tests use it",
     ),
     ("iptables", "the mesh's own rules, for parity tests"),
     ("haproxy", "the sidecar proxy stand-in"),
+    ("wrk", "the load generator of `cargo xtask bench mesh`"),
     ("iproute2", "network namespaces and veths for test pods"),
     ("curl", "kubelet-like probes in the demo"),
     (
