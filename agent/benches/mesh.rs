@@ -51,7 +51,9 @@
 //! cgroups, processes and pins are removed on exit, on a panic and on Ctrl-C.
 //!
 //! `PB_BENCH_SECONDS` sets each wrk run's length (default 3), `PB_BENCH_REQUESTS` the new
-//! connections per setting over all rounds (default 5,000). The default run takes about four
+//! connections per setting over all rounds (default 5,000). `PB_BENCH_SETTINGS` and
+//! `PB_BENCH_ROUTES` measure only the settings and paths whose labels contain their text, to
+//! profile one (`perf record -a -g` around the run), with no bpf_stats pass. The default run takes about four
 //! minutes.
 #![expect(
     clippy::expect_used,
@@ -143,8 +145,12 @@ fn main() {
     let mut nodes = Nodes::new();
     let mut samples = Vec::new();
     nodes.run_rounds(&plan, &script, &mut samples);
-    eprintln!("== kernel run time of the datapath's programs (bpf_stats)");
-    let profiles = nodes.ebpf.profile(&plan, &script);
+    let profiles = if plan.partial() {
+        Vec::new()
+    } else {
+        eprintln!("== kernel run time of the datapath's programs (bpf_stats)");
+        nodes.ebpf.profile(&plan, &script)
+    };
     drop(nodes);
     eprintln!("== done in {:.0} s", started.elapsed().as_secs_f64());
     let report = Report {
@@ -160,6 +166,11 @@ fn main() {
 struct Plan {
     seconds: usize,
     new_connections: usize,
+    /// `PB_BENCH_SETTINGS` and `PB_BENCH_ROUTES`: measure only the settings and paths whose
+    /// labels contain this text (`eBPF, sk_msg on, N = 10`, `new connection`), to profile one of
+    /// them. Unset, everything is measured.
+    settings: Option<String>,
+    routes: Option<String>,
 }
 
 impl Plan {
@@ -167,7 +178,20 @@ impl Plan {
         Self {
             seconds: count_from_env("PB_BENCH_SECONDS", SECONDS, 1..=600),
             new_connections: requests(REQUESTS).div_ceil(ROUNDS),
+            settings: env::var("PB_BENCH_SETTINGS").ok(),
+            routes: env::var("PB_BENCH_ROUTES").ok(),
         }
+    }
+
+    fn selects(&self, label: &str, filter: &Option<String>) -> bool {
+        filter
+            .as_ref()
+            .is_none_or(|text| label.contains(text.as_str()))
+    }
+
+    /// Whether only some settings or paths are measured.
+    fn partial(&self) -> bool {
+        self.settings.is_some() || self.routes.is_some()
     }
 }
 
@@ -389,7 +413,10 @@ impl Nodes {
 
     /// Measures every setting's paths once per round, starting each round at a different setting.
     fn run_rounds(&mut self, plan: &Plan, script: &WrkScript, samples: &mut Vec<Sample>) {
-        let settings = Setting::all();
+        let settings: Vec<Setting> = Setting::all()
+            .into_iter()
+            .filter(|setting| plan.selects(&setting.to_string(), &plan.settings))
+            .collect();
         for round in 0..ROUNDS {
             eprintln!("== round {} of {ROUNDS}", round + 1);
             let start = round * settings.len() / ROUNDS;
@@ -397,7 +424,8 @@ impl Nodes {
                 let setting = settings[(start + i) % settings.len()];
                 let node = self.node(setting.way);
                 node.apply(setting);
-                for route in setting.routes() {
+                let routes = setting.routes().into_iter();
+                for route in routes.filter(|route| plan.selects(route.label(), &plan.routes)) {
                     samples.push(node.measure(plan, script, setting, route));
                 }
             }

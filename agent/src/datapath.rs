@@ -58,7 +58,7 @@ pub use counters::{Counters, DatapathCollector};
 pub use error::DatapathError;
 pub use inbound::{FiledListeners, Inbound};
 pub use kubelet::KubeletCgroup;
-pub use pins::{Uninstalled, dependents, mapped_addrs, uninstall};
+pub use pins::{Uninstalled, dependents, mapped_addrs, short_circuit_sockets, uninstall};
 
 use crate::exclusions::Exclusions;
 use pods::{Installed, Rules};

@@ -5,12 +5,12 @@ use std::{
     collections::BTreeSet,
     fs, io,
     io::ErrorKind,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
-use aya::maps::{HashMap, Map, MapData};
-use probe_bypass_common::{Addr, LAYOUT_VERSION, PodEntry, PodName, names};
+use aya::maps::{HashMap, Map, MapData, SockHash};
+use probe_bypass_common::{Addr, ConnKey, LAYOUT_VERSION, PodEntry, PodName, names};
 
 use super::{DatapathError, error::map_error, sys};
 
@@ -33,6 +33,27 @@ pub fn mapped_addrs(pins: &Path) -> Result<BTreeSet<IpAddr>, DatapathError> {
         .map(|addr| addr.map(IpAddr::from))
         .collect::<Result<_, _>>()
         .map_err(|source| map_error(names::PODS_BY_ADDR, "read", source))
+}
+
+/// The sockets in the sockhash pinned under `pins`, whose messages sk_msg may move straight to
+/// their peer's: each as (its own address, its peer's), read from outside the agent (by an
+/// operator's tool or a test). Only connections with both ends on this node belong there.
+pub fn short_circuit_sockets(pins: &Path) -> Result<Vec<(SocketAddr, SocketAddr)>, DatapathError> {
+    let data = MapData::from_pin(maps_dir(pins).join(names::SOCKETS))
+        .map_err(|source| map_error(names::SOCKETS, "open the pin of", source))?;
+    let map: SockHash<MapData, ConnKey> = SockHash::try_from(Map::SockHash(data))
+        .map_err(|source| map_error(names::SOCKETS, "open the pin of", source))?;
+    map.keys()
+        .map(|key| {
+            key.map(|key| {
+                (
+                    SocketAddr::new(IpAddr::from(key.a), key.a_port),
+                    SocketAddr::new(IpAddr::from(key.b), key.b_port),
+                )
+            })
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|source| map_error(names::SOCKETS, "read", source))
 }
 
 /// The pods recorded under `pins` as depending on the datapath alone (their mesh's iptables init

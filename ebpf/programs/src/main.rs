@@ -673,21 +673,33 @@ fn steer_remote(ctx: &SkLookupContext, family: u32, conn: ConnKey) -> u32 {
     }
 }
 
-/// Adds an established socket to `SOCKETS` when sk_msg is on and the connection is the mesh's: it
-/// has an end at a meshed pod's address, or runs inside a meshed pod's namespace.
+/// Adds an established socket to `SOCKETS` when sk_msg is on and sk_msg can short-circuit its
+/// connection ([`short_circuits`]).
 #[inline(always)]
 fn track_socket(ctx: &SockOpsContext, mut key: ConnKey, netns: u64) {
     let Some(config) = CONFIG.get(0) else { return };
     if config.flags & Config::SK_MSG == 0 {
         return;
     }
-    let mesh = PODS_BY_NETNS.get_ptr(netns).is_some()
-        || PODS_BY_ADDR.get_ptr(key.a).is_some()
-        || PODS_BY_ADDR.get_ptr(key.b).is_some();
-    if mesh {
+    if short_circuits(&key, netns) {
         // SAFETY: `ops` is the context the kernel passed, valid for the duration of the call.
         let _ = SOCKETS.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY));
     }
+}
+
+/// Whether sk_msg can move this connection's data from socket to socket: both of its ends are
+/// sockets of this node that join `SOCKETS` by the same test (it is symmetric). That holds for a
+/// connection inside a meshed pod (an app and its sidecar, over loopback or the pod's own
+/// address) and for one between two meshed pods' addresses. A connection with an end anywhere else
+/// (another node, the host, a pod outside the mesh) would gain nothing: its peer is never in the
+/// map, so every message would run the program only to take the normal path, and the socket would
+/// still pay for joining and leaving the map.
+#[inline(always)]
+fn short_circuits(key: &ConnKey, netns: u64) -> bool {
+    if key.a == key.b || key.a.is_loopback() || key.b.is_loopback() {
+        return PODS_BY_NETNS.get_ptr(netns).is_some();
+    }
+    PODS_BY_ADDR.get_ptr(key.a).is_some() && PODS_BY_ADDR.get_ptr(key.b).is_some()
 }
 
 /// An IPv6 address read word by word (contexts allow 4-byte reads of these arrays, not wider ones).
