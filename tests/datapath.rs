@@ -1155,3 +1155,151 @@ fn detaching_a_pod_leaves_its_namespace_as_it_was_and_a_reinstall_keeps_the_rest
     assert!(node.connect_from_another_node(None, None, kept.ip(), 8080));
     assert_eq!(kept.next(), "8080 none");
 }
+
+/// The line of `log` under the kernel programs' target that holds every one of `parts`.
+fn decision_line<'a>(log: &'a str, parts: &[&str]) -> Option<&'a str> {
+    log.lines().find(|line| {
+        line.contains(" probe_bypass::ebpf]") && parts.iter().all(|part| line.contains(part))
+    })
+}
+
+/// The kernel programs' decision log, asked for with `--ebpf-log debug` or with `RUST_LOG`: the
+/// agent's log shows the kubelet's probe bypass, a refused probe from another host process, an
+/// inbound and an outbound redirect, an excluded outbound port, `SO_ORIGINAL_DST` and a connection
+/// from another node, each with the pod, the addresses and the rule. At the default (`info`, no
+/// flag) none of it appears, and nothing reads the programs' log.
+#[test]
+fn the_kernel_logs_its_decisions_only_when_asked() {
+    require_privileges!();
+    let cgroup = TestCgroup::new();
+    let kubelet = ChildCgroup::new(&cgroup, "kubelet.service");
+    let daemon = ChildCgroup::new(&cgroup, "node-exporter.service");
+    let kubelet_arg = kubelet.path().display().to_string();
+    let target = Listening::on(&cgroup, &["8080", "15001", "15003", "15901"]);
+    let other = routed_pod();
+    let remote = routed_pod();
+    let ip = target.ip();
+    let other_ip = IpAddr::V4(other.ip);
+    let manifest = target.pod.manifest_with_annotations(
+        "target",
+        &[8080],
+        &[("flomesh.io/outbound-port-exclusion-list", "5432")],
+    );
+    let runs: [(&str, &[&str], bool); 3] = [
+        ("info", &["--ebpf-log", "debug"], true),
+        ("info,probe_bypass::ebpf=debug", &[], true),
+        ("info", &[], false),
+    ];
+    for (rust_log, flags, on) in runs {
+        let guard = EbpfAgent::start_with(&cgroup, |args| {
+            Agent::builder()
+                .pods(&[("target.json", &manifest)])
+                .args(args)
+                .args([
+                    "--probe-bypass-from",
+                    "kubelet",
+                    "--kubelet-cgroup",
+                    &kubelet_arg,
+                ])
+                .args(flags)
+                .rust_log(rust_log)
+                .start()
+        });
+        let agent = guard.agent();
+        agent.wait_ready(200, Duration::from_secs(10));
+        let run = format!("RUST_LOG={rust_log} {flags:?}");
+
+        assert!(connect_from(&kubelet, ip, 15901), "{run}: the kubelet");
+        assert_eq!(target.next(), "15901 none", "{run}: the kubelet");
+        assert!(connect_from(&daemon, ip, 15901), "{run}: the daemon");
+        assert_eq!(
+            target.next(),
+            format!("15003 {ip}:15901"),
+            "{run}: the daemon"
+        );
+        assert!(connect_from(&daemon, ip, 8080), "{run}: the daemon to 8080");
+        assert_eq!(target.next(), format!("15003 {ip}:8080"), "{run}: to 8080");
+        let from_pod = |port: u16| {
+            let args = connect_command(Some(&target.pod), None, other_ip, port);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            cgroup.output(args[0], &args[1..]).status.success()
+        };
+        assert!(from_pod(8080), "{run}: the pod's own call out");
+        assert_eq!(
+            target.next(),
+            format!("15001 {other_ip}:8080"),
+            "{run}: out"
+        );
+        // Nothing listens there: the call fails, past the sidecar.
+        assert!(
+            !from_pod(5432),
+            "{run}: the excluded port reached something"
+        );
+        let args = connect_command(Some(&remote), None, ip, 8080);
+        let status = Command::new(&args[0])
+            .args(&args[1..])
+            .status()
+            .expect("run the client");
+        assert!(status.success(), "{run}: from another node");
+        assert_eq!(
+            target.next(),
+            format!("15003 {ip}:8080"),
+            "{run}: from another node"
+        );
+
+        // Addresses show IPv4-mapped.
+        let pod = format!("pod ::ffff:{ip}: ");
+        let host_to = |port: u16| format!("{pod}connect to [::ffff:{ip}]:{port} from netns ");
+        let wanted: [Vec<String>; 7] = [
+            vec![
+                host_to(15901),
+                "probe port 15901 bypass: caller is kubelet".into(),
+            ],
+            vec![
+                host_to(15901),
+                "refused: probe port from non-kubelet caller (host netns, another cgroup)".into(),
+            ],
+            vec![host_to(8080), "inbound redirect to sidecar 15003".into()],
+            vec![
+                "SO_ORIGINAL_DST for ".into(),
+                format!("answered [::ffff:{ip}]:15901"),
+            ],
+            vec![format!(
+                "(netns {}): connect to [::ffff:{other_ip}]:8080: outbound redirect to sidecar 15001",
+                target.pod.netns_cookie()
+            )],
+            vec![format!(
+                "{pod}connect to [::ffff:{other_ip}]:5432: excluded outbound port 5432 by annotation"
+            )],
+            vec![
+                format!("{pod}sk_lookup [::ffff:{}]:", remote.ip),
+                format!(
+                    "-> [::ffff:{ip}]:8080 from another node: steered to the sidecar's inbound \
+                     listener"
+                ),
+            ],
+        ];
+        if on {
+            for parts in &wanted {
+                let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+                // The records reach the agent's log through its ring buffer reader.
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while decision_line(&agent.log_text(), &parts).is_none() {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{run}: no decision line with {parts:?}:\n{}",
+                        agent.log_text()
+                    );
+                    thread::sleep(Duration::from_millis(20));
+                }
+            }
+        } else {
+            let log = agent.log_text();
+            assert!(
+                !log.contains("probe_bypass::ebpf"),
+                "{run}: the kernel's log is on:\n{log}"
+            );
+        }
+        drop(guard);
+    }
+}

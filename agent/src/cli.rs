@@ -541,6 +541,19 @@ pub struct DatapathArgs {
           env = "PROBE_BYPASS_SK_MSG")]
     pub sk_msg: bool,
 
+    /// The kernel programs' decision log: each redirect, bypass, exclusion and refusal, with the
+    /// pod, the addresses and the rule, in the agent's log under the target `probe_bypass::ebpf`
+    /// (`debug` shows them; `off`, `error`, `warn`, `info` show none). Default: what `RUST_LOG` says
+    /// for that target, which at the default `info` is nothing. Off, it costs the programs one
+    /// load and a branch per decision.
+    #[arg(long, value_name = "LEVEL", env = "PROBE_BYPASS_EBPF_LOG")]
+    pub ebpf_log: Option<log::LevelFilter>,
+
+    /// For benchmarks: load the kernel programs from this object file instead of the embedded
+    /// one, such as the same programs built without their log (`cargo xtask build-ebpf --no-log`).
+    #[arg(long, value_name = "PATH", hide = true)]
+    pub ebpf_object: Option<PathBuf>,
+
     /// Inbound ports that skip the proxy on every meshed pod.
     #[arg(long, value_name = "PORTS", default_value = "", value_parser = parse_port_list,
           env = "PROBE_BYPASS_INBOUND_PORT_EXCLUSION_LIST")]
@@ -610,9 +623,25 @@ mod tests {
         assert_eq!(datapath.probe_bypass_from, ProbeBypassFrom::Kubelet);
         assert_eq!(datapath.kubelet_cgroup, None);
         assert!(datapath.sk_msg);
+        assert_eq!(datapath.ebpf_log, None);
+        assert_eq!(datapath.ebpf_object, None);
         assert!(datapath.inbound_port_exclusion_list.is_empty());
         assert!(datapath.outbound_ip_range_inclusion_list.is_empty());
         assert_eq!(datapath.pin_path, PathBuf::from("/sys/fs/bpf/probe-bypass"));
+    }
+
+    #[test]
+    fn ebpf_log_takes_a_level_and_the_object_a_path() {
+        let args = parse(&["--ebpf-log", "debug", "--ebpf-object", "/tmp/no-log.o"])
+            .expect("the flags parse");
+        assert_eq!(args.datapath.ebpf_log, Some(log::LevelFilter::Debug));
+        assert_eq!(
+            args.datapath.ebpf_object,
+            Some(PathBuf::from("/tmp/no-log.o"))
+        );
+        let off = parse(&["--ebpf-log", "off"]).expect("off parses");
+        assert_eq!(off.datapath.ebpf_log, Some(log::LevelFilter::Off));
+        assert!(parse(&["--ebpf-log", "loud"]).is_err());
     }
 
     #[test]

@@ -27,12 +27,15 @@
 //!   ([`listeners`] finds those that listened before the programs were attached, asking
 //!   `sock_diag` for the listening sockets of a pod's namespace).
 //! - `counters`: the event counters, and their `/metrics` collector.
+//! - `kernel_log`: the programs' decision log (aya-log), off unless the `log` filter enables
+//!   [`probe_bypass_common::names::LOG_TARGET`], drained into the agent's log.
 //! - `pins`: where everything is pinned, and [`uninstall`].
 
 mod cgroup;
 mod counters;
 mod error;
 mod inbound;
+mod kernel_log;
 mod kubelet;
 pub mod listeners;
 mod load;
@@ -57,7 +60,9 @@ pub use cgroup::cgroup2_mount;
 pub use counters::{Counters, DatapathCollector};
 pub use error::DatapathError;
 pub use inbound::{FiledListeners, Inbound};
+pub use kernel_log::{KernelLog, kernel_log_level};
 pub use kubelet::KubeletCgroup;
+pub use load::Programs;
 pub use pins::{Uninstalled, dependents, mapped_addrs, short_circuit_sockets, uninstall};
 
 use crate::exclusions::Exclusions;

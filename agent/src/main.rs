@@ -9,15 +9,21 @@ use probe_bypass_rewrite::manifest;
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run(args) => serve(probe_bypass::run::run(*args)),
+        Command::Run(args) => {
+            init_log(args.datapath.ebpf_log);
+            serve(probe_bypass::run::run(*args))
+        }
         Command::Uninstall(args) => {
-            init_log();
+            init_log(None);
             uninstall(&args)
         }
         Command::Health(args) => ask_health(&args),
         Command::MountBpffs(args) => mount_bpffs(&args.at),
         Command::Rewrite(args) => rewrite(&args),
-        Command::Webhook(args) => serve(probe_bypass::webhook::run(args)),
+        Command::Webhook(args) => {
+            init_log(None);
+            serve(probe_bypass::webhook::run(args))
+        }
         Command::Validate(args) => probe_bypass::validate::main(&args),
     }
 }
@@ -75,13 +81,20 @@ fn mount_bpffs(at: &std::path::Path) -> ExitCode {
     }
 }
 
-fn init_log() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+/// Logs to stderr as `RUST_LOG` says (`info` by default); `ebpf_log` (`--ebpf-log`), when given,
+/// sets the level of the kernel programs' target over it.
+fn init_log(ebpf_log: Option<log::LevelFilter>) {
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if let Some(level) = ebpf_log {
+        builder.filter_module(probe_bypass_common::names::LOG_TARGET, level);
+    }
+    builder.init();
 }
 
-/// Runs `probe-bypass run` or `webhook`, until SIGTERM or SIGINT, on a multi-threaded runtime, logging to stderr; its error is logged.
+/// Runs `probe-bypass run` or `webhook`, until SIGTERM or SIGINT, on a multi-threaded runtime,
+/// logging to stderr (set up by the caller); its error is logged.
 fn serve<E: std::fmt::Display>(command: impl Future<Output = Result<(), E>>) -> ExitCode {
-    init_log();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

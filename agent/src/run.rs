@@ -175,6 +175,7 @@ fn install_datapath(
     args: &DatapathArgs,
     proc_root: &Path,
     host: Option<Report>,
+    stop: CancellationToken,
 ) -> Result<Option<SharedDatapath>, RunError> {
     let Some(report) = host else {
         log::info!("--datapath none: the mesh's own iptables rules stay in charge of redirects");
@@ -195,13 +196,28 @@ fn install_datapath(
         },
         proc_root: proc_root.to_path_buf(),
     };
-    let datapath = Datapath::install(&report.cgroup_root, &args.pin_path, settings)?;
+    let programs = datapath::Programs {
+        object: args.ebpf_object.clone(),
+        log: datapath::kernel_log_level(),
+    };
+    let (datapath, kernel_log) =
+        Datapath::install_with(&report.cgroup_root, &args.pin_path, settings, &programs)?;
     log::info!(
         "eBPF datapath attached to {} (pinned in {}; {} pods carried over from an earlier agent)",
         report.cgroup_root.display(),
         args.pin_path.display(),
         datapath.pods().len()
     );
+    if let Some(path) = &programs.object {
+        log::info!("kernel programs loaded from {}", path.display());
+    }
+    if let Some(kernel_log) = kernel_log {
+        log::info!(
+            "the kernel programs log their decisions under {} (--ebpf-log, RUST_LOG)",
+            probe_bypass_common::names::LOG_TARGET
+        );
+        tokio::spawn(kernel_log.drain(stop));
+    }
     Ok(Some(Arc::new(Mutex::new(datapath))))
 }
 
@@ -323,12 +339,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut shutdown = pin!(signal::shutdown_requested());
     // Where the datapath is attached: the kubelet's cgroup is looked for under it again later.
     let cgroup_root = host.as_ref().map(|report| report.cgroup_root.clone());
-    let datapath = install_datapath(&args.datapath, &args.pods.proc_root, host)?;
+    let stop = CancellationToken::new();
+    let datapath = install_datapath(&args.datapath, &args.pods.proc_root, host, stop.clone())?;
     if let Some(datapath) = &datapath {
         metrics.register_datapath(Arc::clone(datapath));
     }
     let metrics = Arc::new(metrics);
-    let stop = CancellationToken::new();
     let (status_tx, status) = watch::channel(NodeStatus::default());
     let admin = Arc::new(Admin {
         metrics: Arc::clone(&metrics),

@@ -1,5 +1,9 @@
 //! `cargo xtask build-ebpf`: builds the kernel programs on their own, as the agent's build script
 //! does through aya-build, and lists the programs and maps in the object.
+//!
+//! `--no-log` builds them without their decision log (the `log` feature off, every log call
+//! compiled out), the object a benchmark loads with the agent's hidden `--ebpf-object` to compare
+//! against the embedded one with its log off: [`build_without_log`].
 
 use std::{
     env, fs,
@@ -16,14 +20,50 @@ use crate::{run as run_command, setup, workspace_root};
 const PACKAGE: &str = "probe-bypass-ebpf";
 const TARGET: &str = "bpfel-unknown-none";
 
-pub fn run() -> Result<()> {
+pub fn run(no_log: bool, out: Option<PathBuf>) -> Result<()> {
+    if no_log {
+        return describe(&build_without_log(out)?);
+    }
     setup::ebpf_toolchain()?;
-    let object = build()?;
+    let built = build(true)?;
+    let object = match out {
+        Some(out) => copy(&built, out)?,
+        None => built,
+    };
     describe(&object)
 }
 
-/// Builds the object with the command aya-build 0.2.0 runs and returns where it is.
-fn build() -> Result<PathBuf> {
+/// Where [`build_without_log`] writes the object unless told otherwise.
+pub fn no_log_object() -> Result<PathBuf> {
+    Ok(crate::target_dir()?.join("ebpf-no-log").join(PACKAGE))
+}
+
+/// Builds the kernel programs without the `log` feature (no aya-log, no log call, no ring buffer)
+/// and copies the object to `out`, by default [`no_log_object`]; returns where it is. For
+/// `probe-bypass run --ebpf-object <it>`.
+pub fn build_without_log(out: Option<PathBuf>) -> Result<PathBuf> {
+    setup::ebpf_toolchain()?;
+    let built = build(false)?;
+    let out = match out {
+        Some(out) => out,
+        None => no_log_object()?,
+    };
+    copy(&built, out)
+}
+
+/// Copies the object cargo left to `out` (the next build overwrites cargo's).
+fn copy(built: &Path, out: PathBuf) -> Result<PathBuf> {
+    if let Some(dir) = out.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    }
+    fs::copy(built, &out)
+        .with_context(|| format!("failed to copy {} to {}", built.display(), out.display()))?;
+    Ok(out)
+}
+
+/// Builds the object with the command aya-build 0.2.0 runs (with the package's default features,
+/// the decision log among them, when `log`) and returns where cargo put it.
+fn build(log: bool) -> Result<PathBuf> {
     let root = workspace_root();
     // Where cargo puts everything else: CARGO_TARGET_DIR (relative to where we were started), else target/.
     let target_dir = match env::var_os("CARGO_TARGET_DIR") {
@@ -50,6 +90,7 @@ fn build() -> Result<PathBuf> {
             "-Z",
             "build-std=core",
         ])
+        .args(if log { &[][..] } else { &["--no-default-features"][..] })
         .arg("--target-dir")
         .arg(&target_dir)
         .current_dir(&root)

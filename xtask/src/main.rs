@@ -33,7 +33,16 @@ enum Task {
     /// Install what this machine lacks to build and test the project (Debian; apt, rustup, cargo).
     Setup,
     /// Build the kernel programs on their own and list the programs and maps in the object.
-    BuildEbpf,
+    BuildEbpf {
+        /// Without the decision log: the `log` feature off, every log call compiled out (the
+        /// benchmark's baseline for `--ebpf-log` off). Written to <target dir>/ebpf-no-log/ unless
+        /// --out says otherwise.
+        #[arg(long)]
+        no_log: bool,
+        /// Copy the object here.
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
+    },
     /// Show the product (needs root): meshed pods A and B (from the mesh's injector output,
     /// passed through `probe-bypass rewrite --replace-mesh-init`) and pod C, called behind the
     /// mesh's iptables rules and behind the agent's eBPF datapath, as a table.
@@ -75,7 +84,7 @@ fn main() -> Result<()> {
     let Cli { command } = Cli::parse();
     match command {
         Task::Setup => setup::ensure(),
-        Task::BuildEbpf => build_ebpf::run(),
+        Task::BuildEbpf { no_log, out } => build_ebpf::run(no_log, out),
         Task::Demo {
             healthcheck_only,
             keep,

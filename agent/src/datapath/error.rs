@@ -18,6 +18,20 @@ pub enum DatapathError {
     #[error("this binary was built without its eBPF object (AYA_BUILD_SKIP)")]
     ObjectMissing,
 
+    /// The object given with `--ebpf-object` could not be read.
+    #[error("failed to read the eBPF object {path}")]
+    ReadObject {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The programs' log ring buffer could not be opened for reading.
+    #[error("failed to read the eBPF programs' log")]
+    KernelLog(#[source] aya_log::Error),
+
     /// The embedded object could not be parsed, relocated or have its maps created.
     #[error("failed to load the eBPF object")]
     Object(#[source] EbpfError),

@@ -22,6 +22,7 @@ use probe_bypass_common::{ConnKey, names};
 use super::{
     Datapath, DatapathError, Settings,
     error::{map_error, program_error},
+    kernel_log::{self, KernelLog},
     pins::{NETNS_LINKS, create_dir, maps_dir, remove_other_layouts},
     pods::Rules,
     sys::{self, AttachType},
@@ -31,6 +32,17 @@ use super::{
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-bypass-ebpf"));
 
+/// Which kernel object [`Datapath::install_with`] loads, and what its programs log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Programs {
+    /// A file to load instead of the embedded object (`--ebpf-object`, for benchmarks: the same
+    /// programs built without their log).
+    pub object: Option<PathBuf>,
+    /// The programs' decision log: the most verbose level they write, `None` for nothing (the
+    /// default). See [`KernelLog`].
+    pub log: Option<log::Level>,
+}
+
 impl Datapath {
     /// Loads the embedded programs against the maps pinned under `pins` (creating them the first
     /// time), writes `settings`, and attaches the programs to `cgroup`, replacing the programs of
@@ -39,7 +51,31 @@ impl Datapath {
     ///
     /// `pins` must be on bpffs (see `preflight`).
     pub fn install(cgroup: &Path, pins: &Path, settings: Settings) -> Result<Self, DatapathError> {
-        if EBPF_OBJECT.is_empty() {
+        Self::install_with(cgroup, pins, settings, &Programs::default())
+            .map(|(datapath, _)| datapath)
+    }
+
+    /// [`Self::install`] with `programs`: the object to load, and the level of its log. With a
+    /// level, the log's reader comes back too; it must be kept, and drained
+    /// ([`KernelLog::drain`]), for the records to reach the agent's log.
+    pub fn install_with(
+        cgroup: &Path,
+        pins: &Path,
+        settings: Settings,
+        programs: &Programs,
+    ) -> Result<(Self, Option<KernelLog>), DatapathError> {
+        let file;
+        let object = match &programs.object {
+            Some(path) => {
+                file = fs::read(path).map_err(|source| DatapathError::ReadObject {
+                    path: path.clone(),
+                    source,
+                })?;
+                &file[..]
+            }
+            None => EBPF_OBJECT,
+        };
+        if object.is_empty() {
             return Err(DatapathError::ObjectMissing);
         }
         let maps_dir = maps_dir(pins);
@@ -68,7 +104,16 @@ impl Datapath {
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Object)?;
+        // Read-only once loaded: the verifier sees the level as a constant and drops the log
+        // calls it disables. An object built without the log has no such global.
+        let level = kernel_log::level_byte(programs.log);
+        loader.override_global(aya_log::LEVEL, &level, false);
+        let mut ebpf = loader.load(object).map_err(DatapathError::Object)?;
+        // Taken before any program loads: the programs refer to the ring buffer by its fd.
+        let kernel_log = match programs.log {
+            Some(_) => KernelLog::open(&mut ebpf)?,
+            None => None,
+        };
 
         let sk_lookup: &mut SkLookup = program(&mut ebpf, names::SK_LOOKUP)?;
         sk_lookup
@@ -145,7 +190,7 @@ impl Datapath {
         }
         datapath.adopt_netns_links()?;
         remove_other_layouts(pins, &maps_dir);
-        Ok(datapath)
+        Ok((datapath, kernel_log))
     }
 }
 

@@ -40,6 +40,10 @@ pub mod names {
     pub const LISTENERS: &str = "LISTENERS";
     pub const LOCAL_CONNECTS: &str = "LOCAL_CONNECTS";
     pub const DEPENDENTS: &str = "DEPENDENTS";
+    /// The `log` target of the programs' decision log (aya-log): `RUST_LOG=probe_bypass::ebpf=debug`
+    /// or `--ebpf-log debug` turns it on. Its ring buffer (`AYA_LOGS`) and level (`AYA_LOG_LEVEL`)
+    /// are aya-log's own, and never pinned.
+    pub const LOG_TARGET: &str = "probe_bypass::ebpf";
     /// Every map of the object: the agent pins each under its name.
     pub const MAPS: [&str; 13] = [
         CONFIG,

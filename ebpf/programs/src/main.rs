@@ -138,6 +138,34 @@ macro_rules! field {
     };
 }
 
+/// Logs one decision of the programs (a redirect, a bypass, an exclusion, a refusal) at debug
+/// level, under the target the agent filters by ([`names::LOG_TARGET`]).
+///
+/// Off costs one load and a branch: aya-log compares the record's level with `AYA_LOG_LEVEL`, a
+/// read-only global the agent sets at load (0, nothing, unless `--ebpf-log` or `RUST_LOG` enable
+/// the target), before it formats anything or reserves room in its ring buffer; the verifier knows
+/// the frozen value and drops the rest. Without the `log` feature the call is not compiled at all.
+/// The first argument stands for a context, which aya-log does not read.
+macro_rules! decision {
+    ($($arg:tt)+) => {
+        #[cfg(feature = "log")]
+        aya_log_ebpf::debug!(&(), target: names::LOG_TARGET, $($arg)+);
+    };
+}
+
+/// An address as the log prints it (`{:i}`): its 16 bytes, so an IPv4 address shows IPv4-mapped
+/// (`::ffff:198.18.0.2`). An `IpAddr`, its family chosen at run time, did not pass the verifier
+/// here (`R5 !read_ok` in connect4).
+#[cfg(feature = "log")]
+#[inline(always)]
+fn ip(addr: Addr) -> [u8; 16] {
+    let [a, b, c, d] = addr.words.map(u32::to_ne_bytes);
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
 /// Node-wide settings, at index 0. Filled by the agent before it attaches anything.
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -285,6 +313,14 @@ fn decide(ctx: &SockAddrContext, dst: Addr, port: u16) -> Option<(Addr, u16)> {
             // redirect before any exclusion is looked at.
             if !loopback && port != config.inbound_port && to_own_pod(&caller, dst) {
                 count(Counter::RedirectedInbound);
+                decision!(
+                    "pod {:i} (netns {}): sidecar connects to its own pod [{:i}]:{}: inbound redirect to sidecar {}",
+                    ip(caller.id),
+                    caller_netns,
+                    ip(dst),
+                    port,
+                    config.inbound_port
+                );
                 return remember(ctx, dst, port, redirect::INBOUND)
                     .then_some((dst, config.inbound_port));
             }
@@ -294,6 +330,14 @@ fn decide(ctx: &SockAddrContext, dst: Addr, port: u16) -> Option<(Addr, u16)> {
             }
             if !outbound_excluded(&caller, dst, port) {
                 count(Counter::RedirectedOutbound);
+                decision!(
+                    "pod {:i} (netns {}): connect to [{:i}]:{}: outbound redirect to sidecar {}",
+                    ip(caller.id),
+                    caller_netns,
+                    ip(dst),
+                    port,
+                    config.outbound_port
+                );
                 return remember(ctx, dst, port, redirect::OUTBOUND)
                     .then(|| (dst.loopback_like(), config.outbound_port));
             }
@@ -335,13 +379,68 @@ fn decide(ctx: &SockAddrContext, dst: Addr, port: u16) -> Option<(Addr, u16)> {
         };
         if trusted {
             count(Counter::ProbeBypassed);
+            if config.flags & Config::PROBE_BYPASS_FROM_ANY != 0 {
+                decision!(
+                    "pod {:i}: connect to [{:i}]:{} from netns {}: probe port {} bypass: any caller (--probe-bypass-from any)",
+                    ip(target.id),
+                    ip(dst),
+                    port,
+                    caller_netns,
+                    port
+                );
+            } else if config.flags & Config::PROBE_BYPASS_FROM_KUBELET != 0 {
+                decision!(
+                    "pod {:i}: connect to [{:i}]:{} from netns {}: probe port {} bypass: caller is kubelet",
+                    ip(target.id),
+                    ip(dst),
+                    port,
+                    caller_netns,
+                    port
+                );
+            } else {
+                decision!(
+                    "pod {:i}: connect to [{:i}]:{} from netns {}: probe port {} bypass: caller is in the host netns (--probe-bypass-from host)",
+                    ip(target.id),
+                    ip(dst),
+                    port,
+                    caller_netns,
+                    port
+                );
+            }
             return None;
         }
         count(Counter::BypassRefused);
+        if caller_netns == host_netns {
+            decision!(
+                "pod {:i}: connect to [{:i}]:{} from netns {}: refused: probe port from non-kubelet caller (host netns, another cgroup)",
+                ip(target.id),
+                ip(dst),
+                port,
+                caller_netns,
+                config.inbound_port
+            );
+        } else {
+            decision!(
+                "pod {:i}: connect to [{:i}]:{} from netns {}: refused: probe port from non-kubelet caller (not the host netns)",
+                ip(target.id),
+                ip(dst),
+                port,
+                caller_netns,
+                config.inbound_port
+            );
+        }
     } else if inbound_excluded(&target, port) {
         return None;
     }
     count(Counter::RedirectedInbound);
+    decision!(
+        "pod {:i}: connect to [{:i}]:{} from netns {}: inbound redirect to sidecar {}",
+        ip(target.id),
+        ip(dst),
+        port,
+        caller_netns,
+        config.inbound_port
+    );
     remember(ctx, dst, port, redirect::INBOUND).then_some((dst, config.inbound_port))
 }
 
@@ -405,24 +504,79 @@ fn to_own_pod(caller: &PodEntry, dst: Addr) -> bool {
 /// exclusion. The same rule for connections made on this node and for those from other nodes.
 #[inline(always)]
 fn inbound_excluded(pod: &PodEntry, port: u16) -> bool {
-    has_port_rule(pod.id, port, port_rule::INBOUND_EXCLUDED)
-        || has_port_rule(Addr::UNSPECIFIED, port, port_rule::INBOUND_EXCLUDED)
+    if has_port_rule(pod.id, port, port_rule::INBOUND_EXCLUDED) {
+        decision!(
+            "pod {:i}: excluded inbound port {} by annotation",
+            ip(pod.id),
+            port
+        );
+        return true;
+    }
+    if has_port_rule(Addr::UNSPECIFIED, port, port_rule::INBOUND_EXCLUDED) {
+        decision!(
+            "pod {:i}: excluded inbound port {} by --inbound-port-exclusion-list",
+            ip(pod.id),
+            port
+        );
+        return true;
+    }
+    false
 }
 
 /// Whether a meshed pod's own (non-proxy) connection skips its proxy: to an excluded port or range,
 /// or, when inclusions apply, outside every included range.
 #[inline(always)]
 fn outbound_excluded(caller: &PodEntry, dst: Addr, port: u16) -> bool {
-    if has_port_rule(caller.id, port, port_rule::OUTBOUND_EXCLUDED)
-        || has_port_rule(Addr::UNSPECIFIED, port, port_rule::OUTBOUND_EXCLUDED)
-        || in_range(caller.id, cidr_rule::EXCLUDED, dst)
-        || in_range(Addr::UNSPECIFIED, cidr_rule::EXCLUDED, dst)
-    {
+    if has_port_rule(caller.id, port, port_rule::OUTBOUND_EXCLUDED) {
+        decision!(
+            "pod {:i}: connect to [{:i}]:{}: excluded outbound port {} by annotation",
+            ip(caller.id),
+            ip(dst),
+            port,
+            port
+        );
         return true;
     }
-    caller.flags & PodEntry::HAS_INCLUSIONS != 0
+    if has_port_rule(Addr::UNSPECIFIED, port, port_rule::OUTBOUND_EXCLUDED) {
+        decision!(
+            "pod {:i}: connect to [{:i}]:{}: excluded outbound port {} by --outbound-port-exclusion-list",
+            ip(caller.id),
+            ip(dst),
+            port,
+            port
+        );
+        return true;
+    }
+    if in_range(caller.id, cidr_rule::EXCLUDED, dst) {
+        decision!(
+            "pod {:i}: connect to [{:i}]:{}: excluded outbound address by annotation (ip range exclusion)",
+            ip(caller.id),
+            ip(dst),
+            port
+        );
+        return true;
+    }
+    if in_range(Addr::UNSPECIFIED, cidr_rule::EXCLUDED, dst) {
+        decision!(
+            "pod {:i}: connect to [{:i}]:{}: excluded outbound address by --outbound-ip-range-exclusion-list",
+            ip(caller.id),
+            ip(dst),
+            port
+        );
+        return true;
+    }
+    let outside = caller.flags & PodEntry::HAS_INCLUSIONS != 0
         && !in_range(caller.id, cidr_rule::INCLUDED, dst)
-        && !in_range(Addr::UNSPECIFIED, cidr_rule::INCLUDED, dst)
+        && !in_range(Addr::UNSPECIFIED, cidr_rule::INCLUDED, dst);
+    if outside {
+        decision!(
+            "pod {:i}: connect to [{:i}]:{}: excluded outbound address: outside every included ip range",
+            ip(caller.id),
+            ip(dst),
+            port
+        );
+    }
+    outside
 }
 
 #[inline(always)]
@@ -635,6 +789,14 @@ fn steer_remote(ctx: &SkLookupContext, family: u32, conn: ConnKey) -> u32 {
     };
     if excluded {
         count(Counter::RemoteExcluded);
+        decision!(
+            "pod {:i}: sk_lookup [{:i}]:{} -> [{:i}]:{} from another node: excluded, to the app",
+            ip(pod.id),
+            ip(conn.a),
+            conn.a_port,
+            ip(conn.b),
+            port
+        );
         return SK_PASS;
     }
     let orig = OrigDst {
@@ -646,6 +808,14 @@ fn steer_remote(ctx: &SkLookupContext, family: u32, conn: ConnKey) -> u32 {
     // Filed before the proxy can accept the connection and ask for it.
     if ORIG_DST.insert(conn, orig, u64::from(BPF_ANY)).is_err() {
         count(Counter::RemoteRefused);
+        decision!(
+            "pod {:i}: sk_lookup [{:i}]:{} -> [{:i}]:{} from another node: refused: no room to file its original destination",
+            ip(pod.id),
+            ip(conn.a),
+            conn.a_port,
+            ip(conn.b),
+            port
+        );
         return SK_DROP;
     }
     let listener = |family| ListenerKey {
@@ -663,12 +833,28 @@ fn steer_remote(ctx: &SkLookupContext, family: u32, conn: ConnKey) -> u32 {
                 .is_ok());
     if assigned {
         count(Counter::RemoteRedirected);
+        decision!(
+            "pod {:i}: sk_lookup [{:i}]:{} -> [{:i}]:{} from another node: steered to the sidecar's inbound listener",
+            ip(pod.id),
+            ip(conn.a),
+            conn.a_port,
+            ip(conn.b),
+            port
+        );
         SK_PASS
     } else {
         // No proxy to take it: refused, as the mesh's redirect to a port nobody listens on is,
         // rather than let through to the app past the proxy.
         let _ = ORIG_DST.remove(conn);
         count(Counter::RemoteRefused);
+        decision!(
+            "pod {:i}: sk_lookup [{:i}]:{} -> [{:i}]:{} from another node: refused: no inbound listener of the sidecar known",
+            ip(pod.id),
+            ip(conn.a),
+            conn.a_port,
+            ip(conn.b),
+            port
+        );
         SK_DROP
     }
 }
@@ -772,6 +958,14 @@ pub fn pb_getsockopt(ctx: SockoptContext) -> i32 {
     // SAFETY: as in `decide`.
     let Some(orig) = (unsafe { ORIG_DST.get(client_view) }).copied() else {
         count(Counter::OrigDstMisses);
+        decision!(
+            "SO_ORIGINAL_DST for [{:i}]:{} -> [{:i}]:{} (netns {}): no record, not redirected here",
+            ip(remote),
+            remote_port,
+            ip(local),
+            local_port,
+            netns
+        );
         return ALLOW;
     };
     let written = if level == SOL_IP {
@@ -781,6 +975,16 @@ pub fn pb_getsockopt(ctx: SockoptContext) -> i32 {
     };
     if written {
         sockopt.retval = 0;
+        decision!(
+            "SO_ORIGINAL_DST for [{:i}]:{} -> [{:i}]:{} (netns {}): answered [{:i}]:{}",
+            ip(remote),
+            remote_port,
+            ip(local),
+            local_port,
+            netns,
+            ip(orig.addr),
+            orig.port
+        );
     } else {
         count(Counter::OrigDstMisses);
     }
