@@ -145,9 +145,7 @@ impl Drop for Listening {
 
 /// A test pod that can reach the other test pods through the host.
 fn routed_pod() -> TestPod {
-    let pod = TestPod::new();
-    pod.route_to_other_pods();
-    pod
+    TestPod::routed()
 }
 
 /// The datapath installed under a test cgroup, pinned on a bpffs of its own; uninstalled on drop.

@@ -74,11 +74,7 @@ fn has(sockets: &[(SocketAddr, SocketAddr)], ip: IpAddr) -> bool {
 #[test]
 fn only_connections_with_both_ends_on_the_node_join_the_sockhash() {
     require_privileges!();
-    let [a, b] = [(); 2].map(|()| {
-        let pod = TestPod::new();
-        pod.route_to_other_pods();
-        pod
-    });
+    let [a, b] = [(); 2].map(|()| TestPod::routed());
     let node2 = TestPod::new();
     let r = TestPod::behind(&node2);
     let cgroup = TestCgroup::new();

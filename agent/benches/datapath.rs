@@ -428,11 +428,7 @@ enum Caller<'a> {
 impl Node {
     /// Three pods that reach each other through the host, and the apps in S and D.
     fn new() -> Self {
-        let [c, s, d] = [(); 3].map(|()| {
-            let pod = TestPod::new();
-            pod.route_to_other_pods();
-            pod
-        });
+        let [c, s, d] = [(); 3].map(|()| TestPod::routed());
         let node2 = TestPod::new();
         let r = TestPod::behind(&node2);
         let cgroup = TestCgroup::new();

@@ -28,7 +28,11 @@
 //!   exclusions of each kind where FSM inserts them;
 //! - **eBPF, sk_msg off / on**: the agent's datapath driven in-process ([`InProcessDatapath`]),
 //!   attached to the node's cgroup (never the root), reinstalled over its pins to switch sk_msg as
-//!   a restarted agent with `--sk-msg=false` would be, pods meshed with the same N exclusions.
+//!   a restarted agent with `--sk-msg=false` would be, pods meshed with the same N exclusions;
+//! - **eBPF, sk_msg on, built without aya-log**: the same programs compiled without their decision
+//!   log (`cargo xtask build-ebpf --no-log`, which `cargo xtask bench mesh` runs and passes as
+//!   `PB_BENCH_NO_LOG_OBJECT`): against it, the log compiled in and off must cost nothing. N = 10
+//!   only; not measured when run without that object.
 //!
 //! Every setting is measured once in each of [`ROUNDS`] rounds, each round starting at a different
 //! setting, and the report gives the rounds' median and half their range: load from anything else
@@ -171,6 +175,9 @@ struct Plan {
     /// them. Unset, everything is measured.
     settings: Option<String>,
     routes: Option<String>,
+    /// `PB_BENCH_NO_LOG_OBJECT`: the programs built without aya-log, which `cargo xtask bench
+    /// mesh` builds and names here; without it that setting is not measured.
+    no_log_object: Option<std::path::PathBuf>,
 }
 
 impl Plan {
@@ -180,6 +187,7 @@ impl Plan {
             new_connections: requests(REQUESTS).div_ceil(ROUNDS),
             settings: env::var("PB_BENCH_SETTINGS").ok(),
             routes: env::var("PB_BENCH_ROUTES").ok(),
+            no_log_object: env::var_os("PB_BENCH_NO_LOG_OBJECT").map(Into::into),
         }
     }
 
@@ -201,20 +209,37 @@ enum Way {
     Direct,
     Explicit,
     Iptables,
-    Ebpf { sk_msg: bool },
+    Ebpf {
+        sk_msg: bool,
+    },
+    /// sk_msg on, the programs built without aya-log (`PB_BENCH_NO_LOG_OBJECT`): what the log
+    /// costs when it is compiled in and off.
+    EbpfWithoutLog,
 }
 
 impl Way {
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 6] = [
         Self::Direct,
         Self::Explicit,
         Self::Iptables,
         Self::Ebpf { sk_msg: false },
         Self::Ebpf { sk_msg: true },
+        Self::EbpfWithoutLog,
     ];
 
     fn intercepts(self) -> bool {
-        matches!(self, Self::Iptables | Self::Ebpf { .. })
+        matches!(
+            self,
+            Self::Iptables | Self::Ebpf { .. } | Self::EbpfWithoutLog
+        )
+    }
+
+    fn ebpf(self) -> bool {
+        matches!(self, Self::Ebpf { .. } | Self::EbpfWithoutLog)
+    }
+
+    fn sk_msg(self) -> bool {
+        matches!(self, Self::Ebpf { sk_msg: true } | Self::EbpfWithoutLog)
     }
 }
 
@@ -226,6 +251,7 @@ impl fmt::Display for Way {
             Self::Iptables => "iptables",
             Self::Ebpf { sk_msg: false } => "eBPF, sk_msg off",
             Self::Ebpf { sk_msg: true } => "eBPF, sk_msg on",
+            Self::EbpfWithoutLog => "eBPF, sk_msg on, built without aya-log",
         })
     }
 }
@@ -279,7 +305,8 @@ impl Setting {
             })
             .collect();
         for n in &EXCLUSIONS[1..] {
-            for way in Way::ALL.into_iter().filter(|way| way.intercepts()) {
+            let ways = Way::ALL.into_iter().filter(|way| way.intercepts());
+            for way in ways.filter(|way| *way != Way::EbpfWithoutLog) {
                 all.push(Self {
                     way,
                     exclusions: *n,
@@ -407,7 +434,7 @@ impl Nodes {
         match way {
             Way::Direct | Way::Explicit => &mut self.plain,
             Way::Iptables => &mut self.iptables,
-            Way::Ebpf { .. } => &mut self.ebpf,
+            Way::Ebpf { .. } | Way::EbpfWithoutLog => &mut self.ebpf,
         }
     }
 
@@ -416,6 +443,7 @@ impl Nodes {
         let settings: Vec<Setting> = Setting::all()
             .into_iter()
             .filter(|setting| plan.selects(&setting.to_string(), &plan.settings))
+            .filter(|setting| setting.way != Way::EbpfWithoutLog || plan.no_log_object.is_some())
             .collect();
         for round in 0..ROUNDS {
             eprintln!("== round {} of {ROUNDS}", round + 1);
@@ -423,7 +451,7 @@ impl Nodes {
             for i in 0..settings.len() {
                 let setting = settings[(start + i) % settings.len()];
                 let node = self.node(setting.way);
-                node.apply(setting);
+                node.apply(setting, plan);
                 let routes = setting.routes().into_iter();
                 for route in routes.filter(|route| plan.selects(route.label(), &plan.routes)) {
                     samples.push(node.measure(plan, script, setting, route));
@@ -467,11 +495,7 @@ enum Caller<'a> {
 
 impl Node {
     fn new(kind: Kind) -> Self {
-        let [a, b] = [(); 2].map(|()| {
-            let pod = TestPod::new();
-            pod.route_to_other_pods();
-            pod
-        });
+        let [a, b] = [(); 2].map(|()| TestPod::routed());
         let node2 = TestPod::new();
         let r = TestPod::behind(&node2);
         let cgroup = TestCgroup::new();
@@ -502,7 +526,7 @@ impl Node {
     }
 
     /// Sets the interception up for `setting`, changing only what differs from the current one.
-    fn apply(&mut self, setting: Setting) {
+    fn apply(&mut self, setting: Setting, plan: &Plan) {
         let current = self.current.replace(setting);
         match setting.way {
             Way::Direct | Way::Explicit => {}
@@ -520,13 +544,17 @@ impl Node {
                     }
                 }
             }
-            Way::Ebpf { sk_msg } => {
+            Way::Ebpf { .. } | Way::EbpfWithoutLog => {
                 let ebpf = match &mut self.ebpf {
                     Some(ebpf) => ebpf,
                     None => self.ebpf.insert(InProcessDatapath::new(&self.cgroup)),
                 };
                 if current.is_none_or(|c| c.way != setting.way) {
-                    ebpf.install(sk_msg);
+                    let object = match setting.way {
+                        Way::EbpfWithoutLog => plan.no_log_object.as_deref(),
+                        _ => None,
+                    };
+                    ebpf.install_object(setting.way.sk_msg(), object);
                 }
                 if current.is_none_or(|c| c.exclusions != setting.exclusions) {
                     for pod in [&self.a, &self.b] {
@@ -579,7 +607,7 @@ impl Node {
                 let delta = after.since(&before);
                 delta.check(
                     route.redirects(),
-                    setting.way == Way::Ebpf { sk_msg: true },
+                    setting.way.sk_msg(),
                     load.connections,
                     &label,
                 );
@@ -597,7 +625,7 @@ impl Node {
             // Direct calls pass no sidecar.
             sidecars_per_request: (setting.way != Way::Direct).then(|| per_request(sidecars)),
             app_per_request: per_request(app),
-            agent_per_request: matches!(setting.way, Way::Ebpf { .. }).then(|| per_request(agent)),
+            agent_per_request: setting.way.ebpf().then(|| per_request(agent)),
         }
     }
 
@@ -708,7 +736,7 @@ impl Node {
         match way {
             Way::Direct | Way::Explicit => None,
             Way::Iptables => Some(Redirects::of_iptables(&self.b, &self.a)),
-            Way::Ebpf { .. } => Some(Redirects::of_datapath(
+            Way::Ebpf { .. } | Way::EbpfWithoutLog => Some(Redirects::of_datapath(
                 self.ebpf.as_ref().expect("installed"),
             )),
         }
@@ -724,7 +752,7 @@ impl Node {
                 way: Way::Ebpf { sk_msg },
                 exclusions: EXCLUSIONS[0],
             };
-            self.apply(setting);
+            self.apply(setting, plan);
             for route in Route::ALL {
                 let pins = self.ebpf.as_ref().expect("installed").pin_path().to_owned();
                 let before = program_stats(&pins);
@@ -1160,6 +1188,17 @@ impl Report<'_> {
                 "≤ 1.0×",
                 p99_ratio(Route::NewConnection, on, n),
                 |v| v <= 1.0,
+            );
+        }
+        for route in Route::ALL {
+            goal(
+                &format!(
+                    "aya-log compiled in and off / built without it (sk_msg on), {}",
+                    route.label()
+                ),
+                "≥ 0.99×",
+                ratio(route, on, Way::EbpfWithoutLog),
+                |v| v >= 0.99,
             );
         }
     }

@@ -12,7 +12,8 @@ use std::{
 
 use probe_bypass::{
     datapath::{
-        self, Counters, Datapath, FiledListeners, Inbound, PodRules, ProbeBypass, Settings,
+        self, Counters, Datapath, FiledListeners, Inbound, PodRules, ProbeBypass, Programs,
+        Settings,
     },
     exclusions::Exclusions,
     netns::NetnsWorker,
@@ -52,6 +53,13 @@ impl InProcessDatapath {
     /// Installs with the mesh's ports and the host trusted for the probe ports, or reinstalls over
     /// the pins with new settings as a restarted agent would; pods stay in the pinned maps.
     pub fn install(&mut self, sk_msg: bool) {
+        self.install_object(sk_msg, None);
+    }
+
+    /// [`Self::install`] with the programs of `object` (a file, such as the programs built without
+    /// their log) in place of the agent's own, or the agent's own without one. The programs' log
+    /// is off either way.
+    pub fn install_object(&mut self, sk_msg: bool, object: Option<&Path>) {
         self.datapath = None;
         let settings = Settings {
             proxy_uid: PROXY_UID,
@@ -63,10 +71,14 @@ impl InProcessDatapath {
             node: Exclusions::default(),
             proc_root: "/proc".into(),
         };
-        self.datapath = Some(Mutex::new(
-            Datapath::install(&self.cgroup, self.pins.path(), settings)
-                .unwrap_or_else(|error| panic!("install: {:?}", anyhow::Error::new(error))),
-        ));
+        let programs = Programs {
+            object: object.map(Path::to_owned),
+            log: None,
+        };
+        let (datapath, _no_log) =
+            Datapath::install_with(&self.cgroup, self.pins.path(), settings, &programs)
+                .unwrap_or_else(|error| panic!("install: {:?}", anyhow::Error::new(error)));
+        self.datapath = Some(Mutex::new(datapath));
     }
 
     /// Where the programs and maps are pinned.

@@ -89,6 +89,13 @@ impl TestPod {
         Self::create(None)
     }
 
+    /// A pod that can reach the other test pods through the host ([`Self::route_to_other_pods`]).
+    pub fn routed() -> Self {
+        let pod = Self::new();
+        pod.route_to_other_pods();
+        pod
+    }
+
     /// A pod on another node: its veth joins it to `node` (a pod that stands for that node's host
     /// network namespace, which routes for it) instead of to this host, and this host reaches it
     /// through `node`. Its traffic arrives at this node's pods from outside, as from another node.

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use clap::Subcommand;
 
-use crate::{cargo, setup};
+use crate::{build_ebpf, cargo, cargo_with_env, setup};
 
 #[derive(Clone, Copy, Subcommand)]
 pub enum Which {
@@ -56,13 +56,20 @@ pub fn run(which: Option<Which>) -> Result<()> {
         None => &all[..],
     };
     for which in selected {
-        cargo(&[
+        let args = [
             "bench",
             "--package",
             "probe-bypass",
             "--bench",
             which.target(),
-        ])?;
+        ];
+        if matches!(which, Which::Mesh) {
+            // The same programs without aya-log, to measure what the log costs when it is off.
+            let object = build_ebpf::build_without_log(None)?;
+            cargo_with_env(&args, &[("PB_BENCH_NO_LOG_OBJECT", object.as_os_str())])?;
+        } else {
+            cargo(&args)?;
+        }
     }
     Ok(())
 }

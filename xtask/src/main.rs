@@ -133,6 +133,14 @@ pub fn run(command: &mut Command) -> Result<()> {
 
 /// Runs cargo (the one that runs this xtask) in the workspace root with `args`.
 pub fn cargo(args: &[&str]) -> Result<()> {
+    cargo_with_env(args, &[])
+}
+
+/// [`cargo`] with `env` added to its environment.
+pub fn cargo_with_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run(Command::new(cargo).args(args).current_dir(workspace_root()))
+    let mut command = Command::new(cargo);
+    command.args(args).current_dir(workspace_root());
+    command.envs(env.iter().copied());
+    run(&mut command)
 }
