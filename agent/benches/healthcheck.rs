@@ -26,6 +26,10 @@
 //! guards own them).
 //!
 //! `PB_BENCH_REQUESTS` overrides the request count per measurement (default 10 000), for a quick run.
+//! `PB_BENCH_PODS` (say `1,500`) measures only those node sizes. `PB_BENCH_PERF_DIR` records the
+//! agent with `perf record -g -p <agent>` during each of its measured runs, into
+//! `agent-<path>-<pods>.data` there: how the README's per-probe CPU at 1 and 500 pods was taken
+//! apart.
 
 #![expect(
     clippy::expect_used,
@@ -35,6 +39,8 @@
 use std::{
     io::{self, Write as _},
     net::SocketAddr,
+    path::Path,
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
@@ -42,8 +48,8 @@ use probe_bypass_rewrite::{ProbeKind, Style, rewrite_in_place};
 use probe_bypass_testing::{
     agent::{Agent, ManifestDir, Memory},
     bench::{
-        Measured, command_line, connect_with_reset, create_pods, delete_pods, machine, micros,
-        requests, run_load,
+        Measured, command_line, connect_with_reset, cpu_time, create_pods, delete_pods, machine,
+        micros, requests, run_load,
     },
     kubelet,
     pod::{App, TestPod},
@@ -94,7 +100,10 @@ fn main() {
         return;
     }
     let requests = requests(REQUESTS);
-    let rows: Vec<Row> = SIZES.iter().map(|&pods| measure(pods, requests)).collect();
+    let rows: Vec<Row> = sizes()
+        .iter()
+        .map(|&pods| measure(pods, requests))
+        .collect();
     print_report(requests, &rows);
 }
 
@@ -105,6 +114,9 @@ struct Row {
     agent: Load,
     direct_get: Load,
     agent_get: Load,
+    /// The agent's CPU time per probe on each of its paths.
+    agent_cpu: Option<Duration>,
+    agent_get_cpu: Option<Duration>,
     idle: Memory,
     loaded: Memory,
 }
@@ -129,9 +141,11 @@ fn measure(pods: usize, requests: usize) -> Row {
     let direct_get_targets: Vec<Probe> = node.pods.iter().map(Probe::direct_get).collect();
     let agent_get_targets: Vec<Probe> = node.pods.iter().map(Probe::agent_get).collect();
     let direct = warm_up_and_measure("direct", &direct_targets, requests, connect_only);
-    let agent = warm_up_and_measure("agent", &agent_targets, requests, Probe::send);
+    let pid = Some(node.agent.pid());
+    let (agent, agent_cpu) = measure_with_cpu("agent", &agent_targets, requests, pid, Probe::send);
     let direct_get = warm_up_and_measure("direct GET", &direct_get_targets, requests, Probe::send);
-    let agent_get = warm_up_and_measure("agent GET", &agent_get_targets, requests, Probe::send);
+    let (agent_get, agent_get_cpu) =
+        measure_with_cpu("agent GET", &agent_get_targets, requests, pid, Probe::send);
     let loaded = node.agent.memory();
 
     let started = Instant::now();
@@ -143,6 +157,8 @@ fn measure(pods: usize, requests: usize) -> Row {
         agent,
         direct_get,
         agent_get,
+        agent_cpu,
+        agent_get_cpu,
         idle,
         loaded,
     }
@@ -292,6 +308,54 @@ fn per_second(load: &Load) -> f64 {
     load.latencies.len() as f64 / load.elapsed.as_secs_f64()
 }
 
+/// The node sizes to measure: [`SIZES`], or those `PB_BENCH_PODS` lists.
+fn sizes() -> Vec<usize> {
+    let Ok(list) = std::env::var("PB_BENCH_PODS") else {
+        return SIZES.to_vec();
+    };
+    list.split(',')
+        .map(|size| {
+            size.trim()
+                .parse()
+                .ok()
+                .filter(|&pods| pods > 0)
+                .unwrap_or_else(|| panic!("PB_BENCH_PODS={list}: {size:?} is not a pod count"))
+        })
+        .collect()
+}
+
+/// `perf record` of process `pid`, while it lives, when `PB_BENCH_PERF_DIR` names a directory.
+struct Perf(Option<Child>);
+
+impl Perf {
+    fn start(pid: u32, path: &str, pods: usize) -> Self {
+        let Some(dir) = std::env::var_os("PB_BENCH_PERF_DIR") else {
+            return Self(None);
+        };
+        let output = Path::new(&dir).join(format!("agent-{path}-{pods}.data"));
+        let perf = Command::new("perf")
+            .args(["record", "--quiet", "-F", "1999", "-g", "-p"])
+            .arg(pid.to_string())
+            .arg("-o")
+            .arg(&output)
+            .spawn()
+            .expect("PB_BENCH_PERF_DIR is set, and perf (linux-perf) could not start");
+        eprintln!("   perf recording the agent into {}", output.display());
+        Self(Some(perf))
+    }
+}
+
+impl Drop for Perf {
+    fn drop(&mut self) {
+        if let Some(mut perf) = self.0.take() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(perf.id()).unwrap_or(i32::MAX));
+            // perf writes its file out on SIGINT.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            let _ = perf.wait();
+        }
+    }
+}
+
 /// Warms the path up, then measures it. The warm-up sends at least two requests to every pod, so
 /// first-contact costs (neighbour resolution on a fresh veth, the app's first accept, cold caches)
 /// stay out of the figures.
@@ -301,9 +365,27 @@ fn warm_up_and_measure<T: Sync>(
     requests: usize,
     one: impl Fn(&T) -> Result<(), String> + Sync,
 ) -> Load {
+    measure_with_cpu(name, targets, requests, None, one).0
+}
+
+/// [`warm_up_and_measure`], and the CPU time process `pid` used per measured request.
+fn measure_with_cpu<T: Sync>(
+    name: &str,
+    targets: &[T],
+    requests: usize,
+    pid: Option<u32>,
+    one: impl Fn(&T) -> Result<(), String> + Sync,
+) -> (Load, Option<Duration>) {
     let warm_up = WARM_UP.max(2 * targets.len());
     run(targets, warm_up, WARM_UP_LIMIT, &one);
+    let before = pid.map(cpu_time);
+    let perf = pid.map(|pid| Perf::start(pid, &name.replace(' ', "-"), targets.len()));
     let load = run(targets, requests, MEASURE_LIMIT, &one);
+    drop(perf);
+    let cpu = pid.zip(before).map(|(pid, before)| {
+        let done = u32::try_from(load.latencies.len().max(1)).unwrap_or(u32::MAX);
+        cpu_time(pid).saturating_sub(before) / done
+    });
     if load.latencies.len() < requests {
         eprintln!(
             "   {name}: stopped at the {MEASURE_LIMIT:?} bound after {} of {requests} requests",
@@ -317,7 +399,7 @@ fn warm_up_and_measure<T: Sync>(
         micros(load.percentile(99)),
         micros(load.percentile(100))
     );
-    load
+    (load, cpu)
 }
 
 /// Sends `count` requests from [`CLIENTS`] threads, request `i` to `targets[i % len]`, and stops
@@ -392,14 +474,16 @@ fn print_report(requests: usize, rows: &[Row]) {
     println!();
     println!(
         "| pods | direct connects/s | direct p50 | direct p99 | agent probes/s | agent p50 | agent p99 \
-         | agent/direct | agent RSS idle (MiB) | agent RSS after load (MiB) | agent peak RSS (MiB) |"
+         | agent/direct | agent µs CPU/probe | agent RSS idle (MiB) | agent RSS after load (MiB) \
+         | agent peak RSS (MiB) |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for row in rows {
         println!(
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |",
             row.pods,
             compared(&row.direct, &row.agent),
+            cpu_micros(row.agent_cpu),
             mib(row.idle.rss_kib),
             mib(row.loaded.rss_kib),
             mib(row.loaded.peak_kib),
@@ -414,16 +498,24 @@ fn print_report(requests: usize, rows: &[Row]) {
     println!();
     println!(
         "| pods | direct GET/s | direct p50 | direct p99 | agent GET/s | agent p50 | agent p99 \
-         | agent/direct |"
+         | agent/direct | agent µs CPU/probe |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for row in rows {
         println!(
-            "| {} | {} |",
+            "| {} | {} | {} |",
             row.pods,
-            compared(&row.direct_get, &row.agent_get)
+            compared(&row.direct_get, &row.agent_get),
+            cpu_micros(row.agent_get_cpu)
         );
     }
+}
+
+fn cpu_micros(cpu: Option<Duration>) -> String {
+    cpu.map_or_else(
+        || "–".to_owned(),
+        |cpu| format!("{:.1}", cpu.as_secs_f64() * 1e6),
+    )
 }
 
 /// The table cells of a baseline and the agent's path: rate, p50 and p99 of each, then the ratio.
