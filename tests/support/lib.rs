@@ -17,6 +17,7 @@ pub mod agent;
 pub mod bench;
 pub mod bpffs;
 pub mod cgroup;
+pub mod containerd;
 pub mod ebpf_agent;
 pub mod in_process;
 pub mod injected;

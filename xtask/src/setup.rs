@@ -37,7 +37,7 @@ const MUSL_PACKAGE: (&str, &str) = (
 );
 
 /// The other Debian packages the project uses, and why.
-const TOOL_PACKAGES: [(&str, &str); 8] = [
+const TOOL_PACKAGES: [(&str, &str); 11] = [
     (
         "bpftool",
         "inspects loaded eBPF programs; the datapath tests use it",
@@ -54,6 +54,18 @@ const TOOL_PACKAGES: [(&str, &str); 8] = [
     (
         "skopeo",
         "copies and inspects container images without a daemon",
+    ),
+    (
+        "containerd",
+        "the container runtime of the tests' own node (issue 17), with its CRI plugin",
+    ),
+    (
+        "runc",
+        "the OCI runtime containerd starts the tests' containers with",
+    ),
+    (
+        "containernetworking-plugins",
+        "the CNI bridge and host-local plugins of the tests' containerd",
     ),
 ];
 

@@ -1,0 +1,252 @@
+//! A containerd of the test's own (issue 17): its root, state dir, socket, runc root, CNI
+//! configuration and namespace mounts all under one temp dir, never the machine's
+//! (`/var/lib/containerd`, `/run/containerd`, `/etc/cni/net.d`, `/run/netns`).
+//!
+//! It runs Debian's containerd 1.6 with its CRI plugin, runc, and the CNI plugins from
+//! `containernetworking-plugins`: what the kubelet drives on a node. The CRI network is a bridge of
+//! the test's own with `host-local` addresses from the tests' range (198.18.0.0/15). The guard
+//! stops containerd (and so every shim it started) and removes the dir on drop, panics included.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::sidecar::TempDir;
+
+/// Where Debian's packages put the binaries.
+pub const CONTAINERD: &str = "/usr/bin/containerd";
+pub const CTR: &str = "/usr/bin/ctr";
+pub const RUNC: &str = "/usr/sbin/runc";
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+
+/// How long containerd may take to answer on its socket.
+const BOOT_WITHIN: Duration = Duration::from_secs(30);
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// What the machine lacks to run a containerd node, if anything.
+pub fn missing() -> Option<String> {
+    let plugins =
+        ["bridge", "host-local", "loopback"].map(|plugin| format!("{CNI_BIN_DIR}/{plugin}"));
+    [CONTAINERD, CTR, RUNC]
+        .into_iter()
+        .chain(plugins.iter().map(String::as_str))
+        .find(|path| !Path::new(path).exists())
+        .map(|path| {
+            format!(
+                "{path} is not installed (containerd, runc, containernetworking-plugins: run \
+                 `cargo xtask setup`)"
+            )
+        })
+}
+
+/// A running containerd of the test's own.
+pub struct Containerd {
+    child: Option<Child>,
+    /// The CRI network's bridge, made by the CNI bridge plugin at the first sandbox.
+    pub bridge: String,
+    /// The CRI network's addresses.
+    pub subnet: String,
+    dir: TempDir,
+}
+
+impl Containerd {
+    /// Writes the configuration and starts containerd, returning once it answers on its socket.
+    pub fn start() -> Self {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = TempDir::new("containerd");
+        // One /24 per containerd of this process, inside 198.19.0.0/16 (the half of the tests'
+        // range that test pods' veths do not use); the pid spreads parallel test processes.
+        let third = (std::process::id() * 7 + n) % 250;
+        let mut containerd = Self {
+            child: None,
+            bridge: format!("pbcri{}-{n}", std::process::id() % 10_000),
+            subnet: format!("198.19.{third}.0/24"),
+            dir,
+        };
+        for sub in ["net.d", "cni", "root", "state", "runc", "opt"] {
+            fs::create_dir_all(containerd.path(sub)).expect("make containerd's dirs");
+        }
+        fs::write(containerd.path("config.toml"), containerd.config()).expect("write config.toml");
+        fs::write(
+            containerd.path("net.d/10-probe-bypass-test.conflist"),
+            containerd.cni_config(),
+        )
+        .expect("write the CNI configuration");
+        let log = fs::File::create(containerd.path("containerd.log")).expect("containerd.log");
+        let child = Command::new(CONTAINERD)
+            .arg("--config")
+            .arg(containerd.path("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("containerd.log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|error| panic!("start {CONTAINERD}: {error}"));
+        containerd.child = Some(child);
+        containerd.wait_until_it_answers();
+        containerd
+    }
+
+    /// A path under the containerd's own dir.
+    pub fn path(&self, sub: &str) -> PathBuf {
+        self.dir.path.join(sub)
+    }
+
+    /// Its gRPC socket, which the CRI API and `ctr` talk to.
+    pub fn socket(&self) -> PathBuf {
+        self.path("containerd.sock")
+    }
+
+    /// The containerd process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// What containerd wrote to its log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.path("containerd.log")).unwrap_or_default()
+    }
+
+    /// Runs `ctr` against this containerd, in the CRI plugin's `k8s.io` namespace.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        Command::new(CTR)
+            .arg("--address")
+            .arg(self.socket())
+            .args(["--namespace", "k8s.io"])
+            .args(args)
+            .output()
+            .unwrap_or_else(|error| panic!("run {CTR}: {error}"))
+    }
+
+    fn wait_until_it_answers(&mut self) {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().expect("containerd's status"))
+            {
+                panic!(
+                    "containerd exited ({status}) while starting:\n{}",
+                    self.log()
+                );
+            }
+            if self.socket().exists() && self.ctr(&["version"]).status.success() {
+                return;
+            }
+            assert!(
+                started.elapsed() < BOOT_WITHIN,
+                "containerd did not answer on {} within {BOOT_WITHIN:?}:\n{}",
+                self.socket().display(),
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// containerd's configuration: every path its own, the CRI plugin on runc with the cgroupfs
+    /// driver (this machine's PID 1 is not systemd), namespaces mounted under its state dir, and
+    /// the plugins that would look at the machine's storage left out.
+    fn config(&self) -> String {
+        let dir = self.dir.path.display();
+        format!(
+            r#"version = 2
+root = "{dir}/root"
+state = "{dir}/state"
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = "{dir}/containerd.sock"
+
+[ttrpc]
+  address = "{dir}/containerd.sock.ttrpc"
+
+[debug]
+  address = ""
+
+[metrics]
+  address = ""
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{dir}/opt"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "probe-bypass.test/pause:1"
+  netns_mounts_under_state_dir = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  disable_apparmor = true
+
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{CNI_BIN_DIR}"
+    conf_dir = "{dir}/net.d"
+
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        BinaryName = "{RUNC}"
+        Root = "{dir}/runc"
+        SystemdCgroup = false
+"#
+        )
+    }
+
+    /// The CRI network: the bridge plugin on a bridge of the test's own, the pods' gateway, no
+    /// masquerading, and host-local addresses kept in the containerd's own dir.
+    fn cni_config(&self) -> String {
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "probe-bypass-test",
+            "plugins": [{
+                "type": "bridge",
+                "bridge": self.bridge,
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{ "subnet": self.subnet }]],
+                    "dataDir": self.path("cni"),
+                },
+            }],
+        })
+        .to_string()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // The bridge plugin's bridge outlives the pods; nothing else of containerd's is outside
+        // its dir.
+        let _ = Command::new("ip")
+            .args(["link", "delete", &self.bridge])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
