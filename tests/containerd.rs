@@ -1,12 +1,35 @@
-//! The tests' own containerd (issue 17's test node, first part): it boots with its CRI plugin on a
-//! root, state dir, socket and configuration of its own, and leaves nothing behind.
+//! Real pods from a real container runtime (issue 17): the tests' own containerd with its CRI
+//! plugin, runc and the CNI bridge, driven over the CRI API as the kubelet drives it
+//! (`support/cri.rs`), and the agent finding and serving the pods it makes.
 //!
-//! Needs root and Debian's containerd, runc and containernetworking-plugins (`cargo xtask
-//! setup`); without them the tests say why and pass, unless `CI` is set.
+//! Needs root, Debian's containerd, runc, containernetworking-plugins (`cargo xtask setup`), and
+//! the images' programs (`cargo xtask test` builds them); without them the tests say why and pass,
+//! unless `CI` is set.
+#![expect(
+    clippy::expect_used,
+    reason = "a test fails by panicking, with a message naming the step that broke"
+)]
 
-use std::path::Path;
+use std::{
+    fs,
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    time::Duration,
+};
 
-use probe_bypass_testing::{containerd::Containerd, privilege, require_privileges};
+use probe_bypass_testing::{
+    agent::Agent,
+    containerd::Containerd,
+    cri::{CgroupDriver, Container, CriNode, CriPod, PodSpec},
+    images,
+    kube_api::{FSM_POD, FakeApi},
+    kubelet, privilege, require_privileges,
+};
+use serde_json::{Value, json};
+
+const NODE: &str = "cri-node";
+/// The port the test app listens on, and the pod's rewritten tcpSocket probe checks.
+const APP_PORT: u16 = 8080;
 
 /// Whether the machine has what a containerd node needs; otherwise skips (fails under CI).
 fn containerd_can_run() -> bool {
@@ -18,6 +41,64 @@ fn containerd_can_run() -> bool {
             false
         }
     }
+}
+
+/// [`containerd_can_run`], and the images' programs are built.
+fn node_can_run() -> bool {
+    if !containerd_can_run() {
+        return false;
+    }
+    match images::missing() {
+        None => true,
+        Some(reason) => {
+            let thread = std::thread::current();
+            privilege::skip(thread.name().unwrap_or("test"), &reason);
+            false
+        }
+    }
+}
+
+/// The pod as the API server would hold it once the kubelet reported its sandbox: the FSM-injected
+/// fixture with the pod's name, namespace, real UID and CNI-given IP, its liveness probe checking
+/// the app's port through the healthcheck.
+fn api_pod(pod: &CriPod) -> Value {
+    let mut value: Value = serde_json::from_str(FSM_POD).expect("fixture");
+    value["metadata"]["name"] = json!(pod.spec.name);
+    value["metadata"]["namespace"] = json!(pod.spec.namespace);
+    value["metadata"]["uid"] = json!(pod.spec.uid);
+    value["spec"]["nodeName"] = json!(NODE);
+    value["spec"]["containers"][0]["livenessProbe"]["httpGet"]["httpHeaders"] =
+        json!([{ "name": "Original-Tcp-Port", "value": APP_PORT.to_string() }]);
+    let ip = pod.ip.to_string();
+    value["status"]["podIP"] = json!(ip);
+    value["status"]["podIPs"] = json!([{ "ip": ip }]);
+    value
+}
+
+/// A pod whose one container is the test app on [`APP_PORT`].
+fn app_pod(name: &str, driver: CgroupDriver) -> PodSpec {
+    let mut spec = PodSpec::new(name, driver);
+    spec.containers.push(Container::app(name, &[APP_PORT]));
+    spec
+}
+
+fn healthcheck(pod: &CriPod) -> SocketAddr {
+    SocketAddr::new(pod.ip, 15904)
+}
+
+fn answers(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+}
+
+/// The agent's open file descriptors that are network namespace `netns` (`net:[<inode>]`).
+fn fds_on(agent_pid: u32, netns: &str) -> Vec<String> {
+    fs::read_dir(format!("/proc/{agent_pid}/fd"))
+        .expect("the agent's fds")
+        .flatten()
+        .filter_map(|fd| fs::read_link(fd.path()).ok())
+        .map(|target| target.display().to_string())
+        .filter(|target| target == netns)
+        .collect()
 }
 
 fn stdout(output: &std::process::Output) -> String {
@@ -93,4 +174,101 @@ fn containerd_boots_its_cri_plugin_on_paths_of_its_own_and_leaves_nothing() {
         "containerd {pid} stopped with its guard"
     );
     assert!(!dir.exists(), "{} removed with its guard", dir.display());
+}
+
+#[test]
+fn pods_made_through_cri_are_found_and_served_then_leave_nothing_once_removed() {
+    require_privileges!();
+    if !node_can_run() {
+        return;
+    }
+    let mut node = CriNode::start();
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let api = runtime.block_on(FakeApi::start(NODE));
+    // Both cgroup parent namings the kubelet uses.
+    let pods: Vec<CriPod> = [
+        ("systemd-named", CgroupDriver::Systemd),
+        ("cgroupfs-named", CgroupDriver::Cgroupfs),
+    ]
+    .into_iter()
+    .map(|(name, driver)| {
+        let pod = node.run_pod(&app_pod(name, driver));
+        api.apply(api_pod(&pod));
+        pod
+    })
+    .collect();
+    // runc put each sandbox in the cgroup the kubelet named, below the node's subtree.
+    for pod in &pods {
+        let pause = node.pause_pid(pod);
+        let cgroups = fs::read_to_string(format!("/proc/{pause}/cgroup")).expect("its cgroup");
+        let cgroup = cgroups
+            .lines()
+            .find_map(|line| line.strip_prefix("0::"))
+            .expect("a cgroup v2 line");
+        let relative = pod
+            .cgroup
+            .strip_prefix(probe_bypass::datapath::cgroup2_mount().expect("cgroup2"))
+            .expect("below the mount");
+        assert!(
+            cgroup.starts_with(&format!("/{}/", relative.display())),
+            "the pause process of {} is in {cgroup}, not below {}",
+            pod.spec.name,
+            pod.cgroup.display()
+        );
+    }
+
+    let kubeconfig = api.kubeconfig();
+    let mut agent = Agent::start_kube(&kubeconfig.path, NODE, &[], "probe_bypass=debug");
+    for pod in &pods {
+        agent.wait_until(
+            &format!("the healthcheck listener in {}", pod.spec.name),
+            Duration::from_secs(20),
+            |_| answers(healthcheck(pod)),
+        );
+        // The kubelet's rewritten tcpSocket probe, from the host to the CNI address.
+        let reply = kubelet::probe(healthcheck(pod), &APP_PORT.to_string());
+        assert_eq!(reply.status, 200, "{reply:?}\n{}", agent.log_text());
+        // The fixture's readiness probe checks 14001, where the app does not listen.
+        let closed = kubelet::probe(healthcheck(pod), "14001");
+        assert_eq!(closed.status, 503, "nothing listens on 14001: {closed:?}");
+    }
+    // The namespace was found from the sandbox's pause process.
+    let pause = node.pause_pid(&pods[0]);
+    let netns = fs::read_link(format!("/proc/{pause}/ns/net"))
+        .expect("the pause process's namespace")
+        .display()
+        .to_string();
+    assert!(
+        fs::read_to_string(format!("/proc/{pause}/cmdline"))
+            .expect("pause's cmdline")
+            .starts_with("/pb-pause"),
+        "pid {pause} is the sandbox's pause process"
+    );
+    let log = agent.log_text();
+    assert!(
+        log.contains(&format!("network namespace /proc/{pause}/ns/net")),
+        "the agent names the pause process {pause} as the namespace's:\n{log}"
+    );
+    assert!(
+        !fds_on(agent.pid(), &netns).is_empty(),
+        "the agent holds {netns}"
+    );
+
+    // Deleting the pod, as the kubelet does: CRI first, then the API object goes.
+    node.remove_pod(&pods[0]);
+    api.delete(&pods[0].spec.name);
+    agent.wait_until(
+        "the deleted pod's listener closing",
+        Duration::from_secs(20),
+        |_| !answers(healthcheck(&pods[0])),
+    );
+    agent.wait_until(
+        "the agent letting go of the deleted pod's namespace",
+        Duration::from_secs(20),
+        |agent| fds_on(agent.pid(), &netns).is_empty(),
+    );
+    // The other pod is still served.
+    let reply = kubelet::probe(healthcheck(&pods[1]), &APP_PORT.to_string());
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(api.bad_requests(), Vec::<String>::new());
 }

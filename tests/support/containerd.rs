@@ -52,12 +52,23 @@ pub struct Containerd {
     pub bridge: String,
     /// The CRI network's addresses.
     pub subnet: String,
+    /// The OCI runtime binary the CRI plugin's runc runtime runs, and what containerd (so its
+    /// shims, so the runtime) is given in its environment.
+    runtime: PathBuf,
+    env: Vec<(String, String)>,
     dir: TempDir,
 }
 
 impl Containerd {
-    /// Writes the configuration and starts containerd, returning once it answers on its socket.
+    /// Writes the configuration and starts containerd with runc, returning once it answers on its
+    /// socket.
     pub fn start() -> Self {
+        Self::start_with_runtime(Path::new(RUNC), &[])
+    }
+
+    /// [`Self::start`], with `runtime` run in runc's place (a wrapper of it) and `env` in
+    /// containerd's environment, which its shims and so the runtime inherit.
+    pub fn start_with_runtime(runtime: &Path, env: &[(&str, &str)]) -> Self {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = TempDir::new("containerd");
         // One /24 per containerd of this process, inside 198.19.0.0/16 (the half of the tests'
@@ -67,6 +78,11 @@ impl Containerd {
             child: None,
             bridge: format!("pbcri{}-{n}", std::process::id() % 10_000),
             subnet: format!("198.19.{third}.0/24"),
+            runtime: runtime.to_owned(),
+            env: env
+                .iter()
+                .map(|&(key, value)| (key.to_owned(), value.to_owned()))
+                .collect(),
             dir,
         };
         for sub in ["net.d", "cni", "root", "state", "runc", "opt"] {
@@ -78,18 +94,49 @@ impl Containerd {
             containerd.cni_config(),
         )
         .expect("write the CNI configuration");
-        let log = fs::File::create(containerd.path("containerd.log")).expect("containerd.log");
+        containerd.spawn();
+        containerd
+    }
+
+    /// Starts containerd on the configuration written, and waits until it answers.
+    fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("containerd.log"))
+            .expect("containerd.log");
         let child = Command::new(CONTAINERD)
             .arg("--config")
-            .arg(containerd.path("config.toml"))
+            .arg(self.path("config.toml"))
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("containerd.log"))
             .stderr(log)
             .spawn()
             .unwrap_or_else(|error| panic!("start {CONTAINERD}: {error}"));
-        containerd.child = Some(child);
-        containerd.wait_until_it_answers();
-        containerd
+        self.child = Some(child);
+        self.wait_until_it_answers();
+    }
+
+    /// Stops containerd (SIGTERM, as systemd stops it) and starts it again on the same root, state
+    /// and socket. The containers' shims, and so the containers, run on meanwhile.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Stops the containerd process itself, leaving its shims.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// A path under the containerd's own dir.
@@ -154,6 +201,8 @@ impl Containerd {
     /// the plugins that would look at the machine's storage left out.
     fn config(&self) -> String {
         let dir = self.dir.path.display();
+        let restrict_oom = !has_sys_resource();
+        let runtime = self.runtime.display();
         format!(
             r#"version = 2
 root = "{dir}/root"
@@ -188,6 +237,10 @@ disabled_plugins = [
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   disable_apparmor = true
+  # The kubelet's sandboxes ask for oom_score_adj -998, which lowering takes CAP_SYS_RESOURCE,
+  # and the root that runs the tests may lack it (these machines' does): never below
+  # containerd's own, as under rootless containerd.
+  restrict_oom_score_adj = {restrict_oom}
 
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{CNI_BIN_DIR}"
@@ -201,7 +254,7 @@ disabled_plugins = [
       runtime_type = "io.containerd.runc.v2"
 
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        BinaryName = "{RUNC}"
+        BinaryName = "{runtime}"
         Root = "{dir}/runc"
         SystemdCgroup = false
 "#
@@ -231,22 +284,87 @@ disabled_plugins = [
 }
 
 impl Drop for Containerd {
+    /// Stops containerd, then what outlives it: containers left running (a test that failed before
+    /// removing its pods), their shims, and the mounts under the dir (rootfs overlays, sandbox
+    /// namespaces), so that the dir can be removed.
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(20));
+        self.stop();
+        let runc_root = self.path("runc");
+        for namespace in fs::read_dir(&runc_root).into_iter().flatten().flatten() {
+            for container in fs::read_dir(namespace.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let _ = Command::new(RUNC)
+                    .arg("--root")
+                    .arg(namespace.path())
+                    .args(["delete", "--force"])
+                    .arg(container.file_name())
+                    .stderr(Stdio::null())
+                    .status();
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
+        let socket = self.socket().display().to_string();
+        for pid in processes_mentioning(&socket) {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        unmount_under(&self.dir.path);
         // The bridge plugin's bridge outlives the pods; nothing else of containerd's is outside
         // its dir.
         let _ = Command::new("ip")
             .args(["link", "delete", &self.bridge])
             .stderr(Stdio::null())
             .status();
+    }
+}
+
+/// Whether this process has CAP_SYS_RESOURCE, which lowering a process's oom_score_adj takes.
+fn has_sys_resource() -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status
+                .lines()
+                .find_map(|line| line.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
+}
+
+/// The processes whose command line mentions `text`: the shims of a containerd, which are given
+/// its socket's address.
+fn processes_mentioning(text: &str) -> Vec<nix::unistd::Pid> {
+    let own = std::process::id();
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != own)
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                String::from_utf8_lossy(&cmdline)
+                    .split('\0')
+                    .any(|arg| arg.contains(text))
+            })
+        })
+        .filter_map(|pid| i32::try_from(pid).ok().map(nix::unistd::Pid::from_raw))
+        .collect()
+}
+
+/// Detaches every mount below `dir`, deepest first.
+fn unmount_under(dir: &Path) {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|point| point.starts_with(dir))
+        .collect();
+    points.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
+    for point in points {
+        let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
     }
 }

@@ -59,6 +59,20 @@ pub fn run(output: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// Builds the static programs of the images the tests run under containerd (`tests/images`), for
+/// `tests/support/images.rs` to write into images.
+pub fn test_programs() -> Result<()> {
+    setup::image_toolchain()?;
+    cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "probe-bypass-test-images",
+        "--target",
+        setup::STATIC_TARGET,
+    ])
+}
+
 /// The image of the agent's static binary: `/probe-bypass run`, labelled with the workspace's
 /// version, licence and source.
 fn image(binary: &[u8]) -> Result<Image> {

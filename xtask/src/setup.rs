@@ -37,7 +37,7 @@ const MUSL_PACKAGE: (&str, &str) = (
 );
 
 /// The other Debian packages the project uses, and why.
-const TOOL_PACKAGES: [(&str, &str); 11] = [
+const TOOL_PACKAGES: [(&str, &str); 12] = [
     (
         "bpftool",
         "inspects loaded eBPF programs; the datapath tests use it",
@@ -66,6 +66,10 @@ const TOOL_PACKAGES: [(&str, &str); 11] = [
     (
         "containernetworking-plugins",
         "the CNI bridge and host-local plugins of the tests' containerd",
+    ),
+    (
+        "protobuf-compiler",
+        "protoc, which the CRI API client of the tests' node is generated with",
     ),
 ];
 

@@ -17,6 +17,10 @@ pub fn run() -> Result<()> {
     cargo(&["fmt", "--all", "--check"])?;
     crate::layers::run()?;
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    // What the tests' containerd runs (tests/support/images.rs): the test images' static
+    // programs, and the agent's image as `cargo xtask image` writes it.
+    crate::image::test_programs()?;
+    crate::image::run(None)?;
     // The eBPF crate builds only for the BPF target (through the agent's build script), so the
     // workspace's default members are tested rather than --workspace.
     cargo(&["test", "--no-fail-fast"])

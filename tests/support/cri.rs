@@ -1,0 +1,644 @@
+//! A node of the tests' own (issue 17): the tests' containerd with its CRI plugin, runc and CNI,
+//! driven over the CRI API as the kubelet drives it, with the images of [`crate::images`].
+//!
+//! The test plays the kubelet: it makes the pod's cgroup, asks for the sandbox with the kubelet's
+//! cgroup parent naming, reads the IP the CNI gave, then creates and starts the init containers
+//! one after another (each must exit 0, as the kubelet requires before the next), then the
+//! others. Every pod's cgroups sit in a subtree of the test's own
+//! (`probe-bypass-test-<pid>-cri<n>/…`), which is also where a test attaches the agent's programs:
+//! never the machine's root.
+//!
+//! A pod of [`CgroupDriver::Systemd`] gets the kubelet's slice name as its cgroup parent
+//! (`kubepods-besteffort-pod<uid_>.slice`), from which containerd writes runc's systemd form of
+//! the container's cgroup (`<slice>:cri-containerd:<id>`). This machine's PID 1 is not systemd,
+//! so runc cannot ask systemd for the unit: `pb-runc-systemd` (`tests/images`) stands in for
+//! runc, lays the path out as systemd would (`kubepods.slice/kubepods-besteffort.slice/
+//! kubepods-besteffort-pod<uid_>.slice/cri-containerd-<id>.scope`) below the node's subtree, and
+//! hands the rest to runc's cgroupfs driver (`docs/real-runtime.md`).
+//!
+//! On a machine with cgroup v1 controllers beside the v2 hierarchy (these machines'), runc makes
+//! each container's cgroup in every hierarchy; the guard removes the node's subtree from all of
+//! them.
+//!
+//! The guard removes every pod it made through CRI (`StopPodSandbox`, `RemovePodSandbox`), then
+//! stops containerd (whose guard kills whatever is left) and removes the cgroups, panics included.
+
+use std::{
+    collections::HashMap,
+    fs,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
+    CreateContainerRequest, ImageSpec, KeyValue, LinuxContainerConfig,
+    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    runtime_service_client::RuntimeServiceClient,
+};
+use probe_bypass::datapath::cgroup2_mount;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::{cgroup::remove_cgroup, containerd::Containerd, images};
+
+/// How long a CRI call may take (RunPodSandbox runs the CNI plugins).
+const CALL_WITHIN: Duration = Duration::from_secs(60);
+/// How long an init container may run before the test calls it stuck.
+const INIT_WITHIN: Duration = Duration::from_secs(60);
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// The kubelet's cgroup driver, whose naming of the pod's cgroup the pod gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupDriver {
+    /// `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid_>.slice`.
+    Systemd,
+    /// `kubepods/besteffort/pod<uid>`.
+    Cgroupfs,
+}
+
+/// A container of a pod, as the kubelet hands it to CRI: the image and its arguments resolved,
+/// the downward API's environment added by the node ([`CriNode::run_pod`]).
+#[derive(Clone, Debug)]
+pub struct Container {
+    pub name: String,
+    pub image: String,
+    /// The image's entrypoint is kept; these are its arguments.
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// `securityContext.runAsUser`; none: the image's user (root).
+    pub run_as_user: Option<i64>,
+}
+
+impl Container {
+    pub fn new(name: &str, image: &str, args: &[&str]) -> Self {
+        Self {
+            name: name.to_owned(),
+            image: image.to_owned(),
+            args: args.iter().map(|&arg| arg.to_owned()).collect(),
+            env: Vec::new(),
+            run_as_user: None,
+        }
+    }
+
+    /// The test app answering HTTP on `ports` with `name`.
+    pub fn app(name: &str, ports: &[u16]) -> Self {
+        let mut args = vec![name.to_owned()];
+        args.extend(ports.iter().map(u16::to_string));
+        Self {
+            args,
+            ..Self::new(name, images::APP, &[])
+        }
+    }
+}
+
+/// A pod to create: its metadata as the API server has it, and its containers.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    pub driver: CgroupDriver,
+    pub init_containers: Vec<Container>,
+    pub containers: Vec<Container>,
+}
+
+impl PodSpec {
+    /// A pod named `name` in namespace `test`, with a fresh UID.
+    pub fn new(name: &str, driver: CgroupDriver) -> Self {
+        Self {
+            name: name.to_owned(),
+            namespace: "test".to_owned(),
+            uid: fresh_uid(),
+            driver,
+            init_containers: Vec::new(),
+            containers: Vec::new(),
+        }
+    }
+}
+
+/// A UUID (version 4 in form) unique to this process and call: what the API server gives a pod.
+pub fn fresh_uid() -> String {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |time| time.subsec_nanos());
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        std::process::id(),
+        n & 0xffff,
+        nanos & 0xfff,
+        (nanos >> 12) & 0xfff,
+        u64::from(nanos) << 8 | u64::from(n & 0xff)
+    )
+}
+
+/// A pod the node made.
+#[derive(Clone, Debug)]
+pub struct CriPod {
+    pub spec: PodSpec,
+    pub sandbox_id: String,
+    /// The IP the CNI gave the sandbox.
+    pub ip: IpAddr,
+    /// The pod's cgroup (`…/pod<uid>` or `…-pod<uid_>.slice`).
+    pub cgroup: PathBuf,
+    /// The ids of its containers, by name, init containers included.
+    pub containers: HashMap<String, String>,
+    /// Each init container's exit code, in order; a pod whose init container failed has no
+    /// other containers started, as under the kubelet.
+    pub init_exits: Vec<(String, i32)>,
+    /// The sandbox's log directory, which holds each container's log (`<name>.log`).
+    pub log_dir: PathBuf,
+}
+
+impl CriPod {
+    /// What the container `name` wrote, in CRI's log format.
+    pub fn log(&self, name: &str) -> String {
+        fs::read_to_string(self.log_dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Whether every init container exited 0.
+    pub fn initialized(&self) -> bool {
+        self.init_exits.iter().all(|(_, code)| *code == 0)
+    }
+}
+
+/// The node: containerd, the CRI client, and the pods made through it.
+pub struct CriNode {
+    containerd: Option<Containerd>,
+    client: RuntimeServiceClient<Channel>,
+    runtime: tokio::runtime::Runtime,
+    /// The subtree of the cgroup hierarchy that every pod's cgroup is in.
+    cgroup_root: PathBuf,
+    /// Sandboxes still to remove on drop, with their pod cgroups.
+    made: Vec<(String, PathBuf)>,
+}
+
+impl CriNode {
+    /// Starts containerd, imports the images, and connects to its CRI API.
+    pub fn start() -> Self {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let subtree = format!("/probe-bypass-test-{}-cri{n}", std::process::id());
+        let wrapper = images::program("pb-runc-systemd");
+        let containerd = Containerd::start_with_runtime(
+            &wrapper,
+            &[
+                ("PB_CGROUP_ROOT", &subtree),
+                ("PB_RUNC", crate::containerd::RUNC),
+            ],
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime for the CRI client");
+        let client = runtime.block_on(connect(&containerd.socket()));
+        let cgroup_root = cgroup2_mount()
+            .expect("the cgroup v2 mount")
+            .join(subtree.trim_start_matches('/'));
+        fs::create_dir_all(&cgroup_root).expect("make the node's cgroup subtree");
+        let node = Self {
+            containerd: Some(containerd),
+            client,
+            runtime,
+            cgroup_root,
+            made: Vec::new(),
+        };
+        node.import_images();
+        node
+    }
+
+    pub fn containerd(&self) -> &Containerd {
+        self.containerd.as_ref().expect("containerd")
+    }
+
+    /// The cgroup subtree that holds every pod of the node: where a test attaches the datapath.
+    pub fn cgroup_root(&self) -> &Path {
+        &self.cgroup_root
+    }
+
+    fn import_images(&self) {
+        let containerd = self.containerd();
+        for archive in images::archives(&containerd.path("")) {
+            let path = archive.path.display().to_string();
+            let output = containerd.ctr(&["images", "import", "--no-unpack=false", &path]);
+            assert!(
+                output.status.success(),
+                "import {} from {path}: {}",
+                archive.name,
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let listed = containerd.ctr(&["images", "ls", "-q"]);
+            assert!(
+                String::from_utf8_lossy(&listed.stdout)
+                    .lines()
+                    .any(|line| line == archive.name),
+                "{} not among the imported images: {}",
+                archive.name,
+                String::from_utf8_lossy(&listed.stdout)
+            );
+        }
+    }
+
+    /// Creates the pod as the kubelet does (see the module's doc) and returns it once its
+    /// containers are started, or once an init container failed.
+    pub fn run_pod(&mut self, spec: &PodSpec) -> CriPod {
+        let cgroup = self.pod_cgroup(spec);
+        fs::create_dir_all(&cgroup).expect("make the pod's cgroup, as the kubelet does");
+        let log_dir = self
+            .containerd()
+            .path("pods")
+            .join(format!("{}_{}_{}", spec.namespace, spec.name, spec.uid));
+        fs::create_dir_all(&log_dir).expect("the pod's log dir");
+        let sandbox_config = self.sandbox_config(spec, &cgroup, &log_dir);
+        let mut client = self.client.clone();
+        let sandbox_id = self
+            .call(client.run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(sandbox_config.clone()),
+                runtime_handler: String::new(),
+            }))
+            .unwrap_or_else(|status| {
+                panic!(
+                    "RunPodSandbox {}: {status}\ncontainerd's log:\n{}",
+                    spec.name,
+                    self.containerd().log()
+                )
+            })
+            .pod_sandbox_id;
+        self.made.push((sandbox_id.clone(), cgroup.clone()));
+        let status = self
+            .call(client.pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: sandbox_id.clone(),
+                verbose: false,
+            }))
+            .unwrap_or_else(|status| panic!("PodSandboxStatus {}: {status}", spec.name));
+        let ip: IpAddr = status
+            .status
+            .and_then(|status| status.network)
+            .and_then(|network| network.ip.parse().ok())
+            .unwrap_or_else(|| panic!("the sandbox of {} has no IP from the CNI", spec.name));
+        let mut pod = CriPod {
+            spec: spec.clone(),
+            sandbox_id,
+            ip,
+            cgroup,
+            containers: HashMap::new(),
+            init_exits: Vec::new(),
+            log_dir,
+        };
+        for container in &spec.init_containers {
+            let id = self.start_container(&pod, container, &sandbox_config);
+            let code = self.wait_exited(&id, &container.name);
+            pod.containers.insert(container.name.clone(), id);
+            pod.init_exits.push((container.name.clone(), code));
+            if code != 0 {
+                return pod;
+            }
+        }
+        for container in &spec.containers {
+            let id = self.start_container(&pod, container, &sandbox_config);
+            pod.containers.insert(container.name.clone(), id);
+        }
+        pod
+    }
+
+    /// Stops and removes the pod's sandbox through CRI, as the kubelet does for a deleted pod, then
+    /// removes its cgroup.
+    pub fn remove_pod(&mut self, pod: &CriPod) {
+        self.remove_sandbox(&pod.sandbox_id);
+        self.made.retain(|(id, _)| *id != pod.sandbox_id);
+        self.remove_pod_cgroup(&pod.cgroup);
+    }
+
+    /// Removes the pod's cgroup, in every hierarchy, as the kubelet does once the pod is gone.
+    fn remove_pod_cgroup(&self, cgroup: &Path) {
+        for (pod, root) in in_every_hierarchy(cgroup)
+            .iter()
+            .zip(in_every_hierarchy(&self.cgroup_root))
+        {
+            remove_pod_cgroup(pod, &root);
+        }
+    }
+
+    /// The pid of the sandbox's pause process, from the runtime's verbose sandbox status.
+    pub fn pause_pid(&self, pod: &CriPod) -> u32 {
+        let mut client = self.client.clone();
+        let status = self
+            .call(client.pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: pod.sandbox_id.clone(),
+                verbose: true,
+            }))
+            .unwrap_or_else(|status| panic!("PodSandboxStatus {}: {status}", pod.spec.name));
+        let info: serde_json::Value = status
+            .info
+            .get("info")
+            .and_then(|info| serde_json::from_str(info).ok())
+            .unwrap_or_else(|| panic!("no verbose info for {}: {:?}", pod.spec.name, status.info));
+        info["pid"]
+            .as_u64()
+            .and_then(|pid| u32::try_from(pid).ok())
+            .unwrap_or_else(|| panic!("no pid in the sandbox's info: {info}"))
+    }
+
+    /// Stops containerd and starts it again on the same root, state and socket, as a node's
+    /// upgrade does; the pods' shims and processes run on meanwhile.
+    pub fn restart_containerd(&mut self) {
+        let containerd = self.containerd.as_mut().expect("containerd");
+        containerd.restart();
+        self.client = self.runtime.block_on(connect(&containerd.socket()));
+    }
+
+    fn pod_cgroup(&self, spec: &PodSpec) -> PathBuf {
+        match spec.driver {
+            CgroupDriver::Cgroupfs => self
+                .cgroup_root
+                .join("kubepods/besteffort")
+                .join(format!("pod{}", spec.uid)),
+            CgroupDriver::Systemd => self
+                .cgroup_root
+                .join("kubepods.slice/kubepods-besteffort.slice")
+                .join(format!(
+                    "kubepods-besteffort-pod{}.slice",
+                    spec.uid.replace('-', "_")
+                )),
+        }
+    }
+
+    /// The sandbox's configuration as the kubelet writes it: its metadata, labels, log dir, the
+    /// pod's cgroup as parent (relative to the cgroup mount, as runc takes it), a network
+    /// namespace of the pod's own, a PID namespace per container.
+    fn sandbox_config(&self, spec: &PodSpec, cgroup: &Path, log_dir: &Path) -> PodSandboxConfig {
+        let parent = match spec.driver {
+            // The slice's name alone, as the kubelet's systemd driver gives it.
+            CgroupDriver::Systemd => cgroup
+                .file_name()
+                .expect("the pod's slice")
+                .to_string_lossy()
+                .into_owned(),
+            // The path from the hierarchy's root, as the kubelet's cgroupfs driver gives it.
+            CgroupDriver::Cgroupfs => {
+                let mount = cgroup2_mount().expect("the cgroup v2 mount");
+                let relative = cgroup.strip_prefix(&mount).expect("under the mount");
+                Path::new("/").join(relative).display().to_string()
+            }
+        };
+        PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: spec.name.clone(),
+                uid: spec.uid.clone(),
+                namespace: spec.namespace.clone(),
+                attempt: 0,
+            }),
+            hostname: spec.name.clone(),
+            log_directory: log_dir.display().to_string(),
+            labels: HashMap::from([
+                ("io.kubernetes.pod.name".to_owned(), spec.name.clone()),
+                (
+                    "io.kubernetes.pod.namespace".to_owned(),
+                    spec.namespace.clone(),
+                ),
+                ("io.kubernetes.pod.uid".to_owned(), spec.uid.clone()),
+            ]),
+            linux: Some(LinuxPodSandboxConfig {
+                cgroup_parent: parent,
+                security_context: Some(LinuxSandboxSecurityContext {
+                    namespace_options: Some(namespaces()),
+                    ..LinuxSandboxSecurityContext::default()
+                }),
+                ..LinuxPodSandboxConfig::default()
+            }),
+            ..PodSandboxConfig::default()
+        }
+    }
+
+    fn start_container(
+        &self,
+        pod: &CriPod,
+        container: &Container,
+        sandbox_config: &PodSandboxConfig,
+    ) -> String {
+        let ip = pod.ip.to_string();
+        let downward = [
+            ("POD_NAME", pod.spec.name.as_str()),
+            ("POD_NAMESPACE", pod.spec.namespace.as_str()),
+            ("POD_IP", ip.as_str()),
+            ("POD_IPS", ip.as_str()),
+        ];
+        let envs = downward
+            .iter()
+            .map(|&(key, value)| (key.to_owned(), value.to_owned()))
+            .chain(container.env.iter().cloned())
+            .map(|(key, value)| KeyValue { key, value })
+            .collect();
+        let config = ContainerConfig {
+            metadata: Some(ContainerMetadata {
+                name: container.name.clone(),
+                attempt: 0,
+            }),
+            image: Some(ImageSpec {
+                image: container.image.clone(),
+                ..ImageSpec::default()
+            }),
+            args: container.args.clone(),
+            envs,
+            labels: HashMap::from([
+                (
+                    "io.kubernetes.container.name".to_owned(),
+                    container.name.clone(),
+                ),
+                ("io.kubernetes.pod.name".to_owned(), pod.spec.name.clone()),
+                (
+                    "io.kubernetes.pod.namespace".to_owned(),
+                    pod.spec.namespace.clone(),
+                ),
+                ("io.kubernetes.pod.uid".to_owned(), pod.spec.uid.clone()),
+            ]),
+            log_path: format!("{}.log", container.name),
+            linux: Some(LinuxContainerConfig {
+                security_context: Some(LinuxContainerSecurityContext {
+                    namespace_options: Some(namespaces()),
+                    run_as_user: container
+                        .run_as_user
+                        .map(|value| k8s_cri::v1::Int64Value { value }),
+                    ..LinuxContainerSecurityContext::default()
+                }),
+                ..LinuxContainerConfig::default()
+            }),
+            ..ContainerConfig::default()
+        };
+        let mut client = self.client.clone();
+        let id = self
+            .call(client.create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.sandbox_id.clone(),
+                config: Some(config),
+                sandbox_config: Some(sandbox_config.clone()),
+            }))
+            .unwrap_or_else(|status| {
+                panic!(
+                    "CreateContainer {} in {}: {status}",
+                    container.name, pod.spec.name
+                )
+            })
+            .container_id;
+        self.call(client.start_container(StartContainerRequest {
+            container_id: id.clone(),
+        }))
+        .unwrap_or_else(|status| {
+            panic!(
+                "StartContainer {} in {}: {status}\n{}",
+                container.name,
+                pod.spec.name,
+                pod.log(&container.name)
+            )
+        });
+        id
+    }
+
+    /// Waits until the container has exited and returns its exit code.
+    fn wait_exited(&self, id: &str, name: &str) -> i32 {
+        let started = Instant::now();
+        let mut client = self.client.clone();
+        loop {
+            let status = self
+                .call(client.container_status(ContainerStatusRequest {
+                    container_id: id.to_owned(),
+                    verbose: false,
+                }))
+                .unwrap_or_else(|status| panic!("ContainerStatus {name}: {status}"))
+                .status
+                .unwrap_or_else(|| panic!("no status for the container {name}"));
+            if status.state == ContainerState::ContainerExited as i32 {
+                return status.exit_code;
+            }
+            assert!(
+                started.elapsed() < INIT_WITHIN,
+                "the init container {name} still runs after {INIT_WITHIN:?}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn remove_sandbox(&self, id: &str) {
+        let mut client = self.client.clone();
+        self.call(client.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: id.to_owned(),
+        }))
+        .unwrap_or_else(|status| panic!("StopPodSandbox {id}: {status}"));
+        self.call(client.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: id.to_owned(),
+        }))
+        .unwrap_or_else(|status| panic!("RemovePodSandbox {id}: {status}"));
+    }
+
+    /// Runs one CRI call to its answer, within [`CALL_WITHIN`].
+    fn call<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, tonic::Status> {
+        self.runtime.block_on(async {
+            match tokio::time::timeout(CALL_WITHIN, call).await {
+                Ok(answer) => answer.map(tonic::Response::into_inner),
+                Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer within {CALL_WITHIN:?}"
+                ))),
+            }
+        })
+    }
+}
+
+impl Drop for CriNode {
+    fn drop(&mut self) {
+        for (id, cgroup) in std::mem::take(&mut self.made) {
+            // Best effort: a failing test may have left containerd unable to answer, and
+            // containerd's guard then kills what is left.
+            let removed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.remove_sandbox(&id);
+            }));
+            if removed.is_err() {
+                eprintln!("could not remove the sandbox {id} through CRI");
+            }
+            self.remove_pod_cgroup(&cgroup);
+        }
+        drop(self.containerd.take());
+        for tree in in_every_hierarchy(&self.cgroup_root) {
+            remove_tree(&tree);
+        }
+    }
+}
+
+/// `cgroup` (a path in the v2 hierarchy) in every mounted cgroup hierarchy: runc on a machine
+/// with v1 controllers makes a container's cgroup in each of them.
+fn in_every_hierarchy(cgroup: &Path) -> Vec<PathBuf> {
+    let v2 = cgroup2_mount().expect("the cgroup v2 mount");
+    let relative = cgroup.strip_prefix(&v2).expect("under the v2 mount");
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mountinfo
+        .lines()
+        .filter(|line| {
+            line.split(" - ")
+                .nth(1)
+                .is_some_and(|fs| fs.starts_with("cgroup ") || fs.starts_with("cgroup2 "))
+        })
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|mount| Path::new(mount).join(relative))
+        .collect()
+}
+
+/// The kubelet's namespaces for a pod: the network and IPC namespaces shared by the pod, a PID
+/// namespace per container.
+fn namespaces() -> NamespaceOption {
+    NamespaceOption {
+        network: NamespaceMode::Pod as i32,
+        pid: NamespaceMode::Container as i32,
+        ipc: NamespaceMode::Pod as i32,
+        ..NamespaceOption::default()
+    }
+}
+
+async fn connect(socket: &Path) -> RuntimeServiceClient<Channel> {
+    let socket = socket.to_owned();
+    let channel = Endpoint::try_from("http://[::]:0")
+        .expect("a placeholder endpoint")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
+        }))
+        .await
+        .expect("connect to containerd's CRI API");
+    RuntimeServiceClient::new(channel)
+}
+
+/// Removes the pod's cgroup, as the kubelet does once the pod is gone, and the parents it made
+/// that are left empty, up to the node's subtree.
+fn remove_pod_cgroup(cgroup: &Path, root: &Path) {
+    remove_tree(cgroup);
+    let mut dir = cgroup.parent();
+    while let Some(parent) = dir.filter(|dir| dir.starts_with(root) && *dir != root) {
+        if fs::remove_dir(parent).is_err() {
+            break;
+        }
+        dir = parent.parent();
+    }
+}
+
+/// Removes a cgroup and everything below it, deepest first, killing what still runs there (a
+/// container that neither CRI nor containerd's guard stopped).
+fn remove_tree(dir: &Path) {
+    let _ = fs::write(dir.join("cgroup.kill"), "1");
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                remove_tree(&entry.path());
+            }
+        }
+    }
+    if dir.exists() {
+        remove_cgroup(dir);
+    }
+}

@@ -1,0 +1,121 @@
+//! The container images the tests' containerd runs (issue 17), made in the test from static
+//! binaries with the project's own image writer (`probe-bypass-oci`), and the agent's image as
+//! `cargo xtask image` wrote it.
+//!
+//! `cargo xtask test` builds what they are made of before it runs the tests: the test images'
+//! programs (`tests/images`: `pb-pause`, `pb-app`) for the musl target, and the agent's image. A
+//! plain `cargo test` finds them where those builds left them, or says how to build them.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use probe_bypass_oci::{Config, File, Image, Names};
+
+/// The static target the programs are built for.
+pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
+/// The sandbox image, as the containerd's `sandbox_image` names it.
+pub const PAUSE: &str = "probe-bypass.test/pause:1";
+/// The test app's image: `/pb-app NAME PORT...` answers HTTP on each port.
+pub const APP: &str = "probe-bypass.test/app:1";
+/// The agent's image (`/probe-bypass`), as `cargo xtask image` names it for containerd.
+pub const AGENT: &str = concat!("docker.io/library/probe-bypass:", env!("CARGO_PKG_VERSION"));
+
+/// An image archive to import, and the name containerd stores it under.
+pub struct Archive {
+    pub name: &'static str,
+    pub path: PathBuf,
+}
+
+/// The workspace's target directory: the one the running test or benchmark was built in
+/// (`<target>/<profile>/deps/<name>-<hash>`).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe()
+        .unwrap_or_else(|error| panic!("the path of the running test: {error}"));
+    exe.ancestors()
+        .find(|dir| dir.file_name().is_some_and(|name| name == "deps"))
+        .and_then(|deps| deps.parent()?.parent())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| panic!("{} is not under a cargo target dir", exe.display()))
+}
+
+/// `tests/images`' program `name`, as built for the static target.
+pub fn program(name: &str) -> PathBuf {
+    target_dir().join(STATIC_TARGET).join("release").join(name)
+}
+
+fn agent_archive() -> PathBuf {
+    target_dir().join("image").join(format!(
+        "probe-bypass-{}.oci.tar",
+        env!("CARGO_PKG_VERSION")
+    ))
+}
+
+/// What is missing to make the images, if anything, and how to build it.
+pub fn missing() -> Option<String> {
+    let programs = ["pb-pause", "pb-app", "pb-runc-systemd"].map(program);
+    if let Some(path) = programs.iter().find(|path| !path.is_file()) {
+        return Some(format!(
+            "{} is not built: `cargo xtask test` builds it, or `cargo build --release --package \
+             probe-bypass-test-images --target {STATIC_TARGET}`",
+            path.display()
+        ));
+    }
+    let agent = agent_archive();
+    (!agent.is_file()).then(|| {
+        format!(
+            "the agent's image {} is not built: `cargo xtask test` builds it, or `cargo xtask \
+             image`",
+            agent.display()
+        )
+    })
+}
+
+/// Writes the pause and app images into `dir` and returns them with the agent's image.
+pub fn archives(dir: &Path) -> Vec<Archive> {
+    let mut archives: Vec<Archive> = [
+        (PAUSE, "pb-pause", vec!["/pb-pause".to_owned()]),
+        (APP, "pb-app", vec!["/pb-app".to_owned()]),
+    ]
+    .into_iter()
+    .map(|(name, program_name, entrypoint)| {
+        let path = dir.join(format!("{program_name}.oci.tar"));
+        fs::write(&path, one_program_image(name, program_name, entrypoint))
+            .unwrap_or_else(|error| panic!("write {}: {error}", path.display()));
+        Archive { name, path }
+    })
+    .collect();
+    archives.push(Archive {
+        name: AGENT,
+        path: agent_archive(),
+    });
+    archives
+}
+
+/// An image whose one layer holds the static program `program_name`, at `/<program_name>`.
+fn one_program_image(name: &str, program_name: &str, entrypoint: Vec<String>) -> Vec<u8> {
+    let path = program(program_name);
+    let data = fs::read(&path).unwrap_or_else(|error| panic!("read {}: {error}", path.display()));
+    let files = [File {
+        path: program_name,
+        mode: 0o755,
+        data: &data,
+    }];
+    let config = Config {
+        entrypoint,
+        cmd: Vec::new(),
+        labels: vec![(
+            "org.opencontainers.image.title".to_owned(),
+            program_name.to_owned(),
+        )],
+        created_by: "probe-bypass-testing".to_owned(),
+    };
+    let names = Names {
+        tag: name.rsplit(':').next().unwrap_or("1").to_owned(),
+        containerd: name.to_owned(),
+    };
+    Image::new(&files, &config, &names)
+        .and_then(|image| image.archive())
+        .unwrap_or_else(|error| panic!("make the image {name}: {error}"))
+}
