@@ -272,3 +272,174 @@ fn pods_made_through_cri_are_found_and_served_then_leave_nothing_once_removed() 
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(api.bad_requests(), Vec::<String>::new());
 }
+
+/// A node with pods made through CRI, the API server holding them, and the agent serving them
+/// (`--pod-source kube`, `--datapath none`). Fields drop in order: the agent, the node (which
+/// removes its pods), the API server before its runtime.
+struct Served {
+    agent: Agent,
+    node: CriNode,
+    api: FakeApi,
+    _kubeconfig: probe_bypass_testing::kube_api::Kubeconfig,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Served {
+    fn start(pods: &[PodSpec]) -> (Self, Vec<CriPod>) {
+        let mut node = CriNode::start();
+        let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+        let api = runtime.block_on(FakeApi::start(NODE));
+        let made: Vec<CriPod> = pods
+            .iter()
+            .map(|spec| {
+                let pod = node.run_pod(spec);
+                api.apply(api_pod(&pod));
+                pod
+            })
+            .collect();
+        let kubeconfig = api.kubeconfig();
+        let agent = Agent::start_kube(&kubeconfig.path, NODE, &[], "probe_bypass=debug");
+        let mut served = Self {
+            agent,
+            node,
+            api,
+            _kubeconfig: kubeconfig,
+            _runtime: runtime,
+        };
+        for pod in &made {
+            served.wait_served(pod);
+        }
+        (served, made)
+    }
+
+    /// Waits until the kubelet's probe of the pod's app port through the healthcheck passes.
+    fn wait_served(&mut self, pod: &CriPod) {
+        let addr = healthcheck(pod);
+        self.agent.wait_until(
+            &format!("{} served at {addr}", pod.spec.name),
+            Duration::from_secs(20),
+            |_| answers(addr) && kubelet::probe(addr, &APP_PORT.to_string()).status == 200,
+        );
+    }
+
+    /// The value of the agent's metric `name` (a counter or gauge without labels).
+    fn metric(&self, name: &str) -> Option<f64> {
+        let (_, metrics) = self.agent.get("/metrics")?;
+        metrics.lines().find_map(|line| {
+            let (key, value) = line.split_once(' ')?;
+            (key == name).then(|| value.parse().ok())?
+        })
+    }
+}
+
+#[test]
+fn a_killed_pause_process_is_seen_and_reported_and_the_recreated_sandbox_served() {
+    require_privileges!();
+    if !node_can_run() {
+        return;
+    }
+    let spec = app_pod("pause-killed", CgroupDriver::Cgroupfs);
+    let (mut served, pods) = Served::start(std::slice::from_ref(&spec));
+    let pod = &pods[0];
+    assert_eq!(
+        served.metric("probe_bypass_kube_netns_lost_total"),
+        Some(0.0)
+    );
+    let pause = served.node.pause_pid(pod);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pause).expect("a pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL the pause process");
+
+    served.agent.wait_until(
+        "the lost namespace counted",
+        Duration::from_secs(20),
+        |agent| {
+            agent.get("/metrics").is_some_and(|(_, metrics)| {
+                metrics.contains("probe_bypass_kube_netns_lost_total 1")
+            })
+        },
+    );
+    let log = served.agent.log_text();
+    assert!(
+        log.contains(&format!(
+            "WARN  probe_bypass::source::kube::node_pods] pod test/pause-killed: /proc/{pause}/ns/net is gone"
+        )),
+        "a warning names the pod and the lost process:\n{log}"
+    );
+    // The app's container still holds the namespace, with the pod's IP: the agent finds it
+    // through the app's process, and the pod stays served until the kubelet replaces the sandbox.
+    served.agent.wait_until(
+        "the namespace found again through the app's process",
+        Duration::from_secs(20),
+        |agent| {
+            let log = agent.log_text();
+            log.lines()
+                .filter(|line| line.contains("pod test/pause-killed: network namespace /proc/"))
+                .count()
+                >= 2
+        },
+    );
+    let reply = kubelet::probe(healthcheck(pod), &APP_PORT.to_string());
+    assert_eq!(reply.status, 200, "{reply:?}");
+
+    // The kubelet's part: the sandbox is dead, so the pod's containers are stopped, the sandbox
+    // removed and a new one made for the same pod (same UID), with a new address from the CNI.
+    served.node.remove_pod(pod);
+    let again = served.node.run_pod(&spec);
+    served.api.apply(api_pod(&again));
+    served.wait_served(&again);
+    let new_pause = served.node.pause_pid(&again);
+    assert!(
+        served
+            .agent
+            .log_text()
+            .contains(&format!("network namespace /proc/{new_pause}/ns/net")),
+        "the recreated sandbox is found through its own pause process"
+    );
+}
+
+#[test]
+fn restarting_containerd_leaves_served_pods_served() {
+    require_privileges!();
+    if !node_can_run() {
+        return;
+    }
+    let specs = [
+        app_pod("through-restart-a", CgroupDriver::Systemd),
+        app_pod("through-restart-b", CgroupDriver::Cgroupfs),
+    ];
+    let (mut served, pods) = Served::start(&specs);
+    let pauses: Vec<u32> = pods.iter().map(|pod| served.node.pause_pid(pod)).collect();
+    let old_pid = served.node.containerd().pid();
+
+    served.node.restart_containerd();
+    assert_ne!(served.node.containerd().pid(), old_pid, "a new containerd");
+    for (pod, pause) in pods.iter().zip(&pauses) {
+        // The same sandbox, known to the new containerd, with the same pause process.
+        assert_eq!(served.node.pause_pid(pod), *pause, "{}", pod.spec.name);
+        let reply = kubelet::probe(healthcheck(pod), &APP_PORT.to_string());
+        assert_eq!(reply.status, 200, "{}: {reply:?}", pod.spec.name);
+    }
+    assert_eq!(
+        served.metric("probe_bypass_kube_netns_lost_total"),
+        Some(0.0)
+    );
+    assert!(
+        !served.agent.log_text().contains(" WARN "),
+        "nothing to warn about:\n{}",
+        served.agent.log_text()
+    );
+
+    // The restarted containerd still removes them, and the agent lets them go.
+    served.node.remove_pod(&pods[0]);
+    served.api.delete(&pods[0].spec.name);
+    served.agent.wait_until(
+        "the removed pod's listener closing",
+        Duration::from_secs(20),
+        |_| !answers(healthcheck(&pods[0])),
+    );
+    let reply = kubelet::probe(healthcheck(&pods[1]), &APP_PORT.to_string());
+    assert_eq!(reply.status, 200, "{reply:?}");
+}

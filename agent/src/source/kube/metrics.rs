@@ -25,6 +25,10 @@ pub struct KubeMetrics {
     pub pods_pending: Family<PendingLabels, Gauge>,
     /// Failed attempts to find a pod's network namespace, each retried with backoff.
     pub netns_lookup_failures: Counter,
+    /// Served pods whose network namespace file went away or came to name another namespace (the
+    /// process it was found through exited: a sandbox's pause process killed, a sandbox
+    /// recreated), so the namespace was looked for again.
+    pub netns_lost: Counter,
     /// Meshed pods the API server describes in a way the agent cannot serve (an invalid podIP),
     /// counted once per change of the pod.
     pub pod_errors: Counter,
@@ -46,6 +50,7 @@ impl KubeMetrics {
             relists,
             pods_pending,
             netns_lookup_failures,
+            netns_lost,
             pod_errors,
         } = self;
         registry.register(
@@ -67,6 +72,11 @@ impl KubeMetrics {
             "kube_netns_lookup_failures",
             "Failed attempts to find a meshed pod's network namespace, each retried with backoff",
             netns_lookup_failures.clone(),
+        );
+        registry.register(
+            "kube_netns_lost",
+            "Served pods whose network namespace file went away or came to name another namespace (the process it was found through exited: a sandbox's pause process killed, a sandbox recreated), so it was looked for again",
+            netns_lost.clone(),
         );
         registry.register(
             "kube_pod_errors",

@@ -381,7 +381,11 @@ impl NodePods {
             if let Netns::Known(netns) = &meshed.netns
                 && !netns.is_current()
             {
-                log::info!("pod {key}: {netns} is gone or names another namespace; looking again");
+                log::warn!(
+                    "pod {key}: {netns} is gone or names another namespace (the process it was \
+                     found through exited); looking again"
+                );
+                self.metrics.netns_lost.inc();
                 meshed.netns = Netns::unknown(now);
             }
         }

@@ -386,7 +386,7 @@ fn netns_is_looked_up_again_when_its_file_is_gone_or_the_pod_is_replaced() {
     let file = TempFile(std::env::temp_dir().join(format!("pb-kube-netns-{}", std::process::id())));
     let first = file.0.clone();
     std::fs::write(&first, "").expect("netns stand-in");
-    let (mut pods, _) = node_pods();
+    let (mut pods, metrics) = node_pods();
     let mut lookup = FakeLookup::default();
     lookup
         .known
@@ -396,12 +396,14 @@ fn netns_is_looked_up_again_when_its_file_is_gone_or_the_pod_is_replaced() {
     resolve(&mut pods, &lookup, now);
     pods.revalidate(now);
     assert!(pods.due_lookups(now).is_empty(), "the file is there");
+    assert_eq!(metrics.netns_lost.get(), 0);
 
     std::fs::remove_file(&first).expect("remove");
     lookup
         .known
         .insert("uid-a".into(), NetnsRef::Named("cni-a2".into()));
     pods.revalidate(now);
+    assert_eq!(metrics.netns_lost.get(), 1, "the file went away");
     assert_eq!(
         served(&pods)[0].2,
         first.display().to_string(),
