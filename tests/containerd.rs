@@ -21,7 +21,9 @@ use probe_bypass_testing::{
     agent::Agent,
     containerd::Containerd,
     cri::{CgroupDriver, Container, CriNode, CriPod, PodSpec},
+    ebpf_agent::EbpfAgent,
     images,
+    injected::{self, Mesh},
     kube_api::{FSM_POD, FakeApi},
     kubelet, privilege, require_privileges,
 };
@@ -56,6 +58,18 @@ fn node_can_run() -> bool {
             false
         }
     }
+}
+
+/// The node and the API server beside it, when the machine can run them (see [`node_can_run`]);
+/// the runtime serves the API server and drops after it.
+fn start_node() -> Option<(CriNode, FakeApi, tokio::runtime::Runtime)> {
+    if !privilege::can_run() || !node_can_run() {
+        return None;
+    }
+    let node = CriNode::start();
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let api = runtime.block_on(FakeApi::start(NODE));
+    Some((node, api, runtime))
 }
 
 /// The pod as the API server would hold it once the kubelet reported its sandbox: the FSM-injected
@@ -178,13 +192,9 @@ fn containerd_boots_its_cri_plugin_on_paths_of_its_own_and_leaves_nothing() {
 
 #[test]
 fn pods_made_through_cri_are_found_and_served_then_leave_nothing_once_removed() {
-    require_privileges!();
-    if !node_can_run() {
+    let Some((mut node, api, _runtime)) = start_node() else {
         return;
-    }
-    let mut node = CriNode::start();
-    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
-    let api = runtime.block_on(FakeApi::start(NODE));
+    };
     // Both cgroup parent namings the kubelet uses.
     let pods: Vec<CriPod> = [
         ("systemd-named", CgroupDriver::Systemd),
@@ -285,10 +295,9 @@ struct Served {
 }
 
 impl Served {
-    fn start(pods: &[PodSpec]) -> (Self, Vec<CriPod>) {
-        let mut node = CriNode::start();
-        let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
-        let api = runtime.block_on(FakeApi::start(NODE));
+    /// Makes `pods` on a new node and starts the agent; none when the machine cannot run them.
+    fn start(pods: &[PodSpec]) -> Option<(Self, Vec<CriPod>)> {
+        let (mut node, api, runtime) = start_node()?;
         let made: Vec<CriPod> = pods
             .iter()
             .map(|spec| {
@@ -309,7 +318,7 @@ impl Served {
         for pod in &made {
             served.wait_served(pod);
         }
-        (served, made)
+        Some((served, made))
     }
 
     /// Waits until the kubelet's probe of the pod's app port through the healthcheck passes.
@@ -334,12 +343,10 @@ impl Served {
 
 #[test]
 fn a_killed_pause_process_is_seen_and_reported_and_the_recreated_sandbox_served() {
-    require_privileges!();
-    if !node_can_run() {
-        return;
-    }
     let spec = app_pod("pause-killed", CgroupDriver::Cgroupfs);
-    let (mut served, pods) = Served::start(std::slice::from_ref(&spec));
+    let Some((mut served, pods)) = Served::start(std::slice::from_ref(&spec)) else {
+        return;
+    };
     let pod = &pods[0];
     assert_eq!(
         served.metric("probe_bypass_kube_netns_lost_total"),
@@ -402,15 +409,13 @@ fn a_killed_pause_process_is_seen_and_reported_and_the_recreated_sandbox_served(
 
 #[test]
 fn restarting_containerd_leaves_served_pods_served() {
-    require_privileges!();
-    if !node_can_run() {
-        return;
-    }
     let specs = [
         app_pod("through-restart-a", CgroupDriver::Systemd),
         app_pod("through-restart-b", CgroupDriver::Cgroupfs),
     ];
-    let (mut served, pods) = Served::start(&specs);
+    let Some((mut served, pods)) = Served::start(&specs) else {
+        return;
+    };
     let pauses: Vec<u32> = pods.iter().map(|pod| served.node.pause_pid(pod)).collect();
     let old_pid = served.node.containerd().pid();
 
@@ -442,4 +447,128 @@ fn restarting_containerd_leaves_served_pods_served() {
     );
     let reply = kubelet::probe(healthcheck(&pods[1]), &APP_PORT.to_string());
     assert_eq!(reply.status, 200, "{reply:?}");
+}
+
+/// A pod as FSM's injector writes it (`tests/fixtures/rewrite/mesh-init`) after `probe-bypass
+/// rewrite --replace-mesh-init`, as the webhook admits it: the mesh's init container replaced by
+/// the validation container.
+fn rewritten_fixture() -> Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/rewrite/mesh-init/fsm-bookstore.yaml"
+    );
+    let injected = fs::read_to_string(path).expect("the FSM injector's fixture");
+    let replaced = injected::replace_mesh_init(&injected, Mesh::Fsm);
+    serde_norway::from_str(&replaced.manifest).expect("the rewritten pod")
+}
+
+/// A pod of the rewritten fixture's shape: its validation init container, then the test app.
+fn validated_pod(name: &str, rewritten: &Value, validation_args: &[&str]) -> PodSpec {
+    let mut spec = app_pod(name, CgroupDriver::Cgroupfs);
+    let init = rewritten["spec"]["initContainers"]
+        .as_array()
+        .expect("init containers");
+    assert_eq!(init.len(), 1, "only the validation container: {init:?}");
+    let mut validation = Container::from_manifest(&init[0]);
+    assert_eq!(
+        validation.image,
+        format!("probe-bypass:{}", env!("CARGO_PKG_VERSION"))
+    );
+    validation
+        .args
+        .extend(validation_args.iter().map(|&arg| arg.to_owned()));
+    spec.init_containers.push(validation);
+    spec
+}
+
+#[test]
+fn the_validation_container_passes_in_a_pod_the_agent_serves_and_fails_in_one_it_does_not() {
+    let Some((mut node, api, _runtime)) = start_node() else {
+        return;
+    };
+    let kubeconfig = api.kubeconfig();
+    // The datapath attached to the node's cgroup subtree, which holds every pod's cgroup.
+    let ebpf = EbpfAgent::start_with(node.cgroup(), |args| {
+        Agent::start_kube(&kubeconfig.path, NODE, args, "probe_bypass=debug")
+    });
+    let agent = ebpf.agent();
+    agent.wait_ready(200, Duration::from_secs(20));
+    let pins = ebpf.pin_path().to_owned();
+    let rewritten = rewritten_fixture();
+
+    // Served: the kubelet reports the sandbox's IP to the API server before the init containers
+    // run, and the agent serves the pod from its sandbox meanwhile.
+    let served_spec = validated_pod("validated", &rewritten, &[]);
+    let served = node.run_pod_then(&served_spec, |pod| {
+        let mut value = rewritten.clone();
+        let own = api_pod(pod);
+        for field in ["name", "namespace", "uid"] {
+            value["metadata"][field] = own["metadata"][field].clone();
+        }
+        value["spec"]["nodeName"] = json!(NODE);
+        value["status"] = own["status"].clone();
+        api.apply(value);
+    });
+    let validation = probe_bypass_rewrite::contract::VALIDATION_CONTAINER_NAME;
+    assert_eq!(
+        served.init_exits,
+        vec![(validation.to_owned(), 0)],
+        "the validation of a served pod:\n{}\n{}",
+        served.log(validation),
+        agent.log_text()
+    );
+    assert!(
+        served.containers.contains_key("validated"),
+        "the app started after it"
+    );
+    let ip = served.ip;
+    let mapped = || probe_bypass::datapath::mapped_addrs(&pins).expect("the pod map");
+    assert!(mapped().contains(&ip), "{ip} in the datapath's pod map");
+    let netns_pins = || {
+        fs::read_dir(pins.join("netns"))
+            .map(|entries| entries.count())
+            .unwrap_or(0)
+    };
+    assert_eq!(netns_pins(), 1, "the pod's namespace link is pinned");
+
+    // Not served: a pod the API server does not hold (an unmeshed pod's, or one on a node whose
+    // agent is down) fails its validation within its bound, and its app never starts.
+    let unserved = node.run_pod(&validated_pod(
+        "unvalidated",
+        &rewritten,
+        &["--timeout", "2s"],
+    ));
+    let (_, code) = &unserved.init_exits[0];
+    assert_eq!(*code, 1, "{}", unserved.log(validation));
+    assert!(
+        unserved.log(validation).contains("not intercepted"),
+        "the validation says why:\n{}",
+        unserved.log(validation)
+    );
+    assert!(
+        !unserved.containers.contains_key("unvalidated"),
+        "the app of a pod whose validation failed does not start"
+    );
+    assert!(!mapped().contains(&unserved.ip));
+
+    // Removed through CRI and from the API: nothing of the served pod stays in the agent.
+    let pause = node.pause_pid(&served);
+    let netns = fs::read_link(format!("/proc/{pause}/ns/net"))
+        .expect("its namespace")
+        .display()
+        .to_string();
+    node.remove_pod(&served);
+    api.delete("validated");
+    let gone =
+        || !mapped().contains(&ip) && netns_pins() == 0 && fds_on(agent.pid(), &netns).is_empty();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !gone() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the removed pod's map entry, pin or namespace fd is still there:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!answers(healthcheck(&served)));
 }

@@ -4,8 +4,8 @@
 //! The test plays the kubelet: it makes the pod's cgroup, asks for the sandbox with the kubelet's
 //! cgroup parent naming, reads the IP the CNI gave, then creates and starts the init containers
 //! one after another (each must exit 0, as the kubelet requires before the next), then the
-//! others. Every pod's cgroups sit in a subtree of the test's own
-//! (`probe-bypass-test-<pid>-cri<n>/…`), which is also where a test attaches the agent's programs:
+//! others. Every pod's cgroups sit in a test cgroup of the node's own
+//! (`probe-bypass-test-<pid>-<n>/…`), which is also where a test attaches the agent's programs:
 //! never the machine's root.
 //!
 //! A pod of [`CgroupDriver::Systemd`] gets the kubelet's slice name as its cgroup parent
@@ -46,7 +46,11 @@ use probe_bypass::datapath::cgroup2_mount;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::{cgroup::remove_cgroup, containerd::Containerd, images};
+use crate::{
+    cgroup::{TestCgroup, remove_cgroup},
+    containerd::Containerd,
+    images,
+};
 
 /// How long a CRI call may take (RunPodSandbox runs the CNI plugins).
 const CALL_WITHIN: Duration = Duration::from_secs(60);
@@ -64,17 +68,25 @@ pub enum CgroupDriver {
     Cgroupfs,
 }
 
-/// A container of a pod, as the kubelet hands it to CRI: the image and its arguments resolved,
-/// the downward API's environment added by the node ([`CriNode::run_pod`]).
+/// A container of a pod, as the kubelet hands it to CRI; the node fills in the downward API's
+/// variables ([`CriNode::run_pod`]).
 #[derive(Clone, Debug)]
 pub struct Container {
     pub name: String,
     pub image: String,
-    /// The image's entrypoint is kept; these are its arguments.
+    /// Replaces the image's entrypoint when not empty.
+    pub command: Vec<String>,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
-    /// `securityContext.runAsUser`; none: the image's user (root).
+    /// Variables from the downward API: name and `fieldPath` (`metadata.name`, `status.podIP`…).
+    pub env_fields: Vec<(String, String)>,
+    /// `securityContext.runAsUser` and `runAsGroup`; none: the image's (root).
     pub run_as_user: Option<i64>,
+    pub run_as_group: Option<i64>,
+    /// `readOnlyRootFilesystem`, `capabilities.drop: [ALL]`, `allowPrivilegeEscalation: false`.
+    pub read_only_rootfs: bool,
+    pub drop_all_capabilities: bool,
+    pub no_new_privs: bool,
 }
 
 impl Container {
@@ -82,10 +94,58 @@ impl Container {
         Self {
             name: name.to_owned(),
             image: image.to_owned(),
+            command: Vec::new(),
             args: args.iter().map(|&arg| arg.to_owned()).collect(),
             env: Vec::new(),
+            env_fields: Vec::new(),
             run_as_user: None,
+            run_as_group: None,
+            read_only_rootfs: false,
+            drop_all_capabilities: false,
+            no_new_privs: false,
         }
+    }
+
+    /// A container of a pod manifest (`spec.containers[]` or `spec.initContainers[]`), as the
+    /// kubelet turns it into CRI's: image, command, args, literal and downward API variables,
+    /// and the security context's user, group, read-only root, dropped capabilities and no
+    /// privilege escalation. Panics on what the tests' node does not carry over (volumes,
+    /// resources are ignored: nothing here depends on them).
+    pub fn from_manifest(container: &serde_json::Value) -> Self {
+        let text = |value: &serde_json::Value| value.as_str().map(str::to_owned);
+        let strings = |value: &serde_json::Value| -> Vec<String> {
+            value
+                .as_array()
+                .map(|all| all.iter().filter_map(text).collect())
+                .unwrap_or_default()
+        };
+        let name = text(&container["name"]).expect("a container's name");
+        let mut made = Self::new(
+            &name,
+            &text(&container["image"]).unwrap_or_else(|| panic!("{name} has no image")),
+            &[],
+        );
+        made.command = strings(&container["command"]);
+        made.args = strings(&container["args"]);
+        for var in container["env"].as_array().into_iter().flatten() {
+            let var_name = text(&var["name"]).expect("a variable's name");
+            if let Some(value) = text(&var["value"]) {
+                made.env.push((var_name, value));
+            } else if let Some(path) = text(&var["valueFrom"]["fieldRef"]["fieldPath"]) {
+                made.env_fields.push((var_name, path));
+            } else {
+                panic!("{name}: the variable {var_name} has neither a value nor a fieldRef");
+            }
+        }
+        let security = &container["securityContext"];
+        made.run_as_user = security["runAsUser"].as_i64();
+        made.run_as_group = security["runAsGroup"].as_i64();
+        made.read_only_rootfs = security["readOnlyRootFilesystem"] == true;
+        made.no_new_privs = security["allowPrivilegeEscalation"] == false;
+        made.drop_all_capabilities = strings(&security["capabilities"]["drop"])
+            .iter()
+            .any(|capability| capability == "ALL");
+        made
     }
 
     /// The test app answering HTTP on `ports` with `name`.
@@ -177,15 +237,22 @@ pub struct CriNode {
     runtime: tokio::runtime::Runtime,
     /// The subtree of the cgroup hierarchy that every pod's cgroup is in.
     cgroup_root: PathBuf,
+    /// Its guard (`probe-bypass-test-<pid>-<n>`), which a test attaches the agent's programs to.
+    cgroup: TestCgroup,
     /// Sandboxes still to remove on drop, with their pod cgroups.
     made: Vec<(String, PathBuf)>,
+    /// The node's name, which the downward API's `spec.nodeName` gives.
+    pub node_name: String,
 }
 
 impl CriNode {
     /// Starts containerd, imports the images, and connects to its CRI API.
     pub fn start() -> Self {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let subtree = format!("/probe-bypass-test-{}-cri{n}", std::process::id());
+        let cgroup = TestCgroup::new();
+        let cgroup_root = cgroup.path().to_owned();
+        let mount = cgroup2_mount().expect("the cgroup v2 mount");
+        let relative = cgroup_root.strip_prefix(&mount).expect("below the mount");
+        let subtree = format!("/{}", relative.display());
         let wrapper = images::program("pb-runc-systemd");
         let containerd = Containerd::start_with_runtime(
             &wrapper,
@@ -199,16 +266,14 @@ impl CriNode {
             .build()
             .expect("a tokio runtime for the CRI client");
         let client = runtime.block_on(connect(&containerd.socket()));
-        let cgroup_root = cgroup2_mount()
-            .expect("the cgroup v2 mount")
-            .join(subtree.trim_start_matches('/'));
-        fs::create_dir_all(&cgroup_root).expect("make the node's cgroup subtree");
         let node = Self {
             containerd: Some(containerd),
             client,
             runtime,
             cgroup_root,
+            cgroup,
             made: Vec::new(),
+            node_name: "cri-node".to_owned(),
         };
         node.import_images();
         node
@@ -221,6 +286,12 @@ impl CriNode {
     /// The cgroup subtree that holds every pod of the node: where a test attaches the datapath.
     pub fn cgroup_root(&self) -> &Path {
         &self.cgroup_root
+    }
+
+    /// [`Self::cgroup_root`]'s guard, for what takes a test cgroup ([`crate::ebpf_agent::EbpfAgent`],
+    /// a kubelet's cgroup below it).
+    pub fn cgroup(&self) -> &TestCgroup {
+        &self.cgroup
     }
 
     fn import_images(&self) {
@@ -249,6 +320,12 @@ impl CriNode {
     /// Creates the pod as the kubelet does (see the module's doc) and returns it once its
     /// containers are started, or once an init container failed.
     pub fn run_pod(&mut self, spec: &PodSpec) -> CriPod {
+        self.run_pod_then(spec, |_| {})
+    }
+
+    /// [`Self::run_pod`], calling `sandbox_ready` once the sandbox has its IP and before any
+    /// container starts: where the kubelet reports the pod's IP to the API server.
+    pub fn run_pod_then(&mut self, spec: &PodSpec, sandbox_ready: impl FnOnce(&CriPod)) -> CriPod {
         let cgroup = self.pod_cgroup(spec);
         fs::create_dir_all(&cgroup).expect("make the pod's cgroup, as the kubelet does");
         let log_dir = self
@@ -292,6 +369,7 @@ impl CriNode {
             init_exits: Vec::new(),
             log_dir,
         };
+        sandbox_ready(&pod);
         for container in &spec.init_containers {
             let id = self.start_container(&pod, container, &sandbox_config);
             let code = self.wait_exited(&id, &container.name);
@@ -424,16 +502,22 @@ impl CriNode {
         sandbox_config: &PodSandboxConfig,
     ) -> String {
         let ip = pod.ip.to_string();
-        let downward = [
-            ("POD_NAME", pod.spec.name.as_str()),
-            ("POD_NAMESPACE", pod.spec.namespace.as_str()),
-            ("POD_IP", ip.as_str()),
-            ("POD_IPS", ip.as_str()),
-        ];
-        let envs = downward
+        let fields = container.env_fields.iter().map(|(key, path)| {
+            let value = match path.as_str() {
+                "metadata.name" => pod.spec.name.clone(),
+                "metadata.namespace" => pod.spec.namespace.clone(),
+                "metadata.uid" => pod.spec.uid.clone(),
+                "spec.nodeName" => self.node_name.clone(),
+                "status.podIP" | "status.podIPs" => ip.clone(),
+                other => panic!("{}: the downward API field {other}", container.name),
+            };
+            (key.clone(), value)
+        });
+        let envs = container
+            .env
             .iter()
-            .map(|&(key, value)| (key.to_owned(), value.to_owned()))
-            .chain(container.env.iter().cloned())
+            .cloned()
+            .chain(fields)
             .map(|(key, value)| KeyValue { key, value })
             .collect();
         let config = ContainerConfig {
@@ -445,6 +529,7 @@ impl CriNode {
                 image: container.image.clone(),
                 ..ImageSpec::default()
             }),
+            command: container.command.clone(),
             args: container.args.clone(),
             envs,
             labels: HashMap::from([
@@ -466,6 +551,17 @@ impl CriNode {
                     run_as_user: container
                         .run_as_user
                         .map(|value| k8s_cri::v1::Int64Value { value }),
+                    run_as_group: container
+                        .run_as_group
+                        .map(|value| k8s_cri::v1::Int64Value { value }),
+                    readonly_rootfs: container.read_only_rootfs,
+                    no_new_privs: container.no_new_privs,
+                    capabilities: container.drop_all_capabilities.then(|| {
+                        k8s_cri::v1::Capability {
+                            drop_capabilities: vec!["ALL".to_owned()],
+                            ..k8s_cri::v1::Capability::default()
+                        }
+                    }),
                     ..LinuxContainerSecurityContext::default()
                 }),
                 ..LinuxContainerConfig::default()
