@@ -41,9 +41,24 @@
 //! on the same API server, with the same client library the agent uses, timed to the moment the
 //! event reaches it.
 //!
-//! Needs root; without it the benchmark says why and exits successfully, unless `CI` is set. The
-//! pods, the cgroups, the pins, the processes and the agents are removed on exit and on a panic, by
-//! their guards. `PB_BENCH_PODS` sets how many pods come and go in each run (default 100).
+//! **CRI** (issue 17): the same agent and API server, with pods made through the CRI API of the
+//! tests' own containerd (`tests/support/cri.rs`: runc, the CNI bridge), as the kubelet makes
+//! them: RunPodSandbox, the pod's IP reported to the API server as soon as RunPodSandbox returns
+//! (sooner than a kubelet, whose status update waits for its pod worker), then the validation init
+//! container from the agent's image, then the app. Every time is taken from the sandbox's first
+//! process entering the pod's cgroup (`populated 1` in its `cgroup.events`, polled at [`POLL`] by
+//! a thread of the benchmark's own from before RunPodSandbox). Baseline: RunPodSandbox returning,
+//! the runtime's own part. The validation's exit is containerd's `finished_at`. A pod goes through
+//! StopPodSandbox and RemovePodSandbox, then its deletion from the API, from which the times are
+//! taken; baseline: the DELETED event reaching a watch, as in the API run. The sandbox's veth is
+//! gone by then, so the listener counts as closed once the agent holds no descriptor of the pod's
+//! namespace.
+//!
+//! Needs root (and for the CRI run containerd, runc, the CNI plugins and the tests' images, which
+//! `cargo xtask bench` builds); without it the benchmark says why and exits successfully, unless
+//! `CI` is set. The pods, the cgroups, the pins, the processes and the agents are removed on exit
+//! and on a panic, by their guards. `PB_BENCH_PODS` sets how many pods come and go in each run
+//! (default 100).
 
 #![expect(
     clippy::expect_used,
@@ -73,6 +88,8 @@ use probe_bypass_testing::{
     bench::count_from_env,
     bpffs::TestPins,
     cgroup::TestCgroup,
+    cri::{CgroupDriver, Container, CriNode, PodSpec as CriPodSpec},
+    injected::{self, Mesh, VALIDATION_CONTAINER_NAME},
     kube_api::{FSM_POD, FakeApi},
     kubepods::{Kubepods, PodProcess},
     pod::TestPod,
@@ -111,6 +128,21 @@ fn main() {
     let manifests = manifests_run(&pods);
     eprintln!("== Kubernetes API: starting and deleting them one at a time");
     let kube = kube_run(&pods);
+    drop(pods);
+    let cri = match cri_missing() {
+        None => {
+            eprintln!("== CRI: making and removing them through containerd one at a time");
+            Some(cri_run(count))
+        }
+        Some(reason) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "the CRI run cannot run ({reason}) and CI is set"
+            );
+            eprintln!("SKIPPED the CRI run: {reason}");
+            None
+        }
+    };
     println!("command: `cargo xtask bench reconcile` (PB_BENCH_PODS={count})");
     println!(
         "{count} pods added and removed one at a time in each run; agent built for release, \
@@ -134,6 +166,181 @@ fn main() {
         ],
         &kube,
     );
+    if let Some(cri) = &cri {
+        print_table(
+            "cri: pods made through containerd's CRI API (runc, CNI bridge), times from the \
+             sandbox's first process; then stopped and removed through it and deleted from the \
+             API, times from the deletion (listener closed: no descriptor of the namespace left)",
+            [
+                "baseline: RunPodSandbox returns",
+                "baseline: DELETED event reaches a watch",
+            ],
+            cri,
+        );
+    }
+}
+
+/// What the CRI run lacks on this machine, if anything.
+fn cri_missing() -> Option<String> {
+    probe_bypass_testing::containerd::missing().or_else(probe_bypass_testing::images::missing)
+}
+
+/// Makes `count` pods through CRI, one at a time, each served and then removed.
+fn cri_run(count: usize) -> Timings {
+    let mut node = CriNode::start();
+    let runtime = Runtime::new().expect("a tokio runtime");
+    let api = runtime.block_on(FakeApi::start(NODE));
+    // The probes this benchmark sends are the kubelet's: they start under the programs' cgroup.
+    let _inside = node.cgroup().enter();
+    let deletes = watch_api(&runtime, &api);
+    let pins = TestPins::new();
+    let kubeconfig = api.kubeconfig();
+    let cgroup_root = node.cgroup_root().display().to_string();
+    let pin_path = pins.arg();
+    let agent = Agent::start_kube(
+        &kubeconfig.path,
+        NODE,
+        &ebpf_args(&cgroup_root, &pin_path),
+        "info",
+    );
+    agent.wait_ready(200, Duration::from_secs(20));
+    let validation = validation_container();
+
+    let mut timings = Timings::default();
+    for i in 0..count {
+        let mut spec = CriPodSpec::new(&pod_name(i), CgroupDriver::Cgroupfs);
+        spec.init_containers.push(validation.clone());
+        spec.containers.push(Container::app(&pod_name(i), &[8080]));
+        let first_process = first_process_watch(node.pod_cgroup(&spec));
+        let mut added = None;
+        let pod = node.run_pod_then(&spec, |pod| {
+            let returned = Instant::now();
+            let mut value = kube_pod(i, &spec.uid, pod.ip);
+            value["metadata"]["namespace"] = json!(spec.namespace);
+            api.apply(value);
+            let started = first_process
+                .recv_timeout(GIVE_UP)
+                .expect("the sandbox's first process entered its cgroup");
+            timings
+                .added_baseline
+                .push(returned.saturating_duration_since(started));
+            // Watched from a thread of its own while the kubelet goes on to the init container.
+            let (ip, pins) = (pod.ip, pins.path().to_owned());
+            added = Some((
+                started,
+                thread::spawn(move || until_addr(ip, &pins, true, started)),
+            ));
+        });
+        let (started, seen) = added.expect("the sandbox was made");
+        timings
+            .added
+            .push(seen.join().expect("the watch of the pod"));
+        assert!(pod.initialized(), "{}", pod.log(VALIDATION_CONTAINER_NAME));
+        let finished = node.finished_at(&pod.containers[VALIDATION_CONTAINER_NAME]);
+        timings
+            .validated
+            .push(instant_of(finished).saturating_duration_since(started));
+
+        let netns = fs::read_link(format!("/proc/{}/ns/net", node.pause_pid(&pod)))
+            .expect("the sandbox's namespace");
+        node.remove_pod(&pod);
+        drain(&deletes);
+        let started = Instant::now();
+        api.delete(&pod_name(i));
+        timings.removed.push(until_let_go(
+            pod.ip,
+            pins.path(),
+            agent.pid(),
+            &netns,
+            started,
+        ));
+        timings
+            .removed_baseline
+            .push(first_event(&deletes, started));
+    }
+    assert_eq!(api.bad_requests(), Vec::<String>::new());
+    timings
+}
+
+/// Polls until the pod's address is gone from the map and the agent holds no descriptor of its
+/// namespace (`netns`, `net:[<inode>]`): its listener closed. (The sandbox's veth is gone with
+/// it, so a connection attempt would only time out.)
+fn until_let_go(addr: IpAddr, pins: &Path, agent: u32, netns: &Path, started: Instant) -> Seen {
+    let holds = || {
+        fs::read_dir(format!("/proc/{agent}/fd"))
+            .expect("the agent's descriptors")
+            .flatten()
+            .any(|fd| fs::read_link(fd.path()).is_ok_and(|target| target == netns))
+    };
+    let (mut map, mut listener) = (None, None);
+    loop {
+        let now = Instant::now();
+        if map.is_none()
+            && !datapath::mapped_addrs(pins)
+                .expect("read the pinned pod map")
+                .contains(&addr)
+        {
+            map = Some(now - started);
+        }
+        if listener.is_none() && !holds() {
+            listener = Some(now - started);
+        }
+        if let (Some(map), Some(listener)) = (map, listener) {
+            return Seen { map, listener };
+        }
+        assert!(
+            now - started < GIVE_UP,
+            "pod {addr}: still not forgotten after {GIVE_UP:?} (map: {map:?}, namespace: {listener:?})"
+        );
+        thread::sleep(POLL);
+    }
+}
+
+/// The validation init container as the rewriter writes it for FSM's injected pod.
+fn validation_container() -> Container {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/rewrite/mesh-init/fsm-bookstore.yaml"
+    );
+    let fixture = fs::read_to_string(path).expect("the FSM injector's fixture");
+    let replaced = injected::replace_mesh_init(&fixture, Mesh::Fsm);
+    let manifest: Value = serde_norway::from_str(&replaced.manifest).expect("the rewritten pod");
+    let init = &manifest["spec"]["initContainers"][0];
+    assert_eq!(init["name"], VALIDATION_CONTAINER_NAME, "{manifest}");
+    let mut container = Container::from_manifest(init);
+    container
+        .args
+        .extend(["--timeout", VALIDATION_TIMEOUT].map(str::to_owned));
+    container
+}
+
+/// A thread polling at [`POLL`] until `cgroup` (made later, by the pod's start) holds a process;
+/// it sends when.
+fn first_process_watch(cgroup: std::path::PathBuf) -> mpsc::Receiver<Instant> {
+    let (send, first) = mpsc::channel();
+    let events = cgroup.join("cgroup.events");
+    thread::spawn(move || {
+        let started = Instant::now();
+        while started.elapsed() < GIVE_UP {
+            let now = Instant::now();
+            if fs::read_to_string(&events)
+                .is_ok_and(|events| events.lines().any(|line| line == "populated 1"))
+            {
+                let _ = send.send(now);
+                return;
+            }
+            thread::sleep(POLL);
+        }
+    });
+    first
+}
+
+/// The [`Instant`] of a wall-clock time in the recent past.
+fn instant_of(time: std::time::SystemTime) -> Instant {
+    let ago = std::time::SystemTime::now()
+        .duration_since(time)
+        .unwrap_or_default();
+    Instant::now() - ago
 }
 
 fn pods() -> usize {
@@ -353,13 +560,17 @@ struct Seen {
 
 /// Polls until the pod's map entry and listener are both present (or both gone).
 fn until(pod: &TestPod, pins: &TestPins, present: bool, started: Instant) -> Seen {
-    let addr = IpAddr::V4(pod.ip);
+    until_addr(IpAddr::V4(pod.ip), pins.path(), present, started)
+}
+
+/// [`until`] for the pod at `addr`, the datapath pinned in `pins`.
+fn until_addr(addr: IpAddr, pins: &Path, present: bool, started: Instant) -> Seen {
     let healthcheck = SocketAddr::new(addr, 15904);
     let (mut map, mut listener) = (None, None);
     loop {
         let now = Instant::now();
         if map.is_none() {
-            let addrs = datapath::mapped_addrs(pins.path()).expect("read the pinned pod map");
+            let addrs = datapath::mapped_addrs(pins).expect("read the pinned pod map");
             if addrs.contains(&addr) == present {
                 map = Some(now - started);
             }

@@ -432,7 +432,24 @@ impl CriNode {
         self.client = self.runtime.block_on(connect(&containerd.socket()));
     }
 
-    fn pod_cgroup(&self, spec: &PodSpec) -> PathBuf {
+    /// When the container `id` exited, as containerd recorded it.
+    pub fn finished_at(&self, id: &str) -> std::time::SystemTime {
+        let mut client = self.client.clone();
+        let status = self
+            .call(client.container_status(ContainerStatusRequest {
+                container_id: id.to_owned(),
+                verbose: false,
+            }))
+            .unwrap_or_else(|status| panic!("ContainerStatus {id}: {status}"))
+            .status
+            .unwrap_or_else(|| panic!("no status for the container {id}"));
+        let nanos =
+            u64::try_from(status.finished_at).unwrap_or_else(|_| panic!("{id} has not exited"));
+        std::time::UNIX_EPOCH + Duration::from_nanos(nanos)
+    }
+
+    /// The cgroup the pod of `spec` gets (in the v2 hierarchy), as the kubelet names it.
+    pub fn pod_cgroup(&self, spec: &PodSpec) -> PathBuf {
         match spec.driver {
             CgroupDriver::Cgroupfs => self
                 .cgroup_root

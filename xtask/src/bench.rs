@@ -63,6 +63,11 @@ pub fn run(which: Option<Which>) -> Result<()> {
             "--bench",
             which.target(),
         ];
+        if matches!(which, Which::Reconcile) {
+            // Its `cri` run makes pods through containerd, from the tests' images.
+            crate::image::test_programs()?;
+            crate::image::run(None)?;
+        }
         if matches!(which, Which::Mesh) {
             // The same programs without aya-log, to measure what the log costs when it is off.
             let object = build_ebpf::build_without_log(None)?;
