@@ -19,6 +19,7 @@ use std::{
 
 use probe_bypass_testing::{
     agent::Agent,
+    cgroup::ChildCgroup,
     containerd::Containerd,
     cri::{CgroupDriver, Container, CriNode, CriPod, PodSpec},
     ebpf_agent::EbpfAgent,
@@ -26,10 +27,18 @@ use probe_bypass_testing::{
     injected::{self, Mesh},
     kube_api::{FSM_POD, FakeApi},
     kubelet, privilege, require_privileges,
+    sidecar::{
+        Certificates, INBOUND, INBOUND_PORT, OUTBOUND_PORT, ProxyEvent, ProxyLog, SidecarConfig,
+        TempDir,
+    },
 };
 use serde_json::{Value, json};
 
 const NODE: &str = "cri-node";
+/// The port FSM's fixture pod's app listens on, which its rewritten tcpSocket probe checks.
+const FIXTURE_APP_PORT: u16 = 14001;
+/// The validation init container's name.
+const VALIDATION: &str = probe_bypass_rewrite::contract::VALIDATION_CONTAINER_NAME;
 /// The port the test app listens on, and the pod's rewritten tcpSocket probe checks.
 const APP_PORT: u16 = 8080;
 
@@ -449,22 +458,11 @@ fn restarting_containerd_leaves_served_pods_served() {
     assert_eq!(reply.status, 200, "{reply:?}");
 }
 
-/// A pod as FSM's injector writes it (`tests/fixtures/rewrite/mesh-init`) after `probe-bypass
-/// rewrite --replace-mesh-init`, as the webhook admits it: the mesh's init container replaced by
-/// the validation container.
-fn rewritten_fixture() -> Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/rewrite/mesh-init/fsm-bookstore.yaml"
-    );
-    let injected = fs::read_to_string(path).expect("the FSM injector's fixture");
-    let replaced = injected::replace_mesh_init(&injected, Mesh::Fsm);
-    serde_norway::from_str(&replaced.manifest).expect("the rewritten pod")
-}
-
 /// A pod of the rewritten fixture's shape: its validation init container, then the test app.
 fn validated_pod(name: &str, rewritten: &Value, validation_args: &[&str]) -> PodSpec {
-    let mut spec = app_pod(name, CgroupDriver::Cgroupfs);
+    let mut spec = PodSpec::new(name, CgroupDriver::Cgroupfs);
+    spec.containers
+        .push(Container::app(name, &[APP_PORT, FIXTURE_APP_PORT]));
     let init = rewritten["spec"]["initContainers"]
         .as_array()
         .expect("init containers");
@@ -481,6 +479,19 @@ fn validated_pod(name: &str, rewritten: &Value, validation_args: &[&str]) -> Pod
     spec
 }
 
+/// The rewritten pod as the API server holds it once the kubelet reported `pod`'s sandbox: its
+/// name, namespace, UID, node and IP.
+fn rewritten_api_pod(rewritten: &Value, pod: &CriPod) -> Value {
+    let mut value = rewritten.clone();
+    let own = api_pod(pod);
+    for field in ["name", "namespace", "uid"] {
+        value["metadata"][field] = own["metadata"][field].clone();
+    }
+    value["spec"]["nodeName"] = json!(NODE);
+    value["status"] = own["status"].clone();
+    value
+}
+
 #[test]
 fn the_validation_container_passes_in_a_pod_the_agent_serves_and_fails_in_one_it_does_not() {
     let Some((mut node, api, _runtime)) = start_node() else {
@@ -494,22 +505,15 @@ fn the_validation_container_passes_in_a_pod_the_agent_serves_and_fails_in_one_it
     let agent = ebpf.agent();
     agent.wait_ready(200, Duration::from_secs(20));
     let pins = ebpf.pin_path().to_owned();
-    let rewritten = rewritten_fixture();
+    let rewritten = injected::replaced_fixture(Mesh::Fsm);
 
     // Served: the kubelet reports the sandbox's IP to the API server before the init containers
     // run, and the agent serves the pod from its sandbox meanwhile.
     let served_spec = validated_pod("validated", &rewritten, &[]);
     let served = node.run_pod_then(&served_spec, |pod| {
-        let mut value = rewritten.clone();
-        let own = api_pod(pod);
-        for field in ["name", "namespace", "uid"] {
-            value["metadata"][field] = own["metadata"][field].clone();
-        }
-        value["spec"]["nodeName"] = json!(NODE);
-        value["status"] = own["status"].clone();
-        api.apply(value);
+        api.apply(rewritten_api_pod(&rewritten, pod));
     });
-    let validation = probe_bypass_rewrite::contract::VALIDATION_CONTAINER_NAME;
+    let validation = VALIDATION;
     assert_eq!(
         served.init_exits,
         vec![(validation.to_owned(), 0)],
@@ -571,4 +575,157 @@ fn the_validation_container_passes_in_a_pod_the_agent_serves_and_fails_in_one_it
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!answers(healthcheck(&served)));
+}
+
+/// The sidecar container: HAProxy as FSM's proxy (`support/sidecar.rs`), with mTLS, its
+/// configuration and certificates mounted from the host at the same paths. HAProxy starts as
+/// root and becomes the proxy's UID (1500) itself, as the tests' sidecars do.
+fn sidecar_container(config_dir: &TempDir, certs: &Certificates, pem: &str) -> Container {
+    let config = config_dir.path.join("haproxy.cfg");
+    fs::write(&config, SidecarConfig::mtls(pem, &certs.ca()).render()).expect("haproxy.cfg");
+    let certs_dir = Path::new(pem)
+        .parent()
+        .expect("the certificates' dir")
+        .to_owned();
+    let config_arg = config.display().to_string();
+    let mut container = Container::new("sidecar", images::SIDECAR, &["-db", "-f", &config_arg]);
+    container.mounts = vec![config_dir.path.clone(), certs_dir];
+    container
+}
+
+/// Whether something listens on each of `ports` in the namespace of process `pid`.
+fn listens_in(pid: u32, ports: &[u16]) -> bool {
+    let output = std::process::Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(["ss", "-Hltn"])
+        .output()
+        .expect("nsenter ss");
+    let listening = String::from_utf8_lossy(&output.stdout);
+    ports.iter().all(|port| {
+        listening
+            .split_whitespace()
+            .any(|field| field.ends_with(&format!(":{port}")))
+    })
+}
+
+/// An HTTP GET of `url` with curl from `cgroup`, as the kubelet's prober sends it when `header` is
+/// the probe's; the status, or curl's exit code as `curl:<code>` when no answer came.
+fn get_from(cgroup: &ChildCgroup, url: &str, header: Option<&str>) -> String {
+    let args = kubelet::curl_args(url, header);
+    let output = cgroup.command("curl", &args).output().expect("curl");
+    let code = String::from_utf8_lossy(&output.stdout).into_owned();
+    if output.status.success() {
+        code
+    } else {
+        format!("curl:{}", output.status.code().unwrap_or(-1))
+    }
+}
+
+#[test]
+fn behind_a_sidecar_container_only_the_kubelet_gets_past_the_proxy_on_the_probe_ports() {
+    let Some((mut node, api, _runtime)) = start_node() else {
+        return;
+    };
+    // The kubelet's cgroup and another host daemon's, under the node's subtree where the
+    // programs are attached.
+    let kubelet = ChildCgroup::new(node.cgroup(), "kubelet.service");
+    let daemon = ChildCgroup::new(node.cgroup(), "other-daemon.service");
+    let kubeconfig = api.kubeconfig();
+    let kubelet_cgroup = kubelet.path().display().to_string();
+    let ebpf = EbpfAgent::start_with(node.cgroup(), |args| {
+        let mut all = args.to_vec();
+        all.extend([
+            "--probe-bypass-from",
+            "kubelet",
+            "--kubelet-cgroup",
+            &kubelet_cgroup,
+        ]);
+        Agent::start_kube(&kubeconfig.path, NODE, &all, "probe_bypass=debug")
+    });
+    let certs = Certificates::new();
+    let pem = certs.issue("meshed");
+    let config = TempDir::new("cri-sidecar");
+    let rewritten = injected::replaced_fixture(Mesh::Fsm);
+    let mut spec = validated_pod("meshed", &rewritten, &[]);
+    spec.containers
+        .push(sidecar_container(&config, &certs, &pem));
+    let pod = node.run_pod_then(&spec, |pod| {
+        api.apply(rewritten_api_pod(&rewritten, pod));
+    });
+    assert!(pod.initialized(), "{}", pod.log(VALIDATION));
+    let pause = node.pause_pid(&pod);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !listens_in(pause, &[INBOUND_PORT, OUTBOUND_PORT, APP_PORT]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sidecar and the app listen in the pod:\n{}",
+            pod.log("sidecar")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let inbound = || -> Vec<ProxyLog> {
+        pod.log_lines("sidecar")
+            .iter()
+            .map(|line| ProxyLog::parse(line))
+            .filter(|log| log.frontend == INBOUND)
+            .collect()
+    };
+    let ip = pod.ip;
+    let probe = format!("Original-Tcp-Port: {FIXTURE_APP_PORT}");
+    let healthcheck = format!("http://{ip}:15904/fsm-healthcheck");
+    let app = format!("http://{ip}:{APP_PORT}/");
+
+    // The kubelet's rewritten probe gets past the proxy to the agent, which checks the app.
+    let before = inbound().len();
+    assert_eq!(get_from(&kubelet, &healthcheck, Some(&probe)), "200");
+    assert_eq!(
+        inbound().len(),
+        before,
+        "the kubelet's probe skipped the sidecar"
+    );
+
+    // Anyone else, on the probe port or the app's, goes to the sidecar, which wants mTLS; so does
+    // the kubelet on a port that is no probe's.
+    for (who, cgroup, url) in [
+        (
+            "another host daemon, on the probe port",
+            &daemon,
+            &healthcheck,
+        ),
+        ("another host daemon, on the app's port", &daemon, &app),
+        ("the kubelet, on the app's port", &kubelet, &app),
+    ] {
+        let before = inbound().len();
+        let answer = get_from(cgroup, url, Some(&probe));
+        assert!(
+            answer.starts_with("curl:"),
+            "{who}: answered {answer}, not the sidecar's mTLS"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while inbound().len() == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{who}: the sidecar logged no inbound connection:\n{}\n{}",
+                pod.log("sidecar"),
+                ebpf.agent().log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let logged = inbound().pop().expect("a line");
+        assert!(
+            matches!(&logged.event, ProxyEvent::Failed(reason) if reason.contains("SSL")),
+            "{who}: {logged}"
+        );
+    }
+
+    // The pod depends on the datapath (its mesh init container was replaced), so the agent's
+    // guard could not uninstall it while the pod is there: the kubelet deletes it first.
+    node.remove_pod(&pod);
+    api.delete("meshed");
+    let pins = ebpf.pin_path().to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while probe_bypass::datapath::mapped_addrs(&pins).is_ok_and(|addrs| addrs.contains(&ip)) {
+        assert!(std::time::Instant::now() < deadline, "the pod left the map");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

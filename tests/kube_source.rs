@@ -291,26 +291,9 @@ impl EbpfNode {
     fn kubelet_probe(&self, healthcheck: SocketAddr) -> String {
         let url = format!("http://{healthcheck}/fsm-healthcheck");
         let header = format!("Original-Tcp-Port: {}", Self::APP_PORT);
-        let output = self.cgroup.output(
-            "curl",
-            &[
-                "-q",
-                "--silent",
-                "--noproxy",
-                "*",
-                "--max-time",
-                "3",
-                "--user-agent",
-                "kube-probe/1.31",
-                "--header",
-                &header,
-                "--output",
-                "/dev/null",
-                "--write-out",
-                "%{http_code}",
-                &url,
-            ],
-        );
+        let output = self
+            .cgroup
+            .output("curl", &kubelet::curl_args(&url, Some(&header)));
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 

@@ -298,13 +298,7 @@ fn until_let_go(addr: IpAddr, pins: &Path, agent: u32, netns: &Path, started: In
 
 /// The validation init container as the rewriter writes it for FSM's injected pod.
 fn validation_container() -> Container {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/rewrite/mesh-init/fsm-bookstore.yaml"
-    );
-    let fixture = fs::read_to_string(path).expect("the FSM injector's fixture");
-    let replaced = injected::replace_mesh_init(&fixture, Mesh::Fsm);
-    let manifest: Value = serde_norway::from_str(&replaced.manifest).expect("the rewritten pod");
+    let manifest = injected::replaced_fixture(Mesh::Fsm);
     let init = &manifest["spec"]["initContainers"][0];
     assert_eq!(init["name"], VALIDATION_CONTAINER_NAME, "{manifest}");
     let mut container = Container::from_manifest(init);

@@ -87,6 +87,8 @@ pub struct Container {
     pub read_only_rootfs: bool,
     pub drop_all_capabilities: bool,
     pub no_new_privs: bool,
+    /// Host directories mounted read-only at the same path (a configuration, certificates).
+    pub mounts: Vec<PathBuf>,
 }
 
 impl Container {
@@ -103,6 +105,7 @@ impl Container {
             read_only_rootfs: false,
             drop_all_capabilities: false,
             no_new_privs: false,
+            mounts: Vec::new(),
         }
     }
 
@@ -222,6 +225,14 @@ impl CriPod {
     /// What the container `name` wrote, in CRI's log format.
     pub fn log(&self, name: &str) -> String {
         fs::read_to_string(self.log_dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// The lines the container `name` wrote, without CRI's prefix (`<time> <stream> <tag> `).
+    pub fn log_lines(&self, name: &str) -> Vec<String> {
+        self.log(name)
+            .lines()
+            .filter_map(|line| line.splitn(4, ' ').nth(3).map(str::to_owned))
+            .collect()
     }
 
     /// Whether every init container exited 0.
@@ -549,6 +560,16 @@ impl CriNode {
             command: container.command.clone(),
             args: container.args.clone(),
             envs,
+            mounts: container
+                .mounts
+                .iter()
+                .map(|dir| k8s_cri::v1::Mount {
+                    container_path: dir.display().to_string(),
+                    host_path: dir.display().to_string(),
+                    readonly: true,
+                    ..k8s_cri::v1::Mount::default()
+                })
+                .collect(),
             labels: HashMap::from([
                 (
                     "io.kubernetes.container.name".to_owned(),

@@ -19,6 +19,11 @@ pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
 pub const PAUSE: &str = "probe-bypass.test/pause:1";
 /// The test app's image: `/pb-app NAME PORT...` answers HTTP on each port.
 pub const APP: &str = "probe-bypass.test/app:1";
+/// The sidecar's image: the host's HAProxy (Debian's, which `cargo xtask setup` installs) with the
+/// shared libraries it loads, at their paths: `/usr/sbin/haproxy -db -f CONFIG`.
+pub const SIDECAR: &str = "probe-bypass.test/haproxy:1";
+/// The host's HAProxy, copied into [`SIDECAR`].
+const HAPROXY: &str = "/usr/sbin/haproxy";
 /// The agent's image (`/probe-bypass`), as `cargo xtask image` names it for containerd.
 pub const AGENT: &str = concat!("docker.io/library/probe-bypass:", env!("CARGO_PKG_VERSION"));
 
@@ -62,6 +67,11 @@ pub fn missing() -> Option<String> {
             path.display()
         ));
     }
+    if !Path::new(HAPROXY).is_file() {
+        return Some(format!(
+            "{HAPROXY} is not installed: run `cargo xtask setup`"
+        ));
+    }
     let agent = agent_archive();
     (!agent.is_file()).then(|| {
         format!(
@@ -72,7 +82,7 @@ pub fn missing() -> Option<String> {
     })
 }
 
-/// Writes the pause and app images into `dir` and returns them with the agent's image.
+/// Writes the pause, app and sidecar images into `dir` and returns them with the agent's image.
 pub fn archives(dir: &Path) -> Vec<Archive> {
     let mut archives: Vec<Archive> = [
         (PAUSE, "pb-pause", vec!["/pb-pause".to_owned()]),
@@ -86,6 +96,13 @@ pub fn archives(dir: &Path) -> Vec<Archive> {
         Archive { name, path }
     })
     .collect();
+    let sidecar = dir.join("haproxy.oci.tar");
+    fs::write(&sidecar, haproxy_image())
+        .unwrap_or_else(|error| panic!("write {}: {error}", sidecar.display()));
+    archives.push(Archive {
+        name: SIDECAR,
+        path: sidecar,
+    });
     archives.push(Archive {
         name: AGENT,
         path: agent_archive(),
@@ -118,4 +135,55 @@ fn one_program_image(name: &str, program_name: &str, entrypoint: Vec<String>) ->
     Image::new(&files, &config, &names)
         .and_then(|image| image.archive())
         .unwrap_or_else(|error| panic!("make the image {name}: {error}"))
+}
+
+/// [`SIDECAR`]: the host's HAProxy and every library `ldd` says it loads (the dynamic loader
+/// included), each at the path the loader looks for it at.
+fn haproxy_image() -> Vec<u8> {
+    let output = std::process::Command::new("ldd")
+        .arg(HAPROXY)
+        .output()
+        .unwrap_or_else(|error| panic!("run ldd {HAPROXY}: {error}"));
+    assert!(output.status.success(), "ldd {HAPROXY}: {output:?}");
+    let listing = String::from_utf8_lossy(&output.stdout);
+    let mut paths = vec![HAPROXY.to_owned()];
+    paths.extend(listing.lines().filter_map(|line| {
+        let line = line.trim();
+        let path = match line.split_once("=>") {
+            Some((_, found)) => found.trim().split(' ').next()?,
+            None => line.split(' ').next()?,
+        };
+        path.starts_with('/').then(|| path.to_owned())
+    }));
+    let contents: Vec<(String, Vec<u8>)> = paths
+        .into_iter()
+        .map(|path| {
+            let data = fs::read(&path).unwrap_or_else(|error| panic!("read {path}: {error}"));
+            (path.trim_start_matches('/').to_owned(), data)
+        })
+        .collect();
+    let files: Vec<File<'_>> = contents
+        .iter()
+        .map(|(path, data)| File {
+            path,
+            mode: 0o755,
+            data,
+        })
+        .collect();
+    let config = Config {
+        entrypoint: vec![HAPROXY.to_owned()],
+        cmd: Vec::new(),
+        labels: vec![(
+            "org.opencontainers.image.title".to_owned(),
+            "haproxy".to_owned(),
+        )],
+        created_by: "probe-bypass-testing".to_owned(),
+    };
+    let names = Names {
+        tag: "1".to_owned(),
+        containerd: SIDECAR.to_owned(),
+    };
+    Image::new(&files, &config, &names)
+        .and_then(|image| image.archive())
+        .unwrap_or_else(|error| panic!("make the image {SIDECAR}: {error}"))
 }

@@ -254,6 +254,17 @@ pub fn replace_mesh_init(manifest: &str, mesh: Mesh) -> Replaced {
     }
 }
 
+/// `mesh`'s injector fixture as it is (its own names and addresses) after `probe-bypass rewrite
+/// --replace-mesh-init`: the pod as the webhook admits it, the mesh's init container replaced by
+/// the validation container.
+pub fn replaced_fixture(mesh: Mesh) -> Value {
+    let path = format!("{FIXTURES}/rewrite/mesh-init/{}", mesh.fixture());
+    let text = fs::read_to_string(&path).unwrap_or_else(|error| panic!("read {path}: {error}"));
+    let replaced = replace_mesh_init(&text, mesh);
+    serde_norway::from_str(&replaced.manifest)
+        .unwrap_or_else(|error| panic!("parse the rewritten {path}: {error}"))
+}
+
 /// Whether `manifest` (YAML or JSON) has an init container named `name`.
 pub fn has_init_container(manifest: &str, name: &str) -> bool {
     init_containers(&parse(manifest))

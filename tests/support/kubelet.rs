@@ -28,6 +28,31 @@ pub fn request(addr: SocketAddr, path: &str, port: Option<&str>) -> Vec<u8> {
     text.into_bytes()
 }
 
+/// curl's arguments for a GET of `url` as the kubelet's prober sends it (its user agent, the
+/// probe's `header` if any, at most 3 s), printing only the status code: for a probe that must
+/// start in a given cgroup, where curl is run.
+pub fn curl_args<'a>(url: &'a str, header: Option<&'a str>) -> Vec<&'a str> {
+    let mut args = vec![
+        "-q",
+        "--silent",
+        "--noproxy",
+        "*",
+        "--max-time",
+        "3",
+        "--user-agent",
+        "kube-probe/1.31",
+        "--output",
+        "/dev/null",
+        "--write-out",
+        "%{http_code}",
+    ];
+    if let Some(header) = header {
+        args.extend(["--header", header]);
+    }
+    args.push(url);
+    args
+}
+
 /// Probes the healthcheck at `addr` for `port` on the FSM path.
 pub fn probe(addr: SocketAddr, port: &str) -> Reply {
     send(addr, &request(addr, "/fsm-healthcheck", Some(port)))
