@@ -22,9 +22,12 @@ use std::{fmt::Write as _, net::IpAddr};
 
 use probe_bypass_testing::require_privileges;
 use probe_bypass_testing::{
+    containerd, images,
     mesh::{
-        Call, Caller, Manifests, MeshSpec, Mode, Node, Outcome, PodSpec, REMOTE_POD, Report, Target,
+        Call, Caller, Manifests, MeshSpec, Mode, Node, Outcome, PodSpec, Pods, REMOTE_POD, Report,
+        Target,
     },
+    privilege,
     sidecar::{ProxyEvent, ProxyLog},
 };
 
@@ -386,9 +389,14 @@ fn run_scenarios(mode: Mode) -> Vec<Outcome> {
 
 /// Like [`run_scenarios`], the meshed pods' manifests and start-up as `manifests` says.
 fn run_scenarios_from(mode: Mode, manifests: Manifests) -> Vec<Outcome> {
+    run_scenarios_on(Pods::Netns, mode, manifests)
+}
+
+/// Like [`run_scenarios_from`], the pods made by `made_by`.
+fn run_scenarios_on(made_by: Pods, mode: Mode, manifests: Manifests) -> Vec<Outcome> {
     let specs = node_spec();
-    let node = Node::start_from(mode, manifests, &specs, &mut print_report);
-    println!("--- {mode:?} mode, {manifests:?} manifests ---");
+    let node = Node::start_on(made_by, mode, manifests, &specs, &mut print_report);
+    println!("--- {made_by:?} pods, {mode:?} mode, {manifests:?} manifests ---");
     SCENARIOS
         .iter()
         .map(|scenario| {
@@ -560,6 +568,42 @@ fn ebpf_on_the_mesh_rules_gives_the_ebpf_table() {
         &layered,
         "with the datapath over pods that keep the mesh's rules, scenarios {wrong} did not come \
          out as the datapath's table",
+    );
+}
+
+/// Issue 17: the same node with each pod's sandbox made by containerd over CRI, on its CNI bridge
+/// (`support/cri.rs`), the apps and sidecars run in those namespaces: the mesh's rules give the
+/// mesh's table, and the datapath its own.
+#[test]
+fn on_sandboxes_made_through_cri_the_mesh_and_the_datapath_give_their_tables() {
+    require_privileges!();
+    if let Some(reason) = containerd::missing().or_else(images::missing) {
+        privilege::skip(
+            "on_sandboxes_made_through_cri_the_mesh_and_the_datapath_give_their_tables",
+            &reason,
+        );
+        return;
+    }
+    let mesh: Vec<Outcome> = SCENARIOS.iter().map(|s| outcome(s.iptables)).collect();
+    let datapath = expected_ebpf();
+
+    let iptables = run_scenarios_on(Pods::Containerd, Mode::Iptables, Manifests::Annotated);
+    let ebpf = run_scenarios_on(Pods::Containerd, Mode::Ebpf, Manifests::Annotated);
+
+    assert_outcomes(
+        &[("expected", &mesh), ("iptables, CRI sandboxes", &iptables)],
+        &mesh,
+        &iptables,
+        "behind the mesh's rules on CRI sandboxes, scenarios {wrong} did not come out as expected",
+    );
+    assert_outcomes(
+        &[
+            ("ebpf, expected", &datapath),
+            ("ebpf, CRI sandboxes", &ebpf),
+        ],
+        &datapath,
+        &ebpf,
+        "with the datapath on CRI sandboxes, scenarios {wrong} did not come out as its table",
     );
 }
 

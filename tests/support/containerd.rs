@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::sidecar::TempDir;
+use crate::{pod::AddressBlock, sidecar::TempDir};
 
 /// Where Debian's packages put the binaries.
 pub const CONTAINERD: &str = "/usr/bin/containerd";
@@ -52,6 +52,8 @@ pub struct Containerd {
     pub bridge: String,
     /// The CRI network's addresses.
     pub subnet: String,
+    /// Held so that no other test's pods take the subnet's addresses.
+    _block: AddressBlock,
     /// The OCI runtime binary the CRI plugin's runc runtime runs, and what containerd (so its
     /// shims, so the runtime) is given in its environment.
     runtime: PathBuf,
@@ -71,13 +73,13 @@ impl Containerd {
     pub fn start_with_runtime(runtime: &Path, env: &[(&str, &str)]) -> Self {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = TempDir::new("containerd");
-        // One /24 per containerd of this process, inside 198.19.0.0/16 (the half of the tests'
-        // range that test pods' veths do not use); the pid spreads parallel test processes.
-        let third = (std::process::id() * 7 + n) % 250;
+        // A /24 of the tests' range that no test pod of any running test process has.
+        let block = AddressBlock::for_runtime();
         let mut containerd = Self {
             child: None,
             bridge: format!("pbcri{}-{n}", std::process::id() % 10_000),
-            subnet: format!("198.19.{third}.0/24"),
+            subnet: block.first_24().to_string(),
+            _block: block,
             runtime: runtime.to_owned(),
             env: env
                 .iter()
@@ -275,6 +277,7 @@ disabled_plugins = [
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{ "subnet": self.subnet }]],
+                    "routes": [{ "dst": "0.0.0.0/0" }],
                     "dataDir": self.path("cni"),
                 },
             }],

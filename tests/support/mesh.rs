@@ -29,6 +29,7 @@ use std::{
 use crate::{
     agent::{Agent, ManifestDir},
     cgroup::{ChildCgroup, TestCgroup},
+    cri::{CgroupDriver, CriNode},
     injected::{self, VALIDATION_CONTAINER_NAME},
     pod::{App, TestPod},
     sidecar::{Certificates, PROXY_UID, ProxyEvent, ProxyLog, Sidecar},
@@ -60,6 +61,16 @@ const CURL: [&str; 8] = [
 
 /// A proxy's log is settled once it has not grown for this long after a call.
 const LOG_QUIET: Duration = Duration::from_millis(200);
+
+/// What makes the node's pods: their network namespaces, addresses and links to the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pods {
+    /// The tests' own: a namespace and a veth per pod ([`TestPod::new`]).
+    Netns,
+    /// The sandboxes of a containerd of the test's own, made over CRI as the kubelet makes them,
+    /// on its CNI bridge ([`CriNode`]); the apps and sidecars run in them as in the others.
+    Containerd,
+}
 
 /// How the meshed pods' traffic is made to go through their sidecars.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -284,6 +295,9 @@ pub struct Node {
     cgroup: TestCgroup,
     other_node: OtherNode,
     pods: Vec<(&'static str, TestPod)>,
+    /// The runtime that made the pods' sandboxes, with [`Pods::Containerd`], kept until after the
+    /// pods, which only name its namespaces.
+    _cri: Option<CriNode>,
     manifests: ManifestDir,
     /// Whether a pod's mesh init container was replaced: the datapath is all that intercepts it,
     /// so `probe-bypass uninstall` refuses until the pod is gone (see [`Drop`]).
@@ -351,10 +365,25 @@ impl Node {
         specs: &[PodSpec],
         report: &mut dyn FnMut(Report<'_>),
     ) -> Self {
+        Self::start_on(Pods::Netns, mode, manifests, specs, report)
+    }
+
+    /// Like [`Self::start_from`], the pods made by `made_by`.
+    pub fn start_on(
+        made_by: Pods,
+        mode: Mode,
+        manifests: Manifests,
+        specs: &[PodSpec],
+        report: &mut dyn FnMut(Report<'_>),
+    ) -> Self {
+        let mut cri = (made_by == Pods::Containerd).then(CriNode::start);
         let pods: Vec<(&'static str, TestPod)> = specs
             .iter()
             .map(|spec| {
-                let pod = TestPod::new();
+                let pod = match cri.as_mut() {
+                    None => TestPod::new(),
+                    Some(node) => sandbox(node, spec.name),
+                };
                 pod.route_to_other_pods();
                 (spec.name, pod)
             })
@@ -504,6 +533,7 @@ impl Node {
             cgroup,
             other_node,
             pods,
+            _cri: cri,
             manifests: manifest_dir,
             replaced,
             certs,
@@ -797,6 +827,19 @@ fn shell_words(program: &str, args: &[String]) -> String {
         }
     }));
     words.join(" ")
+}
+
+/// Pod `name`'s sandbox, made through CRI on `node`, as a test pod.
+fn sandbox(node: &mut CriNode, name: &str) -> TestPod {
+    let spec = crate::cri::PodSpec::new(
+        &format!("pod-{}", name.to_lowercase()),
+        CgroupDriver::Cgroupfs,
+    );
+    let made = node.run_pod(&spec);
+    let IpAddr::V4(ip) = made.ip else {
+        panic!("the CNI gave {name} an IPv6 address: {}", made.ip)
+    };
+    TestPod::sandbox(node.pause_pid(&made), ip, &node.containerd().bridge)
 }
 
 /// Each pod's apps, started in its namespace: `app <pod>:<port>` on every port of its spec.

@@ -41,21 +41,46 @@ const BLOCKS: u32 = 32;
 /// after it, which the kernel releases when the process ends however it ends, and which leaves no
 /// file behind.
 fn address_block() -> u32 {
-    static HELD: OnceLock<(u32, UnixListener)> = OnceLock::new();
-    let (block, _socket) = HELD.get_or_init(|| {
-        let first = std::process::id() % BLOCKS;
-        (0..BLOCKS)
-            .map(|i| (first + i) % BLOCKS)
-            .find_map(|block| {
-                let name = format!("probe-bypass-test-address-block-{block}");
-                let addr = UnixSocketAddr::from_abstract_name(name).expect("abstract name");
-                UnixListener::bind_addr(&addr)
-                    .ok()
-                    .map(|socket| (block, socket))
-            })
+    static HELD: OnceLock<AddressBlock> = OnceLock::new();
+    HELD.get_or_init(|| {
+        AddressBlock::hold(std::process::id() % BLOCKS)
             .unwrap_or_else(|| panic!("all {BLOCKS} address blocks are held by other processes"))
-    });
-    *block
+    })
+    .number
+}
+
+/// A block of the address plan held for as long as the guard lives (see [`address_block`]).
+pub struct AddressBlock {
+    number: u32,
+    _held: UnixListener,
+}
+
+impl AddressBlock {
+    /// Holds the first block not held by anyone, looking from `first` on.
+    fn hold(first: u32) -> Option<Self> {
+        (0..BLOCKS).map(|i| (first + i) % BLOCKS).find_map(|block| {
+            let name = format!("probe-bypass-test-address-block-{block}");
+            let addr = UnixSocketAddr::from_abstract_name(name).expect("abstract name");
+            UnixListener::bind_addr(&addr).ok().map(|held| Self {
+                number: block,
+                _held: held,
+            })
+        })
+    }
+
+    /// A block of its own for a container runtime's pod network (a CNI bridge's subnet), beside
+    /// this process's, so that its addresses collide with no test pod's.
+    pub fn for_runtime() -> Self {
+        address_block();
+        Self::hold(std::process::id() % BLOCKS)
+            .unwrap_or_else(|| panic!("all {BLOCKS} address blocks are held"))
+    }
+
+    /// The block's first /24 (a block spans 16).
+    pub fn first_24(&self) -> ipnet::Ipv4Net {
+        let base = u32::from(Ipv4Addr::new(198, 18, 0, 0)) + self.number * PODS_PER_PROCESS * 4;
+        ipnet::Ipv4Net::new(Ipv4Addr::from(base), 24).expect("a /24")
+    }
 }
 
 /// Runs `ip` with `args` and returns what it printed, panicking with its stderr on failure.
@@ -77,7 +102,10 @@ pub struct TestPod {
     pub ip: Ipv4Addr,
     /// The pod's number in the address plan, which also numbers its IPv6 subnet.
     subnet: u32,
+    /// The host's link to the pod: the veth this guard made, or a runtime's bridge.
     host_veth: String,
+    /// Whether `host_veth` is this guard's to delete (not a runtime's bridge).
+    owns_link: bool,
     /// For a pod on another node ([`Self::behind`]): the host's route to it, through that node.
     host_route: Option<String>,
     netns: Arc<Netns>,
@@ -128,6 +156,7 @@ impl TestPod {
             ip: pod_ip,
             subnet,
             host_veth,
+            owns_link: true,
             host_route: None,
             netns,
             worker: NetnsWorker::spawn().expect("netns worker"),
@@ -179,6 +208,32 @@ impl TestPod {
         pod
     }
 
+    /// A pod whose namespace and address a container runtime made: the sandbox of
+    /// [`crate::cri::CriNode`] whose pause process is `pid`, with the IP `ip` the CNI gave it and
+    /// the runtime's `bridge` joining it to the host. Its namespace is named under /run/netns as
+    /// the other test pods' are (`ip netns attach`), so that what runs in a pod runs in it; the
+    /// guard removes that name only, and the runtime the rest.
+    pub fn sandbox(pid: u32, ip: Ipv4Addr, bridge: &str) -> Self {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let netns_name = format!("pb-test-{}-cri{n}", std::process::id());
+        self::ip(&["netns", "attach", &netns_name, &pid.to_string()]);
+        let pod = Self {
+            netns: Arc::new(
+                Netns::open(&std::path::Path::new("/run/netns").join(&netns_name))
+                    .expect("open the sandbox's netns"),
+            ),
+            netns_name,
+            ip,
+            subnet: u32::MAX,
+            host_veth: bridge.to_owned(),
+            owns_link: false,
+            host_route: None,
+            worker: NetnsWorker::spawn().expect("netns worker"),
+        };
+        pod.assert_routed_through(bridge);
+        pod
+    }
+
     /// Traffic to test pods must only ever leave through a veth this test made.
     fn assert_routed_through(&self, veth: &str) {
         let route = ip(&["route", "get", &self.ip.to_string()]);
@@ -192,6 +247,10 @@ impl TestPod {
     /// Gives the pod an IPv6 address beside its IPv4 one, reachable from the host, and returns it.
     /// Duplicate address detection is skipped so that the address is usable at once.
     pub fn add_ipv6(&self) -> Ipv6Addr {
+        assert!(
+            self.owns_link,
+            "a runtime's sandbox has the addresses its CNI gave it"
+        );
         let subnet = u16::try_from(self.subnet).expect("the plan has 32768 subnets");
         let host_ip = Ipv6Addr::new(0x2001, 2, 0, subnet, 0, 0, 0, 1);
         let pod_ip = Ipv6Addr::new(0x2001, 2, 0, subnet, 0, 0, 0, 2);
@@ -352,10 +411,12 @@ impl Drop for TestPod {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns_name])
             .status();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_veth])
-            .stderr(std::process::Stdio::null())
-            .status();
+        if self.owns_link {
+            let _ = Command::new("ip")
+                .args(["link", "del", &self.host_veth])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
     }
 }
 
