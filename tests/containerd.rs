@@ -26,10 +26,12 @@ use probe_bypass_testing::{
     images,
     injected::{self, Mesh},
     kube_api::{FSM_POD, FakeApi},
-    kubelet, privilege, require_privileges,
+    kubelet,
+    pod::TestPod,
+    privilege, require_privileges,
     sidecar::{
         Certificates, INBOUND, INBOUND_PORT, OUTBOUND_PORT, ProxyEvent, ProxyLog, SidecarConfig,
-        TempDir,
+        SidecarContainer,
     },
 };
 use serde_json::{Value, json};
@@ -107,6 +109,13 @@ fn app_pod(name: &str, driver: CgroupDriver) -> PodSpec {
 
 fn healthcheck(pod: &CriPod) -> SocketAddr {
     SocketAddr::new(pod.ip, 15904)
+}
+
+fn ip_v4(ip: std::net::IpAddr) -> std::net::Ipv4Addr {
+    match ip {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(ip) => panic!("the CNI gave an IPv6 address: {ip}"),
+    }
 }
 
 fn answers(addr: SocketAddr) -> bool {
@@ -577,37 +586,6 @@ fn the_validation_container_passes_in_a_pod_the_agent_serves_and_fails_in_one_it
     assert!(!answers(healthcheck(&served)));
 }
 
-/// The sidecar container: HAProxy as FSM's proxy (`support/sidecar.rs`), with mTLS, its
-/// configuration and certificates mounted from the host at the same paths. HAProxy starts as
-/// root and becomes the proxy's UID (1500) itself, as the tests' sidecars do.
-fn sidecar_container(config_dir: &TempDir, certs: &Certificates, pem: &str) -> Container {
-    let config = config_dir.path.join("haproxy.cfg");
-    fs::write(&config, SidecarConfig::mtls(pem, &certs.ca()).render()).expect("haproxy.cfg");
-    let certs_dir = Path::new(pem)
-        .parent()
-        .expect("the certificates' dir")
-        .to_owned();
-    let config_arg = config.display().to_string();
-    let mut container = Container::new("sidecar", images::SIDECAR, &["-db", "-f", &config_arg]);
-    container.mounts = vec![config_dir.path.clone(), certs_dir];
-    container
-}
-
-/// Whether something listens on each of `ports` in the namespace of process `pid`.
-fn listens_in(pid: u32, ports: &[u16]) -> bool {
-    let output = std::process::Command::new("nsenter")
-        .arg(format!("--net=/proc/{pid}/ns/net"))
-        .args(["ss", "-Hltn"])
-        .output()
-        .expect("nsenter ss");
-    let listening = String::from_utf8_lossy(&output.stdout);
-    ports.iter().all(|port| {
-        listening
-            .split_whitespace()
-            .any(|field| field.ends_with(&format!(":{port}")))
-    })
-}
-
 /// An HTTP GET of `url` with curl from `cgroup`, as the kubelet's prober sends it when `header` is
 /// the probe's; the status, or curl's exit code as `curl:<code>` when no answer came.
 fn get_from(cgroup: &ChildCgroup, url: &str, header: Option<&str>) -> String {
@@ -642,31 +620,36 @@ fn behind_a_sidecar_container_only_the_kubelet_gets_past_the_proxy_on_the_probe_
         ]);
         Agent::start_kube(&kubeconfig.path, NODE, &all, "probe_bypass=debug")
     });
+    // FSM's proxy as HAProxy (`support/sidecar.rs`), with mTLS, after the app as an injected
+    // pod has it.
     let certs = Certificates::new();
     let pem = certs.issue("meshed");
-    let config = TempDir::new("cri-sidecar");
+    let mut sidecar = SidecarContainer::new(&SidecarConfig::mtls(&pem, &certs.ca()));
     let rewritten = injected::replaced_fixture(Mesh::Fsm);
     let mut spec = validated_pod("meshed", &rewritten, &[]);
-    spec.containers
-        .push(sidecar_container(&config, &certs, &pem));
+    spec.containers.push(sidecar.container());
     let pod = node.run_pod_then(&spec, |pod| {
         api.apply(rewritten_api_pod(&rewritten, pod));
     });
     assert!(pod.initialized(), "{}", pod.log(VALIDATION));
-    let pause = node.pause_pid(&pod);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !listens_in(pause, &[INBOUND_PORT, OUTBOUND_PORT, APP_PORT]) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the sidecar and the app listen in the pod:\n{}",
-            pod.log("sidecar")
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    sidecar.started(pod.log_path(SidecarContainer::NAME));
+    let named = TestPod::sandbox(
+        node.pause_pid(&pod),
+        ip_v4(pod.ip),
+        &node.containerd().bridge,
+    );
+    assert!(
+        named.wait_until_listening(
+            &[INBOUND_PORT, OUTBOUND_PORT, APP_PORT],
+            Duration::from_secs(10)
+        ),
+        "the sidecar and the app listen in the pod:\n{}",
+        pod.log(SidecarContainer::NAME)
+    );
     let inbound = || -> Vec<ProxyLog> {
-        pod.log_lines("sidecar")
-            .iter()
-            .map(|line| ProxyLog::parse(line))
+        sidecar
+            .log_since(0)
+            .into_iter()
             .filter(|log| log.frontend == INBOUND)
             .collect()
     };

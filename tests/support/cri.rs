@@ -224,7 +224,12 @@ pub struct CriPod {
 impl CriPod {
     /// What the container `name` wrote, in CRI's log format.
     pub fn log(&self, name: &str) -> String {
-        fs::read_to_string(self.log_dir.join(format!("{name}.log"))).unwrap_or_default()
+        fs::read_to_string(self.log_path(name)).unwrap_or_default()
+    }
+
+    /// The file CRI writes the container `name`'s output to.
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.log_dir.join(format!("{name}.log"))
     }
 
     /// The lines the container `name` wrote, without CRI's prefix (`<time> <stream> <tag> `).
@@ -248,8 +253,9 @@ pub struct CriNode {
     runtime: tokio::runtime::Runtime,
     /// The subtree of the cgroup hierarchy that every pod's cgroup is in.
     cgroup_root: PathBuf,
-    /// Its guard (`probe-bypass-test-<pid>-<n>`), which a test attaches the agent's programs to.
-    cgroup: TestCgroup,
+    /// Its guard (`probe-bypass-test-<pid>-<n>`), which a test attaches the agent's programs to;
+    /// none when the subtree is below a test cgroup of the caller's ([`Self::start_under`]).
+    cgroup: Option<TestCgroup>,
     /// Sandboxes still to remove on drop, with their pod cgroups.
     made: Vec<(String, PathBuf)>,
     /// The node's name, which the downward API's `spec.nodeName` gives.
@@ -260,7 +266,19 @@ impl CriNode {
     /// Starts containerd, imports the images, and connects to its CRI API.
     pub fn start() -> Self {
         let cgroup = TestCgroup::new();
-        let cgroup_root = cgroup.path().to_owned();
+        let root = cgroup.path().to_owned();
+        Self::start_in(root, Some(cgroup))
+    }
+
+    /// [`Self::start`], the pods' cgroups below `parent` (a test cgroup that also holds the
+    /// test's callers, where the datapath is attached): in `parent/kubepods-node`.
+    pub fn start_under(parent: &TestCgroup) -> Self {
+        let root = parent.path().join("kubepods-node");
+        fs::create_dir(&root).unwrap_or_else(|error| panic!("create {}: {error}", root.display()));
+        Self::start_in(root, None)
+    }
+
+    fn start_in(cgroup_root: PathBuf, cgroup: Option<TestCgroup>) -> Self {
         let mount = cgroup2_mount().expect("the cgroup v2 mount");
         let relative = cgroup_root.strip_prefix(&mount).expect("below the mount");
         let subtree = format!("/{}", relative.display());
@@ -302,7 +320,9 @@ impl CriNode {
     /// [`Self::cgroup_root`]'s guard, for what takes a test cgroup ([`crate::ebpf_agent::EbpfAgent`],
     /// a kubelet's cgroup below it).
     pub fn cgroup(&self) -> &TestCgroup {
-        &self.cgroup
+        self.cgroup
+            .as_ref()
+            .expect("a node started with a cgroup of its own (CriNode::start)")
     }
 
     fn import_images(&self) {
@@ -395,6 +415,15 @@ impl CriNode {
             pod.containers.insert(container.name.clone(), id);
         }
         pod
+    }
+
+    /// Creates and starts `container` in the running `pod`, after the others: how a test starts a
+    /// pod's containers one at a time.
+    pub fn add_container(&mut self, pod: &mut CriPod, container: &Container) {
+        let sandbox_config = self.sandbox_config(&pod.spec, &pod.cgroup, &pod.log_dir);
+        let id = self.start_container(pod, container, &sandbox_config);
+        pod.containers.insert(container.name.clone(), id);
+        pod.spec.containers.push(container.clone());
     }
 
     /// Stops and removes the pod's sandbox through CRI, as the kubelet does for a deleted pod, then
@@ -702,6 +731,17 @@ impl Drop for CriNode {
         drop(self.containerd.take());
         for tree in in_every_hierarchy(&self.cgroup_root) {
             remove_tree(&tree);
+        }
+        // Below a caller's test cgroup, runc made that cgroup's directory in the v1 hierarchies
+        // too; the caller's guard removes only the v2 one.
+        if self.cgroup.is_none()
+            && let Some(parent) = self.cgroup_root.parent()
+        {
+            for dir in in_every_hierarchy(parent) {
+                if dir != parent {
+                    let _ = fs::remove_dir(dir);
+                }
+            }
         }
     }
 }

@@ -29,10 +29,13 @@ use std::{
 use crate::{
     agent::{Agent, ManifestDir},
     cgroup::{ChildCgroup, TestCgroup},
-    cri::{CgroupDriver, CriNode},
+    cri::{CgroupDriver, Container, CriNode, CriPod},
     injected::{self, VALIDATION_CONTAINER_NAME},
     pod::{App, TestPod},
-    sidecar::{Certificates, PROXY_UID, ProxyEvent, ProxyLog, Sidecar},
+    sidecar::{
+        Certificates, INBOUND_PORT, OUTBOUND_PORT, PROXY_UID, ProxyEvent, ProxyLog, Sidecar,
+        SidecarConfig, SidecarContainer,
+    },
     validation::{NODE, run_bounded, start_agent},
 };
 pub use crate::{
@@ -68,7 +71,7 @@ pub enum Pods {
     /// The tests' own: a namespace and a veth per pod ([`TestPod::new`]).
     Netns,
     /// The sandboxes of a containerd of the test's own, made over CRI as the kubelet makes them,
-    /// on its CNI bridge ([`CriNode`]); the apps and sidecars run in them as in the others.
+    /// on its CNI bridge ([`CriNode`]), each pod's app and sidecar a container of it.
     Containerd,
 }
 
@@ -288,16 +291,16 @@ pub struct Node {
     // Fields drop in this order: the agent (and the datapath's pins) before the processes it
     // redirects, those before the cgroup that holds them, and that before the namespaces.
     interception: Interception,
-    sidecars: Vec<(&'static str, Sidecar)>,
+    sidecars: Vec<(&'static str, Proxy)>,
     /// Each app with the pod and port it serves.
     apps: Vec<(&'static str, u16, App)>,
+    /// The runtime that made the pods, with [`Pods::Containerd`]: its pods' cgroups are below the
+    /// test's, so it goes before the test's cgroup (the test pods only name its namespaces).
+    _cri: Option<CriNode>,
     host: HostCgroups,
     cgroup: TestCgroup,
     other_node: OtherNode,
     pods: Vec<(&'static str, TestPod)>,
-    /// The runtime that made the pods' sandboxes, with [`Pods::Containerd`], kept until after the
-    /// pods, which only name its namespaces.
-    _cri: Option<CriNode>,
     manifests: ManifestDir,
     /// Whether a pod's mesh init container was replaced: the datapath is all that intercepts it,
     /// so `probe-bypass uninstall` refuses until the pod is gone (see [`Drop`]).
@@ -327,6 +330,10 @@ impl OtherNode {
 struct HostCgroups {
     kubelet: ChildCgroup,
     daemon: ChildCgroup,
+    /// Where calls from inside the pods run (their apps, their proxies' UID): a leaf of its own,
+    /// as the test cgroup may hold the runtime's pods' cgroups, whose controllers a cgroup v2
+    /// parent with processes of its own could not enable.
+    pods: ChildCgroup,
 }
 
 impl HostCgroups {
@@ -334,6 +341,50 @@ impl HostCgroups {
         Self {
             kubelet: ChildCgroup::new(cgroup, "kubelet.service"),
             daemon: ChildCgroup::new(cgroup, "node-daemon.service"),
+            pods: ChildCgroup::new(cgroup, "pod-callers"),
+        }
+    }
+}
+
+/// A meshed pod's sidecar: HAProxy in the pod's namespace, run by the test, or a container of its
+/// CRI pod.
+enum Proxy {
+    Process(Sidecar),
+    Container(SidecarContainer),
+}
+
+impl Proxy {
+    /// Starts the sidecar container of `sandbox` on `node` with `config` and waits until it
+    /// listens in `pod`, the sandbox's namespace.
+    fn container(
+        node: &mut CriNode,
+        sandbox: &mut CriPod,
+        pod: &TestPod,
+        config: &SidecarConfig,
+    ) -> Self {
+        let mut sidecar = SidecarContainer::new(config);
+        node.add_container(sandbox, &sidecar.container());
+        sidecar.started(sandbox.log_path(SidecarContainer::NAME));
+        assert!(
+            pod.wait_until_listening(&[INBOUND_PORT, OUTBOUND_PORT], Duration::from_secs(10)),
+            "the sidecar container of {} does not listen:\n{}",
+            sandbox.spec.name,
+            sandbox.log(SidecarContainer::NAME)
+        );
+        Self::Container(sidecar)
+    }
+
+    fn log_mark(&self) -> u64 {
+        match self {
+            Self::Process(sidecar) => sidecar.log_mark(),
+            Self::Container(sidecar) => sidecar.log_mark(),
+        }
+    }
+
+    fn log_since(&self, mark: u64) -> Vec<ProxyLog> {
+        match self {
+            Self::Process(sidecar) => sidecar.log_since(mark),
+            Self::Container(sidecar) => sidecar.log_since(mark),
         }
     }
 }
@@ -376,33 +427,46 @@ impl Node {
         specs: &[PodSpec],
         report: &mut dyn FnMut(Report<'_>),
     ) -> Self {
-        let mut cri = (made_by == Pods::Containerd).then(CriNode::start);
-        let pods: Vec<(&'static str, TestPod)> = specs
-            .iter()
-            .map(|spec| {
-                let pod = match cri.as_mut() {
-                    None => TestPod::new(),
-                    Some(node) => sandbox(node, spec.name),
-                };
-                pod.route_to_other_pods();
-                (spec.name, pod)
-            })
-            .collect();
-        let apps = start_apps(specs, &pods);
+        assert!(
+            made_by == Pods::Netns || manifests == Manifests::Annotated,
+            "CRI pods' containers start with their sandbox: only annotated manifests"
+        );
+        let cgroup = TestCgroup::new();
+        let host = HostCgroups::new(&cgroup);
+        // The runtime's pods' cgroups below the test's, where the datapath is attached: their
+        // sidecars' getsockopt and connects must run its programs.
+        let mut cri = (made_by == Pods::Containerd).then(|| CriNode::start_under(&cgroup));
+        let mut pods: Vec<(&'static str, TestPod)> = Vec::new();
+        let mut sandboxes = Vec::new();
+        for spec in specs {
+            let pod = match cri.as_mut() {
+                None => TestPod::new(),
+                Some(node) => {
+                    let (pod, made) = sandbox(node, spec);
+                    sandboxes.push(made);
+                    pod
+                }
+            };
+            pod.route_to_other_pods();
+            pods.push((spec.name, pod));
+        }
+        // With CRI the apps are containers, started with their sandboxes.
+        let apps = match cri {
+            None => start_apps(specs, &pods),
+            Some(_) => Vec::new(),
+        };
         assert_pods_reach_each_other(specs, &pods);
         let other_node = OtherNode::new();
         assert_other_node_reaches_the_pods(&other_node, specs, &pods);
         // An injected pod's app starts after its init containers; these only showed the way.
         let apps = (manifests == Manifests::Annotated).then_some(apps);
 
-        let cgroup = TestCgroup::new();
-        let host = HostCgroups::new(&cgroup);
         let certs = Certificates::new();
         let remote_pem = certs.issue(REMOTE_POD);
         let manifest_dir = ManifestDir::new();
         let mut sidecars = Vec::new();
         let mut validations = Vec::new();
-        for (spec, (name, pod)) in specs.iter().zip(&pods) {
+        for (i, (spec, (name, pod))) in specs.iter().zip(&pods).enumerate() {
             let Some(mesh) = &spec.mesh else { continue };
             let exclusions = mesh.outbound_cidrs(&pods);
             let pod_name = format!("pod-{}", name.to_lowercase());
@@ -461,7 +525,16 @@ impl Node {
             }
             if manifests == Manifests::Annotated {
                 let pem = certs.issue(name);
-                sidecars.push((*name, Sidecar::start(&cgroup, pod, &certs, &pem)));
+                let proxy = match (cri.as_mut(), sandboxes.get_mut(i)) {
+                    (Some(node), Some(sandbox)) => Proxy::container(
+                        node,
+                        sandbox,
+                        pod,
+                        &SidecarConfig::mtls(&pem, &certs.ca()),
+                    ),
+                    _ => Proxy::Process(Sidecar::start(&cgroup, pod, &certs, &pem)),
+                };
+                sidecars.push((*name, proxy));
             }
         }
 
@@ -520,7 +593,8 @@ impl Node {
             for (spec, (name, pod)) in specs.iter().zip(&pods) {
                 if spec.mesh.is_some() {
                     let pem = certs.issue(name);
-                    sidecars.push((*name, Sidecar::start(&cgroup, pod, &certs, &pem)));
+                    let sidecar = Sidecar::start(&cgroup, pod, &certs, &pem);
+                    sidecars.push((*name, Proxy::Process(sidecar)));
                 }
             }
         }
@@ -600,7 +674,7 @@ impl Node {
             let mut command = match caller {
                 Caller::Host => self.host.kubelet.command(&program, &args),
                 Caller::HostDaemon => self.host.daemon.command(&program, &args),
-                _ => self.cgroup.command(&program, &args),
+                _ => self.host.pods.command(&program, &args),
             };
             command
                 .output()
@@ -829,17 +903,28 @@ fn shell_words(program: &str, args: &[String]) -> String {
     words.join(" ")
 }
 
-/// Pod `name`'s sandbox, made through CRI on `node`, as a test pod.
-fn sandbox(node: &mut CriNode, name: &str) -> TestPod {
-    let spec = crate::cri::PodSpec::new(
+/// The pod of `spec`, made through CRI on `node` with its app as a container (`app <pod>:<port>`
+/// on each of its ports, as [`start_apps`]' answer), as a test pod, once the app listens.
+fn sandbox(node: &mut CriNode, spec: &PodSpec) -> (TestPod, CriPod) {
+    let name = spec.name;
+    let mut cri_spec = crate::cri::PodSpec::new(
         &format!("pod-{}", name.to_lowercase()),
         CgroupDriver::Cgroupfs,
     );
-    let made = node.run_pod(&spec);
+    let mut app = Container::app("app", spec.app_ports);
+    app.args[0] = format!("app {name}");
+    cri_spec.containers.push(app);
+    let made = node.run_pod(&cri_spec);
     let IpAddr::V4(ip) = made.ip else {
         panic!("the CNI gave {name} an IPv6 address: {}", made.ip)
     };
-    TestPod::sandbox(node.pause_pid(&made), ip, &node.containerd().bridge)
+    let pod = TestPod::sandbox(node.pause_pid(&made), ip, &node.containerd().bridge);
+    assert!(
+        pod.wait_until_listening(spec.app_ports, Duration::from_secs(10)),
+        "the app container of {name} does not listen:\n{}",
+        made.log("app")
+    );
+    (pod, made)
 }
 
 /// Each pod's apps, started in its namespace: `app <pod>:<port>` on every port of its spec.

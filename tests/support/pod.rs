@@ -344,6 +344,30 @@ impl TestPod {
         std::fs::write(&knob, "1").unwrap_or_else(|e| panic!("write {knob}: {e}"));
     }
 
+    /// Whether something listens (TCP) on each of `ports` in the pod now.
+    pub fn listens_on(&self, ports: &[u16]) -> bool {
+        let listening = self.exec(&["ss", "-Hltn"]);
+        ports.iter().all(|port| {
+            listening
+                .split_whitespace()
+                .any(|field| field.ends_with(&format!(":{port}")))
+        })
+    }
+
+    /// [`Self::listens_on`], waiting up to `within`.
+    pub fn wait_until_listening(&self, ports: &[u16], within: Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if self.listens_on(ports) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Runs a command inside the pod's namespace (`ip netns exec`) and returns what it printed,
     /// panicking if it fails.
     pub fn exec(&self, command: &[&str]) -> String {

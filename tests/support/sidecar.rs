@@ -297,13 +297,7 @@ fn start_haproxy(
         .unwrap_or_else(|error| panic!("start {HAPROXY}: {error}"));
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        let listening = pod.exec(&["ss", "-Hltn"]);
-        let listens = |port: u16| {
-            listening
-                .split_whitespace()
-                .any(|field| field.ends_with(&format!(":{port}")))
-        };
-        if ports.iter().all(|&port| listens(port)) {
+        if pod.listens_on(ports) {
             return child;
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -342,6 +336,78 @@ impl Drop for Sidecar {
                 self.stderr_text()
             );
         }
+    }
+}
+
+/// The sidecar as a container of a pod made through CRI ([`crate::cri`]): HAProxy from the
+/// sidecar image, configured by a [`SidecarConfig`], its configuration and certificates mounted
+/// at their host paths. It starts as root and becomes the proxy's UID itself, as [`Sidecar`] does.
+/// Its log is the container's, which CRI writes with a prefix on each line.
+pub struct SidecarContainer {
+    dir: TempDir,
+    mounts: Vec<PathBuf>,
+    log: Option<PathBuf>,
+}
+
+impl SidecarContainer {
+    /// The container's name in its pod.
+    pub const NAME: &str = "sidecar";
+
+    /// Writes `config`'s configuration for a container to run.
+    pub fn new(config: &SidecarConfig) -> Self {
+        let dir = TempDir::new("sidecar-container");
+        fs::write(dir.path.join("haproxy.cfg"), config.render()).expect("write haproxy.cfg");
+        let mut mounts = vec![dir.path.clone()];
+        if let Some(Mtls { pem, ca }) = &config.mtls {
+            for file in [pem, ca] {
+                let parent = std::path::Path::new(file).parent().expect("a file's dir");
+                if !mounts.iter().any(|mount| mount == parent) {
+                    mounts.push(parent.to_owned());
+                }
+            }
+        }
+        Self {
+            dir,
+            mounts,
+            log: None,
+        }
+    }
+
+    /// The container to create in the pod.
+    pub fn container(&self) -> crate::cri::Container {
+        let config = self.dir.path.join("haproxy.cfg").display().to_string();
+        let mut container =
+            crate::cri::Container::new(Self::NAME, crate::images::SIDECAR, &["-db", "-f", &config]);
+        container.mounts.clone_from(&self.mounts);
+        container
+    }
+
+    /// Reads the proxy's log from `log`, the container's CRI log file, once it was started.
+    pub fn started(&mut self, log: PathBuf) {
+        self.log = Some(log);
+    }
+
+    /// A mark in the log: the lines written after it are [`Self::log_since`] it.
+    pub fn log_mark(&self) -> u64 {
+        self.log
+            .as_ref()
+            .and_then(|log| fs::metadata(log).ok())
+            .map_or(0, |meta| meta.len())
+    }
+
+    /// The connections the proxy logged after `mark`, in the order it logged them.
+    pub fn log_since(&self, mark: u64) -> Vec<ProxyLog> {
+        let text = self
+            .log
+            .as_ref()
+            .and_then(|log| fs::read(log).ok())
+            .unwrap_or_default();
+        let start = usize::try_from(mark).map_or(text.len(), |mark| mark.min(text.len()));
+        String::from_utf8_lossy(&text[start..])
+            .lines()
+            .filter_map(|line| line.splitn(4, ' ').nth(3))
+            .map(ProxyLog::parse)
+            .collect()
     }
 }
 

@@ -1,5 +1,6 @@
 //! The test app: listens on the ports it is given and answers every HTTP request on them with
-//! `200 OK` and its name, one thread per connection, until it is stopped.
+//! `200 OK` and `NAME:PORT` (`app A:8080`, as the tests' own apps answer), one thread per
+//! connection, until it is stopped.
 //!
 //! `pb-app NAME PORT...` serves on `0.0.0.0:PORT` for each port. `pb-app --exit CODE` exits at once
 //! with that status, for an init container.
@@ -33,8 +34,8 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let name = name.clone();
-        servers.push(thread::spawn(move || serve(&listener, &name)));
+        let body = format!("{name}:{port}");
+        servers.push(thread::spawn(move || serve(&listener, &body)));
     }
     eprintln!("pb-app {name}: listening on {}", ports.join(", "));
     for server in servers {
@@ -43,16 +44,16 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn serve(listener: &TcpListener, name: &str) {
+fn serve(listener: &TcpListener, body: &str) {
     for stream in listener.incoming().flatten() {
-        let name = name.to_owned();
-        thread::spawn(move || answer(stream, &name));
+        let body = body.to_owned();
+        thread::spawn(move || answer(stream, &body));
     }
 }
 
 /// Answers each request of a kept-alive connection, reading its head and ignoring any body (the
 /// tests' requests have none).
-fn answer(stream: TcpStream, name: &str) {
+fn answer(stream: TcpStream, body: &str) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -71,7 +72,6 @@ fn answer(stream: TcpStream, name: &str) {
         if head_is_empty {
             continue;
         }
-        let body = format!("{name}\n");
         let reply = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
