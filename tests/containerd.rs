@@ -18,20 +18,21 @@ use std::{
 };
 
 use probe_bypass_testing::{
-    agent::Agent,
+    agent::{Agent, free_loopback_port},
+    bpffs::TestPins,
     cgroup::ChildCgroup,
     containerd::Containerd,
-    cri::{CgroupDriver, Container, CriNode, CriPod, PodSpec},
+    cri::{Bind, CgroupDriver, Container, CriNode, CriPod, PodSpec},
     ebpf_agent::EbpfAgent,
     images,
     injected::{self, Mesh},
-    kube_api::{FSM_POD, FakeApi},
-    kubelet,
+    kube_api::{FSM_POD, FakeApi, ServiceAccount},
+    kubelet::{self, KubeletProcess},
     pod::TestPod,
     privilege, require_privileges,
     sidecar::{
         Certificates, INBOUND, INBOUND_PORT, OUTBOUND_PORT, ProxyEvent, ProxyLog, SidecarConfig,
-        SidecarContainer,
+        SidecarContainer, TempDir,
     },
 };
 use serde_json::{Value, json};
@@ -79,7 +80,8 @@ fn start_node() -> Option<(CriNode, FakeApi, tokio::runtime::Runtime)> {
     }
     let node = CriNode::start();
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
-    let api = runtime.block_on(FakeApi::start(NODE));
+    // HTTPS with a CA of the test's own, as a cluster's API server: the agent verifies it.
+    let api = runtime.block_on(FakeApi::start_tls(NODE));
     Some((node, api, runtime))
 }
 
@@ -711,4 +713,225 @@ fn behind_a_sidecar_container_only_the_kubelet_gets_past_the_proxy_on_the_probe_
         assert!(std::time::Instant::now() < deadline, "the pod left the map");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `deploy/` file `name`, parsed.
+fn deploy_manifest(name: &str) -> Value {
+    let path = format!("{}/../deploy/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = fs::read_to_string(&path).unwrap_or_else(|error| panic!("read {path}: {error}"));
+    serde_norway::from_str(&text).unwrap_or_else(|error| panic!("parse {path}: {error}"))
+}
+
+/// `args` with `flag`'s value replaced by `value`.
+fn with_value(args: &mut [String], flag: &str, value: &str) {
+    let at = args
+        .iter()
+        .position(|arg| arg == flag)
+        .unwrap_or_else(|| panic!("the DaemonSet passes {flag}"));
+    args[at + 1] = value.to_owned();
+}
+
+/// The DaemonSet's agent pod as the kubelet would run it here: `hostNetwork` and `hostPID`, the
+/// agent container of `deploy/daemonset.yaml` with its arguments, its environment (the downward
+/// API's and `deploy/config.yaml`'s ConfigMap), its user, capabilities, read-only root and the
+/// pod's RuntimeDefault seccomp filter, and its volumes: the host's `/proc` and `/sys/fs/cgroup`
+/// read-only, the test's bpffs for the node's, a directory for the admin socket's `emptyDir`, and
+/// its service account (token, CA and the API server's address), from which the agent builds its
+/// in-cluster client. Only what would reach beyond the test is changed: `--cgroup-root` is the
+/// node's test cgroup (never the root), and the admin addresses are free loopback ports.
+fn daemonset_agent(
+    node: &CriNode,
+    pins: &TestPins,
+    admin: &TempDir,
+    account: &ServiceAccount,
+) -> PodSpec {
+    let daemonset = deploy_manifest("daemonset.yaml");
+    let pod = &daemonset["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["hostPID"], true);
+    let manifest = pod["containers"]
+        .as_array()
+        .and_then(|all| all.iter().find(|container| container["name"] == "agent"))
+        .expect("the agent container");
+    let mut agent = Container::from_manifest(manifest);
+    assert_eq!(
+        agent.image,
+        format!("probe-bypass:{}", env!("CARGO_PKG_VERSION"))
+    );
+    agent.seccomp_runtime_default =
+        pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault";
+    let config = deploy_manifest("config.yaml");
+    for (key, value) in config["data"].as_object().expect("the ConfigMap's data") {
+        agent
+            .env
+            .push((key.clone(), value.as_str().unwrap_or_default().to_owned()));
+    }
+    agent.env.extend(account.env.iter().cloned());
+    // As the agents the tests run on the host log.
+    agent
+        .env
+        .push(("RUST_LOG".to_owned(), "probe_bypass=debug".to_owned()));
+    let cgroup_root = format!("/host{}", node.cgroup_root().display());
+    with_value(&mut agent.args, "--cgroup-root", &cgroup_root);
+    with_value(
+        &mut agent.args,
+        "--admin-addr",
+        &free_loopback_port().to_string(),
+    );
+    with_value(
+        &mut agent.args,
+        "--secure-admin-addr",
+        &free_loopback_port().to_string(),
+    );
+    let bpffs = pins.path().parent().expect("the bpffs mount").to_owned();
+    for mount in manifest["volumeMounts"].as_array().expect("volume mounts") {
+        let name = mount["name"].as_str().expect("a volume's name");
+        let host = match name {
+            "admin-socket" => admin.path.clone(),
+            "bpffs" => bpffs.clone(),
+            "cgroup" => std::path::PathBuf::from("/sys/fs/cgroup"),
+            "proc" => std::path::PathBuf::from("/proc"),
+            other => panic!("the DaemonSet mounts a volume {other} the test does not stand in for"),
+        };
+        agent.mounts.push(Bind {
+            host,
+            container: mount["mountPath"]
+                .as_str()
+                .expect("a mount path")
+                .to_owned(),
+            readonly: mount["readOnly"] == true,
+        });
+    }
+    agent.mounts.push(Bind {
+        host: account.dir.path.clone(),
+        container: ServiceAccount::MOUNT.to_owned(),
+        readonly: true,
+    });
+    let mut spec = PodSpec::new("probe-bypass-agent", CgroupDriver::Cgroupfs);
+    spec.namespace = "probe-bypass".to_owned();
+    spec.host_network = true;
+    spec.host_pid = true;
+    spec.containers.push(agent);
+    spec
+}
+
+/// The exec command of the agent container's probe `kind` (`readinessProbe`, `livenessProbe`).
+fn exec_probe(kind: &str) -> Vec<String> {
+    let daemonset = deploy_manifest("daemonset.yaml");
+    daemonset["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .and_then(|all| all.iter().find(|container| container["name"] == "agent"))
+        .and_then(|agent| agent[kind]["exec"]["command"].as_array())
+        .expect("an exec probe")
+        .iter()
+        .map(|arg| arg.as_str().expect("a word").to_owned())
+        .collect()
+}
+
+#[test]
+fn the_daemonsets_agent_runs_as_a_container_of_the_node_and_serves_its_pods() {
+    if !privilege::can_run() || !node_can_run() {
+        return;
+    }
+    // Before the node, so that it goes after the node's containers.
+    let pins = TestPins::new();
+    let admin = TempDir::new("agent-admin");
+    let Some((mut node, api, _runtime)) = start_node() else {
+        return;
+    };
+    // The kubelet, as the agent looks for it: a process named `kubelet` in the node's subtree
+    // where the programs are attached; another host daemon beside it.
+    let kubelet_cgroup = ChildCgroup::new(node.cgroup(), "kubelet.service");
+    let daemon = ChildCgroup::new(node.cgroup(), "other-daemon.service");
+    let kubelet_process = KubeletProcess::start(&kubelet_cgroup);
+    let account = api.service_account("probe-bypass");
+    let agent_pod = node.run_pod(&daemonset_agent(&node, &pins, &admin, &account));
+    let agent = agent_pod.containers["agent"].clone();
+    let readiness = exec_probe("readinessProbe");
+    let readiness: Vec<&str> = readiness.iter().map(String::as_str).collect();
+    let ready = |node: &CriNode| node.exec_sync(&agent, &readiness, Duration::from_secs(2));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, output) = ready(&node).unwrap_or_else(|error| {
+            panic!(
+                "{error}\nthe agent container's log:\n{}",
+                agent_pod.log("agent")
+            )
+        });
+        if code == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent container is not ready ({code}): {output}\n{}",
+            agent_pod.log("agent")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = agent_pod.log("agent");
+    assert!(
+        log.contains("eBPF datapath attached to /host/sys/fs/cgroup"),
+        "the agent attached its programs from inside its container:\n{log}"
+    );
+    let kubelet_at = format!("/host{}", kubelet_cgroup.path().display());
+    assert!(
+        log.contains(&kubelet_at),
+        "the agent found the kubelet (pid {}) in {kubelet_at} through the host's /proc:\n{log}",
+        kubelet_process.pid()
+    );
+
+    // A meshed pod: its validation passes on the containerised agent's datapath, and the
+    // kubelet's probe through the healthcheck reaches its app.
+    let rewritten = injected::replaced_fixture(Mesh::Fsm);
+    let meshed = node.run_pod_then(&validated_pod("meshed", &rewritten, &[]), |pod| {
+        api.apply(rewritten_api_pod(&rewritten, pod));
+    });
+    assert!(
+        meshed.initialized(),
+        "{}\n{}",
+        meshed.log(VALIDATION),
+        agent_pod.log("agent")
+    );
+    let probe = format!("Original-Tcp-Port: {FIXTURE_APP_PORT}");
+    let url = format!("http://{}:15904/fsm-healthcheck", meshed.ip);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let code = get_from(&kubelet_cgroup, &url, Some(&probe));
+        if code == "200" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the kubelet's probe through the healthcheck: {code}\n{}",
+            agent_pod.log("agent")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Not the kubelet: the pod has no sidecar to meet, so the connection is refused.
+    assert_eq!(get_from(&daemon, &url, Some(&probe)), "curl:7");
+    let liveness = exec_probe("livenessProbe");
+    let liveness: Vec<&str> = liveness.iter().map(String::as_str).collect();
+    let (code, output) = node
+        .exec_sync(&agent, &liveness, Duration::from_secs(2))
+        .expect("the liveness probe runs");
+    assert_eq!(code, 0, "{output}");
+
+    // The pod goes first (it depends on the datapath), then the agent; the datapath stays
+    // pinned for the next agent, as on a node, until it is uninstalled.
+    node.remove_pod(&meshed);
+    api.delete("meshed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while probe_bypass::datapath::mapped_addrs(pins.path())
+        .is_ok_and(|addrs| addrs.contains(&meshed.ip))
+    {
+        assert!(std::time::Instant::now() < deadline, "the pod left the map");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    node.remove_pod(&agent_pod);
+    assert!(pins.path().exists(), "the datapath outlives its agent");
+    let uninstall = std::process::Command::new(probe_bypass_testing::agent_bin())
+        .args(["uninstall", "--pin-path", &pins.arg()])
+        .output()
+        .expect("probe-bypass uninstall");
+    assert!(uninstall.status.success(), "{uninstall:?}");
 }

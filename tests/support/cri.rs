@@ -87,8 +87,31 @@ pub struct Container {
     pub read_only_rootfs: bool,
     pub drop_all_capabilities: bool,
     pub no_new_privs: bool,
-    /// Host directories mounted read-only at the same path (a configuration, certificates).
-    pub mounts: Vec<PathBuf>,
+    /// Host paths mounted into the container.
+    pub mounts: Vec<Bind>,
+    /// `capabilities.add`, with or without `drop: [ALL]`.
+    pub add_capabilities: Vec<String>,
+    /// `seccompProfile: RuntimeDefault`: the runtime's default filter.
+    pub seccomp_runtime_default: bool,
+}
+
+/// A host path mounted into a container (a `hostPath` or `emptyDir` volume's mount).
+#[derive(Clone, Debug)]
+pub struct Bind {
+    pub host: PathBuf,
+    pub container: String,
+    pub readonly: bool,
+}
+
+impl Bind {
+    /// `path` read-only at the same path (a configuration, certificates).
+    pub fn same(path: &Path) -> Self {
+        Self {
+            host: path.to_owned(),
+            container: path.display().to_string(),
+            readonly: true,
+        }
+    }
 }
 
 impl Container {
@@ -106,6 +129,8 @@ impl Container {
             drop_all_capabilities: false,
             no_new_privs: false,
             mounts: Vec::new(),
+            add_capabilities: Vec::new(),
+            seccomp_runtime_default: false,
         }
     }
 
@@ -148,6 +173,8 @@ impl Container {
         made.drop_all_capabilities = strings(&security["capabilities"]["drop"])
             .iter()
             .any(|capability| capability == "ALL");
+        made.add_capabilities = strings(&security["capabilities"]["add"]);
+        made.seccomp_runtime_default = security["seccompProfile"]["type"] == "RuntimeDefault";
         made
     }
 
@@ -171,6 +198,9 @@ pub struct PodSpec {
     pub driver: CgroupDriver,
     pub init_containers: Vec<Container>,
     pub containers: Vec<Container>,
+    /// `hostNetwork` and `hostPID`: the node's namespaces instead of the pod's own.
+    pub host_network: bool,
+    pub host_pid: bool,
 }
 
 impl PodSpec {
@@ -183,6 +213,8 @@ impl PodSpec {
             driver,
             init_containers: Vec::new(),
             containers: Vec::new(),
+            host_network: false,
+            host_pid: false,
         }
     }
 }
@@ -386,11 +418,16 @@ impl CriNode {
                 verbose: false,
             }))
             .unwrap_or_else(|status| panic!("PodSandboxStatus {}: {status}", spec.name));
-        let ip: IpAddr = status
-            .status
-            .and_then(|status| status.network)
-            .and_then(|network| network.ip.parse().ok())
-            .unwrap_or_else(|| panic!("the sandbox of {} has no IP from the CNI", spec.name));
+        // A hostNetwork pod has the node's addresses, which the tests reach on loopback.
+        let ip: IpAddr = if spec.host_network {
+            IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+        } else {
+            status
+                .status
+                .and_then(|status| status.network)
+                .and_then(|network| network.ip.parse().ok())
+                .unwrap_or_else(|| panic!("the sandbox of {} has no IP from the CNI", spec.name))
+        };
         let mut pod = CriPod {
             spec: spec.clone(),
             sandbox_id,
@@ -472,17 +509,34 @@ impl CriNode {
         self.client = self.runtime.block_on(connect(&containerd.socket()));
     }
 
+    /// Runs `command` in the container `id` as the kubelet runs an exec probe (ExecSync, within
+    /// `timeout`): its exit code and what it printed on stdout and stderr, or why the runtime
+    /// could not run it (the container has exited, say).
+    pub fn exec_sync(
+        &self,
+        id: &str,
+        command: &[&str],
+        timeout: Duration,
+    ) -> Result<(i32, String), String> {
+        let mut client = self.client.clone();
+        let answer = self
+            .call(client.exec_sync(k8s_cri::v1::ExecSyncRequest {
+                container_id: id.to_owned(),
+                cmd: command.iter().map(|&arg| arg.to_owned()).collect(),
+                timeout: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+            }))
+            .map_err(|status| format!("ExecSync {command:?} in {id}: {status}"))?;
+        let output = format!(
+            "{}{}",
+            String::from_utf8_lossy(&answer.stdout),
+            String::from_utf8_lossy(&answer.stderr)
+        );
+        Ok((answer.exit_code, output))
+    }
+
     /// When the container `id` exited, as containerd recorded it.
     pub fn finished_at(&self, id: &str) -> std::time::SystemTime {
-        let mut client = self.client.clone();
-        let status = self
-            .call(client.container_status(ContainerStatusRequest {
-                container_id: id.to_owned(),
-                verbose: false,
-            }))
-            .unwrap_or_else(|status| panic!("ContainerStatus {id}: {status}"))
-            .status
-            .unwrap_or_else(|| panic!("no status for the container {id}"));
+        let status = self.container_status(id, id);
         let nanos =
             u64::try_from(status.finished_at).unwrap_or_else(|_| panic!("{id} has not exited"));
         std::time::UNIX_EPOCH + Duration::from_nanos(nanos)
@@ -530,7 +584,12 @@ impl CriNode {
                 namespace: spec.namespace.clone(),
                 attempt: 0,
             }),
-            hostname: spec.name.clone(),
+            // A hostNetwork pod keeps the node's name: it has no UTS namespace of its own.
+            hostname: if spec.host_network {
+                String::new()
+            } else {
+                spec.name.clone()
+            },
             log_directory: log_dir.display().to_string(),
             labels: HashMap::from([
                 ("io.kubernetes.pod.name".to_owned(), spec.name.clone()),
@@ -543,7 +602,7 @@ impl CriNode {
             linux: Some(LinuxPodSandboxConfig {
                 cgroup_parent: parent,
                 security_context: Some(LinuxSandboxSecurityContext {
-                    namespace_options: Some(namespaces()),
+                    namespace_options: Some(namespaces(spec)),
                     ..LinuxSandboxSecurityContext::default()
                 }),
                 ..LinuxPodSandboxConfig::default()
@@ -592,10 +651,10 @@ impl CriNode {
             mounts: container
                 .mounts
                 .iter()
-                .map(|dir| k8s_cri::v1::Mount {
-                    container_path: dir.display().to_string(),
-                    host_path: dir.display().to_string(),
-                    readonly: true,
+                .map(|bind| k8s_cri::v1::Mount {
+                    container_path: bind.container.clone(),
+                    host_path: bind.host.display().to_string(),
+                    readonly: bind.readonly,
                     ..k8s_cri::v1::Mount::default()
                 })
                 .collect(),
@@ -614,7 +673,7 @@ impl CriNode {
             log_path: format!("{}.log", container.name),
             linux: Some(LinuxContainerConfig {
                 security_context: Some(LinuxContainerSecurityContext {
-                    namespace_options: Some(namespaces()),
+                    namespace_options: Some(namespaces(&pod.spec)),
                     run_as_user: container
                         .run_as_user
                         .map(|value| k8s_cri::v1::Int64Value { value }),
@@ -623,10 +682,22 @@ impl CriNode {
                         .map(|value| k8s_cri::v1::Int64Value { value }),
                     readonly_rootfs: container.read_only_rootfs,
                     no_new_privs: container.no_new_privs,
-                    capabilities: container.drop_all_capabilities.then(|| {
-                        k8s_cri::v1::Capability {
-                            drop_capabilities: vec!["ALL".to_owned()],
-                            ..k8s_cri::v1::Capability::default()
+                    capabilities: (container.drop_all_capabilities
+                        || !container.add_capabilities.is_empty())
+                    .then(|| k8s_cri::v1::Capability {
+                        drop_capabilities: if container.drop_all_capabilities {
+                            vec!["ALL".to_owned()]
+                        } else {
+                            Vec::new()
+                        },
+                        add_capabilities: container.add_capabilities.clone(),
+                        ..k8s_cri::v1::Capability::default()
+                    }),
+                    seccomp: container.seccomp_runtime_default.then(|| {
+                        k8s_cri::v1::SecurityProfile {
+                            profile_type: k8s_cri::v1::security_profile::ProfileType::RuntimeDefault
+                                as i32,
+                            ..k8s_cri::v1::SecurityProfile::default()
                         }
                     }),
                     ..LinuxContainerSecurityContext::default()
@@ -666,16 +737,8 @@ impl CriNode {
     /// Waits until the container has exited and returns its exit code.
     fn wait_exited(&self, id: &str, name: &str) -> i32 {
         let started = Instant::now();
-        let mut client = self.client.clone();
         loop {
-            let status = self
-                .call(client.container_status(ContainerStatusRequest {
-                    container_id: id.to_owned(),
-                    verbose: false,
-                }))
-                .unwrap_or_else(|status| panic!("ContainerStatus {name}: {status}"))
-                .status
-                .unwrap_or_else(|| panic!("no status for the container {name}"));
+            let status = self.container_status(id, name);
             if status.state == ContainerState::ContainerExited as i32 {
                 return status.exit_code;
             }
@@ -685,6 +748,18 @@ impl CriNode {
             );
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// ContainerStatus of the container `id`, called `name` in a panic's message.
+    fn container_status(&self, id: &str, name: &str) -> k8s_cri::v1::ContainerStatus {
+        let mut client = self.client.clone();
+        self.call(client.container_status(ContainerStatusRequest {
+            container_id: id.to_owned(),
+            verbose: false,
+        }))
+        .unwrap_or_else(|status| panic!("ContainerStatus {name}: {status}"))
+        .status
+        .unwrap_or_else(|| panic!("no status for the container {name}"))
     }
 
     fn remove_sandbox(&self, id: &str) {
@@ -764,12 +839,20 @@ fn in_every_hierarchy(cgroup: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// The kubelet's namespaces for a pod: the network and IPC namespaces shared by the pod, a PID
-/// namespace per container.
-fn namespaces() -> NamespaceOption {
+/// The kubelet's namespaces for a pod: the network and IPC namespaces shared by the pod (or the
+/// node's network with `hostNetwork`), a PID namespace per container (or the node's with
+/// `hostPID`).
+fn namespaces(spec: &PodSpec) -> NamespaceOption {
+    let mode = |node: bool, otherwise: NamespaceMode| {
+        if node {
+            NamespaceMode::Node as i32
+        } else {
+            otherwise as i32
+        }
+    };
     NamespaceOption {
-        network: NamespaceMode::Pod as i32,
-        pid: NamespaceMode::Container as i32,
+        network: mode(spec.host_network, NamespaceMode::Pod),
+        pid: mode(spec.host_pid, NamespaceMode::Container),
         ipc: NamespaceMode::Pod as i32,
         ..NamespaceOption::default()
     }

@@ -7,6 +7,11 @@
 //! `Status` that tells a client to list again. `fieldSelector` must be `spec.nodeName=<node>`;
 //! anything else is answered 400 and recorded. Pods of other nodes are stored and filtered out,
 //! as the real server does. The server stops when the guard drops.
+//!
+//! [`FakeApi::start_tls`] serves the same over HTTPS, with a certificate for `IP:127.0.0.1` from a
+//! CA of the test's own, and [`FakeApi::service_account`] writes what the kubelet mounts into a
+//! pod for its service account (`token`, `ca.crt`, `namespace`) with the environment that names
+//! the server: a containerised agent finds it as it would in a cluster (in-cluster config).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -30,7 +35,17 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+    task::JoinHandle,
+};
+use tokio_rustls::TlsAcceptor;
+
+use crate::{
+    probe_apps::server_config,
+    sidecar::{Certificates, TempDir},
+};
 
 /// An FSM-injected pod as the API server returns it, for tests and benchmarks to name and place.
 pub const FSM_POD: &str = include_str!("kube_pod.json");
@@ -41,6 +56,8 @@ pub struct FakeApi {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
     server: JoinHandle<()>,
+    /// The CA of the server's certificate, when it serves HTTPS.
+    certs: Option<Certificates>,
 }
 
 #[derive(Default)]
@@ -63,8 +80,21 @@ struct State {
 }
 
 impl FakeApi {
-    /// Serves the pods of node `node` on a free loopback port; call from a tokio runtime.
+    /// Serves the pods of node `node` over HTTP on a free loopback port; call from a tokio runtime.
     pub async fn start(node: &str) -> Self {
+        Self::serve(node, None).await
+    }
+
+    /// Serves as [`Self::start`] does, over HTTPS, with a certificate for `IP:127.0.0.1`.
+    pub async fn start_tls(node: &str) -> Self {
+        Self::serve(node, Some(Certificates::new())).await
+    }
+
+    async fn serve(node: &str, certs: Option<Certificates>) -> Self {
+        let acceptor = certs.as_ref().map(|certs| {
+            let (cert, key) = certs.issue_for("api-server", &["IP:127.0.0.1"]);
+            TlsAcceptor::from(Arc::new(server_config(cert.as_ref(), key.as_ref())))
+        });
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the fake API server");
@@ -80,15 +110,16 @@ impl FakeApi {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let state = Arc::clone(&shared);
+                let (acceptor, state) = (acceptor.clone(), Arc::clone(&shared));
                 tokio::spawn(async move {
-                    let service = service_fn(move |request| {
-                        let state = Arc::clone(&state);
-                        async move { Ok::<_, Infallible>(handle(&state, &request)) }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    match acceptor {
+                        None => serve_connection(stream, state).await,
+                        Some(acceptor) => {
+                            if let Ok(tls) = acceptor.accept(stream).await {
+                                serve_connection(tls, state).await;
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -96,11 +127,17 @@ impl FakeApi {
             addr,
             state,
             server,
+            certs,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.certs.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Creates or updates a pod (keyed by `metadata.name`) and tells the watches.
@@ -169,11 +206,15 @@ impl FakeApi {
         self.lock().bad_requests.clone()
     }
 
-    /// A kubeconfig naming this server, for the agent binary (`KUBECONFIG`).
+    /// A kubeconfig naming this server (and its CA, over HTTPS), for the agent binary
+    /// (`KUBECONFIG`).
     pub fn kubeconfig(&self) -> Kubeconfig {
+        let authority = self.certs.as_ref().map_or_else(String::new, |certs| {
+            format!("    certificate-authority: {}\n", certs.ca())
+        });
         let text = format!(
             "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
-             clusters:\n- name: test\n  cluster:\n    server: {}\n\
+             clusters:\n- name: test\n  cluster:\n    server: {}\n{authority}\
              contexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n\
              users:\n- name: test\n  user:\n    token: test\n",
             self.url()
@@ -181,9 +222,69 @@ impl FakeApi {
         Kubeconfig::write(self.addr.port(), &text)
     }
 
+    /// What the kubelet gives a pod of service account `namespace`/…: the directory to mount at
+    /// [`ServiceAccount::MOUNT`] and the environment naming this server. Only over HTTPS, as a
+    /// cluster's `kubernetes` Service is.
+    pub fn service_account(&self, namespace: &str) -> ServiceAccount {
+        let certs = self
+            .certs
+            .as_ref()
+            .expect("in-cluster config is HTTPS: start the server with start_tls");
+        let dir = TempDir::new("serviceaccount");
+        let write = |name: &str, text: &str| {
+            let path = dir.path.join(name);
+            fs::write(&path, text)
+                .unwrap_or_else(|error| panic!("write {}: {error}", path.display()));
+        };
+        let ca = fs::read_to_string(certs.ca()).expect("read the CA");
+        write("ca.crt", &ca);
+        write("token", "test");
+        write("namespace", namespace);
+        ServiceAccount {
+            env: vec![
+                (
+                    "KUBERNETES_SERVICE_HOST".to_owned(),
+                    self.addr.ip().to_string(),
+                ),
+                (
+                    "KUBERNETES_SERVICE_PORT".to_owned(),
+                    self.addr.port().to_string(),
+                ),
+            ],
+            dir,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// A pod's service account, as the kubelet projects it: the files and the environment.
+pub struct ServiceAccount {
+    /// Holds `token`, `ca.crt` and `namespace`; deleted on drop.
+    pub dir: TempDir,
+    /// `KUBERNETES_SERVICE_HOST` and `KUBERNETES_SERVICE_PORT`.
+    pub env: Vec<(String, String)>,
+}
+
+impl ServiceAccount {
+    /// Where the kubelet mounts it in every container.
+    pub const MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+}
+
+/// Serves the API on one accepted connection, plain or TLS.
+async fn serve_connection<S>(stream: S, state: Arc<Mutex<State>>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request| {
+        let state = Arc::clone(&state);
+        async move { Ok::<_, Infallible>(handle(&state, &request)) }
+    });
+    let _ = http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
 }
 
 /// A temporary kubeconfig file; deleted on drop.

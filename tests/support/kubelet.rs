@@ -128,3 +128,42 @@ fn parse(response: &str) -> Reply {
         body: body.trim_end().to_owned(),
     }
 }
+
+/// A process named `kubelet` in a cgroup of the test's, where an agent that looks for the kubelet
+/// by its name (`/proc/<pid>/comm`) finds it and its cgroup: a copy of `sleep` under that name.
+/// Killed and reaped on drop, before its cgroup goes.
+pub struct KubeletProcess {
+    child: std::process::Child,
+    _dir: crate::sidecar::TempDir,
+}
+
+impl KubeletProcess {
+    pub fn start(cgroup: &crate::cgroup::ChildCgroup) -> Self {
+        let dir = crate::sidecar::TempDir::new("kubelet");
+        let program = dir.path.join("kubelet");
+        let sleep = std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths)
+            .map(|path| path.join("sleep"))
+            .find(|path| path.is_file())
+            .expect("sleep on the PATH");
+        std::fs::copy(&sleep, &program)
+            .unwrap_or_else(|error| panic!("copy {} as the kubelet: {error}", sleep.display()));
+        let child = cgroup
+            .command(program.to_str().expect("a UTF-8 path"), &["600"])
+            .spawn()
+            .expect("start the stand-in kubelet");
+        Self { child, _dir: dir }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for KubeletProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -378,7 +378,11 @@ impl SidecarContainer {
         let config = self.dir.path.join("haproxy.cfg").display().to_string();
         let mut container =
             crate::cri::Container::new(Self::NAME, crate::images::SIDECAR, &["-db", "-f", &config]);
-        container.mounts.clone_from(&self.mounts);
+        container.mounts = self
+            .mounts
+            .iter()
+            .map(|dir| crate::cri::Bind::same(dir))
+            .collect();
         container
     }
 

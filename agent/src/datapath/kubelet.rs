@@ -50,7 +50,9 @@ impl KubeletCgroup {
     /// The kubelet's `/proc/<pid>/cgroup` path is relative to the agent's cgroup namespace: in a
     /// container it starts with `..` for each level the namespace's root is below the
     /// hierarchy's. What follows the `..` is searched for under `cgroup_root` and must name one
-    /// directory only.
+    /// directory only. Without `..` it is the path from the hierarchy's root, and `cgroup_root`
+    /// may be a cgroup below that root (the programs attached to a subtree): the kubelet must be
+    /// in that subtree, or its connections would not pass the programs.
     pub fn find(proc_root: &Path, cgroup_root: &Path) -> Result<Self, String> {
         let (pid, line) = kubelet_cgroup_line(proc_root)?;
         let components: Vec<&str> = line
@@ -66,10 +68,7 @@ impl KubeletCgroup {
             ));
         }
         if climbed == 0 {
-            let path = rest
-                .iter()
-                .fold(cgroup_root.to_path_buf(), |path, part| path.join(part));
-            return Self::at(&path);
+            return Self::at(&below_attach_point(pid, &line, rest, cgroup_root)?);
         }
         let mut found = Vec::new();
         search(cgroup_root, rest, SEARCH_DEPTH, &mut found);
@@ -89,6 +88,33 @@ impl KubeletCgroup {
             )),
         }
     }
+}
+
+/// The directory at `rest`, the kubelet's cgroup path from the hierarchy's root (`line`), as seen
+/// under `cgroup_root`, which is that root or a cgroup below it.
+fn below_attach_point(
+    pid: u32,
+    line: &str,
+    rest: &[&str],
+    cgroup_root: &Path,
+) -> Result<PathBuf, String> {
+    let depth = usize::try_from(level(cgroup_root)).unwrap_or(usize::MAX);
+    let attached: Vec<&str> = cgroup_root
+        .iter()
+        .filter_map(|part| part.to_str())
+        .collect();
+    let attached = &attached[attached.len().saturating_sub(depth)..];
+    let below = rest.strip_prefix(attached).ok_or_else(|| {
+        format!(
+            "the kubelet (pid {pid}) is in cgroup {line:?}, outside {} (cgroup /{}) where the \
+             programs are attached: its connections would not pass them",
+            cgroup_root.display(),
+            attached.join("/")
+        )
+    })?;
+    Ok(below
+        .iter()
+        .fold(cgroup_root.to_path_buf(), |path, part| path.join(part)))
 }
 
 /// The level of the cgroup at `path`: how many of it and its ancestors have `cgroup.events`,
@@ -236,6 +262,27 @@ mod tests {
         assert_eq!(
             KubeletCgroup::find(&proc, &tree.0).expect("namespace").path,
             want
+        );
+        let _ = fs::remove_dir_all(&proc);
+    }
+
+    #[test]
+    fn finds_the_kubelet_below_programs_attached_to_a_subtree_of_the_hierarchy() {
+        let tree = Tree::new(
+            "subtree",
+            &["node/kubelet.service", "other/kubelet.service"],
+        );
+        let subtree = tree.0.join("node");
+        let proc = proc_with(&tree, "kubelet", "/node/kubelet.service");
+        assert_eq!(
+            KubeletCgroup::find(&proc, &subtree).expect("below").path,
+            subtree.join("kubelet.service")
+        );
+        let proc = proc_with(&tree, "kubelet", "/other/kubelet.service");
+        let error = KubeletCgroup::find(&proc, &subtree).expect_err("outside");
+        assert!(
+            error.contains("outside") && error.contains("(cgroup /node)"),
+            "{error}"
         );
         let _ = fs::remove_dir_all(&proc);
     }
