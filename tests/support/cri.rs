@@ -36,10 +36,11 @@ use std::{
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
-    CreateContainerRequest, ImageSpec, KeyValue, LinuxContainerConfig,
+    CreateContainerRequest, ImageSpec, ImageStatusRequest, KeyValue, LinuxContainerConfig,
     LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
     NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    PullImageRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StopPodSandboxRequest, image_service_client::ImageServiceClient,
     runtime_service_client::RuntimeServiceClient,
 };
 use probe_bypass::datapath::cgroup2_mount;
@@ -93,6 +94,9 @@ pub struct Container {
     pub add_capabilities: Vec<String>,
     /// `seccompProfile: RuntimeDefault`: the runtime's default filter.
     pub seccomp_runtime_default: bool,
+    /// `securityContext.privileged`: every capability, the host's devices, no seccomp filter; the
+    /// kubelet then makes the pod's sandbox privileged too.
+    pub privileged: bool,
 }
 
 /// A host path mounted into a container (a `hostPath` or `emptyDir` volume's mount).
@@ -101,6 +105,40 @@ pub struct Bind {
     pub host: PathBuf,
     pub container: String,
     pub readonly: bool,
+    /// The volume mount's `mountPropagation`.
+    pub propagation: Propagation,
+}
+
+/// A volume mount's `mountPropagation`, as the kubelet hands it to CRI.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Propagation {
+    /// `None`: the container sees neither the host's later mounts nor makes any the host sees.
+    #[default]
+    Private,
+    /// `HostToContainer`: mounts the host makes under the path later reach the container.
+    HostToContainer,
+    /// `Bidirectional` (privileged containers only): mounts the container makes reach the host.
+    Bidirectional,
+}
+
+impl Propagation {
+    /// A manifest's `mountPropagation` (absent is `None`).
+    pub fn from_manifest(value: &serde_json::Value) -> Self {
+        match value.as_str() {
+            None | Some("None") => Self::Private,
+            Some("HostToContainer") => Self::HostToContainer,
+            Some("Bidirectional") => Self::Bidirectional,
+            Some(other) => panic!("mountPropagation {other} is not one the kubelet knows"),
+        }
+    }
+
+    fn cri(self) -> k8s_cri::v1::MountPropagation {
+        match self {
+            Self::Private => k8s_cri::v1::MountPropagation::PropagationPrivate,
+            Self::HostToContainer => k8s_cri::v1::MountPropagation::PropagationHostToContainer,
+            Self::Bidirectional => k8s_cri::v1::MountPropagation::PropagationBidirectional,
+        }
+    }
 }
 
 impl Bind {
@@ -110,6 +148,7 @@ impl Bind {
             host: path.to_owned(),
             container: path.display().to_string(),
             readonly: true,
+            propagation: Propagation::Private,
         }
     }
 }
@@ -131,6 +170,7 @@ impl Container {
             mounts: Vec::new(),
             add_capabilities: Vec::new(),
             seccomp_runtime_default: false,
+            privileged: false,
         }
     }
 
@@ -175,6 +215,7 @@ impl Container {
             .any(|capability| capability == "ALL");
         made.add_capabilities = strings(&security["capabilities"]["add"]);
         made.seccomp_runtime_default = security["seccompProfile"]["type"] == "RuntimeDefault";
+        made.privileged = security["privileged"] == true;
         made
     }
 
@@ -201,6 +242,11 @@ pub struct PodSpec {
     /// `hostNetwork` and `hostPID`: the node's namespaces instead of the pod's own.
     pub host_network: bool,
     pub host_pid: bool,
+    /// Whether a container the test starts only after the sandbox ([`CriNode::run_init_container`],
+    /// [`CriNode::add_container`]) is privileged. The kubelet knows every container before it
+    /// asks for the sandbox, and makes the sandbox privileged for one, as it does here for a
+    /// privileged container of `init_containers` or `containers`.
+    pub privileged_later: bool,
 }
 
 impl PodSpec {
@@ -215,6 +261,7 @@ impl PodSpec {
             containers: Vec::new(),
             host_network: false,
             host_pid: false,
+            privileged_later: false,
         }
     }
 }
@@ -282,6 +329,7 @@ impl CriPod {
 pub struct CriNode {
     containerd: Option<Containerd>,
     client: RuntimeServiceClient<Channel>,
+    images: ImageServiceClient<Channel>,
     runtime: tokio::runtime::Runtime,
     /// The subtree of the cgroup hierarchy that every pod's cgroup is in.
     cgroup_root: PathBuf,
@@ -326,10 +374,11 @@ impl CriNode {
             .enable_all()
             .build()
             .expect("a tokio runtime for the CRI client");
-        let client = runtime.block_on(connect(&containerd.socket()));
+        let channel = runtime.block_on(connect(&containerd.socket()));
         let node = Self {
             containerd: Some(containerd),
-            client,
+            client: RuntimeServiceClient::new(channel.clone()),
+            images: ImageServiceClient::new(channel),
             runtime,
             cgroup_root,
             cgroup,
@@ -439,11 +488,7 @@ impl CriNode {
         };
         sandbox_ready(&pod);
         for container in &spec.init_containers {
-            let id = self.start_container(&pod, container, &sandbox_config);
-            let code = self.wait_exited(&id, &container.name);
-            pod.containers.insert(container.name.clone(), id);
-            pod.init_exits.push((container.name.clone(), code));
-            if code != 0 {
+            if self.run_to_exit(&mut pod, container, &sandbox_config) != 0 {
                 return pod;
             }
         }
@@ -461,6 +506,59 @@ impl CriNode {
         let id = self.start_container(pod, container, &sandbox_config);
         pod.containers.insert(container.name.clone(), id);
         pod.spec.containers.push(container.clone());
+    }
+
+    /// Runs the init container `container` in the running `pod` to its end, as the kubelet does
+    /// before the pod's containers: its exit code, also recorded in the pod's `init_exits`.
+    pub fn run_init_container(&mut self, pod: &mut CriPod, container: &Container) -> i32 {
+        let sandbox_config = self.sandbox_config(&pod.spec, &pod.cgroup, &pod.log_dir);
+        let code = self.run_to_exit(pod, container, &sandbox_config);
+        pod.spec.init_containers.push(container.clone());
+        code
+    }
+
+    /// Starts the init container `container` in `pod`, waits for its end and records it: its
+    /// exit code.
+    fn run_to_exit(
+        &self,
+        pod: &mut CriPod,
+        container: &Container,
+        sandbox_config: &PodSandboxConfig,
+    ) -> i32 {
+        let id = self.start_container(pod, container, sandbox_config);
+        let code = self.wait_exited(&id, &container.name);
+        pod.containers.insert(container.name.clone(), id);
+        pod.init_exits.push((container.name.clone(), code));
+        code
+    }
+
+    /// Pulls `image` through CRI's image service, as the kubelet does for a pod whose image the
+    /// node lacks: the image's repo digests (`<repository>@sha256:…`) once it is pulled.
+    pub fn pull_image(&mut self, image: &str) -> Vec<String> {
+        let spec = || ImageSpec {
+            image: image.to_owned(),
+            ..ImageSpec::default()
+        };
+        let mut images = self.images.clone();
+        self.call(images.pull_image(PullImageRequest {
+            image: Some(spec()),
+            auth: None,
+            sandbox_config: None,
+        }))
+        .unwrap_or_else(|status| {
+            panic!(
+                "PullImage {image}: {status}\ncontainerd's log:\n{}",
+                self.containerd().log()
+            )
+        });
+        self.call(images.image_status(ImageStatusRequest {
+            image: Some(spec()),
+            verbose: false,
+        }))
+        .unwrap_or_else(|status| panic!("ImageStatus {image}: {status}"))
+        .image
+        .unwrap_or_else(|| panic!("{image} is not on the node after its pull"))
+        .repo_digests
     }
 
     /// Stops and removes the pod's sandbox through CRI, as the kubelet does for a deleted pod, then
@@ -506,7 +604,9 @@ impl CriNode {
     pub fn restart_containerd(&mut self) {
         let containerd = self.containerd.as_mut().expect("containerd");
         containerd.restart();
-        self.client = self.runtime.block_on(connect(&containerd.socket()));
+        let channel = self.runtime.block_on(connect(&containerd.socket()));
+        self.client = RuntimeServiceClient::new(channel.clone());
+        self.images = ImageServiceClient::new(channel);
     }
 
     /// Runs `command` in the container `id` as the kubelet runs an exec probe (ExecSync, within
@@ -603,6 +703,14 @@ impl CriNode {
                 cgroup_parent: parent,
                 security_context: Some(LinuxSandboxSecurityContext {
                     namespace_options: Some(namespaces(spec)),
+                    // As the kubelet: a pod with a privileged container has a privileged sandbox,
+                    // which containerd requires of it.
+                    privileged: spec.privileged_later
+                        || spec
+                            .init_containers
+                            .iter()
+                            .chain(&spec.containers)
+                            .any(|container| container.privileged),
                     ..LinuxSandboxSecurityContext::default()
                 }),
                 ..LinuxPodSandboxConfig::default()
@@ -655,6 +763,7 @@ impl CriNode {
                     container_path: bind.container.clone(),
                     host_path: bind.host.display().to_string(),
                     readonly: bind.readonly,
+                    propagation: bind.propagation.cri() as i32,
                     ..k8s_cri::v1::Mount::default()
                 })
                 .collect(),
@@ -682,6 +791,7 @@ impl CriNode {
                         .map(|value| k8s_cri::v1::Int64Value { value }),
                     readonly_rootfs: container.read_only_rootfs,
                     no_new_privs: container.no_new_privs,
+                    privileged: container.privileged,
                     capabilities: (container.drop_all_capabilities
                         || !container.add_capabilities.is_empty())
                     .then(|| k8s_cri::v1::Capability {
@@ -858,17 +968,16 @@ fn namespaces(spec: &PodSpec) -> NamespaceOption {
     }
 }
 
-async fn connect(socket: &Path) -> RuntimeServiceClient<Channel> {
+async fn connect(socket: &Path) -> Channel {
     let socket = socket.to_owned();
-    let channel = Endpoint::try_from("http://[::]:0")
+    Endpoint::try_from("http://[::]:0")
         .expect("a placeholder endpoint")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
             async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
         }))
         .await
-        .expect("connect to containerd's CRI API");
-    RuntimeServiceClient::new(channel)
+        .expect("connect to containerd's CRI API")
 }
 
 /// Removes the pod's cgroup, as the kubelet does once the pod is gone, and the parents it made

@@ -24,6 +24,11 @@ pub const APP: &str = "probe-bypass.test/app:1";
 pub const SIDECAR: &str = "probe-bypass.test/haproxy:1";
 /// The host's HAProxy, copied into [`SIDECAR`].
 const HAPROXY: &str = "/usr/sbin/haproxy";
+/// The mesh's init image, as far as its script needs: `/bin/sh -c 'iptables-restore …'` with
+/// the host's shell, iptables and its extensions (Debian's, which `cargo xtask setup` installs).
+pub const MESH_INIT: &str = "probe-bypass.test/mesh-init:1";
+/// Where Debian's iptables looks for its extensions (`libxt_REDIRECT.so`…).
+const XTABLES_EXTENSIONS: &str = "/usr/lib/x86_64-linux-gnu/xtables";
 /// The agent's image (`/probe-bypass`), as `cargo xtask image` names it for containerd.
 pub const AGENT: &str = concat!("docker.io/library/probe-bypass:", env!("CARGO_PKG_VERSION"));
 
@@ -50,7 +55,8 @@ pub fn program(name: &str) -> PathBuf {
     target_dir().join(STATIC_TARGET).join("release").join(name)
 }
 
-fn agent_archive() -> PathBuf {
+/// The agent's image as `cargo xtask image` writes it: an OCI image-layout archive.
+pub fn agent_archive() -> PathBuf {
     target_dir().join("image").join(format!(
         "probe-bypass-{}.oci.tar",
         env!("CARGO_PKG_VERSION")
@@ -82,27 +88,29 @@ pub fn missing() -> Option<String> {
     })
 }
 
-/// Writes the pause, app and sidecar images into `dir` and returns them with the agent's image.
+/// Writes the pause, app, sidecar and mesh init images into `dir` and returns them with the agent's image.
 pub fn archives(dir: &Path) -> Vec<Archive> {
-    let mut archives: Vec<Archive> = [
-        (PAUSE, "pb-pause", vec!["/pb-pause".to_owned()]),
-        (APP, "pb-app", vec!["/pb-app".to_owned()]),
-    ]
-    .into_iter()
-    .map(|(name, program_name, entrypoint)| {
-        let path = dir.join(format!("{program_name}.oci.tar"));
-        fs::write(&path, one_program_image(name, program_name, entrypoint))
-            .unwrap_or_else(|error| panic!("write {}: {error}", path.display()));
-        Archive { name, path }
-    })
-    .collect();
-    let sidecar = dir.join("haproxy.oci.tar");
-    fs::write(&sidecar, haproxy_image())
-        .unwrap_or_else(|error| panic!("write {}: {error}", sidecar.display()));
-    archives.push(Archive {
-        name: SIDECAR,
-        path: sidecar,
-    });
+    // Each image, the name of its archive file, and what writes it.
+    type Write = fn() -> Vec<u8>;
+    let written: [(_, _, Write); 4] = [
+        (PAUSE, "pb-pause", || {
+            one_program_image(PAUSE, "pb-pause", vec!["/pb-pause".to_owned()])
+        }),
+        (APP, "pb-app", || {
+            one_program_image(APP, "pb-app", vec!["/pb-app".to_owned()])
+        }),
+        (SIDECAR, "haproxy", haproxy_image),
+        (MESH_INIT, "mesh-init", mesh_init_image),
+    ];
+    let mut archives: Vec<Archive> = written
+        .into_iter()
+        .map(|(name, file, image)| {
+            let path = dir.join(format!("{file}.oci.tar"));
+            fs::write(&path, image())
+                .unwrap_or_else(|error| panic!("write {}: {error}", path.display()));
+            Archive { name, path }
+        })
+        .collect();
     archives.push(Archive {
         name: AGENT,
         path: agent_archive(),
@@ -137,28 +145,75 @@ fn one_program_image(name: &str, program_name: &str, entrypoint: Vec<String>) ->
         .unwrap_or_else(|error| panic!("make the image {name}: {error}"))
 }
 
-/// [`SIDECAR`]: the host's HAProxy and every library `ldd` says it loads (the dynamic loader
-/// included), each at the path the loader looks for it at.
+/// [`SIDECAR`]: the host's HAProxy and the libraries it loads.
 fn haproxy_image() -> Vec<u8> {
-    let output = std::process::Command::new("ldd")
-        .arg(HAPROXY)
-        .output()
-        .unwrap_or_else(|error| panic!("run ldd {HAPROXY}: {error}"));
-    assert!(output.status.success(), "ldd {HAPROXY}: {output:?}");
-    let listing = String::from_utf8_lossy(&output.stdout);
-    let mut paths = vec![HAPROXY.to_owned()];
-    paths.extend(listing.lines().filter_map(|line| {
-        let line = line.trim();
-        let path = match line.split_once("=>") {
-            Some((_, found)) => found.trim().split(' ').next()?,
-            None => line.split(' ').next()?,
-        };
-        path.starts_with('/').then(|| path.to_owned())
-    }));
-    let contents: Vec<(String, Vec<u8>)> = paths
+    host_files_image(
+        SIDECAR,
+        "haproxy",
+        vec![(HAPROXY.to_owned(), PathBuf::from(HAPROXY))],
+        vec![HAPROXY.to_owned()],
+    )
+}
+
+/// [`MESH_INIT`]: what the mesh's init script runs, from the host: `/bin/sh` (its dash),
+/// `iptables-restore` (the xtables multi-binary `iptables-restore` resolves to, which picks its
+/// part by the name it is called by), the iptables extensions the rules load (the whole
+/// directory, as the mesh's image has it), and the libraries they all load.
+fn mesh_init_image() -> Vec<u8> {
+    let resolve = |path: &str| {
+        fs::canonicalize(path).unwrap_or_else(|error| panic!("resolve {path}: {error}"))
+    };
+    let restore = which("iptables-restore");
+    let mut files = vec![
+        ("/bin/sh".to_owned(), resolve("/bin/sh")),
+        ("/usr/sbin/iptables-restore".to_owned(), resolve(&restore)),
+    ];
+    let extensions = fs::read_dir(XTABLES_EXTENSIONS)
+        .unwrap_or_else(|error| panic!("read {XTABLES_EXTENSIONS}: {error}"));
+    for entry in extensions.flatten() {
+        let path = entry.path();
+        files.push((
+            path.display().to_string(),
+            resolve(&path.display().to_string()),
+        ));
+    }
+    host_files_image(MESH_INIT, "mesh-init", files, vec!["/bin/sh".to_owned()])
+}
+
+/// The program `name` on the `PATH`.
+fn which(name: &str) -> String {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| panic!("{name} is not on the PATH (cargo xtask setup installs it)"))
+        .display()
+        .to_string()
+}
+
+/// An image of host files, each `(path in the image, path on the host)`, with every library
+/// `ldd` says they load (the dynamic loader included) at the path the loader looks for it at.
+fn host_files_image(
+    name: &str,
+    title: &str,
+    mut files: Vec<(String, PathBuf)>,
+    entrypoint: Vec<String>,
+) -> Vec<u8> {
+    let mut libraries = std::collections::BTreeSet::new();
+    for (_, host) in &files {
+        libraries.extend(libraries_of(host));
+    }
+    for library in libraries {
+        if files.iter().all(|(path, _)| *path != library) {
+            files.push((library.clone(), PathBuf::from(library)));
+        }
+    }
+    let contents: Vec<(String, Vec<u8>)> = files
         .into_iter()
-        .map(|path| {
-            let data = fs::read(&path).unwrap_or_else(|error| panic!("read {path}: {error}"));
+        .map(|(path, host)| {
+            let data =
+                fs::read(&host).unwrap_or_else(|error| panic!("read {}: {error}", host.display()));
             (path.trim_start_matches('/').to_owned(), data)
         })
         .collect();
@@ -171,19 +226,43 @@ fn haproxy_image() -> Vec<u8> {
         })
         .collect();
     let config = Config {
-        entrypoint: vec![HAPROXY.to_owned()],
+        entrypoint,
         cmd: Vec::new(),
         labels: vec![(
             "org.opencontainers.image.title".to_owned(),
-            "haproxy".to_owned(),
+            title.to_owned(),
         )],
         created_by: "probe-bypass-testing".to_owned(),
     };
     let names = Names {
-        tag: "1".to_owned(),
-        containerd: SIDECAR.to_owned(),
+        tag: name.rsplit(':').next().unwrap_or("1").to_owned(),
+        containerd: name.to_owned(),
     };
     Image::new(&files, &config, &names)
         .and_then(|image| image.archive())
-        .unwrap_or_else(|error| panic!("make the image {SIDECAR}: {error}"))
+        .unwrap_or_else(|error| panic!("make the image {name}: {error}"))
+}
+
+/// The libraries the program or library at `path` loads, as `ldd` lists them (absolute paths).
+fn libraries_of(path: &Path) -> Vec<String> {
+    let output = std::process::Command::new("ldd")
+        .arg(path)
+        .output()
+        .unwrap_or_else(|error| panic!("run ldd {}: {error}", path.display()));
+    assert!(
+        output.status.success(),
+        "ldd {}: {output:?}",
+        path.display()
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let library = match line.split_once("=>") {
+                Some((_, found)) => found.trim().split(' ').next()?,
+                None => line.split(' ').next()?,
+            };
+            library.starts_with('/').then(|| library.to_owned())
+        })
+        .collect()
 }

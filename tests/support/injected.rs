@@ -58,6 +58,25 @@ impl Mesh {
         }
     }
 
+    /// The injector's output this mesh's test pods are made from, parsed, and its path.
+    fn fixture_manifest(self) -> (Value, String) {
+        let path = format!("{FIXTURES}/rewrite/mesh-init/{}", self.fixture());
+        let text = fs::read_to_string(&path).unwrap_or_else(|error| panic!("read {path}: {error}"));
+        let manifest =
+            serde_norway::from_str(&text).unwrap_or_else(|error| panic!("parse {path}: {error}"));
+        (manifest, path)
+    }
+
+    /// Whether the injector makes its iptables init container privileged (OSM's is, FSM's adds
+    /// only `NET_ADMIN`): the kubelet then makes the pod's sandbox privileged.
+    pub fn init_container_is_privileged(self) -> bool {
+        let (manifest, _) = self.fixture_manifest();
+        init_containers(&manifest)
+            .iter()
+            .find(|container| container["name"] == self.init_container())
+            .is_some_and(|container| container["securityContext"]["privileged"] == true)
+    }
+
     /// The name of the injector's iptables init container.
     pub fn init_container(self) -> &'static str {
         match self {
@@ -66,8 +85,8 @@ impl Mesh {
         }
     }
 
-    /// The prefix of the script's chains.
-    fn chains(self) -> &'static str {
+    /// The prefix of the mesh's iptables chains (`FSM_PROXY_INBOUND`…).
+    pub fn chains(self) -> &'static str {
         match self {
             Self::Fsm => "FSM",
             Self::Osm => "OSM",
@@ -109,10 +128,7 @@ pub fn injector_output(
     outbound_cidrs: &[String],
 ) -> String {
     let kind = Mesh::of(mesh);
-    let path = format!("{FIXTURES}/rewrite/mesh-init/{}", kind.fixture());
-    let text = fs::read_to_string(&path).unwrap_or_else(|error| panic!("read {path}: {error}"));
-    let mut manifest: Value =
-        serde_norway::from_str(&text).unwrap_or_else(|error| panic!("parse {path}: {error}"));
+    let (mut manifest, path) = kind.fixture_manifest();
 
     manifest["metadata"]["name"] = name.into();
     manifest["metadata"]["namespace"] = NAMESPACE.into();
@@ -285,12 +301,8 @@ pub fn container_command(
     node: &str,
     extra_args: &[&str],
 ) -> Command {
+    let container = init_container(manifest, name);
     let manifest = parse(manifest);
-    let container = init_containers(&manifest)
-        .iter()
-        .find(|container| container["name"] == name)
-        .unwrap_or_else(|| panic!("the pod has no init container {name}"))
-        .clone();
     let strings = |value: &Value| -> Vec<String> {
         value
             .as_array()
@@ -362,6 +374,15 @@ fn downward_api(manifest: &Value, field: &str, pod: &TestPod, node: &str) -> Str
         "status.podIP" | "status.podIPs" => pod.ip.to_string(),
         other => panic!("the test runtime does not fill fieldRef {other}"),
     }
+}
+
+/// The init container `name` of `manifest` (YAML or JSON), as it stands there.
+pub fn init_container(manifest: &str, name: &str) -> Value {
+    init_containers(&parse(manifest))
+        .iter()
+        .find(|container| container["name"] == name)
+        .unwrap_or_else(|| panic!("the pod has no init container {name}"))
+        .clone()
 }
 
 fn parse(manifest: &str) -> Value {

@@ -442,7 +442,7 @@ impl Node {
             let pod = match cri.as_mut() {
                 None => TestPod::new(),
                 Some(node) => {
-                    let (pod, made) = sandbox(node, spec);
+                    let (pod, made) = sandbox(node, spec, mode);
                     sandboxes.push(made);
                     pod
                 }
@@ -450,16 +450,36 @@ impl Node {
             pod.route_to_other_pods();
             pods.push((spec.name, pod));
         }
-        // With CRI the apps are containers, started with their sandboxes.
-        let apps = match cri {
-            None => start_apps(specs, &pods),
-            Some(_) => Vec::new(),
-        };
+        let apps = start_apps(specs, &pods);
         assert_pods_reach_each_other(specs, &pods);
         let other_node = OtherNode::new();
         assert_other_node_reaches_the_pods(&other_node, specs, &pods);
-        // An injected pod's app starts after its init containers; these only showed the way.
-        let apps = (manifests == Manifests::Annotated).then_some(apps);
+        // An injected pod's app starts after its init containers, and a CRI pod's app is a
+        // container that does: these only showed the way.
+        let apps = match (manifests, cri.is_some()) {
+            (Manifests::Injected, _) => None,
+            (Manifests::Annotated, true) => {
+                drop(apps);
+                Some(Vec::new())
+            }
+            (Manifests::Annotated, false) => Some(apps),
+        };
+        // A CRI pod's containers in the kubelet's order: the mesh's init container (when its
+        // rules are in use), then the app, then (below) the sidecar.
+        if let Some(node) = cri.as_mut() {
+            for ((spec, (name, pod)), sandbox) in specs.iter().zip(&pods).zip(&mut sandboxes) {
+                if let Some(mesh) = &spec.mesh
+                    && mode.installs_mesh_rules()
+                {
+                    let container = run_mesh_init_container(node, sandbox, pod, spec, mesh, &pods);
+                    report(Report::MeshInit {
+                        pod: name,
+                        container,
+                    });
+                }
+                start_app_container(node, sandbox, pod, spec);
+            }
+        }
 
         let certs = Certificates::new();
         let remote_pem = certs.issue(REMOTE_POD);
@@ -481,7 +501,8 @@ impl Node {
                         &format!("{name}.json"),
                         &pod.manifest_with_annotations(&pod_name, mesh.probe_ports, &annotations),
                     );
-                    if mode.installs_mesh_rules() {
+                    // A CRI pod's rules came from its init container.
+                    if mode.installs_mesh_rules() && cri.is_none() {
                         install_fsm_rules(pod, mesh, &exclusions);
                     }
                 }
@@ -903,28 +924,83 @@ fn shell_words(program: &str, args: &[String]) -> String {
     words.join(" ")
 }
 
-/// The pod of `spec`, made through CRI on `node` with its app as a container (`app <pod>:<port>`
-/// on each of its ports, as [`start_apps`]' answer), as a test pod, once the app listens.
-fn sandbox(node: &mut CriNode, spec: &PodSpec) -> (TestPod, CriPod) {
+/// The sandbox of `spec`'s pod, made through CRI on `node`, as a test pod; its containers start
+/// later, the mesh's init container first when `mode` installs the mesh's rules.
+fn sandbox(node: &mut CriNode, spec: &PodSpec, mode: Mode) -> (TestPod, CriPod) {
     let name = spec.name;
     let mut cri_spec = crate::cri::PodSpec::new(
         &format!("pod-{}", name.to_lowercase()),
         CgroupDriver::Cgroupfs,
     );
-    let mut app = Container::app("app", spec.app_ports);
-    app.args[0] = format!("app {name}");
-    cri_spec.containers.push(app);
+    cri_spec.privileged_later = mode.installs_mesh_rules()
+        && spec
+            .mesh
+            .as_ref()
+            .is_some_and(|mesh| injected::Mesh::of(mesh).init_container_is_privileged());
     let made = node.run_pod(&cri_spec);
     let IpAddr::V4(ip) = made.ip else {
         panic!("the CNI gave {name} an IPv6 address: {}", made.ip)
     };
     let pod = TestPod::sandbox(node.pause_pid(&made), ip, &node.containerd().bridge);
+    (pod, made)
+}
+
+/// Starts the app container of `sandbox` (`pod`'s namespace), `pb-app` answering
+/// `app <pod>:<port>` on every port of `spec`, and waits until it listens.
+fn start_app_container(node: &mut CriNode, sandbox: &mut CriPod, pod: &TestPod, spec: &PodSpec) {
+    let mut app = Container::app("app", spec.app_ports);
+    app.args[0] = format!("app {}", spec.name);
+    node.add_container(sandbox, &app);
     assert!(
         pod.wait_until_listening(spec.app_ports, Duration::from_secs(10)),
-        "the app container of {name} does not listen:\n{}",
-        made.log("app")
+        "the app container of {} does not listen:\n{}",
+        spec.name,
+        sandbox.log("app")
     );
-    (pod, made)
+}
+
+/// Runs the mesh's init container in `sandbox` (`pod`'s namespace) as the mesh's injector writes
+/// it for this pod, from [`images::MESH_INIT`]: its command, its script with the pod's exclusions
+/// (the ranges of the pods among `pods` it excludes), its user and capabilities. It must succeed
+/// and leave the outbound chain ending in its catch-all. Returns the container's name.
+fn run_mesh_init_container(
+    node: &mut CriNode,
+    sandbox: &mut CriPod,
+    pod: &TestPod,
+    spec: &PodSpec,
+    mesh: &MeshSpec,
+    pods: &[(&'static str, TestPod)],
+) -> &'static str {
+    let kind = injected::Mesh::of(mesh);
+    let injected = injected::injector_output(
+        &sandbox.spec.name,
+        pod,
+        spec.app_ports,
+        mesh,
+        &mesh.outbound_cidrs(pods),
+    );
+    let name = kind.init_container();
+    let mut container = Container::from_manifest(&injected::init_container(&injected, name));
+    container.image = crate::images::MESH_INIT.to_owned();
+    let code = node.run_init_container(sandbox, &container);
+    assert_eq!(
+        code,
+        0,
+        "the init container {name} of {}:\n{}",
+        spec.name,
+        sandbox.log(name)
+    );
+    let chains = kind.chains();
+    let outbound = outbound_chain(pod, chains);
+    assert_eq!(
+        outbound.last(),
+        Some(&format!(
+            "-A {chains}_PROXY_OUTBOUND -j {chains}_PROXY_OUT_REDIRECT"
+        )),
+        "the outbound chain in {} must end in its catch-all: {outbound:#?}",
+        spec.name
+    );
+    name
 }
 
 /// Each pod's apps, started in its namespace: `app <pod>:<port>` on every port of its spec.
@@ -1062,7 +1138,7 @@ fn install_fsm_rules(pod: &TestPod, mesh: &MeshSpec, outbound_cidrs: &[String]) 
             mesh.outbound_port_exclusions,
         ),
     );
-    let outbound = outbound_chain(pod);
+    let outbound = outbound_chain(pod, "FSM");
     assert_eq!(
         outbound.last().map(String::as_str),
         Some(OUTBOUND_CATCH_ALL),
@@ -1071,9 +1147,10 @@ fn install_fsm_rules(pod: &TestPod, mesh: &MeshSpec, outbound_cidrs: &[String]) 
     );
 }
 
-/// The rules of `FSM_PROXY_OUTBOUND` in `pod`, as `iptables -S` writes them.
-fn outbound_chain(pod: &TestPod) -> Vec<String> {
-    pod.exec(&["iptables", "-t", "nat", "-S", "FSM_PROXY_OUTBOUND"])
+/// The rules of `<chains>_PROXY_OUTBOUND` (`FSM`, `OSM`) in `pod`, as `iptables -S` writes them.
+fn outbound_chain(pod: &TestPod, chains: &str) -> Vec<String> {
+    let chain = format!("{chains}_PROXY_OUTBOUND");
+    pod.exec(&["iptables", "-t", "nat", "-S", &chain])
         .lines()
         .filter(|line| line.starts_with("-A "))
         .map(str::to_owned)
