@@ -22,14 +22,16 @@ use probe_bypass_testing::{
     bpffs::TestPins,
     cgroup::ChildCgroup,
     containerd::Containerd,
-    cri::{Bind, CgroupDriver, Container, CriNode, CriPod, PodSpec},
+    cri::{Bind, CgroupDriver, Container, CriNode, CriPod, PodSpec, Propagation},
     ebpf_agent::EbpfAgent,
     images,
     injected::{self, Mesh},
     kube_api::{FSM_POD, FakeApi, ServiceAccount},
     kubelet::{self, KubeletProcess},
     pod::TestPod,
-    privilege, require_privileges,
+    privilege,
+    registry::{self, Registry},
+    require_privileges,
     sidecar::{
         Certificates, INBOUND, INBOUND_PORT, OUTBOUND_PORT, ProxyEvent, ProxyLog, SidecarConfig,
         SidecarContainer, TempDir,
@@ -783,36 +785,60 @@ fn daemonset_agent(
         "--secure-admin-addr",
         &free_loopback_port().to_string(),
     );
-    let bpffs = pins.path().parent().expect("the bpffs mount").to_owned();
-    for mount in manifest["volumeMounts"].as_array().expect("volume mounts") {
-        let name = mount["name"].as_str().expect("a volume's name");
-        let host = match name {
-            "admin-socket" => admin.path.clone(),
-            "bpffs" => bpffs.clone(),
-            "cgroup" => std::path::PathBuf::from("/sys/fs/cgroup"),
-            "proc" => std::path::PathBuf::from("/proc"),
-            other => panic!("the DaemonSet mounts a volume {other} the test does not stand in for"),
-        };
-        agent.mounts.push(Bind {
-            host,
+    // The host paths the DaemonSet's volumes name, the node's bpffs standing in for its
+    // `/sys/fs/bpf`.
+    let volume = |name: &str| match name {
+        "admin-socket" => admin.path.clone(),
+        "bpffs" => pins.mount_point().to_owned(),
+        "cgroup" => std::path::PathBuf::from("/sys/fs/cgroup"),
+        "proc" => std::path::PathBuf::from("/proc"),
+        other => panic!("the DaemonSet mounts a volume {other} the test does not stand in for"),
+    };
+    agent.mounts = volume_mounts(manifest, volume);
+    agent.mounts.push(Bind {
+        host: account.dir.path.clone(),
+        container: ServiceAccount::MOUNT.to_owned(),
+        readonly: true,
+        propagation: Propagation::Private,
+    });
+    // Its init container mounts the node's bpffs, where the agent's pins outlive it.
+    let [init] = pod["initContainers"]
+        .as_array()
+        .expect("the DaemonSet's init containers")
+        .as_slice()
+    else {
+        panic!("the DaemonSet has one init container, mount-bpffs")
+    };
+    let mut mount_bpffs = Container::from_manifest(init);
+    mount_bpffs.image.clone_from(&agent.image);
+    mount_bpffs.seccomp_runtime_default = agent.seccomp_runtime_default;
+    mount_bpffs.mounts = volume_mounts(init, volume);
+    let mut spec = PodSpec::new("probe-bypass-agent", CgroupDriver::Cgroupfs);
+    spec.namespace = "probe-bypass".to_owned();
+    spec.host_network = true;
+    spec.host_pid = true;
+    spec.init_containers.push(mount_bpffs);
+    spec.containers.push(agent);
+    spec
+}
+
+/// The `volumeMounts` of the container `manifest`, each on the host path `volume` gives its
+/// volume, with its `readOnly` and `mountPropagation`.
+fn volume_mounts(manifest: &Value, volume: impl Fn(&str) -> std::path::PathBuf) -> Vec<Bind> {
+    manifest["volumeMounts"]
+        .as_array()
+        .expect("volume mounts")
+        .iter()
+        .map(|mount| Bind {
+            host: volume(mount["name"].as_str().expect("a volume's name")),
             container: mount["mountPath"]
                 .as_str()
                 .expect("a mount path")
                 .to_owned(),
             readonly: mount["readOnly"] == true,
-        });
-    }
-    agent.mounts.push(Bind {
-        host: account.dir.path.clone(),
-        container: ServiceAccount::MOUNT.to_owned(),
-        readonly: true,
-    });
-    let mut spec = PodSpec::new("probe-bypass-agent", CgroupDriver::Cgroupfs);
-    spec.namespace = "probe-bypass".to_owned();
-    spec.host_network = true;
-    spec.host_pid = true;
-    spec.containers.push(agent);
-    spec
+            propagation: Propagation::from_manifest(&mount["mountPropagation"]),
+        })
+        .collect()
 }
 
 /// The exec command of the agent container's probe `kind` (`readinessProbe`, `livenessProbe`).
@@ -833,8 +859,9 @@ fn the_daemonsets_agent_runs_as_a_container_of_the_node_and_serves_its_pods() {
     if !privilege::can_run() || !node_can_run() {
         return;
     }
-    // Before the node, so that it goes after the node's containers.
-    let pins = TestPins::new();
+    // Before the node, so that it goes after the node's containers. Nothing is mounted there
+    // yet: the agent pod's `mount-bpffs` init container mounts the bpffs.
+    let pins = TestPins::unmounted_shared();
     let admin = TempDir::new("agent-admin");
     let Some((mut node, api, _runtime)) = start_node() else {
         return;
@@ -846,6 +873,22 @@ fn the_daemonsets_agent_runs_as_a_container_of_the_node_and_serves_its_pods() {
     let kubelet_process = KubeletProcess::start(&kubelet_cgroup);
     let account = api.service_account("probe-bypass");
     let agent_pod = node.run_pod(&daemonset_agent(&node, &pins, &admin, &account));
+    let mounted = agent_pod.log("mount-bpffs");
+    assert_eq!(
+        agent_pod.init_exits,
+        [("mount-bpffs".to_owned(), 0)],
+        "the privileged init container mounts the node's bpffs:\n{mounted}"
+    );
+    assert!(
+        mounted.contains("mounted bpffs on /host/sys/fs/bpf"),
+        "mount-bpffs says it mounted: {mounted}"
+    );
+    let on_host = nix::sys::statfs::statfs(pins.mount_point()).expect("statfs the node's bpffs");
+    assert_eq!(
+        on_host.filesystem_type(),
+        nix::sys::statfs::BPF_FS_MAGIC,
+        "the bpffs mount made in the container reaches the host (Bidirectional)"
+    );
     let agent = agent_pod.containers["agent"].clone();
     let readiness = exec_probe("readinessProbe");
     let readiness: Vec<&str> = readiness.iter().map(String::as_str).collect();
@@ -934,4 +977,53 @@ fn the_daemonsets_agent_runs_as_a_container_of_the_node_and_serves_its_pods() {
         .output()
         .expect("probe-bypass uninstall");
     assert!(uninstall.status.success(), "{uninstall:?}");
+}
+
+/// The agent's image as a user ships it: `cargo xtask image`'s archive pushed with `skopeo` to a
+/// registry (Debian's `docker-registry`, over HTTPS with a CA of the test's own), pulled by the
+/// node through CRI's image service as the kubelet pulls a pod's image, under the digest the
+/// archive has, and run from the registry's reference.
+#[test]
+fn the_agents_image_pushed_to_a_registry_is_pulled_through_cri_and_runs() {
+    if !privilege::can_run() || !node_can_run() {
+        return;
+    }
+    if let Some(reason) = registry::missing() {
+        privilege::skip(
+            "the_agents_image_pushed_to_a_registry_is_pulled_through_cri_and_runs",
+            &reason,
+        );
+        return;
+    }
+    let certs = Certificates::new();
+    let registry = Registry::start(&certs);
+    let archive = images::agent_archive();
+    let version = env!("CARGO_PKG_VERSION");
+    let reference = registry.push(&archive, &format!("probe-bypass/agent:{version}"));
+    let mut node = CriNode::start();
+    node.containerd()
+        .trust_registry(&registry.host(), registry.ca());
+    let digests = node.pull_image(&reference);
+    let digest = registry::archive_digest(&archive);
+    let repository = reference.rsplit_once(':').expect("a tag").0;
+    assert_eq!(
+        digests,
+        [format!("{repository}@{digest}")],
+        "the node holds the image under the digest of the archive `cargo xtask image` wrote"
+    );
+
+    let mut spec = PodSpec::new("pulled", CgroupDriver::Cgroupfs);
+    let mut agent = Container::new("version", &reference, &["--version"]);
+    agent.read_only_rootfs = true;
+    agent.drop_all_capabilities = true;
+    spec.init_containers.push(agent);
+    let pod = node.run_pod(&spec);
+    let log = pod.log_lines("version");
+    assert_eq!(
+        pod.init_exits,
+        [("version".to_owned(), 0)],
+        "the pulled image runs: {log:?}"
+    );
+    assert_eq!(log, [format!("probe-bypass {version}")]);
+    node.remove_pod(&pod);
 }

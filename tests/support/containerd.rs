@@ -172,6 +172,22 @@ impl Containerd {
             .unwrap_or_else(|error| panic!("run {CTR}: {error}"))
     }
 
+    /// Lets the CRI plugin pull from the registry at `host` (`host:port`) over HTTPS, trusting
+    /// the CA at `ca`: a `hosts.toml` in the registry configuration directory, read at each pull.
+    pub fn trust_registry(&self, host: &str, ca: &Path) {
+        let dir = self.path("certs.d").join(host);
+        fs::create_dir_all(&dir)
+            .unwrap_or_else(|error| panic!("create {}: {error}", dir.display()));
+        fs::write(
+            dir.join("hosts.toml"),
+            format!(
+                "server = \"https://{host}\"\n\n[host.\"https://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"{}\"\n",
+                ca.display()
+            ),
+        )
+        .unwrap_or_else(|error| panic!("write {}/hosts.toml: {error}", dir.display()));
+    }
+
     fn wait_until_it_answers(&mut self) {
         let started = Instant::now();
         loop {
@@ -243,6 +259,10 @@ disabled_plugins = [
   # and the root that runs the tests may lack it (these machines' does): never below
   # containerd's own, as under rootless containerd.
   restrict_oom_score_adj = {restrict_oom}
+
+  # Registries' hosts.toml (a test's own registry and the CA it trusts): `Containerd::trust_registry`.
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{dir}/certs.d"
 
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{CNI_BIN_DIR}"

@@ -31,6 +31,7 @@ pub mod mesh_rules;
 pub mod pod;
 pub mod privilege;
 pub mod probe_apps;
+pub mod registry;
 pub mod review_api;
 pub mod rewrite_cli;
 pub mod sidecar;

@@ -37,7 +37,7 @@ const MUSL_PACKAGE: (&str, &str) = (
 );
 
 /// The other Debian packages the project uses, and why.
-const TOOL_PACKAGES: [(&str, &str); 12] = [
+const TOOL_PACKAGES: [(&str, &str); 13] = [
     (
         "bpftool",
         "inspects loaded eBPF programs; the datapath tests use it",
@@ -71,7 +71,16 @@ const TOOL_PACKAGES: [(&str, &str); 12] = [
         "protobuf-compiler",
         "protoc, which the CRI API client of the tests' node is generated with",
     ),
+    (
+        "docker-registry",
+        "the container registry the tests push the agent's image to and pull it from",
+    ),
 ];
+
+/// Packages whose install starts a service the tests never use (they run their own, on
+/// loopback): Debian's registry would listen on every address, port 5000, without auth. Setup
+/// stops and disables it where systemd runs, right after installing it.
+const UNWANTED_SERVICES: [&str; 1] = ["docker-registry"];
 
 /// Everything the project needs: apt packages, the nightly toolchain with rust-src, bpf-linker,
 /// the static target.
@@ -127,7 +136,24 @@ fn apt_packages(packages: &[(&str, &str)]) -> Result<()> {
         .args(&missing))?;
     for package in missing {
         println!("setup: {package}: installed");
+        if UNWANTED_SERVICES.contains(&package) {
+            stop_service(package)?;
+        }
     }
+    Ok(())
+}
+
+/// Stops and disables the service `unit` that a package's install started: with systemctl where
+/// systemd runs, else through its init script (which a container's `policy-rc.d` may have kept
+/// from starting at all: then there is nothing to stop, and its refusal is no error).
+fn stop_service(unit: &str) -> Result<()> {
+    if std::path::Path::new("/run/systemd/system").exists() {
+        run(Command::new("systemctl").args(["disable", "--now", unit]))?;
+    } else {
+        let _ = Command::new("invoke-rc.d").args([unit, "stop"]).status();
+        let _ = Command::new("update-rc.d").args([unit, "disable"]).status();
+    }
+    println!("setup: {unit}: the service its package would run is stopped and disabled");
     Ok(())
 }
 
