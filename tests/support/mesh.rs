@@ -456,13 +456,14 @@ impl Node {
         assert_other_node_reaches_the_pods(&other_node, specs, &pods);
         // An injected pod's app starts after its init containers, and a CRI pod's app is a
         // container that does: these only showed the way.
+        // They must stop before those start on the same ports (shadowing would keep them).
         let apps = match (manifests, cri.is_some()) {
-            (Manifests::Injected, _) => None,
-            (Manifests::Annotated, true) => {
-                drop(apps);
-                Some(Vec::new())
-            }
             (Manifests::Annotated, false) => Some(apps),
+            (manifests, _) => {
+                drop(apps);
+                // A CRI pod's app container is not the node's to stop: none to keep.
+                (manifests == Manifests::Annotated).then(Vec::new)
+            }
         };
         // A CRI pod's containers in the kubelet's order: the mesh's init container (when its
         // rules are in use), then the app, then (below) the sidecar.
