@@ -97,7 +97,9 @@ impl Mode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Manifests {
     /// Written from the [`MeshSpec`]: the annotations FSM's injector reads. In the modes with the
-    /// mesh's rules, the rules of `tests/fixtures/fsm-init.iptables` with the pod's exclusions.
+    /// mesh's rules, the rules of `tests/fixtures/fsm-init.iptables` with the pod's exclusions;
+    /// on [`Pods::Containerd`], those the mesh's own init container loads, run as a container
+    /// of the pod before its app (its script carries the same exclusions).
     Annotated,
     /// The injector's output ([`injected::injector_output`]): the exclusions only in its init
     /// container's script. In the modes with the mesh's rules, that init container runs in the
@@ -429,7 +431,8 @@ impl Node {
     ) -> Self {
         assert!(
             made_by == Pods::Netns || manifests == Manifests::Annotated,
-            "CRI pods' containers start with their sandbox: only annotated manifests"
+            "CRI pods take annotated manifests only: an injected pod's init containers and sidecar \
+             run here as processes in its namespace"
         );
         let cgroup = TestCgroup::new();
         let host = HostCgroups::new(&cgroup);

@@ -106,20 +106,21 @@ impl Registry {
     /// verifying the registry's certificate, and returns the reference pushed to.
     pub fn push(&self, archive: &Path, name_tag: &str) -> String {
         let reference = format!("{}/{name_tag}", self.host());
-        let output = Command::new(SKOPEO)
-            .arg("copy")
-            .arg("--dest-cert-dir")
-            .arg(self.ca.parent().expect("the CA's dir"))
-            .arg(format!("oci-archive:{}", archive.display()))
-            .arg(format!("docker://{reference}"))
-            .output()
-            .unwrap_or_else(|error| panic!("run {SKOPEO}: {error}"));
-        assert!(
-            output.status.success(),
-            "skopeo copy {} to {reference}: {}\nthe registry's log:\n{}",
-            archive.display(),
-            String::from_utf8_lossy(&output.stderr),
-            self.log()
+        let ca_dir = self
+            .ca
+            .parent()
+            .expect("the CA's dir")
+            .display()
+            .to_string();
+        skopeo(
+            &[
+                "copy",
+                "--dest-cert-dir",
+                &ca_dir,
+                &format!("oci-archive:{}", archive.display()),
+                &format!("docker://{reference}"),
+            ],
+            || format!("the registry's log:\n{}", self.log()),
         );
         reference
     }
@@ -170,18 +171,31 @@ impl Drop for Registry {
 /// The manifest digest of the OCI image-layout archive at `archive`, as `skopeo inspect` gives
 /// it: what a registry that holds the image names it by.
 pub fn archive_digest(archive: &Path) -> String {
+    let digest = skopeo(
+        &[
+            "inspect",
+            "--format",
+            "{{.Digest}}",
+            &format!("oci-archive:{}", archive.display()),
+        ],
+        String::new,
+    );
+    digest.trim().to_owned()
+}
+
+/// Runs `skopeo` with `args`, which must succeed (else a panic with its error and `context`),
+/// and returns what it printed.
+fn skopeo(args: &[&str], context: impl FnOnce() -> String) -> String {
     let output = Command::new(SKOPEO)
-        .arg("inspect")
-        .arg("--format")
-        .arg("{{.Digest}}")
-        .arg(format!("oci-archive:{}", archive.display()))
+        .args(args)
         .output()
         .unwrap_or_else(|error| panic!("run {SKOPEO}: {error}"));
     assert!(
         output.status.success(),
-        "skopeo inspect {}: {}",
-        archive.display(),
-        String::from_utf8_lossy(&output.stderr)
+        "skopeo {}: {}\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr),
+        context()
     );
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
