@@ -93,12 +93,18 @@ impl Drop for TestPins {
         }
         // Detached: an agent that still holds a map open must not keep the mount alive. Every
         // mount stacked there goes (a bpffs on the shared bind of `unmounted_shared`, the bind).
-        let mut unmounted = false;
-        while umount2(&self.mount, MntFlags::MNT_DETACH).is_ok() {
-            unmounted = true;
-        }
-        if !unmounted {
-            eprintln!("nothing was mounted on {}", self.mount.display());
+        // The first unmount must succeed; a later one fails once nothing is left there.
+        let mut unmounted = 0;
+        loop {
+            match umount2(&self.mount, MntFlags::MNT_DETACH) {
+                Ok(()) => unmounted += 1,
+                Err(error) => {
+                    if unmounted == 0 {
+                        eprintln!("unmount {}: {error}", self.mount.display());
+                    }
+                    break;
+                }
+            }
         }
         let _ = fs::remove_dir(&self.mount);
     }

@@ -160,36 +160,33 @@ fn haproxy_image() -> Vec<u8> {
 /// part by the name it is called by), the iptables extensions the rules load (the whole
 /// directory, as the mesh's image has it), and the libraries they all load.
 fn mesh_init_image() -> Vec<u8> {
-    let resolve = |path: &str| {
-        fs::canonicalize(path).unwrap_or_else(|error| panic!("resolve {path}: {error}"))
+    let resolve = |path: &Path| {
+        fs::canonicalize(path).unwrap_or_else(|error| panic!("resolve {}: {error}", path.display()))
     };
-    let restore = which("iptables-restore");
     let mut files = vec![
-        ("/bin/sh".to_owned(), resolve("/bin/sh")),
-        ("/usr/sbin/iptables-restore".to_owned(), resolve(&restore)),
+        ("/bin/sh".to_owned(), resolve(Path::new("/bin/sh"))),
+        (
+            "/usr/sbin/iptables-restore".to_owned(),
+            resolve(&which("iptables-restore")),
+        ),
     ];
     let extensions = fs::read_dir(XTABLES_EXTENSIONS)
         .unwrap_or_else(|error| panic!("read {XTABLES_EXTENSIONS}: {error}"));
     for entry in extensions.flatten() {
         let path = entry.path();
-        files.push((
-            path.display().to_string(),
-            resolve(&path.display().to_string()),
-        ));
+        files.push((path.display().to_string(), resolve(&path)));
     }
     host_files_image(MESH_INIT, "mesh-init", files, vec!["/bin/sh".to_owned()])
 }
 
 /// The program `name` on the `PATH`.
-fn which(name: &str) -> String {
+pub fn which(name: &str) -> PathBuf {
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
         .map(|dir| dir.join(name))
         .find(|path| path.is_file())
-        .unwrap_or_else(|| panic!("{name} is not on the PATH (cargo xtask setup installs it)"))
-        .display()
-        .to_string()
+        .unwrap_or_else(|| panic!("{name} is not on the PATH"))
 }
 
 /// An image of host files, each `(path in the image, path on the host)`, with every library

@@ -141,12 +141,7 @@ impl KubeletProcess {
     pub fn start(cgroup: &crate::cgroup::ChildCgroup) -> Self {
         let dir = crate::sidecar::TempDir::new("kubelet");
         let program = dir.path.join("kubelet");
-        let sleep = std::env::var_os("PATH")
-            .iter()
-            .flat_map(std::env::split_paths)
-            .map(|path| path.join("sleep"))
-            .find(|path| path.is_file())
-            .expect("sleep on the PATH");
+        let sleep = crate::images::which("sleep");
         std::fs::copy(&sleep, &program)
             .unwrap_or_else(|error| panic!("copy {} as the kubelet: {error}", sleep.display()));
         let child = cgroup
