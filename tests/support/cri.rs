@@ -40,7 +40,7 @@ use k8s_cri::v1::{
     LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
     NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
     PullImageRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StopPodSandboxRequest, image_service_client::ImageServiceClient,
+    StatusRequest, StopPodSandboxRequest, image_service_client::ImageServiceClient,
     runtime_service_client::RuntimeServiceClient,
 };
 use probe_bypass::datapath::cgroup2_mount;
@@ -55,6 +55,8 @@ use crate::{
 
 /// How long a CRI call may take (RunPodSandbox runs the CNI plugins).
 const CALL_WITHIN: Duration = Duration::from_secs(60);
+/// How long the runtime may take to report ready after it answers on its socket.
+const READY_WITHIN: Duration = Duration::from_secs(30);
 /// How long an init container may run before the test calls it stuck.
 const INIT_WITHIN: Duration = Duration::from_secs(60);
 
@@ -385,8 +387,42 @@ impl CriNode {
             made: Vec::new(),
             node_name: "cri-node".to_owned(),
         };
+        node.wait_until_ready();
         node.import_images();
         node
+    }
+
+    /// Waits until the runtime's `Status` reports it ready, as the kubelet does before it makes
+    /// pods: containerd answers on its socket before its CRI plugin has loaded its state, and
+    /// until then every pod call fails with "server is not initialized yet".
+    fn wait_until_ready(&self) {
+        let deadline = Instant::now() + READY_WITHIN;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            let mut client = self.client.clone();
+            match self.call(client.status(StatusRequest { verbose: false })) {
+                Ok(answer) => {
+                    let conditions = answer.status.map(|status| status.conditions);
+                    let ready = conditions.as_ref().is_some_and(|conditions| {
+                        ["RuntimeReady", "NetworkReady"].iter().all(|wanted| {
+                            conditions
+                                .iter()
+                                .any(|condition| condition.r#type == *wanted && condition.status)
+                        })
+                    });
+                    if ready {
+                        return;
+                    }
+                    last = format!("{conditions:?}");
+                }
+                Err(status) => last = status.to_string(),
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "the runtime did not report ready within {READY_WITHIN:?}: {last}\n{}",
+            self.containerd().log()
+        );
     }
 
     pub fn containerd(&self) -> &Containerd {
@@ -607,6 +643,7 @@ impl CriNode {
         let channel = self.runtime.block_on(connect(&containerd.socket()));
         self.client = RuntimeServiceClient::new(channel.clone());
         self.images = ImageServiceClient::new(channel);
+        self.wait_until_ready();
     }
 
     /// Runs `command` in the container `id` as the kubelet runs an exec probe (ExecSync, within
