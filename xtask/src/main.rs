@@ -10,6 +10,7 @@ mod image;
 mod layers;
 mod setup;
 mod test;
+mod upstream;
 
 use std::{
     net::SocketAddr,

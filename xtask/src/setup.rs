@@ -8,7 +8,7 @@ use std::{fs, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::run;
+use crate::{run, upstream};
 
 /// The LLVM major version of the nightly toolchain, which bpf-linker must be built against:
 /// it reads the bitcode rustc writes, and an older LLVM cannot read a newer one's.
@@ -36,7 +36,8 @@ const MUSL_PACKAGE: (&str, &str) = (
     "compiles the C code of dependencies (ring) for the static target",
 );
 
-/// The other Debian packages the project uses, and why.
+/// The other Debian packages the project uses, and why. Not `golang`: Debian 12's is Go 1.19, too
+/// old to build upstream Kubernetes and etcd (see [`upstream`]), which use the Go in /usr/local/go.
 const TOOL_PACKAGES: [(&str, &str); 13] = [
     (
         "bpftool",
@@ -83,7 +84,8 @@ const TOOL_PACKAGES: [(&str, &str); 13] = [
 const UNWANTED_SERVICES: [&str; 1] = ["docker-registry"];
 
 /// Everything the project needs: apt packages, the nightly toolchain with rust-src, bpf-linker,
-/// the static target.
+/// the static target, and upstream Kubernetes and etcd built from source. Those come last: their
+/// first build takes longest, and a failure in it leaves everything else in place.
 pub fn ensure() -> Result<()> {
     let packages: Vec<_> = [LLVM_PACKAGE, MUSL_PACKAGE]
         .into_iter()
@@ -92,7 +94,8 @@ pub fn ensure() -> Result<()> {
     apt_packages(&packages)?;
     nightly_with_rust_src()?;
     bpf_linker()?;
-    static_target()
+    static_target()?;
+    upstream::ensure()
 }
 
 /// Only what building the kernel programs needs.
