@@ -104,6 +104,9 @@ enum Netns {
         populated: bool,
     },
     Known(NetnsRef),
+    /// The pod is terminating and its namespace is gone with its sandbox: nothing to serve, and
+    /// nothing to look for until its delete event.
+    Ended,
 }
 
 impl Netns {
@@ -199,7 +202,7 @@ impl NodePods {
                 let PodIp::Known(ip) = meshed.ip else {
                     return None;
                 };
-                if meshed.served.is_some() {
+                if meshed.served.is_some() || matches!(meshed.netns, Netns::Ended) {
                     return None;
                 }
                 let reason = match (&meshed.netns, &meshed.problem) {
@@ -348,7 +351,7 @@ impl NodePods {
                 } else {
                     RETRY.delay(attempts - 1)
                 };
-                if error.as_ref() == Some(&reason) {
+                if error.as_ref() == Some(&reason) || meshed.terminating() {
                     log::debug!(
                         "pod {key} ({}): network namespace still not found: {reason}; next try in {backoff:?}",
                         query.ip
@@ -381,6 +384,17 @@ impl NodePods {
             if let Netns::Known(netns) = &meshed.netns
                 && !netns.is_current()
             {
+                if meshed.terminating() {
+                    // The kubelet stops a deleted pod's containers before the API server drops
+                    // the object: an ordinary end, not a lost namespace.
+                    log::info!(
+                        "pod {key}: terminating, and {netns} is gone with its sandbox; no \
+                         longer served"
+                    );
+                    meshed.netns = Netns::Ended;
+                    meshed.served = None;
+                    continue;
+                }
                 log::warn!(
                     "pod {key}: {netns} is gone or names another namespace (the process it was \
                      found through exited); looking again"
@@ -523,6 +537,13 @@ impl NodePods {
 }
 
 impl Meshed {
+    /// Whether the pod is being deleted (it has a `deletionTimestamp`). It is served until its
+    /// delete event, as long as its namespace lasts: the kubelet's readiness probes go on during
+    /// the grace period.
+    fn terminating(&self) -> bool {
+        self.pod.metadata.deletion_timestamp.is_some()
+    }
+
     /// Whether the pod's cgroup is worth polling: it has an IP, no namespace yet, and no process
     /// in its cgroup so far. Once it has one, the lookup's own backoff takes over.
     fn awaits_netns(&self) -> bool {

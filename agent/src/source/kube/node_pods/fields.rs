@@ -56,6 +56,8 @@ pub(super) fn trim(pod: K8sPod, kept_annotations: &BTreeSet<String>) -> K8sPod {
         metadata: ObjectMeta {
             name: metadata.name,
             namespace: metadata.namespace,
+            // A terminating pod whose sandbox is gone is let go without a warning.
+            deletion_timestamp: metadata.deletion_timestamp,
             annotations,
             ..ObjectMeta::default()
         },

@@ -372,6 +372,40 @@ fn pending_pod_is_looked_up_at_once_when_its_cgroup_gets_a_process_then_every_20
     assert!(pods.awaiting_netns().is_empty());
 }
 
+#[test]
+fn a_terminating_pod_whose_sandbox_is_gone_is_let_go_without_counting_a_lost_namespace() {
+    let file = TempFile(std::env::temp_dir().join(format!("pb-kube-ended-{}", std::process::id())));
+    std::fs::write(&file.0, "").expect("netns stand-in");
+    let (mut pods, metrics) = node_pods();
+    let mut lookup = FakeLookup::default();
+    lookup
+        .known
+        .insert("uid-a".into(), NetnsRef::Path(file.0.clone()));
+    let now = Instant::now();
+    pods.handle(Event::Apply(pod("a", unchanged)), now);
+    resolve(&mut pods, &lookup, now);
+    pods.handle(
+        Event::Apply(pod("a", |p| {
+            p["metadata"]["deletionTimestamp"] = json!("2025-03-11T10:00:00Z");
+        })),
+        now,
+    );
+    assert_eq!(served(&pods).len(), 1, "served during the grace period");
+
+    // The kubelet stopped its containers; the delete event has not come yet.
+    std::fs::remove_file(&file.0).expect("remove");
+    pods.revalidate(now);
+    assert!(pods.pod_set().is_empty(), "let go");
+    assert_eq!(metrics.netns_lost.get(), 0, "not a lost namespace");
+    assert!(pods.due_lookups(now).is_empty(), "nothing looked for");
+    assert!(
+        pods.pending_pods().is_empty(),
+        "nothing holds readiness back"
+    );
+    pods.handle(Event::Delete(pod("a", unchanged)), now);
+    assert!(pods.pod_set().is_empty());
+}
+
 /// A file standing for a namespace file, removed on drop.
 struct TempFile(PathBuf);
 
