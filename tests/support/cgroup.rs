@@ -178,6 +178,27 @@ pub fn command_in(dir: &Path, program: &str, args: &[&str]) -> Command {
     command
 }
 
+/// [`command_in`] for a process that must be in several cgroups, one per hierarchy (`dirs`): a
+/// node's process on a machine with cgroup v1 controllers beside the v2 hierarchy. The shell
+/// writes its pid into each `cgroup.procs`, then becomes the program.
+pub fn command_in_all(dirs: &[PathBuf], program: &str, args: &[&str]) -> Command {
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(r#"for procs in $PB_CGROUP_PROCS; do echo $$ > "$procs" || exit 125; done; exec "$@""#)
+        .arg("sh")
+        .arg(program)
+        .args(args)
+        .env(
+            "PB_CGROUP_PROCS",
+            dirs.iter()
+                .map(|dir| dir.join("cgroup.procs").display().to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+    command
+}
+
 /// Removes the cgroup at `dir`, whose processes were killed: a killed process stays a member until
 /// it has fully exited, and until then the directory cannot be removed (EBUSY), so this retries
 /// for a while, then says what it left behind. Does not panic, so that a guard can call it while

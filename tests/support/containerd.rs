@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{pod::AddressBlock, sidecar::TempDir};
+use crate::{cgroup::command_in_all, images, pod::AddressBlock, sidecar::TempDir};
 
 /// Where Debian's packages put the binaries.
 pub const CONTAINERD: &str = "/usr/bin/containerd";
@@ -58,6 +58,8 @@ pub struct Containerd {
     /// shims, so the runtime) is given in its environment.
     runtime: PathBuf,
     env: Vec<(String, String)>,
+    /// The cgroups (one per hierarchy) containerd runs in, and so its shims; none: the caller's.
+    cgroups: Vec<PathBuf>,
     dir: TempDir,
 }
 
@@ -71,6 +73,12 @@ impl Containerd {
     /// [`Self::start`], with `runtime` run in runc's place (a wrapper of it) and `env` in
     /// containerd's environment, which its shims and so the runtime inherit.
     pub fn start_with_runtime(runtime: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_in(runtime, env, Vec::new())
+    }
+
+    /// [`Self::start_with_runtime`], containerd (and so its shims) in `cgroups`, one directory
+    /// per cgroup hierarchy, as a node's containerd runs in a cgroup of its own.
+    pub fn start_in(runtime: &Path, env: &[(&str, &str)], cgroups: Vec<PathBuf>) -> Self {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = TempDir::new("containerd");
         // A /24 of the tests' range that no test pod of any running test process has.
@@ -85,6 +93,7 @@ impl Containerd {
                 .iter()
                 .map(|&(key, value)| (key.to_owned(), value.to_owned()))
                 .collect(),
+            cgroups,
             dir,
         };
         for sub in ["net.d", "cni", "root", "state", "runc", "opt"] {
@@ -107,7 +116,12 @@ impl Containerd {
             .append(true)
             .open(self.path("containerd.log"))
             .expect("containerd.log");
-        let child = Command::new(CONTAINERD)
+        let mut command = if self.cgroups.is_empty() {
+            Command::new(CONTAINERD)
+        } else {
+            command_in_all(&self.cgroups, CONTAINERD, &[])
+        };
+        let child = command
             .arg("--config")
             .arg(self.path("config.toml"))
             .envs(self.env.iter().map(|(key, value)| (key, value)))
@@ -170,6 +184,31 @@ impl Containerd {
             .args(args)
             .output()
             .unwrap_or_else(|error| panic!("run {CTR}: {error}"))
+    }
+
+    /// Imports the images of [`images::archives`] (the pause image its `sandbox_image` names, the
+    /// test app, the sidecar, the mesh's init, the agent) into the CRI plugin's namespace, and
+    /// checks each is listed under its name.
+    pub fn import_images(&self) {
+        for archive in images::archives(&self.path("")) {
+            let path = archive.path.display().to_string();
+            let output = self.ctr(&["images", "import", "--no-unpack=false", &path]);
+            assert!(
+                output.status.success(),
+                "import {} from {path}: {}",
+                archive.name,
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let listed = self.ctr(&["images", "ls", "-q"]);
+            assert!(
+                String::from_utf8_lossy(&listed.stdout)
+                    .lines()
+                    .any(|line| line == archive.name),
+                "{} not among the imported images: {}",
+                archive.name,
+                String::from_utf8_lossy(&listed.stdout)
+            );
+        }
     }
 
     /// Lets the CRI plugin pull from the registry at `host` (`host:port`) over HTTPS, trusting

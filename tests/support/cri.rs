@@ -388,7 +388,7 @@ impl CriNode {
             node_name: "cri-node".to_owned(),
         };
         node.wait_until_ready();
-        node.import_images();
+        node.containerd().import_images();
         node
     }
 
@@ -440,29 +440,6 @@ impl CriNode {
         self.cgroup
             .as_ref()
             .expect("a node started with a cgroup of its own (CriNode::start)")
-    }
-
-    fn import_images(&self) {
-        let containerd = self.containerd();
-        for archive in images::archives(&containerd.path("")) {
-            let path = archive.path.display().to_string();
-            let output = containerd.ctr(&["images", "import", "--no-unpack=false", &path]);
-            assert!(
-                output.status.success(),
-                "import {} from {path}: {}",
-                archive.name,
-                String::from_utf8_lossy(&output.stderr)
-            );
-            let listed = containerd.ctr(&["images", "ls", "-q"]);
-            assert!(
-                String::from_utf8_lossy(&listed.stdout)
-                    .lines()
-                    .any(|line| line == archive.name),
-                "{} not among the imported images: {}",
-                archive.name,
-                String::from_utf8_lossy(&listed.stdout)
-            );
-        }
     }
 
     /// Creates the pod as the kubelet does (see the module's doc) and returns it once its

@@ -38,16 +38,33 @@ pub struct Archive {
     pub path: PathBuf,
 }
 
-/// The workspace's target directory: the one the running test or benchmark was built in
-/// (`<target>/<profile>/deps/<name>-<hash>`).
+/// The workspace's target directory: the one the running test, benchmark or support binary was
+/// built in (`<target>/<profile>/deps/<name>-<hash>`, or `<target>/<profile>/<name>`).
 pub fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe()
-        .unwrap_or_else(|error| panic!("the path of the running test: {error}"));
-    exe.ancestors()
-        .find(|dir| dir.file_name().is_some_and(|name| name == "deps"))
-        .and_then(|deps| deps.parent()?.parent())
+    profile_dir()
+        .parent()
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| panic!("{} is not under a cargo target dir", exe.display()))
+        .unwrap_or_else(|| {
+            panic!(
+                "{} is not under a cargo target dir",
+                profile_dir().display()
+            )
+        })
+}
+
+/// The profile's directory of the target directory the running program was built in
+/// (`<target>/debug`), where cargo puts the workspace's binaries.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe()
+        .unwrap_or_else(|error| panic!("the path of the running program: {error}"));
+    let dir = exe
+        .parent()
+        .unwrap_or_else(|| panic!("{} has no parent", exe.display()));
+    if dir.file_name().is_some_and(|name| name == "deps") {
+        dir.parent().unwrap_or(dir).to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// `tests/images`' program `name`, as built for the static target.

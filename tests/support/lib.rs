@@ -17,6 +17,7 @@ pub mod agent;
 pub mod bench;
 pub mod bpffs;
 pub mod cgroup;
+pub mod cluster;
 pub mod containerd;
 pub mod cri;
 pub mod ebpf_agent;

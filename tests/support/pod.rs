@@ -78,7 +78,14 @@ impl AddressBlock {
 
     /// The block's first /24 (a block spans 16).
     pub fn first_24(&self) -> ipnet::Ipv4Net {
-        let base = u32::from(Ipv4Addr::new(198, 18, 0, 0)) + self.number * PODS_PER_PROCESS * 4;
+        self.nth_24(0)
+    }
+
+    /// The block's `n`th /24, from 0 to 15.
+    pub fn nth_24(&self, n: u32) -> ipnet::Ipv4Net {
+        assert!(n < 16, "a block spans 16 /24s, not {n}");
+        let base =
+            u32::from(Ipv4Addr::new(198, 18, 0, 0)) + self.number * PODS_PER_PROCESS * 4 + n * 256;
         ipnet::Ipv4Net::new(Ipv4Addr::from(base), 24).expect("a /24")
     }
 }

@@ -81,13 +81,23 @@ impl Drop for TempDir {
 /// `openssl` CLI into a temp dir.
 pub struct Certificates {
     dir: TempDir,
+    /// How long the CA and every certificate it issues are valid, in days.
+    days: String,
 }
 
 impl Certificates {
     /// Makes the CA (an EC P-256 key and a self-signed certificate valid for a day).
     pub fn new() -> Self {
+        Self::valid_for(1)
+    }
+
+    /// [`Self::new`], the CA and what it issues valid for `days`.
+    pub fn valid_for(days: u32) -> Self {
         let dir = TempDir::new("certs");
-        let certs = Self { dir };
+        let certs = Self {
+            dir,
+            days: days.to_string(),
+        };
         openssl(&[
             "req",
             "-x509",
@@ -97,7 +107,7 @@ impl Certificates {
             "ec_paramgen_curve:prime256v1",
             "-nodes",
             "-days",
-            "1",
+            &certs.days,
             "-subj",
             "/CN=probe-bypass test mesh CA",
             "-keyout",
@@ -129,6 +139,24 @@ impl Certificates {
     /// Issues `name` a certificate as [`Self::issue`] does, valid for `alt_names` too
     /// (`DNS:localhost`, `IP:127.0.0.1`), and returns the paths of the certificate and of its key.
     pub fn issue_for(&self, name: &str, alt_names: &[&str]) -> (String, String) {
+        self.issue_to(
+            name,
+            &format!("/CN={name}"),
+            "serverAuth, clientAuth",
+            alt_names,
+        )
+    }
+
+    /// Issues the certificate `name` to `subject` (`/O=group/CN=user`, as Kubernetes reads a
+    /// client's identity) for `usage` (`serverAuth`, `clientAuth`, or both), valid for
+    /// `alt_names` too, and returns the paths of the certificate and of its key.
+    pub fn issue_to(
+        &self,
+        name: &str,
+        subject: &str,
+        usage: &str,
+        alt_names: &[&str],
+    ) -> (String, String) {
         let key = self.file(&format!("{name}.key"));
         let request = self.file(&format!("{name}.csr"));
         let cert = self.file(&format!("{name}.crt"));
@@ -141,16 +169,17 @@ impl Certificates {
             "ec_paramgen_curve:prime256v1",
             "-nodes",
             "-subj",
-            &format!("/CN={name}"),
+            subject,
             "-keyout",
             &key,
             "-out",
             &request,
         ]);
-        let mut extension_text = "basicConstraints = CA:FALSE\n\
+        let mut extension_text = format!(
+            "basicConstraints = CA:FALSE\n\
              keyUsage = critical, digitalSignature\n\
-             extendedKeyUsage = serverAuth, clientAuth\n"
-            .to_owned();
+             extendedKeyUsage = {usage}\n"
+        );
         if !alt_names.is_empty() {
             extension_text += &format!("subjectAltName = {}\n", alt_names.join(", "));
         }
@@ -167,7 +196,7 @@ impl Certificates {
             &self.file("ca.key"),
             "-CAcreateserial",
             "-days",
-            "1",
+            &self.days,
             "-extfile",
             &extensions,
             "-out",

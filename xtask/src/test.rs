@@ -21,6 +21,15 @@ pub fn run() -> Result<()> {
     // programs, and the agent's image as `cargo xtask image` writes it.
     crate::image::test_programs()?;
     crate::image::run(None)?;
+    // The test cluster's supervisor (tests/support/bin/cluster.rs), which the cluster tests start
+    // and which a test binary cannot build for itself: it is another package's binary.
+    cargo(&[
+        "build",
+        "--package",
+        "probe-bypass-testing",
+        "--bin",
+        "probe-bypass-cluster",
+    ])?;
     // The eBPF crate builds only for the BPF target (through the agent's build script), so the
     // workspace's default members are tested rather than --workspace.
     cargo(&["test", "--no-fail-fast"])
