@@ -1,0 +1,714 @@
+//! probe-bypass on a real one-node cluster: upstream etcd, kube-apiserver, controller-manager,
+//! scheduler, kubelet and kube-proxy, built from their Go modules, on the tests' containerd
+//! (`probe_bypass_testing::cluster`). Each test asserts what the real components do: the agent
+//! installed with `kubectl apply -k deploy/` under real RBAC and Pod Security admission, the
+//! webhook called by the API server, the kubelet's own probes, the pod source against the real
+//! watch.
+//!
+//! The tests of this binary share one cluster, started at the first test and torn down when the
+//! binary exits. Each test works in namespaces of its own. Needs root, containerd, the test images
+//! and the upstream binaries (`cargo xtask setup`); skips without them, and fails when `CI` is set.
+#![expect(
+    clippy::expect_used,
+    reason = "a test that cannot read what the cluster answered fails, naming it"
+)]
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::Path,
+    process::Command,
+    sync::{Mutex, OnceLock},
+    time::Duration,
+};
+
+use probe_bypass_testing::{
+    cgroup::attached_programs,
+    cluster::{self, Info},
+    images,
+    rewrite_cli::run_rewrite,
+};
+use serde_json::{Value, json};
+
+/// How long the cluster may take to act on what a test asked (a pod scheduled, started, Ready).
+const SETTLE: Duration = Duration::from_secs(90);
+
+/// The cluster with the agent installed from `deploy/`, once per test binary.
+fn with_agent() -> Option<&'static Info> {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    let info = cluster::shared()?;
+    INSTALLED.get_or_init(|| info.install_agent());
+    Some(info)
+}
+
+/// [`with_agent`], and the admission webhook from `deploy/webhook/`.
+fn with_webhook() -> Option<&'static Info> {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    let info = with_agent()?;
+    INSTALLED.get_or_init(|| info.install_webhook());
+    Some(info)
+}
+
+/// Held by the tests that take the webhook down, and by those that need it up.
+static WEBHOOK: Mutex<()> = Mutex::new(());
+
+/// Creates the namespace `name` with `labels`, deleting any left by an earlier run first.
+fn namespace(info: &Info, name: &str, labels: &[(&str, &str)]) {
+    let _ = info.kubectl(&[
+        "delete",
+        "namespace",
+        name,
+        "--wait=true",
+        "--ignore-not-found",
+    ]);
+    let labels: serde_json::Map<String, Value> = labels
+        .iter()
+        .map(|(key, value)| ((*key).to_owned(), json!(value)))
+        .collect();
+    info.apply(
+        &json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": labels}})
+        .to_string(),
+    );
+    // The service account admission needs, made by the controller-manager.
+    info.wait_for(
+        &format!("namespace {name}'s default service account"),
+        SETTLE,
+        || {
+            let output = info.kubectl(&["--namespace", name, "get", "serviceaccount", "default"]);
+            output
+                .status
+                .success()
+                .then_some(())
+                .ok_or_else(|| String::from_utf8_lossy(&output.stderr).into_owned())
+        },
+    );
+}
+
+/// The fixture `name` under `tests/fixtures/rewrite/`, as JSON, without its namespace.
+fn fixture(name: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/rewrite")
+        .join(name);
+    let text =
+        fs::read_to_string(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+    let mut pod: Value =
+        serde_norway::from_str(&text).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+    if let Some(metadata) = pod["metadata"].as_object_mut() {
+        metadata.remove("namespace");
+    }
+    pod
+}
+
+/// Creates `pod` in `namespace` with a server-side dry run: admission runs (the webhook is
+/// called: it declares no side effects) and the API server answers with the pod as it would
+/// store it, defaults and all, and nothing is stored or run.
+fn dry_run_create(info: &Info, namespace: &str, pod: &Value) -> Value {
+    let path = info.dir.join(format!(
+        "dry-run-{namespace}-{}.json",
+        pod["metadata"]["name"].as_str().unwrap_or("pod")
+    ));
+    fs::write(&path, pod.to_string()).expect("write the manifest");
+    let text = info.kubectl_ok(&[
+        "--namespace",
+        namespace,
+        "create",
+        "--dry-run=server",
+        "--output=json",
+        "--filename",
+        &path.display().to_string(),
+    ]);
+    serde_json::from_str(&text).unwrap_or_else(|error| panic!("{text}: {error}"))
+}
+
+/// What of a stored pod depends on the object's identity rather than on its manifest (its
+/// namespace, its generated service account volume's name) or on the pod before admission (its
+/// QoS class).
+fn comparable(mut pod: Value) -> Value {
+    if let Some(metadata) = pod["metadata"].as_object_mut() {
+        for key in [
+            "namespace",
+            "uid",
+            "creationTimestamp",
+            "resourceVersion",
+            "managedFields",
+        ] {
+            metadata.remove(key);
+        }
+    }
+    // The API server computes a pod's QoS class before admission and keeps it: a pod whose mesh
+    // init and healthcheck containers (with their requests) the webhook removed keeps the class
+    // of the pod the injector wrote, and the CLI's pod gets the class of what is left.
+    if let Some(status) = pod["status"].as_object_mut() {
+        status.remove("qosClass");
+    }
+    // The original-probes annotation is compared as the JSON it holds: the webhook writes each
+    // probe's fields in the API's order, the CLI of a JSON manifest in sorted order.
+    let annotation = &mut pod["metadata"]["annotations"]["probe-bypass.io/original-probes"];
+    if let Some(text) = annotation.as_str() {
+        *annotation = serde_json::from_str(text).expect("the annotation's JSON");
+    }
+    let text = pod.to_string();
+    // `kube-api-access-<5 random characters>`, in the volume and in each container's mount.
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("kube-api-access-") {
+        let end = at + "kube-api-access-".len();
+        out.push_str(&rest[..end]);
+        out.push_str("xxxxx");
+        rest = rest.get(end + 5..).unwrap_or_default();
+    }
+    out.push_str(rest);
+    serde_json::from_str(&out).expect("the same JSON")
+}
+
+/// Asserts that the pods are the same but for what [`comparable`] leaves out; otherwise panics
+/// with the lines of their pretty JSON that differ.
+fn assert_same_pod(by_webhook: &Value, by_cli: &Value, name: &str) {
+    let pretty =
+        |pod: &Value| serde_json::to_string_pretty(&sorted(comparable(pod.clone()))).expect("JSON");
+    let (webhook, cli) = (pretty(by_webhook), pretty(by_cli));
+    if webhook != cli {
+        let differing: Vec<String> = webhook
+            .lines()
+            .zip(cli.lines())
+            .filter(|(a, b)| a != b)
+            .map(|(a, b)| format!("webhook: {a}\n    cli: {b}"))
+            .collect();
+        panic!(
+            "{name}: the webhook's pod differs from the CLI's:\n{}",
+            differing.join("\n")
+        );
+    }
+}
+
+/// `value` with every object's keys in sorted order, for a line-by-line comparison.
+fn sorted(value: Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+            entries.sort_by(|(a, _), (b, _)| a.cmp(b));
+            Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(key, value)| (key, sorted(value)))
+                    .collect(),
+            )
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(sorted).collect()),
+        other => other,
+    }
+}
+
+/// `probe-bypass rewrite` of `pod` as the API server hands it to the webhook: after its
+/// defaulting (a server-side dry run in `plain_namespace`, which no webhook reviews), so that the
+/// original-probes annotation records the same defaulted fields. Then stored through the same
+/// dry run, for a comparison with what the webhook made of it.
+fn rewritten_by_cli(info: &Info, plain_namespace: &str, pod: &Value, args: &[&str]) -> Value {
+    let defaulted = dry_run_create(info, plain_namespace, pod);
+    dry_run_create(info, plain_namespace, &cli_rewrite(&defaulted, args))
+}
+
+/// `probe-bypass rewrite` of `pod`, as JSON.
+fn cli_rewrite(pod: &Value, args: &[&str]) -> Value {
+    let mut all = vec!["--filename", "-"];
+    all.extend_from_slice(args);
+    let output = run_rewrite(&all, pod.to_string().as_bytes());
+    assert!(
+        output.status.success(),
+        "probe-bypass rewrite: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("rewrite's JSON")
+}
+
+#[test]
+fn the_node_runs_the_pinned_kubernetes_on_the_tests_containerd() {
+    let Some(info) = cluster::shared() else {
+        return;
+    };
+    let node = info.get_json(&["node", cluster::NODE]);
+    let version = cluster::kubernetes_version();
+    assert_eq!(
+        node["status"]["nodeInfo"]["kubeletVersion"],
+        version.as_str()
+    );
+    let runtime = node["status"]["nodeInfo"]["containerRuntimeVersion"]
+        .as_str()
+        .expect("the runtime's version");
+    assert!(runtime.starts_with("containerd://1.6"), "{runtime}");
+    let server: Value =
+        serde_json::from_str(&info.kubectl_ok(&["get", "--raw", "/version"])).expect("/version");
+    assert_eq!(server["gitVersion"], version.as_str());
+    let addresses = node["status"]["addresses"].to_string();
+    assert!(addresses.contains(&info.node_ip.to_string()), "{addresses}");
+    // The controllers run: a new namespace gets its service account and the cluster's CA.
+    namespace(info, "pb-node-basics", &[]);
+    let ca = info.get_json(&[
+        "--namespace",
+        "pb-node-basics",
+        "configmap",
+        "kube-root-ca.crt",
+    ]);
+    let ca_file = fs::read_to_string(&info.ca).expect("the cluster's CA");
+    assert_eq!(
+        ca["data"]["ca.crt"].as_str().map(str::trim),
+        Some(ca_file.trim())
+    );
+    info.kubectl_ok(&["delete", "namespace", "pb-node-basics", "--wait=false"]);
+}
+
+#[test]
+fn deploy_installs_the_agent_under_real_rbac_and_pod_security() {
+    let Some(info) = with_agent() else {
+        return;
+    };
+    let daemonset = info.get_json(&["--namespace", "probe-bypass", "daemonset", "probe-bypass"]);
+    assert_eq!(
+        daemonset["status"]["numberReady"], 1,
+        "{}",
+        daemonset["status"]
+    );
+    let pods = info.get_json(&[
+        "--namespace",
+        "probe-bypass",
+        "pods",
+        "--selector",
+        "app.kubernetes.io/name=probe-bypass",
+    ]);
+    let pod = &pods["items"][0];
+    assert_eq!(pod["spec"]["nodeName"], cluster::NODE);
+
+    // The privileged init container mounted bpffs on the node's stand-in for /sys/fs/bpf, and
+    // exited 0 before the agent started.
+    let init = &pod["status"]["initContainerStatuses"][0];
+    assert_eq!(init["name"], "mount-bpffs");
+    assert_eq!(init["state"]["terminated"]["exitCode"], 0, "{init}");
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let bpffs = info.bpffs.display().to_string();
+    assert!(
+        mountinfo.lines().any(|line| {
+            line.split(' ').nth(4) == Some(bpffs.as_str()) && line.contains(" - bpf ")
+        }),
+        "no bpffs on {bpffs}"
+    );
+
+    // The programs are attached at the node's subtree, and none at the machine's cgroup root.
+    let attached = attached_programs(&info.cgroup).expect("bpftool");
+    for program in ["pb_connect4", "pb_connect6", "pb_sockops", "pb_getsockopt"] {
+        assert!(
+            attached.iter().any(|line| line.contains(program)),
+            "{program} not attached at {}: {attached:?}",
+            info.cgroup.display()
+        );
+    }
+    let root = probe_bypass::datapath::cgroup2_mount().expect("the cgroup v2 mount");
+    let at_root = attached_programs(&root).expect("bpftool");
+    assert!(
+        at_root.iter().all(|line| !line.contains("\"pb_")),
+        "the agent attached at the machine's root: {at_root:?}"
+    );
+
+    // It found the kubelet's cgroup, and the pods through the real API server's watch.
+    let logs = info.kubectl_ok(&[
+        "--namespace",
+        "probe-bypass",
+        "logs",
+        "daemonset/probe-bypass",
+        "--container",
+        "agent",
+    ]);
+    assert!(
+        logs.contains("only the kubelet's cgroup") && logs.contains("node/kubelet"),
+        "{logs}"
+    );
+    assert!(logs.contains("listed this node's pods"), "{logs}");
+
+    // The namespace's Pod Security label is what admits it: the same pod in a namespace that
+    // enforces the baseline level is refused, naming what it violates.
+    let labels = info.get_json(&["namespace", "probe-bypass"])["metadata"]["labels"].clone();
+    assert_eq!(labels["pod-security.kubernetes.io/enforce"], "privileged");
+    namespace(
+        info,
+        "pb-baseline",
+        &[("pod-security.kubernetes.io/enforce", "baseline")],
+    );
+    let mut copy = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "agent-copy"},
+        "spec": daemonset["spec"]["template"]["spec"],
+    });
+    copy["spec"]["serviceAccountName"] = json!("default");
+    let path = info.dir.join("agent-copy.json");
+    fs::write(&path, copy.to_string()).expect("write the pod");
+    let refused = info.kubectl(&[
+        "--namespace",
+        "pb-baseline",
+        "create",
+        "--dry-run=server",
+        "--filename",
+        &path.display().to_string(),
+    ]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "admitted under baseline");
+    assert!(said.contains("violates PodSecurity \"baseline"), "{said}");
+    for violation in [
+        "host namespaces",
+        "privileged",
+        "hostPath volumes",
+        "non-default capabilities",
+    ] {
+        assert!(said.contains(violation), "{violation} not named: {said}");
+    }
+    info.kubectl_ok(&["delete", "namespace", "pb-baseline", "--wait=false"]);
+
+    // Its service account may read pods and review tokens, and nothing else.
+    let agent = "system:serviceaccount:probe-bypass:probe-bypass";
+    let can = |verb: &str, resource: &str| {
+        let output = info.kubectl(&[
+            "auth",
+            "can-i",
+            verb,
+            resource,
+            "--as",
+            agent,
+            "--all-namespaces",
+        ]);
+        String::from_utf8_lossy(&output.stdout).trim() == "yes"
+    };
+    for (verb, resource) in [
+        ("get", "pods"),
+        ("list", "pods"),
+        ("watch", "pods"),
+        ("create", "tokenreviews.authentication.k8s.io"),
+        ("create", "subjectaccessreviews.authorization.k8s.io"),
+    ] {
+        assert!(can(verb, resource), "the agent may not {verb} {resource}");
+    }
+    for (verb, resource) in [
+        ("get", "secrets"),
+        ("list", "secrets"),
+        ("get", "configmaps"),
+        ("create", "pods"),
+        ("patch", "pods"),
+        ("delete", "pods"),
+        ("update", "pods/status"),
+        ("create", "pods/exec"),
+        ("patch", "nodes"),
+        ("create", "events"),
+        ("create", "serviceaccounts/token"),
+    ] {
+        assert!(!can(verb, resource), "the agent may {verb} {resource}");
+    }
+}
+
+#[test]
+fn the_api_server_calls_the_webhook_as_deploy_configures_it() {
+    let Some(info) = with_webhook() else {
+        return;
+    };
+    let _webhook = WEBHOOK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    namespace(info, "pb-fsm", &[("flomesh.io/monitored-by", "fsm")]);
+    namespace(
+        info,
+        "pb-fsm-replace",
+        &[
+            ("flomesh.io/monitored-by", "fsm"),
+            ("probe-bypass.io/replace-mesh-init", "enabled"),
+        ],
+    );
+    namespace(
+        info,
+        "pb-osm-replace",
+        &[
+            ("openservicemesh.io/monitored-by", "osm"),
+            ("probe-bypass.io/replace-mesh-init", "enabled"),
+        ],
+    );
+    namespace(info, "pb-unmeshed", &[]);
+
+    // A pod created in a meshed namespace comes back rewritten, exactly as `probe-bypass
+    // rewrite` rewrites its manifest: the same pod, stored through the same API server's
+    // defaults, from the CLI's output in a namespace the webhook leaves alone.
+    for name in [
+        "k8s-tcp-liveness-readiness.yaml",
+        "k8s-http-liveness.yaml",
+        "k8s-grpc-liveness.yaml",
+        "seed-bookstore.yaml",
+    ] {
+        let pod = fixture(name);
+        let admitted = dry_run_create(info, "pb-fsm", &pod);
+        assert!(
+            admitted["metadata"]["annotations"]["probe-bypass.io/original-probes"].is_string(),
+            "{name}: not rewritten: {}",
+            admitted["metadata"]
+        );
+        let by_cli = rewritten_by_cli(info, "pb-unmeshed", &pod, &[]);
+        assert_same_pod(&admitted, &by_cli, name);
+        // A namespace without the mesh's label is left alone.
+        let untouched = dry_run_create(info, "pb-unmeshed", &pod);
+        let as_written = untouched["metadata"]["annotations"]
+            .get("probe-bypass.io/original-probes")
+            .cloned();
+        assert_eq!(as_written, None, "{name}: rewritten outside the mesh");
+    }
+
+    // With the namespace labelled for it, pods in the shapes FSM's and OSM's injectors write
+    // lose the mesh's init and healthcheck containers and gain the validation init container.
+    for (name, namespace_name) in [
+        ("mesh-init/fsm-bookstore.yaml", "pb-fsm-replace"),
+        ("mesh-init/osm-bookbuyer.yaml", "pb-osm-replace"),
+    ] {
+        let pod = fixture(name);
+        // The injected pods name a service account of their own, which admission requires.
+        if let Some(account) = pod["spec"]["serviceAccountName"].as_str() {
+            for namespace_name in [namespace_name, "pb-unmeshed"] {
+                info.apply(
+                    &json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                        "metadata": {"name": account, "namespace": namespace_name}})
+                    .to_string(),
+                );
+            }
+        }
+        let admitted = dry_run_create(info, namespace_name, &pod);
+        let init: Vec<&str> = admitted["spec"]["initContainers"]
+            .as_array()
+            .expect("init containers")
+            .iter()
+            .filter_map(|container| container["name"].as_str())
+            .collect();
+        assert_eq!(init, ["probe-bypass-validation"], "{name}");
+        let containers: Vec<&str> = admitted["spec"]["containers"]
+            .as_array()
+            .expect("containers")
+            .iter()
+            .filter_map(|container| container["name"].as_str())
+            .collect();
+        assert!(
+            containers
+                .iter()
+                .all(|name| !name.ends_with("-healthcheck")),
+            "{name}: the mesh's healthcheck container kept: {containers:?}"
+        );
+        assert_eq!(
+            containers.len(),
+            2,
+            "{name}: the app and its sidecar: {containers:?}"
+        );
+        let by_cli = rewritten_by_cli(info, "pb-unmeshed", &pod, &["--replace-mesh-init"]);
+        assert_same_pod(&admitted, &by_cli, name);
+    }
+
+    // With no webhook answering, pods are created with their probes as written: the
+    // configuration's failurePolicy is Ignore, as the README says.
+    info.kubectl_ok(&[
+        "--namespace",
+        "probe-bypass",
+        "scale",
+        "deployment/probe-bypass-webhook",
+        "--replicas=0",
+    ]);
+    info.wait_for("the webhook's endpoints to empty", SETTLE, || {
+        let slices = info.get_json(&[
+            "--namespace",
+            "probe-bypass",
+            "endpointslices",
+            "--selector",
+            "kubernetes.io/service-name=probe-bypass-webhook",
+        ]);
+        let ready = slices["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|slice| slice["endpoints"].as_array().cloned().unwrap_or_default())
+            .count();
+        (ready == 0)
+            .then_some(())
+            .ok_or_else(|| format!("{ready} endpoints"))
+    });
+    let pod = fixture("k8s-tcp-liveness-readiness.yaml");
+    let admitted = dry_run_create(info, "pb-fsm", &pod);
+    assert_eq!(
+        admitted["metadata"]["annotations"].get("probe-bypass.io/original-probes"),
+        None,
+        "rewritten with no webhook up"
+    );
+    assert_eq!(
+        admitted["spec"]["containers"][0]["readinessProbe"]["tcpSocket"]["port"],
+        8080
+    );
+    info.kubectl_ok(&[
+        "--namespace",
+        "probe-bypass",
+        "scale",
+        "deployment/probe-bypass-webhook",
+        "--replicas=2",
+    ]);
+    info.kubectl_ok(&[
+        "--namespace",
+        "probe-bypass",
+        "rollout",
+        "status",
+        "deployment/probe-bypass-webhook",
+        "--timeout=120s",
+    ]);
+    for name in ["pb-fsm", "pb-fsm-replace", "pb-osm-replace", "pb-unmeshed"] {
+        info.kubectl_ok(&["delete", "namespace", name, "--wait=false"]);
+    }
+}
+
+/// A pod running the test app on `port` in `namespace`, meshed (FSM's injector's label) or not.
+fn app_pod(name: &str, meshed: bool, port: u16) -> Value {
+    let mut labels = json!({"app": name});
+    if meshed {
+        labels["fsm-proxy-uuid"] = json!("00000000-0000-4000-8000-000000000000");
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "app",
+                "image": images::APP,
+                "imagePullPolicy": "Never",
+                "args": [name, port.to_string()],
+            }],
+        },
+    })
+}
+
+/// The pods of `namespace` the agent has in its datapath, from its metrics
+/// (`probe_bypass_datapath_pod`, on its loopback admin port).
+fn served_in(namespace: &str) -> BTreeSet<String> {
+    let output = Command::new("curl")
+        .args([
+            "--silent",
+            "--fail",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:9091/metrics",
+        ])
+        .output()
+        .expect("run curl");
+    let metrics = String::from_utf8_lossy(&output.stdout);
+    let wanted = format!("namespace=\"{namespace}\"");
+    metrics
+        .lines()
+        .filter(|line| line.starts_with("probe_bypass_datapath_pod{") && line.contains(&wanted))
+        .filter(|line| {
+            line.rsplit(' ')
+                .next()
+                .is_some_and(|value| value.trim() != "0")
+        })
+        .filter_map(|line| {
+            let at = line.find("pod=\"")? + 5;
+            let end = line[at..].find('"')?;
+            Some(line[at..at + end].to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn the_agent_follows_the_real_api_servers_pods() {
+    let Some(info) = with_agent() else {
+        return;
+    };
+    let ns = "pb-source";
+    namespace(info, ns, &[]);
+    for (name, meshed) in [("meshed-a", true), ("meshed-b", true), ("plain", false)] {
+        let mut pod = app_pod(name, meshed, 8080);
+        pod["metadata"]["namespace"] = json!(ns);
+        info.apply(&pod.to_string());
+    }
+    info.kubectl_ok(&[
+        "--namespace",
+        ns,
+        "wait",
+        "--for=condition=Ready",
+        "pod",
+        "--all",
+        "--timeout=90s",
+    ]);
+    let expect = |what: &str, wanted: &[&str]| {
+        let wanted: BTreeSet<String> = wanted.iter().map(|&name| name.to_owned()).collect();
+        info.wait_for(what, SETTLE, || {
+            let served = served_in(ns);
+            (served == wanted)
+                .then_some(())
+                .ok_or_else(|| format!("{served:?}"))
+        });
+    };
+    expect("the meshed pods served", &["meshed-a", "meshed-b"]);
+
+    // Relabelled: the pod that left the mesh is let go, the one that joined it is served.
+    info.kubectl_ok(&[
+        "--namespace",
+        ns,
+        "label",
+        "pod",
+        "meshed-b",
+        "fsm-proxy-uuid-",
+    ]);
+    info.kubectl_ok(&[
+        "--namespace",
+        ns,
+        "label",
+        "pod",
+        "plain",
+        "fsm-proxy-uuid=00000000-0000-4000-8000-000000000001",
+    ]);
+    expect("the relabelled pods", &["meshed-a", "plain"]);
+
+    // The API server restarted: the agent's watch breaks, it lists again, and serves the same.
+    restart_api_server(info);
+    info.kubectl_ok(&[
+        "--namespace",
+        ns,
+        "delete",
+        "pod",
+        "meshed-a",
+        "--wait=true",
+    ]);
+    expect("the pods after the API server's restart", &["plain"]);
+    let logs = info.kubectl_ok(&[
+        "--namespace",
+        "probe-bypass",
+        "logs",
+        "daemonset/probe-bypass",
+        "--container",
+        "agent",
+    ]);
+    assert!(!logs.contains(" ERROR "), "{logs}");
+
+    info.kubectl_ok(&["delete", "namespace", ns, "--wait=true", "--timeout=90s"]);
+    expect("nothing once the namespace is gone", &[]);
+}
+
+/// Stops the API server (SIGTERM), as an upgrade of the control plane does; the cluster's
+/// supervisor starts it again, as a node's service manager would. Returns once it answers.
+fn restart_api_server(info: &Info) {
+    let pid_file = info.dir.join("run/kube-apiserver.pid");
+    let read_pid = || fs::read_to_string(&pid_file).expect("the API server's pid");
+    let old = read_pid();
+    let pid = nix::unistd::Pid::from_raw(old.trim().parse().expect("a pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("stop the API server");
+    info.wait_for("the API server started again", SETTLE, || {
+        let new = read_pid();
+        (new != old)
+            .then_some(())
+            .ok_or_else(|| "not yet".to_owned())
+    });
+    info.wait_for("the API server answering again", SETTLE, || {
+        let output = info.kubectl(&["get", "--raw", "/readyz"]);
+        output
+            .status
+            .success()
+            .then_some(())
+            .ok_or_else(|| String::from_utf8_lossy(&output.stderr).into_owned())
+    });
+}
