@@ -4,6 +4,9 @@
 //!
 //! `pb-app NAME PORT...` serves on `0.0.0.0:PORT` for each port. `pb-app --exit CODE` exits at once
 //! with that status, for an init container.
+//!
+//! SIGUSR1 makes it stop listening and stay up, as an app that has hung or lost its listener:
+//! what a liveness probe exists to catch.
 
 use std::{
     env,
@@ -35,19 +38,31 @@ fn main() -> ExitCode {
             }
         };
         let body = format!("{name}:{port}");
+        probe_bypass_test_images::close_on_sigusr1(&listener);
         servers.push(thread::spawn(move || serve(&listener, &body)));
     }
     eprintln!("pb-app {name}: listening on {}", ports.join(", "));
     for server in servers {
         let _ = server.join();
     }
-    ExitCode::SUCCESS
+    eprintln!("pb-app {name}: no longer listening (SIGUSR1); staying up");
+    loop {
+        thread::park();
+    }
 }
 
+/// Answers every connection until the listener is shut down.
 fn serve(listener: &TcpListener, body: &str) {
-    for stream in listener.incoming().flatten() {
-        let body = body.to_owned();
-        thread::spawn(move || answer(stream, &body));
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                let body = body.to_owned();
+                thread::spawn(move || answer(stream, &body));
+            }
+            // Shut down by SIGUSR1.
+            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => return,
+            Err(_) => {}
+        }
     }
 }
 
