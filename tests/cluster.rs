@@ -18,8 +18,9 @@ use std::{
     fs,
     path::Path,
     process::Command,
-    sync::{Mutex, OnceLock},
+    sync::{Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
     time::Duration,
+    time::Instant,
 };
 
 use probe_bypass_testing::{
@@ -33,20 +34,42 @@ use serde_json::{Value, json};
 /// How long the cluster may take to act on what a test asked (a pod scheduled, started, Ready).
 const SETTLE: Duration = Duration::from_secs(90);
 
-/// The cluster with the agent installed from `deploy/`, once per test binary.
-fn with_agent() -> Option<&'static Info> {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
+/// Held shared by every test, and alone by a test that disrupts the whole cluster (the agent
+/// taken down, the API server restarted).
+static CLUSTER: RwLock<()> = RwLock::new(());
+
+/// How a test holds the cluster.
+enum Hold {
+    Shared(#[expect(dead_code, reason = "held, not read")] RwLockReadGuard<'static, ()>),
+    Alone(#[expect(dead_code, reason = "held, not read")] RwLockWriteGuard<'static, ()>),
+}
+
+/// The shared cluster, held as `alone` says; `None` where it cannot run (see
+/// [`cluster::shared`]).
+fn cluster(alone: bool) -> Option<(&'static Info, Hold)> {
     let info = cluster::shared()?;
+    let hold = if alone {
+        Hold::Alone(CLUSTER.write().unwrap_or_else(PoisonError::into_inner))
+    } else {
+        Hold::Shared(CLUSTER.read().unwrap_or_else(PoisonError::into_inner))
+    };
+    Some((info, hold))
+}
+
+/// [`cluster`], with the agent installed from `deploy/` (once per test binary).
+fn with_agent(alone: bool) -> Option<(&'static Info, Hold)> {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    let (info, hold) = cluster(alone)?;
     INSTALLED.get_or_init(|| info.install_agent());
-    Some(info)
+    Some((info, hold))
 }
 
 /// [`with_agent`], and the admission webhook from `deploy/webhook/`.
-fn with_webhook() -> Option<&'static Info> {
+fn with_webhook() -> Option<(&'static Info, Hold)> {
     static INSTALLED: OnceLock<()> = OnceLock::new();
-    let info = with_agent()?;
+    let (info, hold) = with_agent(false)?;
     INSTALLED.get_or_init(|| info.install_webhook());
-    Some(info)
+    Some((info, hold))
 }
 
 /// Held by the tests that take the webhook down, and by those that need it up.
@@ -224,7 +247,7 @@ fn cli_rewrite(pod: &Value, args: &[&str]) -> Value {
 
 #[test]
 fn the_node_runs_the_pinned_kubernetes_on_the_tests_containerd() {
-    let Some(info) = cluster::shared() else {
+    let Some((info, _hold)) = cluster(false) else {
         return;
     };
     let node = info.get_json(&["node", cluster::NODE]);
@@ -260,7 +283,7 @@ fn the_node_runs_the_pinned_kubernetes_on_the_tests_containerd() {
 
 #[test]
 fn deploy_installs_the_agent_under_real_rbac_and_pod_security() {
-    let Some(info) = with_agent() else {
+    let Some((info, _hold)) = with_agent(false) else {
         return;
     };
     let daemonset = info.get_json(&["--namespace", "probe-bypass", "daemonset", "probe-bypass"]);
@@ -405,12 +428,10 @@ fn deploy_installs_the_agent_under_real_rbac_and_pod_security() {
 
 #[test]
 fn the_api_server_calls_the_webhook_as_deploy_configures_it() {
-    let Some(info) = with_webhook() else {
+    let Some((info, _hold)) = with_webhook() else {
         return;
     };
-    let _webhook = WEBHOOK
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _webhook = WEBHOOK.lock().unwrap_or_else(PoisonError::into_inner);
     namespace(info, "pb-fsm", &[("flomesh.io/monitored-by", "fsm")]);
     namespace(
         info,
@@ -615,7 +636,8 @@ fn served_in(namespace: &str) -> BTreeSet<String> {
 
 #[test]
 fn the_agent_follows_the_real_api_servers_pods() {
-    let Some(info) = with_agent() else {
+    // Alone: it restarts the API server.
+    let Some((info, _hold)) = with_agent(true) else {
         return;
     };
     let ns = "pb-source";
@@ -711,4 +733,241 @@ fn restart_api_server(info: &Info) {
             .then_some(())
             .ok_or_else(|| String::from_utf8_lossy(&output.stderr).into_owned())
     });
+}
+
+/// The pid of the container `container` of the pod `name` in `namespace`: the process in the
+/// container's cgroup, which the kubelet's cgroupfs driver names
+/// `kubepods/<qos>/pod<uid>/<container id>` below the node's subtree.
+fn container_pid(info: &Info, namespace: &str, name: &str, container: &str) -> i32 {
+    let pod = info.get_json(&["--namespace", namespace, "pod", name]);
+    let uid = pod["metadata"]["uid"].as_str().expect("the pod's uid");
+    let id = pod["status"]["containerStatuses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|status| status["name"] == container)
+        .and_then(|status| status["containerID"].as_str())
+        .and_then(|id| id.strip_prefix("containerd://"))
+        .expect("the container's id");
+    let qos = pod["status"]["qosClass"]
+        .as_str()
+        .unwrap_or("BestEffort")
+        .to_lowercase();
+    let procs = info
+        .cgroup
+        .join("kubepods")
+        .join(qos)
+        .join(format!("pod{uid}"))
+        .join(id)
+        .join("cgroup.procs");
+    let text =
+        fs::read_to_string(&procs).unwrap_or_else(|error| panic!("{}: {error}", procs.display()));
+    text.lines()
+        .next()
+        .and_then(|pid| pid.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no process in {}", procs.display()))
+}
+
+/// The pod's condition `kind` (`Ready`, ...) and its containers' restart counts.
+fn pod_state(info: &Info, namespace: &str, name: &str) -> (String, i64) {
+    let pod = info.get_json(&["--namespace", namespace, "pod", name]);
+    let ready = pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|condition| condition["type"] == "Ready")
+        .and_then(|condition| condition["status"].as_str())
+        .unwrap_or("unknown")
+        .to_owned();
+    let restarts = pod["status"]["containerStatuses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|status| status["restartCount"].as_i64())
+        .sum();
+    (ready, restarts)
+}
+
+#[test]
+fn the_kubelets_rewritten_probes_go_through_the_agent_and_catch_a_dead_app() {
+    let Some((info, _hold)) = with_webhook() else {
+        return;
+    };
+    let _webhook = WEBHOOK.lock().unwrap_or_else(PoisonError::into_inner);
+    let ns = "pb-probes";
+    namespace(info, ns, &[("flomesh.io/monitored-by", "fsm")]);
+    let mut pod = app_pod("probed", true, 8080);
+    pod["metadata"]["namespace"] = json!(ns);
+    pod["spec"]["containers"][0]["readinessProbe"] =
+        json!({"tcpSocket": {"port": 8080}, "periodSeconds": 1, "failureThreshold": 1});
+    pod["spec"]["containers"][0]["livenessProbe"] =
+        json!({"tcpSocket": {"port": 8080}, "periodSeconds": 2, "failureThreshold": 3});
+    info.apply(&pod.to_string());
+    let stored = info.get_json(&["--namespace", ns, "pod", "probed"]);
+    let readiness = &stored["spec"]["containers"][0]["readinessProbe"];
+    assert_eq!(
+        readiness["httpGet"]["port"], 15904,
+        "rewritten: {readiness}"
+    );
+    info.kubectl_ok(&[
+        "--namespace",
+        ns,
+        "wait",
+        "--for=condition=Ready",
+        "pod/probed",
+        "--timeout=90s",
+    ]);
+
+    // The app stops listening. The kubelet's probes, answered by the agent from inside the pod,
+    // fail: the pod turns NotReady and the liveness probe restarts the container.
+    let pid = container_pid(info, ns, "probed", "app");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .expect("signal the app");
+    info.wait_for("the pod NotReady", SETTLE, || {
+        let (ready, restarts) = pod_state(info, ns, "probed");
+        (ready == "False")
+            .then_some(())
+            .ok_or(format!("Ready={ready}, restarts {restarts}"))
+    });
+    info.wait_for("the container restarted", SETTLE, || {
+        let (ready, restarts) = pod_state(info, ns, "probed");
+        (restarts >= 1)
+            .then_some(())
+            .ok_or(format!("Ready={ready}, restarts {restarts}"))
+    });
+    let events = info.get_json(&[
+        "--namespace",
+        ns,
+        "events",
+        "--field-selector",
+        "involvedObject.name=probed,reason=Unhealthy",
+    ]);
+    let messages: Vec<&str> = events["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|event| event["message"].as_str())
+        .collect();
+    assert!(
+        messages
+            .iter()
+            .any(|message| message.starts_with("Liveness probe failed"))
+            && messages
+                .iter()
+                .any(|message| message.starts_with("Readiness probe failed")),
+        "{messages:?}"
+    );
+    assert!(
+        messages.iter().any(|message| message.contains("refused")),
+        "the agent's reason in the kubelet's event: {messages:?}"
+    );
+    // The restarted app listens again, and the pod is Ready again.
+    info.kubectl_ok(&[
+        "--namespace",
+        ns,
+        "wait",
+        "--for=condition=Ready",
+        "pod/probed",
+        "--timeout=90s",
+    ]);
+    info.kubectl_ok(&["delete", "namespace", ns, "--wait=false"]);
+}
+
+#[test]
+fn the_validation_init_container_holds_a_pod_until_the_agent_serves_the_node() {
+    // Alone: it takes the agent down.
+    let Some((info, _hold)) = cluster(true) else {
+        return;
+    };
+    // No agent on the node: the DaemonSet deleted (its pinned programs stay attached, as they do
+    // across an agent's upgrade), or never installed yet.
+    let _ = info.kubectl(&[
+        "--namespace",
+        "probe-bypass",
+        "delete",
+        "daemonset/probe-bypass",
+        "--wait=true",
+        "--ignore-not-found",
+    ]);
+    info.wait_for("the agent's pod gone", SETTLE, || {
+        let pods = info.get_json(&[
+            "--namespace",
+            "probe-bypass",
+            "pods",
+            "--selector",
+            "app.kubernetes.io/name=probe-bypass",
+        ]);
+        let left = pods["items"].as_array().map_or(0, Vec::len);
+        (left == 0).then_some(()).ok_or(format!("{left} left"))
+    });
+
+    // A meshed pod whose mesh init container the rewriter replaced: its validation init
+    // container, as `probe-bypass rewrite --replace-mesh-init` writes it for FSM's injected pod,
+    // before the test app.
+    let ns = "pb-validation";
+    namespace(info, ns, &[]);
+    let rewritten = cli_rewrite(
+        &fixture("mesh-init/fsm-bookstore.yaml"),
+        &["--replace-mesh-init"],
+    );
+    let validation = rewritten["spec"]["initContainers"][0].clone();
+    assert_eq!(validation["name"], "probe-bypass-validation");
+    let mut pod = app_pod("validated", true, 14001);
+    pod["metadata"]["namespace"] = json!(ns);
+    pod["metadata"]["annotations"] = rewritten["metadata"]["annotations"].clone();
+    pod["spec"]["initContainers"] = json!([validation]);
+    info.apply(&pod.to_string());
+
+    // The kubelet runs it, it fails, and the kubelet holds the app back and retries.
+    let failed = info.wait_for("the validation to fail", SETTLE, || {
+        let stored = info.get_json(&["--namespace", ns, "pod", "validated"]);
+        let status = &stored["status"]["initContainerStatuses"][0];
+        let terminated = if status["state"]["terminated"].is_object() {
+            &status["state"]["terminated"]
+        } else {
+            &status["lastState"]["terminated"]
+        };
+        match terminated["exitCode"].as_i64() {
+            Some(code) if code != 0 => Ok((stored["status"].clone(), terminated.clone())),
+            _ => Err(status.to_string()),
+        }
+    });
+    let (status, terminated) = failed;
+    assert_eq!(status["phase"], "Pending", "the app held back: {status}");
+    assert!(
+        status["containerStatuses"][0]["state"]["waiting"]["reason"] == "PodInitializing",
+        "{status}"
+    );
+    let logs = info.kubectl_ok(&[
+        "--namespace",
+        ns,
+        "logs",
+        "validated",
+        "--container",
+        "probe-bypass-validation",
+    ]);
+    assert!(
+        logs.contains("probe-bypass") && logs.to_lowercase().contains("agent"),
+        "the validation says why: {logs}\n{terminated}"
+    );
+
+    // The agent comes up; the kubelet's next retry of the init container passes.
+    info.install_agent();
+    let agent_ready = Instant::now();
+    info.kubectl_ok(&[
+        "--namespace",
+        ns,
+        "wait",
+        "--for=condition=Ready",
+        "pod/validated",
+        "--timeout=120s",
+    ]);
+    eprintln!(
+        "the validated pod was Ready {:?} after the agent's pod turned Ready",
+        agent_ready.elapsed()
+    );
+    info.kubectl_ok(&["delete", "namespace", ns, "--wait=false"]);
 }

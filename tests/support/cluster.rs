@@ -1346,11 +1346,27 @@ fn run(program: &str, args: &[&str]) {
     );
 }
 
-/// Runs the cluster for the supervisor binary: starts it, prints `ready <info as JSON>`, keeps
-/// its components running (see [`Cluster::restart_exited`]) until `stop` says so, and tears it
-/// down.
-pub fn supervise(dir: Option<PathBuf>, stop: impl Fn() -> bool) {
+/// What the supervisor installs on the cluster before it reports it ready.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Installs {
+    /// The agent from `deploy/` and the webhook from `deploy/webhook/`.
+    pub probe_bypass: bool,
+    /// The `demo` namespace's meshed pods (see [`Info::install_demo`]).
+    pub demo: bool,
+}
+
+/// Runs the cluster for the supervisor binary: starts it, installs `installs`, prints `ready
+/// <info as JSON>`, keeps its components running (see [`Cluster::restart_exited`]) until `stop`
+/// says so, and tears it down.
+pub fn supervise(dir: Option<PathBuf>, installs: Installs, stop: impl Fn() -> bool) {
     let mut cluster = Cluster::start(dir);
+    if installs.probe_bypass || installs.demo {
+        cluster.info.install_agent();
+        cluster.info.install_webhook();
+    }
+    if installs.demo {
+        cluster.info.install_demo();
+    }
     // Once the test process that reads this is gone, nobody does: what is written is lost, and
     // the teardown must go on all the same.
     let say = |line: &str| {
@@ -1527,6 +1543,56 @@ impl Info {
             "rollout",
             "status",
             "deployment/probe-bypass-webhook",
+            "--timeout=120s",
+        ]);
+    }
+    /// The `demo` namespace, which FSM monitors (its label), holding the Deployment `bookstore`:
+    /// two pods of the test app marked meshed as FSM's injector marks them, with tcpSocket
+    /// probes that the webhook rewrites to the agent's healthcheck (15904), which the kubelet
+    /// then calls past the datapath. Returns once the pods are Ready.
+    pub fn install_demo(&self) {
+        self.apply(
+            &serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": "demo", "labels": {"flomesh.io/monitored-by": "fsm"}},
+            })
+            .to_string(),
+        );
+        let probe = serde_json::json!({"tcpSocket": {"port": 14001}, "periodSeconds": 5});
+        self.apply(
+            &serde_json::json!({
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": "bookstore", "namespace": "demo"},
+                "spec": {
+                    "replicas": 2,
+                    "selector": {"matchLabels": {"app": "bookstore"}},
+                    "template": {
+                        "metadata": {"labels": {
+                            "app": "bookstore",
+                            "fsm-proxy-uuid": "8c3a5b2e-0000-4000-8000-000000000001",
+                        }},
+                        "spec": {"containers": [{
+                            "name": "bookstore",
+                            "image": images::APP,
+                            "imagePullPolicy": "Never",
+                            "args": ["bookstore", "14001"],
+                            "ports": [{"containerPort": 14001}],
+                            "readinessProbe": probe,
+                            "livenessProbe": probe,
+                        }]},
+                    },
+                },
+            })
+            .to_string(),
+        );
+        self.kubectl_ok(&[
+            "--namespace",
+            "demo",
+            "rollout",
+            "status",
+            "deployment/bookstore",
             "--timeout=120s",
         ]);
     }

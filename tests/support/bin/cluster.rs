@@ -5,7 +5,9 @@
 //! cgroup subtree and the rest of `cluster::Info`. It stops on SIGINT or SIGTERM, and with
 //! `--until-stdin-closes` also when its standard input reaches its end: a test binary keeps that
 //! pipe open and the kernel closes it however the test process ends, so no cluster outlives its
-//! tests. `cargo xtask cluster up` runs it with `--dir` and `down` sends it SIGTERM.
+//! tests. `cargo xtask cluster up` runs it with `--dir` and `--demo` (the agent and the webhook
+//! installed from `deploy/`, and a namespace of meshed pods; `--install` without the pods), and
+//! `down` sends it SIGTERM.
 
 use std::{
     io::Read as _,
@@ -15,6 +17,7 @@ use std::{
 };
 
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+use probe_bypass_testing::cluster::{self, Installs};
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -25,14 +28,18 @@ extern "C" fn on_signal(_: std::ffi::c_int) {
 fn main() {
     let mut dir = None;
     let mut until_stdin_closes = false;
+    let mut installs = Installs::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--dir" => dir = args.next().map(PathBuf::from),
             "--until-stdin-closes" => until_stdin_closes = true,
+            "--install" => installs.probe_bypass = true,
+            "--demo" => installs.demo = true,
             other => {
                 eprintln!(
-                    "usage: probe-bypass-cluster [--dir DIR] [--until-stdin-closes]; not {other:?}"
+                    "usage: probe-bypass-cluster [--dir DIR] [--until-stdin-closes] [--install] \
+                     [--demo]; not {other:?}"
                 );
                 std::process::exit(2);
             }
@@ -57,5 +64,5 @@ fn main() {
             STOP.store(true, Ordering::SeqCst);
         });
     }
-    probe_bypass_testing::cluster::supervise(dir, || STOP.load(Ordering::SeqCst));
+    cluster::supervise(dir, installs, || STOP.load(Ordering::SeqCst));
 }
