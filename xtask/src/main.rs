@@ -5,6 +5,7 @@
 
 mod bench;
 mod build_ebpf;
+mod cluster;
 mod demo;
 mod image;
 mod layers;
@@ -58,6 +59,12 @@ enum Task {
     },
     /// Run every test, the privileged ones included (needs root for those).
     Test,
+    /// A one-node Kubernetes cluster of upstream components on this machine, with probe-bypass
+    /// installed from deploy/ and a namespace of meshed pods (needs root).
+    Cluster {
+        #[command(subcommand)]
+        action: cluster::Action,
+    },
     /// Check that the agent's modules import nothing from a higher layer (see ARCHITECTURE.md).
     Layers,
     /// Build the agent's container image: an OCI archive for `kind load image-archive` or
@@ -97,6 +104,7 @@ fn main() -> Result<()> {
             }
         }
         Task::Test => test::run(),
+        Task::Cluster { action } => cluster::run(action),
         Task::Layers => layers::run(),
         Task::Image { output } => image::run(output),
         Task::Bench { which } => bench::run(which),

@@ -131,16 +131,8 @@ pub fn ensure() -> Result<()> {
 
 /// Where [`ensure`] puts the Kubernetes binaries (kube-apiserver, kubelet, kubectl, ...) of the
 /// version upstream/kubernetes pins. It does not check that they are there.
-#[expect(dead_code, reason = "for the xtask commands that will run a cluster")]
 pub fn kubernetes_bin_dir() -> Result<PathBuf> {
     bin_dir(&KUBERNETES, &pinned_version(&KUBERNETES)?)
-}
-
-/// Where [`ensure`] puts the etcd binary of the version upstream/etcd pins. It does not check that
-/// it is there.
-#[expect(dead_code, reason = "for the xtask commands that will run a cluster")]
-pub fn etcd_bin_dir() -> Result<PathBuf> {
-    bin_dir(&ETCD, &pinned_version(&ETCD)?)
 }
 
 /// Builds `upstream` into its cache directory unless every binary there already reports the
