@@ -28,6 +28,7 @@ use probe_bypass_testing::{
     cluster::{self, Info},
     images,
     rewrite_cli::run_rewrite,
+    sidecar::{Certificates, SidecarConfig, SidecarContainer},
 };
 use serde_json::{Value, json};
 
@@ -788,44 +789,89 @@ fn pod_state(info: &Info, namespace: &str, name: &str) -> (String, i64) {
     (ready, restarts)
 }
 
+/// A pod of the test app on `port` with HAProxy as the mesh's sidecar (mTLS inbound with the
+/// certificate `pem`, trusting `ca`), a readiness tcpSocket probe and a liveness httpGet probe on
+/// the app's port, in `namespace`.
+fn sidecar_pod(
+    name: &str,
+    namespace: &str,
+    meshed: bool,
+    port: u16,
+    sidecar: &SidecarContainer,
+) -> Value {
+    let mut pod = app_pod(name, meshed, port);
+    pod["metadata"]["namespace"] = json!(namespace);
+    let app = &mut pod["spec"]["containers"][0];
+    app["readinessProbe"] =
+        json!({"tcpSocket": {"port": port}, "periodSeconds": 1, "failureThreshold": 1});
+    app["livenessProbe"] =
+        json!({"httpGet": {"path": "/", "port": port}, "periodSeconds": 2, "failureThreshold": 3});
+    let (container, volumes) = sidecar.pod_container();
+    pod["spec"]["containers"]
+        .as_array_mut()
+        .expect("containers")
+        .push(container);
+    pod["spec"]["volumes"] = json!(volumes);
+    pod
+}
+
 #[test]
 fn the_kubelets_rewritten_probes_go_through_the_agent_and_catch_a_dead_app() {
     let Some((info, _hold)) = with_webhook() else {
         return;
     };
     let _webhook = WEBHOOK.lock().unwrap_or_else(PoisonError::into_inner);
+    let certs = Certificates::new();
+    let sidecar = SidecarContainer::new(&SidecarConfig::mtls(&certs.issue("pod"), &certs.ca()));
+
+    // A meshed pod as the injector leaves it, its app and HAProxy as its sidecar, in a namespace
+    // the mesh monitors: the webhook rewrites its probes to the agent's ports.
     let ns = "pb-probes";
     namespace(info, ns, &[("flomesh.io/monitored-by", "fsm")]);
-    let mut pod = app_pod("probed", true, 8080);
-    pod["metadata"]["namespace"] = json!(ns);
-    pod["spec"]["containers"][0]["readinessProbe"] =
-        json!({"tcpSocket": {"port": 8080}, "periodSeconds": 1, "failureThreshold": 1});
-    pod["spec"]["containers"][0]["livenessProbe"] =
-        json!({"tcpSocket": {"port": 8080}, "periodSeconds": 2, "failureThreshold": 3});
-    info.apply(&pod.to_string());
+    info.apply(&sidecar_pod("probed", ns, true, 8080, &sidecar).to_string());
     let stored = info.get_json(&["--namespace", ns, "pod", "probed"]);
-    let readiness = &stored["spec"]["containers"][0]["readinessProbe"];
-    assert_eq!(
-        readiness["httpGet"]["port"], 15904,
-        "rewritten: {readiness}"
-    );
-    info.kubectl_ok(&[
-        "--namespace",
-        ns,
-        "wait",
-        "--for=condition=Ready",
-        "pod/probed",
-        "--timeout=90s",
-    ]);
+    let app = &stored["spec"]["containers"][0];
+    assert_eq!(app["readinessProbe"]["httpGet"]["port"], 15904, "{app}");
+    assert_eq!(app["livenessProbe"]["httpGet"]["port"], 15901, "{app}");
 
-    // The app stops listening. The kubelet's probes, answered by the agent from inside the pod,
-    // fail: the pod turns NotReady and the liveness probe restarts the container.
-    let pid = container_pid(info, ns, "probed", "app");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGUSR1,
-    )
-    .expect("signal the app");
+    // Beside it, the same pod behind the mesh's own iptables rules (FSM's init container, as its
+    // injector writes it), its tcpSocket probe as written: outside the webhook's namespaces, and
+    // not marked meshed, so the agent leaves it alone.
+    let plain_ns = "pb-probes-iptables";
+    namespace(info, plain_ns, &[]);
+    let mut twin = sidecar_pod("iptables", plain_ns, false, 8080, &sidecar);
+    // Its tcpSocket probe alone: an httpGet probe as written would meet the sidecar's mTLS and
+    // fail whatever the app does, which is why the meshes rewrite those.
+    if let Some(app) = twin["spec"]["containers"][0].as_object_mut() {
+        app.remove("livenessProbe");
+    }
+    let mut init = fixture("mesh-init/fsm-bookstore.yaml")["spec"]["initContainers"][0].clone();
+    assert_eq!(init["name"], "fsm-init");
+    init["image"] = json!(images::MESH_INIT);
+    init["imagePullPolicy"] = json!("Never");
+    twin["spec"]["initContainers"] = json!([init]);
+    info.apply(&twin.to_string());
+    for (namespace, name) in [(ns, "probed"), (plain_ns, "iptables")] {
+        info.kubectl_ok(&[
+            "--namespace",
+            namespace,
+            "wait",
+            "--for=condition=Ready",
+            &format!("pod/{name}"),
+            "--timeout=90s",
+        ]);
+    }
+
+    // Both apps stop listening. Through the agent, which asks the app from inside the pod, the
+    // probes fail: the pod turns NotReady and the liveness probe restarts the container.
+    for (namespace, name) in [(ns, "probed"), (plain_ns, "iptables")] {
+        let pid = container_pid(info, namespace, name, "app");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGUSR1,
+        )
+        .expect("signal the app");
+    }
     info.wait_for("the pod NotReady", SETTLE, || {
         let (ready, restarts) = pod_state(info, ns, "probed");
         (ready == "False")
@@ -838,6 +884,13 @@ fn the_kubelets_rewritten_probes_go_through_the_agent_and_catch_a_dead_app() {
             .then_some(())
             .ok_or(format!("Ready={ready}, restarts {restarts}"))
     });
+    // Under the mesh's rules the kubelet's connection lands on the sidecar, which accepts every
+    // port: the dead app's pod has stayed Ready all along. The failure probe-bypass exists for.
+    assert_eq!(
+        pod_state(info, plain_ns, "iptables"),
+        ("True".to_owned(), 0),
+        "the pod behind the mesh's rules"
+    );
     let events = info.get_json(&[
         "--namespace",
         ns,
@@ -873,7 +926,15 @@ fn the_kubelets_rewritten_probes_go_through_the_agent_and_catch_a_dead_app() {
         "pod/probed",
         "--timeout=90s",
     ]);
-    info.kubectl_ok(&["delete", "namespace", ns, "--wait=false"]);
+    for namespace in [ns, plain_ns] {
+        info.kubectl_ok(&[
+            "delete",
+            "namespace",
+            namespace,
+            "--wait=true",
+            "--timeout=90s",
+        ]);
+    }
 }
 
 #[test]

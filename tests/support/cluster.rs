@@ -1425,8 +1425,9 @@ impl Info {
 
     /// Installs the agent from `deploy/` (`kubectl apply -k`) with what this node needs: its
     /// cgroup subtree as the agent's `--cgroup-root` (the programs attach there, never at the
-    /// machine's root) and the node's bpffs stand-in as the `bpffs` volume. Returns once the
-    /// DaemonSet's pod is Ready.
+    /// machine's root), the node's bpffs stand-in as the `bpffs` volume, and
+    /// `PROBE_BYPASS_SERVE_HTTP_PROBES=true` (the tests' sidecar leaves 15901-15903 to the agent).
+    /// Returns once the DaemonSet's pod is Ready.
     pub fn install_agent(&self) {
         let deploy = deploy_dir();
         let daemonset: Value = serde_norway::from_str(
@@ -1460,10 +1461,21 @@ impl Info {
                 "volumes": [{"name": "bpffs", "hostPath": {"path": self.bpffs}}],
             }}},
         });
+        // The tests' sidecar holds no probe listener of its own on 15901-15903, so the agent
+        // answers the rewritten httpGet probes there.
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "probe-bypass", "namespace": "probe-bypass"},
+            "data": {"PROBE_BYPASS_SERVE_HTTP_PROBES": "true"},
+        });
         self.apply_overlay(
             "deploy-agent",
             &deploy,
-            &[serde_json::json!({"patch": patch.to_string()})],
+            &[
+                serde_json::json!({"patch": patch.to_string()}),
+                serde_json::json!({"patch": config.to_string()}),
+            ],
             &serde_json::json!({}),
         );
         self.kubectl_ok(&[

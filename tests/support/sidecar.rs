@@ -415,6 +415,34 @@ impl SidecarContainer {
         container
     }
 
+    /// The container as a Kubernetes pod's, with the `hostPath` volumes it mounts (its
+    /// configuration's and certificates' directories, at the same paths): for a pod of the test
+    /// cluster ([`crate::cluster`]), on the same machine.
+    pub fn pod_container(&self) -> (serde_json::Value, Vec<serde_json::Value>) {
+        let config = self.dir.path.join("haproxy.cfg").display().to_string();
+        let names: Vec<String> = (0..self.mounts.len())
+            .map(|n| format!("sidecar-{n}"))
+            .collect();
+        let container = serde_json::json!({
+            "name": Self::NAME,
+            "image": crate::images::SIDECAR,
+            "imagePullPolicy": "Never",
+            "args": ["-db", "-f", config],
+            "volumeMounts": self.mounts.iter().zip(&names).map(|(dir, name)| serde_json::json!({
+                "name": name, "mountPath": dir, "readOnly": true,
+            })).collect::<Vec<_>>(),
+        });
+        let volumes = self
+            .mounts
+            .iter()
+            .zip(&names)
+            .map(|(dir, name)| {
+                serde_json::json!({"name": name, "hostPath": {"path": dir, "type": "Directory"}})
+            })
+            .collect();
+        (container, volumes)
+    }
+
     /// Reads the proxy's log from `log`, the container's CRI log file, once it was started.
     pub fn started(&mut self, log: PathBuf) {
         self.log = Some(log);
