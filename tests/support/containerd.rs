@@ -9,6 +9,7 @@
 
 use std::{
     fs,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -119,7 +120,12 @@ impl Containerd {
         let mut command = if self.cgroups.is_empty() {
             Command::new(CONTAINERD)
         } else {
-            command_in_all(&self.cgroups, CONTAINERD, &[])
+            // A node's containerd, in a process group of its own as the node's other components
+            // are: a terminal's Ctrl-C reaches the process that owns the node, which stops them
+            // in order.
+            let mut command = command_in_all(&self.cgroups, CONTAINERD, &[]);
+            command.process_group(0);
+            command
         };
         let child = command
             .arg("--config")
