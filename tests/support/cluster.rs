@@ -50,7 +50,7 @@ use serde_json::Value;
 
 use crate::{
     cgroup::{command_in_all, remove_cgroup},
-    containerd::{self, Containerd, RUNC},
+    containerd::{self, Containerd, RUNC, unmount_under},
     images,
     pod::AddressBlock,
     sidecar::{Certificates, TempDir},
@@ -328,6 +328,19 @@ impl Info {
             String::from_utf8_lossy(&output.stderr)
         );
         String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Waits for `kubectl rollout status` of `workload` (`daemonset/NAME`, `deployment/NAME`) in
+    /// `namespace` to report it rolled out: its pods up to date and ready.
+    pub fn wait_for_rollout(&self, namespace: &str, workload: &str) {
+        self.kubectl_ok(&[
+            "--namespace",
+            namespace,
+            "rollout",
+            "status",
+            workload,
+            "--timeout=120s",
+        ]);
     }
 
     /// Polls `done` until it gives `Some`, or panics naming `what` and the last state seen.
@@ -782,6 +795,15 @@ impl Cluster {
         )
     }
 
+    /// Writes a component's configuration `config` to `name` in the cluster's directory, and
+    /// returns its path.
+    fn write_config(&self, name: &str, config: &Value) -> PathBuf {
+        let path = self.path(name);
+        fs::write(&path, config.to_string())
+            .unwrap_or_else(|error| panic!("write {name}: {error}"));
+        path
+    }
+
     /// Writes `<name>.kubeconfig` (the admin's at [`Info::kubeconfig`]), naming the API server
     /// on the node's address.
     fn kubeconfig(&self, name: &str, ca: &str, cert: &str, key: &str) {
@@ -1021,8 +1043,7 @@ impl Cluster {
             "clientConnection": {"kubeconfig": scheduler},
             "leaderElection": {"leaderElect": false},
         });
-        let config_path = self.path("scheduler.yaml");
-        fs::write(&config_path, config.to_string()).expect("write scheduler.yaml");
+        let config_path = self.write_config("scheduler.yaml", &config);
         let program = self.binaries.kubernetes("kube-scheduler");
         self.spawn(
             "kube-scheduler",
@@ -1087,8 +1108,7 @@ impl Cluster {
             "nodeStatusUpdateFrequency": "2s",
             "syncFrequency": "10s",
         });
-        let config_path = self.path("kubelet.yaml");
-        fs::write(&config_path, config.to_string()).expect("write kubelet.yaml");
+        let config_path = self.write_config("kubelet.yaml", &config);
         let kubeconfig = self.path("kubelet.kubeconfig").display().to_string();
         let root = self.path("kubelet").display().to_string();
         let node_ip = self.info.node_ip.to_string();
@@ -1124,8 +1144,7 @@ impl Cluster {
             "healthzBindAddress": "127.0.0.1:10256",
             "metricsBindAddress": "127.0.0.1:10249",
         });
-        let config_path = self.path("kube-proxy.yaml");
-        fs::write(&config_path, config.to_string()).expect("write kube-proxy.yaml");
+        let config_path = self.write_config("kube-proxy.yaml", &config);
         let program = self.binaries.kubernetes("kube-proxy");
         self.spawn(
             "kube-proxy",
@@ -1310,21 +1329,6 @@ fn hold_lock() -> UnixListener {
     }
 }
 
-/// Detaches every mount below `dir`, deepest first.
-fn unmount_under(dir: &Path) {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut points: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(PathBuf::from)
-        .filter(|point| point.starts_with(dir))
-        .collect();
-    points.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
-    for point in points {
-        let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
-    }
-}
-
 /// The last `lines` lines of the file at `path`.
 fn tail(path: &Path, lines: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
@@ -1478,14 +1482,7 @@ impl Info {
             ],
             &serde_json::json!({}),
         );
-        self.kubectl_ok(&[
-            "--namespace",
-            "probe-bypass",
-            "rollout",
-            "status",
-            "daemonset/probe-bypass",
-            "--timeout=120s",
-        ]);
+        self.wait_for_rollout("probe-bypass", "daemonset/probe-bypass");
     }
 
     /// Installs the admission webhook from `deploy/webhook/` without cert-manager: its serving
@@ -1549,14 +1546,7 @@ impl Info {
             ],
             &serde_json::json!({}),
         );
-        self.kubectl_ok(&[
-            "--namespace",
-            "probe-bypass",
-            "rollout",
-            "status",
-            "deployment/probe-bypass-webhook",
-            "--timeout=120s",
-        ]);
+        self.wait_for_rollout("probe-bypass", "deployment/probe-bypass-webhook");
     }
     /// The `demo` namespace, which FSM monitors (its label), holding the Deployment `bookstore`:
     /// two pods of the test app marked meshed as FSM's injector marks them, with tcpSocket
@@ -1599,13 +1589,6 @@ impl Info {
             })
             .to_string(),
         );
-        self.kubectl_ok(&[
-            "--namespace",
-            "demo",
-            "rollout",
-            "status",
-            "deployment/bookstore",
-            "--timeout=120s",
-        ]);
+        self.wait_for_rollout("demo", "deployment/bookstore");
     }
 }

@@ -423,7 +423,7 @@ fn processes_mentioning(text: &str) -> Vec<nix::unistd::Pid> {
 }
 
 /// Detaches every mount below `dir`, deepest first.
-fn unmount_under(dir: &Path) {
+pub(crate) fn unmount_under(dir: &Path) {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mut points: Vec<PathBuf> = mountinfo
         .lines()

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{cargo, setup, target_dir, upstream};
+use crate::{setup, target_dir, upstream};
 
 /// How long `up` waits for the cluster, the agent, the webhook and the demo's pods.
 const UP_WITHIN: Duration = Duration::from_secs(300);
@@ -54,15 +54,7 @@ fn up(dir: &Path) -> Result<()> {
     }
     setup::ensure()?;
     println!("building the test images, the agent's image and the cluster's supervisor…");
-    crate::image::test_programs()?;
-    crate::image::run(None)?;
-    cargo(&[
-        "build",
-        "--package",
-        "probe-bypass-testing",
-        "--bin",
-        "probe-bypass-cluster",
-    ])?;
+    crate::test::test_node_parts()?;
     let supervisor = target_dir()?.join("debug/probe-bypass-cluster");
     if dir.exists() {
         fs::remove_dir_all(dir).with_context(|| {

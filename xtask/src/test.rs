@@ -17,20 +17,24 @@ pub fn run() -> Result<()> {
     cargo(&["fmt", "--all", "--check"])?;
     crate::layers::run()?;
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
-    // What the tests' containerd runs (tests/support/images.rs): the test images' static
-    // programs, and the agent's image as `cargo xtask image` writes it.
+    test_node_parts()?;
+    // The eBPF crate builds only for the BPF target (through the agent's build script), so the
+    // workspace's default members are tested rather than --workspace.
+    cargo(&["test", "--no-fail-fast"])
+}
+
+/// What the tests' containerd and cluster run, which a test binary cannot build for itself: the
+/// test images' static programs and the agent's image as `cargo xtask image` writes it
+/// (tests/support/images.rs), and the cluster's supervisor (tests/support/bin/cluster.rs), a
+/// binary of another package.
+pub fn test_node_parts() -> Result<()> {
     crate::image::test_programs()?;
     crate::image::run(None)?;
-    // The test cluster's supervisor (tests/support/bin/cluster.rs), which the cluster tests start
-    // and which a test binary cannot build for itself: it is another package's binary.
     cargo(&[
         "build",
         "--package",
         "probe-bypass-testing",
         "--bin",
         "probe-bypass-cluster",
-    ])?;
-    // The eBPF crate builds only for the BPF target (through the agent's build script), so the
-    // workspace's default members are tested rather than --workspace.
-    cargo(&["test", "--no-fail-fast"])
+    ])
 }
