@@ -49,8 +49,9 @@ use probe_bypass::datapath::cgroup2_mount;
 use serde_json::Value;
 
 use crate::{
-    cgroup::{command_in_all, remove_cgroup},
+    cgroup::command_in_all,
     containerd::{self, Containerd, RUNC, unmount_under},
+    cri::{in_every_hierarchy, remove_tree},
     images,
     pod::AddressBlock,
     sidecar::{Certificates, TempDir},
@@ -461,19 +462,9 @@ struct NodeCgroups {
 impl NodeCgroups {
     fn create() -> Self {
         let v2 = cgroup2_mount().unwrap_or_else(|error| panic!("the cgroup v2 mount: {error}"));
-        let mut hierarchies = vec![v2];
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        hierarchies.extend(
-            mountinfo
-                .lines()
-                .filter(|line| {
-                    line.split(" - ")
-                        .nth(1)
-                        .is_some_and(|fs| fs.starts_with("cgroup "))
-                })
-                .filter_map(|line| line.split(' ').nth(4))
-                .map(PathBuf::from),
-        );
+        // Every hierarchy's root, the v2 one first: `dirs` answers it first.
+        let mut hierarchies = in_every_hierarchy(&v2);
+        hierarchies.sort_by_key(|hierarchy| *hierarchy != v2);
         let cgroups = Self {
             name: format!("probe-bypass-cluster-{}", std::process::id()),
             hierarchies,
@@ -514,10 +505,9 @@ impl NodeCgroups {
 
     /// Kills every process left in the subtree, in every hierarchy, and removes it.
     fn remove(&self) {
+        // A v1 hierarchy has no cgroup.kill: its members are killed one by one first.
         for hierarchy in &self.hierarchies {
-            let top = hierarchy.join(&self.name);
-            let _ = fs::write(top.join("cgroup.kill"), "1");
-            kill_members(&top);
+            kill_members(&hierarchy.join(&self.name));
         }
         for hierarchy in &self.hierarchies {
             remove_tree(&hierarchy.join(&self.name));
@@ -554,18 +544,6 @@ fn kill_members(dir: &Path) {
         if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
             kill_members(&entry.path());
         }
-    }
-}
-
-/// Removes a cgroup and everything below it, deepest first.
-fn remove_tree(dir: &Path) {
-    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
-        if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
-            remove_tree(&entry.path());
-        }
-    }
-    if dir.exists() {
-        remove_cgroup(dir);
     }
 }
 

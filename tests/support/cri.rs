@@ -947,7 +947,7 @@ impl Drop for CriNode {
 
 /// `cgroup` (a path in the v2 hierarchy) in every mounted cgroup hierarchy: runc on a machine
 /// with v1 controllers makes a container's cgroup in each of them.
-fn in_every_hierarchy(cgroup: &Path) -> Vec<PathBuf> {
+pub(crate) fn in_every_hierarchy(cgroup: &Path) -> Vec<PathBuf> {
     let v2 = cgroup2_mount().expect("the cgroup v2 mount");
     let relative = cgroup.strip_prefix(&v2).expect("under the v2 mount");
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -1009,7 +1009,7 @@ fn remove_pod_cgroup(cgroup: &Path, root: &Path) {
 
 /// Removes a cgroup and everything below it, deepest first, killing what still runs there (a
 /// container that neither CRI nor containerd's guard stopped).
-fn remove_tree(dir: &Path) {
+pub(crate) fn remove_tree(dir: &Path) {
     let _ = fs::write(dir.join("cgroup.kill"), "1");
     if let Ok(entries) = fs::read_dir(dir) {
         for entry in entries.flatten() {
